@@ -1,0 +1,95 @@
+"""Candidate weights and initial scores, regenerated from seeds instead of stored.
+
+Candidate ``k`` of connection ``c`` is ``signed24(bits(c, key_a, keys_b)[k]) * sigma / 2**23``:
+uniform on the 2**24-point grid of [-sigma, sigma), with sigma the layer's Glorot bound. It does
+not depend on K, so a layer with K = 16 holds the K = 8 candidates plus eight more. With sharing,
+the connection index is replaced by 0: one set of K values per layer (``"layer"``) or, when every
+layer uses the model's seed as its candidate seed, for the whole model (``"global"``, each layer
+scaling the same unit draws by its own sigma).
+
+Initial scores ``U(0, lambda*sigma)`` come from another stream of the layer's seed. int8 scores
+take the top 7 bits of the same draws, so they are the fp32 scores quantised to ``lambda*sigma/127``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterator
+
+import torch
+
+from .rng import bits, fused, key32, signed24, unit24
+
+SHARING = ("none", "layer", "global")
+
+# Stream tags: every random number of a layer comes from derive(seed, tag, ...).
+CANDIDATES, SCORES, SAMPLE, ROUND, REQUANT = 1, 2, 3, 4, 5
+
+# A chunk holds at most this many (connection, candidate) values, which bounds the eager path's
+# temporaries (a few int32/fp32 tensors of this size) and keeps the fused kernel in cache.
+CHUNK_VALUES = 1 << 19
+
+
+def glorot_sigma(fan_in: int, fan_out: int) -> float:
+    """The Glorot/Xavier uniform bound sqrt(6 / (fan_in + fan_out)), rounded to fp32."""
+    return float(torch.tensor(math.sqrt(6.0 / (fan_in + fan_out)), dtype=torch.float32))
+
+
+def grid_step(bound: float) -> torch.Tensor:
+    """``bound / 2**23`` as an fp32 0-dim tensor (exact: a power-of-two division)."""
+    return torch.tensor(bound, dtype=torch.float32) * (2.0**-23)
+
+
+def stream_keys(seed: int, tag: int, k: int, device=None) -> tuple[int, torch.Tensor]:
+    """``(key_a, keys_b)`` of one stream: keys_b has one int32 key per candidate."""
+    kb = torch.tensor([key32(seed, tag, 1, j) for j in range(k)], dtype=torch.int32, device=device)
+    return key32(seed, tag, 0), kb
+
+
+def row_chunks(rows: int, k: int) -> Iterator[tuple[int, int]]:
+    """``(start, stop)`` row ranges of at most CHUNK_VALUES values each."""
+    step = max(1, CHUNK_VALUES // max(k, 1))
+    for start in range(0, rows, step):
+        yield start, min(rows, start + step)
+
+
+def connections(start: int, n: int, per_conn: int, device) -> torch.Tensor:
+    """Connection indices ``start .. start+n-1`` (int32), or zeros when candidates are shared."""
+    return torch.arange(start, start + n, dtype=torch.int32, device=device) * per_conn
+
+
+@fused
+def candidate_chunk(
+    start: int, n: int, per_conn: int, key_a: int, keys_b: torch.Tensor, step: torch.Tensor
+) -> torch.Tensor:
+    """Candidates of connections ``start .. start+n-1``: (n, K) float32."""
+    c = connections(start, n, per_conn, keys_b.device)
+    return signed24(bits(c, key_a, keys_b)).to(torch.float32) * step
+
+
+@fused
+def selected_chunk(
+    idx: torch.Tensor, start: int, per_conn: int, key_a: int, keys_b: torch.Tensor, step: torch.Tensor
+) -> torch.Tensor:
+    """The candidate ``idx[i]`` of connection ``start + i``: (n,) float32, one hash per value."""
+    c = connections(start, idx.shape[0], per_conn, keys_b.device)
+    b = bits(c, key_a, keys_b[idx].unsqueeze(-1)).squeeze(-1)
+    return signed24(b).to(torch.float32) * step
+
+
+def init_scores(
+    rows: int, k: int, seed: int, bound: float, conn_offset: int, dtype: torch.dtype, device=None
+) -> tuple[torch.Tensor, float]:
+    """Initial scores (rows, k) and their scale: ``U(0, bound)`` in fp32, or int8 levels 0..127
+    with scale ``bound / 127``."""
+    key_a, kb = stream_keys(seed, SCORES, k, device)
+    out = torch.empty(rows, k, dtype=dtype, device=device)
+    top = torch.tensor(bound, dtype=torch.float32)
+    for a, b in row_chunks(rows, k):
+        r = bits(connections(conn_offset + a, b - a, 1, device), key_a, kb)
+        if dtype == torch.int8:
+            out[a:b] = ((r >> 25) & 0x7F).to(torch.int8)
+        else:
+            out[a:b] = unit24(r) * top.to(device)
+    scale = bound / 127.0 if dtype == torch.int8 else 1.0
+    return out, scale

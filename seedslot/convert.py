@@ -1,0 +1,105 @@
+"""Whole-model conversion: ``slotify_`` turns Linear/Conv2d into slot layers in place (in the spirit
+of torchao's ``quantize_``), ``to_dense`` turns a slot model back into an ordinary one holding the
+selected weights (for deployment and for the paper's fine-tuning experiment)."""
+
+from __future__ import annotations
+
+import copy
+import zlib
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .candidates import SHARING
+from .layers import DenseSlotConv2d, DenseSlotLinear, SlotConv2d, SlotLinear, _choice, _nonneg_int, _SlotBase
+from .rng import derive
+from .scores import SCORES
+from .selection import SELECTION
+
+FilterFn = Callable[[nn.Module, str], bool]
+
+
+def layer_seed(seed: int, fqn: str) -> int:
+    """The seed of the layer at qualified name ``fqn``: a pure function of (seed, name)."""
+    return derive(seed, zlib.crc32(fqn.encode()), len(fqn)) >> 1  # 63 bits: non-negative everywhere
+
+
+def _replace(model: nn.Module, fqn: str, new: nn.Module) -> None:
+    parent_name, _, child = fqn.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+def slotify_(
+    model: nn.Module,
+    *,
+    k: int = 8,
+    seed: int = 0,
+    sharing: str = "none",
+    selection: str = "greedy",
+    scores: str = "int8",
+    dense: bool = False,
+    filter_fn: FilterFn | None = None,
+    score_lambda: float | None = None,
+) -> nn.Module:
+    """Replace every ``nn.Linear`` and ``nn.Conv2d`` (exact types) of ``model`` by a slot layer.
+
+    Each layer's seed is :func:`layer_seed` of ``seed`` and its qualified name, so the same model
+    and seed always give the same network. With ``sharing="global"`` every layer draws its K unit
+    candidates from ``seed`` itself: one set for the whole model. ``dense=True`` builds the
+    paper's dense reference layers instead (``scores`` does not apply). ``filter_fn(module, fqn)``
+    picks the layers to convert. Nothing is changed if any argument or layer is invalid.
+    """
+    _nonneg_int("k", k, 1)
+    _nonneg_int("seed", seed)
+    _choice("sharing", sharing, SHARING)
+    _choice("selection", selection, SELECTION)
+    _choice("scores", scores, SCORES)
+    new: dict[str, nn.Module] = {}
+    for fqn, m in model.named_modules():
+        if type(m) not in (nn.Linear, nn.Conv2d) or (filter_fn is not None and not filter_fn(m, fqn)):
+            continue
+        if not fqn:
+            raise ValueError("slotify_ converts the layers inside a model; wrap a lone layer in nn.Sequential")
+        kw = dict(k=k, seed=layer_seed(seed, fqn), sharing=sharing, selection=selection, score_lambda=score_lambda,
+                  candidate_seed=seed if sharing == "global" else None, device=m.weight.device)
+        if not dense:
+            kw["scores"] = scores
+        bias = m.bias is not None
+        if isinstance(m, nn.Linear):
+            cls = DenseSlotLinear if dense else SlotLinear
+            new[fqn] = cls(m.in_features, m.out_features, bias, **kw)
+        else:
+            if m.padding_mode != "zeros":
+                raise ValueError(f"{fqn}: padding_mode must be 'zeros' for a slot layer; got {m.padding_mode!r}")
+            cls = DenseSlotConv2d if dense else SlotConv2d
+            new[fqn] = cls(m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding, m.dilation,
+                           m.groups, bias, **kw)
+        new[fqn].train(m.training)
+    for fqn, layer in new.items():
+        _replace(model, fqn, layer)
+    return model
+
+
+@torch.no_grad()
+def to_dense(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with every slot layer replaced by ``nn.Linear``/``nn.Conv2d`` holding
+    its selected (eval-mode) weights: the same outputs in eval mode, trainable by any optimizer."""
+    out = copy.deepcopy(model)
+    for fqn, m in list(out.named_modules()):
+        if not isinstance(m, _SlotBase):
+            continue
+        bias = "bias" in m.parts
+        if isinstance(m, (SlotLinear, DenseSlotLinear)):
+            plain = nn.Linear(m.in_features, m.out_features, bias, device=m.draws.device)
+        else:
+            plain = nn.Conv2d(m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding, m.dilation,
+                              m.groups, bias, device=m.draws.device)
+        plain.weight.copy_(m.selected_weight())
+        if bias:
+            plain.bias.copy_(m.selected_bias())
+        plain.train(m.training)
+        if not fqn:
+            return plain
+        _replace(out, fqn, plain)
+    return out

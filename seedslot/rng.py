@@ -1,0 +1,156 @@
+"""The counter-based random function every random number in seedslot comes from.
+
+``bits(conn, key_a, keys_b)[i, j] = mix32(mix32(conn[i] ^ key_a) ^ keys_b[j])`` is a pure function
+of integers: any subset of values can be recomputed in any order, in any chunking, on any device,
+and always gives the same 32 bits. ``mix32`` is Chris Wellons' ``lowbias32`` integer hash. Three
+implementations agree bit for bit: eager torch, the same code fused by ``torch.compile`` (used
+automatically, disabled by ``SEEDSLOT_COMPILE=0``), and the numpy ``uint32`` reference below.
+
+Torch has no unsigned 32-bit arithmetic, so torch code works on int32 and relies on two's
+complement wrap-around: bitwise ops and the low 32 bits of a product are the same for int32 and
+uint32, and right shifts are masked to make them logical. The numpy reference uses true uint32.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+from typing import Callable, TypeVar
+
+import numpy as np
+import torch
+
+_M1 = 0x7FEB352D
+_M2 = 0x846CA68B
+_M2_I32 = _M2 - (1 << 32)  # same low 32 bits, fits int32
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def derive(*words: int) -> int:
+    """A 64-bit integer that depends on every word (seeds, stream tags, counters)."""
+    h = 0x5EED5107
+    for w in words:
+        if w < 0:
+            raise ValueError(f"derive() takes non-negative integers, got {w}")
+        while True:  # fold arbitrarily large ints 64 bits at a time
+            h = _splitmix64(h ^ (w & _MASK64))
+            w >>= 64
+            if not w:
+                break
+    return h
+
+
+def key32(*words: int) -> int:
+    """A 32-bit key as a signed int32 value (what torch int32 tensors hold)."""
+    k = derive(*words) & 0xFFFFFFFF
+    return k - (1 << 32) if k >= (1 << 31) else k
+
+
+def mix32(x: torch.Tensor) -> torch.Tensor:
+    """lowbias32 on int32 tensors with uint32 semantics."""
+    x = x ^ ((x >> 16) & 0xFFFF)
+    x = x * _M1
+    x = x ^ ((x >> 15) & 0x1FFFF)
+    x = x * _M2_I32
+    return x ^ ((x >> 16) & 0xFFFF)
+
+
+def bits(conn: torch.Tensor, key_a: int, keys_b: torch.Tensor) -> torch.Tensor:
+    """32 random bits (int32) for every (connection, key_b) pair: shape (*conn.shape, K)."""
+    return mix32(mix32(conn ^ key_a).unsqueeze(-1) ^ keys_b)
+
+
+def signed24(b: torch.Tensor) -> torch.Tensor:
+    """The top 24 bits as a uniform integer in [-2**23, 2**23), exactly representable in fp32."""
+    return ((b >> 8) & 0xFFFFFF) - (1 << 23)
+
+
+def unit24(b: torch.Tensor) -> torch.Tensor:
+    """The top 24 bits as a uniform float32 in [0, 1) (exact: 24 bits fit the fp32 mantissa)."""
+    return ((b >> 8) & 0xFFFFFF).to(torch.float32) * (2.0**-24)
+
+
+# ---------------------------------------------------------------- numpy reference (tests only)
+
+
+def np_mix32(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.uint32)
+    x = x ^ (x >> np.uint32(16))
+    x = x * np.uint32(_M1)
+    x = x ^ (x >> np.uint32(15))
+    x = x * np.uint32(_M2)
+    return x ^ (x >> np.uint32(16))
+
+
+def np_bits(conn: np.ndarray, key_a: int, keys_b: np.ndarray) -> np.ndarray:
+    """Reference for :func:`bits` in true uint32 arithmetic; returns uint32."""
+    with np.errstate(over="ignore"):
+        a = np.uint32(key_a & 0xFFFFFFFF)
+        kb = np.asarray(keys_b, dtype=np.int64).astype(np.uint32)
+        h = np_mix32(np.asarray(conn, dtype=np.int64).astype(np.uint32) ^ a)
+        return np_mix32(h[..., None] ^ kb)
+
+
+# ---------------------------------------------------------------- the fused path
+
+F = TypeVar("F", bound=Callable)
+
+
+def compile_enabled() -> bool:
+    """``SEEDSLOT_COMPILE=0`` turns the fused torch.compile path off."""
+    return os.environ.get("SEEDSLOT_COMPILE", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+_warned = False
+
+
+class _Fused:
+    """A pure tensor function run through ``torch.compile(dynamic=True)`` when enabled.
+
+    Compilation is lazy; if it fails the eager function is used from then on, with one warning
+    for the whole process. ``.eager`` and ``.compiled`` give either path explicitly (tests).
+    Float hyper-parameters must be passed as 0-dim tensors so that a new value never recompiles.
+    """
+
+    def __init__(self, fn: Callable) -> None:
+        self.eager = fn
+        self._compiled: Callable | None = None
+        self._failed = False
+        functools.update_wrapper(self, fn)
+
+    @property
+    def compiled(self) -> Callable:
+        if self._compiled is None:
+            self._compiled = torch.compile(self.eager, dynamic=True)
+        return self._compiled
+
+    def __call__(self, *args, **kwargs):
+        global _warned
+        if self._failed or not compile_enabled():
+            return self.eager(*args, **kwargs)
+        try:
+            return self.compiled(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001 - any compiler failure falls back to eager
+            self._failed = True
+            if not _warned:
+                _warned = True
+                warnings.warn(
+                    f"seedslot: torch.compile failed ({type(e).__name__}: {e}); "
+                    "using the eager path (set SEEDSLOT_COMPILE=0 to silence this)",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+            return self.eager(*args, **kwargs)
+
+
+def fused(fn: F) -> F:
+    """Decorator: see :class:`_Fused`."""
+    return _Fused(fn)  # type: ignore[return-value]

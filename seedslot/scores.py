@@ -1,0 +1,84 @@
+"""Score updates: the straight-through step ``s_k -= lr * D * W_k`` applied without storing W.
+
+``D`` is one fp32 value per connection (the effective-weight gradient G, or its momentum, which
+factorises: the momentum of ``G * W_k`` is ``W_k`` times the momentum of ``G``). Each kernel
+regenerates a chunk of candidates, applies the update and writes the scores back, so no float
+tensor of K values per connection ever exists for more than one chunk.
+
+int8 scores hold ``s = q * scale`` with one fp32 scale per tensor. An update adds
+``-lr * D * W_k / scale`` levels and rounds stochastically (``floor(t + r)``, r ~ U[0, 1) from the
+counter-based random function: unbiased, and reproducible from the seed and the step). When a
+connection's largest level passes 127 all its K levels are shifted down together (selection is
+invariant to that), so the top stays at 127 and only levels 255 below it are clipped at -128. A
+step that could move a level by more than ``MAX_LEVELS`` first coarsens the grid by a power of two
+(requantising stochastically), so no update can overflow int8 whatever its size.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .candidates import connections
+from .rng import bits, fused, signed24, unit24
+
+SCORES = ("int8", "fp32")
+
+MAX_LEVELS = 64.0  # the most levels one step may move a score; half the int8 range
+
+
+@fused
+def int8_update_chunk(
+    q: torch.Tensor,  # (n, K) int8 levels
+    d: torch.Tensor,  # (n,) fp32 direction per connection
+    coef: torch.Tensor,  # 0-dim fp32: -lr / scale
+    start: int,
+    per_conn: int,
+    key_a: int,
+    keys_b: torch.Tensor,
+    step: torch.Tensor,  # 0-dim fp32 candidate grid step
+    round_a: int,
+    round_b: torch.Tensor,
+) -> torch.Tensor:
+    n = q.shape[0]
+    w = signed24(bits(connections(start, n, per_conn, q.device), key_a, keys_b)).to(torch.float32) * step
+    r = unit24(bits(connections(start, n, 1, q.device), round_a, round_b))  # (n, K) in [0, 1)
+    t = torch.floor(q.to(torch.float32) + (d * coef).unsqueeze(-1) * w + r)
+    shift = (t.amax(dim=-1, keepdim=True) - 127.0).clamp_min(0.0)  # re-centre: top level <= 127
+    return (t - shift).clamp(-128.0, 127.0).to(torch.int8)
+
+
+@fused
+def fp32_update_chunk(
+    s: torch.Tensor,  # (n, K) fp32 scores
+    d: torch.Tensor,  # (n,) fp32
+    neg_lr: torch.Tensor,  # 0-dim fp32
+    start: int,
+    per_conn: int,
+    key_a: int,
+    keys_b: torch.Tensor,
+    step: torch.Tensor,
+) -> torch.Tensor:
+    w = signed24(bits(connections(start, s.shape[0], per_conn, s.device), key_a, keys_b)).to(torch.float32) * step
+    return s + (d * neg_lr).unsqueeze(-1) * w
+
+
+@fused
+def requantize_chunk(
+    q: torch.Tensor, inv_factor: torch.Tensor, start: int, round_a: int, round_b: torch.Tensor
+) -> torch.Tensor:
+    """Levels on a grid ``factor`` times coarser, rounded stochastically."""
+    r = unit24(bits(connections(start, q.shape[0], 1, q.device), round_a, round_b))
+    return torch.floor(q.to(torch.float32) * inv_factor + r).clamp(-128.0, 127.0).to(torch.int8)
+
+
+def coarsen_factor(lr: float, d_max: float, w_max: float, scale: float) -> float:
+    """The power of two by which the int8 grid must coarsen so that one step moves a level by at
+    most MAX_LEVELS (1.0 when it already does)."""
+    levels = lr * d_max * w_max / scale
+    if not math.isfinite(levels):
+        raise FloatingPointError(f"score update is not finite (lr={lr}, max |direction|={d_max})")
+    if levels <= MAX_LEVELS:
+        return 1.0
+    return 2.0 ** math.ceil(math.log2(levels / MAX_LEVELS))
