@@ -53,23 +53,29 @@ def row_chunks(rows: int, k: int) -> Iterator[tuple[int, int]]:
         yield start, min(rows, start + step)
 
 
-def connections(start: int, n: int, per_conn: int, device) -> torch.Tensor:
-    """Connection indices ``start .. start+n-1`` (int32), or zeros when candidates are shared."""
-    return torch.arange(start, start + n, dtype=torch.int32, device=device) * per_conn
+def connections(start, n: int, per_conn: int, device) -> torch.Tensor:
+    """Connection indices ``start .. start+n-1`` (int32), or zeros when candidates are shared.
+    ``start`` may be an int or a 0-dim int32 tensor (kernels take tensors: no recompiles)."""
+    return (torch.arange(n, dtype=torch.int32, device=device) + start) * per_conn
 
 
-@fused
+def i32(value: int, device=None) -> torch.Tensor:
+    """A 0-dim int32 tensor: how keys and offsets are passed to fused kernels."""
+    return torch.tensor(value, dtype=torch.int32, device=device)
+
+
+@fused()
 def candidate_chunk(
-    start: int, n: int, per_conn: int, key_a: int, keys_b: torch.Tensor, step: torch.Tensor
+    start: torch.Tensor, n: int, per_conn: int, key_a: torch.Tensor, keys_b: torch.Tensor, step: torch.Tensor
 ) -> torch.Tensor:
     """Candidates of connections ``start .. start+n-1``: (n, K) float32."""
     c = connections(start, n, per_conn, keys_b.device)
     return signed24(bits(c, key_a, keys_b)).to(torch.float32) * step
 
 
-@fused
+@fused("idx")
 def selected_chunk(
-    idx: torch.Tensor, start: int, per_conn: int, key_a: int, keys_b: torch.Tensor, step: torch.Tensor
+    idx: torch.Tensor, start: torch.Tensor, per_conn: int, key_a: torch.Tensor, keys_b: torch.Tensor, step: torch.Tensor
 ) -> torch.Tensor:
     """The candidate ``idx[i]`` of connection ``start + i``: (n,) float32, one hash per value."""
     c = connections(start, idx.shape[0], per_conn, keys_b.device)

@@ -39,6 +39,7 @@ from .candidates import (
     candidate_chunk,
     glorot_sigma,
     grid_step,
+    i32,
     init_scores,
     row_chunks,
     selected_chunk,
@@ -116,12 +117,31 @@ class _SlotBase(nn.Module):
         if sum(math.prod(s) for s, _ in self.parts.values()) >= 2**31:
             raise ValueError("a slot layer holds at most 2**31 - 1 connections")
         self._per_conn = 1 if sharing == "none" else 0
-        self._cand_key_a, cand_keys = stream_keys(self.candidate_seed, CANDIDATES, k, device)
-        self.register_buffer("_cand_keys", cand_keys, persistent=False)
         self.register_buffer("_cand_step", grid_step(self.sigma).to(device), persistent=False)
-        self.register_buffer("_sample_keys", stream_keys(seed, SAMPLE, k, device)[1], persistent=False)
+        self._set_seeds(self.seed, self.candidate_seed, device)
         # Training forwards so far: keys the sampling noise of selection="sample".
         self.register_buffer("draws", torch.zeros((), dtype=torch.int64, device=device))
+
+    def _set_seeds(self, seed: int, candidate_seed: int, device=None) -> None:
+        """Derive every stream key (small non-persistent buffers) from the seeds."""
+        self.seed, self.candidate_seed = seed, candidate_seed
+        cand_key, cand_keys = stream_keys(candidate_seed, CANDIDATES, self.k, device)
+        self.register_buffer("_cand_key", i32(cand_key, device), persistent=False)
+        self.register_buffer("_cand_keys", cand_keys, persistent=False)
+        self.register_buffer("_sample_keys", stream_keys(seed, SAMPLE, self.k, device)[1], persistent=False)
+        self.register_buffer("_round_keys", stream_keys(seed, ROUND, self.k, device)[1], persistent=False)
+
+    def get_extra_state(self) -> dict:
+        """The seeds travel with the scores: a state_dict alone defines the layer's weights."""
+        return {"seed": self.seed, "candidate_seed": self.candidate_seed, "k": self.k, "sharing": self.sharing}
+
+    def set_extra_state(self, state: dict) -> None:
+        if state.get("k") != self.k or state.get("sharing") != self.sharing:
+            raise RuntimeError(
+                f"slot state has k={state.get('k')}, sharing={state.get('sharing')!r}; "
+                f"this layer has k={self.k}, sharing={self.sharing!r}"
+            )
+        self._set_seeds(int(state["seed"]), int(state["candidate_seed"]), self._cand_step.device)
 
     # -- what subclasses provide
     def _scores(self, part: str) -> tuple[torch.Tensor, torch.Tensor | float]:
@@ -142,13 +162,13 @@ class _SlotBase(nn.Module):
         offset = self.parts[part][1]
         idx = torch.empty(scores.shape[0], dtype=torch.int64, device=scores.device)
         if draw is not None:
-            key_a = key32(self.seed, SAMPLE, 2, draw)
+            key_a = i32(key32(self.seed, SAMPLE, 2, draw), scores.device)
             scale_t = torch.as_tensor(scale, dtype=torch.float32, device=scores.device)
         for a, b in row_chunks(scores.shape[0], self.k):
             if draw is None:
                 idx[a:b] = greedy_chunk(scores[a:b])
             else:
-                idx[a:b] = sample_chunk(scores[a:b], scale_t, offset + a, key_a, self._sample_keys)
+                idx[a:b] = sample_chunk(scores[a:b], scale_t, i32(offset + a, scores.device), key_a, self._sample_keys)
         return idx
 
     def _next_draw(self) -> int | None:
@@ -205,7 +225,6 @@ class _Seeded(_SlotBase):
         self.scores = _choice("scores", scores, SCORES)
         device = self._cand_keys.device
         dtype = torch.int8 if scores == "int8" else torch.float32
-        self.register_buffer("_round_keys", stream_keys(self.seed, ROUND, self.k, device)[1], persistent=False)
         for part, (shape, offset) in self.parts.items():
             init, scale = init_scores(
                 math.prod(shape), self.k, self.seed, self.score_lambda * self.sigma, offset, dtype, device
@@ -254,7 +273,7 @@ class _Seeded(_SlotBase):
         out = torch.empty(idx.shape[0], dtype=torch.float32, device=idx.device)
         for a, b in row_chunks(idx.shape[0], 1):
             out[a:b] = selected_chunk(
-                idx[a:b], offset + a, self._per_conn, self._cand_key_a, self._cand_keys, self._cand_step
+                idx[a:b], i32(offset + a, idx.device), self._per_conn, self._cand_key, self._cand_keys, self._cand_step
             )
         return out
 
@@ -264,7 +283,7 @@ class _Seeded(_SlotBase):
         out = torch.empty(rows, self.k, dtype=torch.float32, device=self._cand_keys.device)
         for a, b in row_chunks(rows, self.k):
             out[a:b] = candidate_chunk(
-                offset + a, b - a, self._per_conn, self._cand_key_a, self._cand_keys, self._cand_step
+                i32(offset + a, out.device), b - a, self._per_conn, self._cand_key, self._cand_keys, self._cand_step
             )
         return out.view(*shape, self.k)
 
@@ -293,8 +312,8 @@ class _Seeded(_SlotBase):
             neg_lr = torch.tensor(-lr, dtype=torch.float32, device=d.device)
             for a, b in row_chunks(scores.shape[0], self.k):
                 scores[a:b] = _scores.fp32_update_chunk(
-                    scores[a:b], d[a:b], neg_lr, offset + a, self._per_conn,
-                    self._cand_key_a, self._cand_keys, self._cand_step,
+                    scores[a:b], d[a:b], neg_lr, i32(offset + a, d.device), self._per_conn,
+                    self._cand_key, self._cand_keys, self._cand_step,
                 )
             return
         if weight_decay:
@@ -302,15 +321,17 @@ class _Seeded(_SlotBase):
         factor = _scores.coarsen_factor(lr, float(d.abs().max()) if d.numel() else 0.0, self.sigma, float(scale))
         if factor != 1.0:
             inv = torch.tensor(1.0 / factor, dtype=torch.float32, device=d.device)
-            key_a = key32(self.seed, REQUANT, 2, step)
+            key_a = i32(key32(self.seed, REQUANT, 2, step), d.device)
             for a, b in row_chunks(scores.shape[0], self.k):
-                scores[a:b] = _scores.requantize_chunk(scores[a:b], inv, offset + a, key_a, self._round_keys)
+                scores[a:b] = _scores.requantize_chunk(
+                    scores[a:b], inv, i32(offset + a, d.device), key_a, self._round_keys
+                )
             scale.mul_(factor)
         coef = (-lr / scale).to(torch.float32)
-        round_a = key32(self.seed, ROUND, 2, step)
+        round_a = i32(key32(self.seed, ROUND, 2, step), d.device)
         for a, b in row_chunks(scores.shape[0], self.k):
             scores[a:b] = _scores.int8_update_chunk(
-                scores[a:b], d[a:b], coef, offset + a, self._per_conn, self._cand_key_a,
+                scores[a:b], d[a:b], coef, i32(offset + a, d.device), self._per_conn, self._cand_key,
                 self._cand_keys, self._cand_step, round_a, self._round_keys,
             )
 
@@ -339,8 +360,8 @@ class _Dense(_SlotBase):
             rows = math.prod(shape)
             cand = torch.empty(rows, self.k, dtype=torch.float32, device=device)
             for a, b in row_chunks(rows, self.k):
-                cand[a:b] = candidate_chunk.eager(
-                    offset + a, b - a, self._per_conn, self._cand_key_a, self._cand_keys, self._cand_step
+                cand[a:b] = candidate_chunk(
+                    i32(offset + a, device), b - a, self._per_conn, self._cand_key, self._cand_keys, self._cand_step
                 )
             init, _ = init_scores(rows, self.k, self.seed, self.score_lambda * self.sigma, offset, torch.float32, device)
             self.register_buffer(f"{part}_candidates", cand.view(*shape, self.k))

@@ -14,6 +14,7 @@ uint32, and right shifts are masked to make them logical. The numpy reference us
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 import warnings
 from typing import Callable, TypeVar
@@ -68,6 +69,13 @@ def bits(conn: torch.Tensor, key_a: int, keys_b: torch.Tensor) -> torch.Tensor:
     return mix32(mix32(conn ^ key_a).unsqueeze(-1) ^ keys_b)
 
 
+def noise_bits(conn: torch.Tensor, key_a, keys_b: torch.Tensor) -> torch.Tensor:
+    """Cheaper bits for stochastic rounding: a per-connection mix32, then per value only one
+    multiply-xorshift round (the top 24 bits, the ones used, are well mixed by the multiply)."""
+    x = (mix32(conn ^ key_a).unsqueeze(-1) ^ keys_b) * _M1
+    return x ^ ((x >> 15) & 0x1FFFF)
+
+
 def signed24(b: torch.Tensor) -> torch.Tensor:
     """The top 24 bits as a uniform integer in [-2**23, 2**23), exactly representable in fp32."""
     return ((b >> 8) & 0xFFFFFF) - (1 << 23)
@@ -99,6 +107,15 @@ def np_bits(conn: np.ndarray, key_a: int, keys_b: np.ndarray) -> np.ndarray:
         return np_mix32(h[..., None] ^ kb)
 
 
+def np_noise_bits(conn: np.ndarray, key_a: int, keys_b: np.ndarray) -> np.ndarray:
+    """Reference for :func:`noise_bits`; returns uint32."""
+    with np.errstate(over="ignore"):
+        kb = np.asarray(keys_b, dtype=np.int64).astype(np.uint32)
+        h = np_mix32(np.asarray(conn, dtype=np.int64).astype(np.uint32) ^ np.uint32(key_a & 0xFFFFFFFF))
+        x = (h[..., None] ^ kb) * np.uint32(_M1)
+        return x ^ (x >> np.uint32(15))
+
+
 # ---------------------------------------------------------------- the fused path
 
 F = TypeVar("F", bound=Callable)
@@ -113,15 +130,19 @@ _warned = False
 
 
 class _Fused:
-    """A pure tensor function run through ``torch.compile(dynamic=True)`` when enabled.
+    """A pure tensor function run through ``torch.compile`` when enabled.
 
     Compilation is lazy; if it fails the eager function is used from then on, with one warning
     for the whole process. ``.eager`` and ``.compiled`` give either path explicitly (tests).
-    Float hyper-parameters must be passed as 0-dim tensors so that a new value never recompiles.
+    Row counts are marked dynamic while K stays static: inductor vectorises a reduction over a
+    static K about twice as fast. Values that change between calls (keys, offsets, learning
+    rates) must be passed as 0-dim tensors so that a new value never recompiles.
     """
 
-    def __init__(self, fn: Callable) -> None:
+    def __init__(self, fn: Callable, rows: tuple[str, ...]) -> None:
         self.eager = fn
+        names = list(inspect.signature(fn).parameters)
+        self._rows = [names.index(r) for r in rows]
         self._compiled: Callable | None = None
         self._failed = False
         functools.update_wrapper(self, fn)
@@ -129,7 +150,15 @@ class _Fused:
     @property
     def compiled(self) -> Callable:
         if self._compiled is None:
-            self._compiled = torch.compile(self.eager, dynamic=True)
+            compiled = torch.compile(self.eager)
+
+            def run(*args, **kwargs):
+                for i in self._rows:
+                    if args[i].shape[0] > 1:
+                        torch._dynamo.maybe_mark_dynamic(args[i], 0)
+                return compiled(*args, **kwargs)
+
+            self._compiled = run
         return self._compiled
 
     def __call__(self, *args, **kwargs):
@@ -151,6 +180,7 @@ class _Fused:
             return self.eager(*args, **kwargs)
 
 
-def fused(fn: F) -> F:
-    """Decorator: see :class:`_Fused`."""
-    return _Fused(fn)  # type: ignore[return-value]
+def fused(*rows: str) -> Callable[[F], F]:
+    """Decorator: see :class:`_Fused`. ``rows`` names the tensor arguments whose first dimension
+    is the (dynamic) number of connections."""
+    return lambda fn: _Fused(fn, rows)  # type: ignore[return-value]

@@ -21,42 +21,42 @@ import math
 import torch
 
 from .candidates import connections
-from .rng import bits, fused, signed24, unit24
+from .rng import bits, fused, noise_bits, signed24, unit24
 
 SCORES = ("int8", "fp32")
 
 MAX_LEVELS = 64.0  # the most levels one step may move a score; half the int8 range
 
 
-@fused
+@fused("q", "d")
 def int8_update_chunk(
     q: torch.Tensor,  # (n, K) int8 levels
     d: torch.Tensor,  # (n,) fp32 direction per connection
     coef: torch.Tensor,  # 0-dim fp32: -lr / scale
-    start: int,
+    start: torch.Tensor,  # 0-dim int32: first connection of the chunk
     per_conn: int,
-    key_a: int,
+    key_a: torch.Tensor,
     keys_b: torch.Tensor,
     step: torch.Tensor,  # 0-dim fp32 candidate grid step
-    round_a: int,
+    round_a: torch.Tensor,
     round_b: torch.Tensor,
 ) -> torch.Tensor:
     n = q.shape[0]
     w = signed24(bits(connections(start, n, per_conn, q.device), key_a, keys_b)).to(torch.float32) * step
-    r = unit24(bits(connections(start, n, 1, q.device), round_a, round_b))  # (n, K) in [0, 1)
+    r = unit24(noise_bits(connections(start, n, 1, q.device), round_a, round_b))  # (n, K) in [0, 1)
     t = torch.floor(q.to(torch.float32) + (d * coef).unsqueeze(-1) * w + r)
     shift = (t.amax(dim=-1, keepdim=True) - 127.0).clamp_min(0.0)  # re-centre: top level <= 127
     return (t - shift).clamp(-128.0, 127.0).to(torch.int8)
 
 
-@fused
+@fused("s", "d")
 def fp32_update_chunk(
     s: torch.Tensor,  # (n, K) fp32 scores
     d: torch.Tensor,  # (n,) fp32
     neg_lr: torch.Tensor,  # 0-dim fp32
-    start: int,
+    start: torch.Tensor,
     per_conn: int,
-    key_a: int,
+    key_a: torch.Tensor,
     keys_b: torch.Tensor,
     step: torch.Tensor,
 ) -> torch.Tensor:
@@ -64,12 +64,12 @@ def fp32_update_chunk(
     return s + (d * neg_lr).unsqueeze(-1) * w
 
 
-@fused
+@fused("q")
 def requantize_chunk(
-    q: torch.Tensor, inv_factor: torch.Tensor, start: int, round_a: int, round_b: torch.Tensor
+    q: torch.Tensor, inv_factor: torch.Tensor, start: torch.Tensor, round_a: torch.Tensor, round_b: torch.Tensor
 ) -> torch.Tensor:
     """Levels on a grid ``factor`` times coarser, rounded stochastically."""
-    r = unit24(bits(connections(start, q.shape[0], 1, q.device), round_a, round_b))
+    r = unit24(noise_bits(connections(start, q.shape[0], 1, q.device), round_a, round_b))
     return torch.floor(q.to(torch.float32) * inv_factor + r).clamp(-128.0, 127.0).to(torch.int8)
 
 
