@@ -1,6 +1,7 @@
 """seedslot: Slot Machine networks whose candidate weights are regenerated from seeds, with int8 scores."""
 
 from . import memory
+from .checkpoints import CheckpointError
 from .convert import slotify_, to_dense
 from .layers import DenseSlotConv2d, DenseSlotLinear, SlotConv2d, SlotLinear
 from .optim import SlotSGD
@@ -14,5 +15,6 @@ __all__ = [
     "slotify_",
     "to_dense",
     "memory",
+    "CheckpointError",
 ]
 __version__ = "0.1.0"

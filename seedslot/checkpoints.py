@@ -1,0 +1,202 @@
+"""Training checkpoints: atomic writes, a content hash, and loading that never unpickles code.
+
+A checkpoint file is a fixed 56-byte header followed by a body::
+
+    magic (8 bytes) | format version (u32) | flags (u32, 0) | body length (u64) | SHA-256 (32 bytes)
+
+all little-endian; the SHA-256 covers the header fields before it and the body, so any flipped
+byte or missing tail is detected before the body is parsed. The body is ``torch.save`` of a dict
+of tensors and plain Python values, read back with ``torch.load(weights_only=True)``. Writes go
+to a temporary file in the same directory that is fsynced and then renamed over the target, so a
+crash at any instant leaves either the old or the new checkpoint, never a mix.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import struct
+import tempfile
+from typing import Any
+
+import torch
+
+__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "load_state_into"]
+
+CHECKPOINT_MAGIC = b"SEEDSLOT"
+CHECKPOINT_VERSION = 1
+
+_HEAD = struct.Struct("<8sIIQ")  # magic, version, flags, body length
+_DIGEST = 32
+HEADER_BYTES = _HEAD.size + _DIGEST
+_TMP_SUFFIX = ".tmp"
+
+
+class CheckpointError(Exception):
+    """A checkpoint or export that cannot be used: truncated, corrupted or tampered, written by a
+    newer format version, not a seedslot file, or not fitting the model. The message says which."""
+
+
+# ---------------------------------------------------------------- framing (shared with export)
+
+
+def _frame(magic: bytes, version: int, body: bytes) -> bytes:
+    head = _HEAD.pack(magic, version, 0, len(body))
+    return head + hashlib.sha256(head + body).digest() + body
+
+
+def _unframe(data: bytes, magic: bytes, max_version: int, what: str, source: str) -> tuple[int, bytes]:
+    """``(version, body)`` of a framed file, after checking magic, version, length and hash."""
+    if len(data) < len(magic) and magic.startswith(data):
+        raise CheckpointError(f"{source}: truncated: {len(data)} bytes, shorter than the {what} header")
+    if data[: len(magic)] != magic:
+        raise CheckpointError(f"{source}: not a {what}: it does not start with {magic!r}")
+    if len(data) < HEADER_BYTES:
+        raise CheckpointError(f"{source}: truncated: {len(data)} bytes, shorter than the {what} header")
+    _, version, flags, length = _HEAD.unpack_from(data)
+    if version > max_version:
+        raise CheckpointError(
+            f"{source}: written by a newer format version {version} (this seedslot reads {what} "
+            f"versions up to {max_version}); upgrade seedslot, or the header is corrupted"
+        )
+    if version < 1 or flags != 0:
+        raise CheckpointError(f"{source}: corrupted: header has version {version} and flags {flags:#x}")
+    end = HEADER_BYTES + length
+    if len(data) < end:
+        raise CheckpointError(f"{source}: truncated: {len(data)} bytes, the header announces {end}")
+    if len(data) > end:
+        raise CheckpointError(f"{source}: corrupted: {len(data) - end} unexpected bytes after the body")
+    digest = hashlib.sha256(memoryview(data)[: _HEAD.size])
+    digest.update(memoryview(data)[HEADER_BYTES:])
+    if digest.digest() != data[_HEAD.size : HEADER_BYTES]:
+        raise CheckpointError(f"{source}: corrupted or tampered: SHA-256 of the content does not match the header")
+    return version, data[HEADER_BYTES:]
+
+
+def _atomic_write(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see the old file or the complete new one."""
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    try:
+        mode = os.stat(path).st_mode & 0o777
+    except FileNotFoundError:
+        mode = 0o644
+    # A leading dot and the suffix keep a leftover temporary file from looking like a checkpoint.
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=_TMP_SUFFIX, dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fchmod(f.fileno(), mode)
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    _fsync_dir(directory)
+
+
+def _fsync_dir(directory: str) -> None:
+    """Make the rename durable; some platforms cannot open directories, which is then best effort."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _read(path: str | os.PathLike) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+# ---------------------------------------------------------------- checkpoints
+
+_LEAVES = (torch.Tensor, int, float, str, bool, bytes, type(None), torch.dtype, torch.device)
+
+
+def _check_payload(value: Any, where: str) -> None:
+    """Reject values that ``torch.load(weights_only=True)`` would refuse, naming where they are."""
+    if isinstance(value, dict):
+        for key, v in value.items():
+            if not isinstance(key, (str, int)) or isinstance(key, bool):
+                raise ValueError(f"payload{where}: dict keys must be str or int; got {type(key).__name__}")
+            _check_payload(v, f"{where}[{key!r}]")
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _check_payload(v, f"{where}[{i}]")
+    elif not isinstance(value, _LEAVES):
+        raise ValueError(
+            f"payload{where}: must hold only tensors, int, float, str, bool, None, lists, tuples and "
+            f"dicts; got {type(value).__name__}"
+        )
+
+
+def save_checkpoint(path: str | os.PathLike, payload: dict) -> None:
+    """Atomically write ``payload`` (state_dicts, RNG state tensors, counters, config) to ``path``.
+
+    Raises ValueError, before touching the file system, if the payload holds anything but tensors
+    and plain values (it could not be loaded back without unpickling code).
+    """
+    if not isinstance(payload, dict):
+        raise ValueError(f"payload must be a dict; got {type(payload).__name__}")
+    _check_payload(payload, "")
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    _atomic_write(path, _frame(CHECKPOINT_MAGIC, CHECKPOINT_VERSION, buf.getvalue()))
+
+
+def _safe_load(body: bytes, map_location, source: str):
+    try:
+        return torch.load(io.BytesIO(body), map_location=map_location, weights_only=True)
+    except Exception as e:  # the hash matched, so the file was written with this content on purpose
+        raise CheckpointError(f"{source}: tampered or unsafe: refusing to load it ({type(e).__name__}: {e})") from e
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
+    """The payload saved by :func:`save_checkpoint`, after verifying header and hash.
+
+    Only tensors and plain values are ever reconstructed (``weights_only=True``). Raises
+    :class:`CheckpointError` for a truncated, corrupted, tampered, newer or foreign file.
+    """
+    source = os.fspath(path)
+    _, body = _unframe(_read(path), CHECKPOINT_MAGIC, CHECKPOINT_VERSION, "seedslot checkpoint", source)
+    payload = _safe_load(body, map_location, source)
+    if not isinstance(payload, dict):
+        raise CheckpointError(f"{source}: tampered: the body is a {type(payload).__name__}, not a dict")
+    return payload
+
+
+def load_state_into(obj: Any, state_dict: dict, *, strict: bool = True) -> None:
+    """``obj.load_state_dict(state_dict)`` for a module, optimizer or scheduler, turning a
+    mismatch into ``CheckpointError("does not fit the model: ...")``.
+
+    For modules it also refuses a dtype change (``load_state_dict`` would silently cast, e.g.
+    fp32 scores into an int8 score buffer).
+    """
+    if not isinstance(state_dict, dict):
+        raise CheckpointError(f"does not fit the model: expected a state_dict, got {type(state_dict).__name__}")
+    if isinstance(obj, torch.nn.Module):
+        own = obj.state_dict()
+        for key, value in state_dict.items():
+            mine = own.get(key)
+            if isinstance(mine, torch.Tensor) and isinstance(value, torch.Tensor) and mine.dtype != value.dtype:
+                raise CheckpointError(
+                    f"does not fit the model: {key} is {value.dtype} in the checkpoint, {mine.dtype} in the model"
+                )
+    try:
+        if isinstance(obj, torch.nn.Module):
+            obj.load_state_dict(state_dict, strict=strict)
+        else:
+            obj.load_state_dict(state_dict)
+    except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as e:
+        raise CheckpointError(f"does not fit the model: {e}") from e
