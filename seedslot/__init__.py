@@ -2,6 +2,7 @@
 
 from . import memory
 from .checkpoints import CheckpointError
+from .export import load_exported
 from .convert import slotify_, to_dense
 from .layers import DenseSlotConv2d, DenseSlotLinear, SlotConv2d, SlotLinear
 from .optim import SlotSGD
@@ -16,5 +17,6 @@ __all__ = [
     "to_dense",
     "memory",
     "CheckpointError",
+    "load_exported",
 ]
 __version__ = "0.1.0"

@@ -1,0 +1,342 @@
+"""Compact export: a trained slot model as its seeds plus ceil(log2 K) bits per connection.
+
+An export file uses the checkpoint framing (magic, format version, length, SHA-256; see
+:mod:`seedslot.checkpoints`) around a tensor-only body, so loading it never unpickles anything::
+
+    JSON length (u32) | JSON header (utf-8) | packed indices and raw tensors
+
+The JSON header holds the model's ``build_args`` (or null), one entry per slot layer (kind,
+shapes, convolution settings, K, sharing, seeds, sigma, where its packed indices lie) and a table
+of the other tensors (batch-norm statistics, parameters of layers that were not slotified).
+Each part (weight, bias) of a slot layer stores the eval-mode (greedy) candidate index of every
+connection in row-major order, ``bits = ceil(log2 K)`` bits each, least significant bit first.
+:func:`load_exported` regenerates the selected values from the seeds and returns an ordinary
+model, like :func:`seedslot.to_dense`, whose eval outputs equal the exported model's exactly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import struct
+import sys
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .candidates import CANDIDATES, grid_step, i32, row_chunks, selected_chunk, stream_keys
+from .checkpoints import (
+    CHECKPOINT_MAGIC,
+    CheckpointError,
+    _atomic_write,
+    _frame,
+    _read,
+    _unframe,
+    load_checkpoint,
+    load_state_into,
+)
+from .convert import to_dense
+from .layers import DenseSlotConv2d, DenseSlotLinear, SlotConv2d, SlotLinear, _SlotBase
+
+__all__ = ["export", "load_exported", "size_report", "add_arguments", "run_cli"]
+
+EXPORT_MAGIC = b"SEEDEXPT"
+EXPORT_VERSION = 1
+
+_JSON_LEN = struct.Struct("<I")
+_PACK_CHUNK = 1 << 20  # indices packed per step: a multiple of 8, so every step ends on a byte
+_DTYPES = {
+    str(d).removeprefix("torch."): d
+    for d in (torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32,
+              torch.int16, torch.int8, torch.uint8, torch.bool)
+}
+
+
+def index_bits(k: int) -> int:
+    """Bits needed for one index among ``k`` candidates: ceil(log2 k), 0 for k = 1."""
+    return (k - 1).bit_length()
+
+
+# ---------------------------------------------------------------- bit packing
+
+
+def _pack(idx: torch.Tensor, bits: int) -> bytes:
+    """Indices (any shape, values < 2**bits) packed ``bits`` each, least significant bit first."""
+    if bits == 0:
+        return b""
+    flat = idx.reshape(-1).to(torch.int64).cpu().numpy()
+    shifts = np.arange(bits, dtype=np.int64)
+    out = []
+    for a in range(0, flat.shape[0], _PACK_CHUNK):
+        bit_matrix = ((flat[a : a + _PACK_CHUNK, None] >> shifts) & 1).astype(np.uint8)  # (n, bits)
+        out.append(np.packbits(bit_matrix.reshape(-1), bitorder="little").tobytes())
+    return b"".join(out)
+
+
+def _unpack(buf: bytes, n: int, bits: int) -> torch.Tensor:
+    """Inverse of :func:`_pack`: (n,) int64."""
+    if bits == 0:
+        return torch.zeros(n, dtype=torch.int64)
+    raw = np.frombuffer(buf, dtype=np.uint8)
+    weights = np.int64(1) << np.arange(bits, dtype=np.int64)
+    out = np.empty(n, dtype=np.int64)
+    for a in range(0, n, _PACK_CHUNK):
+        m = min(_PACK_CHUNK, n - a)
+        chunk = raw[a * bits // 8 : (a * bits + m * bits + 7) // 8]
+        bit_matrix = np.unpackbits(chunk, count=m * bits, bitorder="little").reshape(m, bits)
+        out[a : a + m] = bit_matrix.astype(np.int64) @ weights
+    return torch.from_numpy(out)
+
+
+# ---------------------------------------------------------------- encoding
+
+
+def _layer_config(m: _SlotBase) -> dict:
+    if isinstance(m, (SlotLinear, DenseSlotLinear)):
+        cfg: dict[str, Any] = {"kind": "linear"}
+    elif isinstance(m, (SlotConv2d, DenseSlotConv2d)):
+        padding = m.padding if isinstance(m.padding, str) else list(m.padding)
+        cfg = {"kind": "conv2d", "stride": list(m.stride), "padding": padding,
+               "dilation": list(m.dilation), "groups": m.groups}
+    else:
+        raise ValueError(f"cannot export slot layer of type {type(m).__name__}")
+    cfg.update(weight_shape=list(m.weight_shape), bias="bias" in m.parts, k=m.k, seed=m.seed,
+               candidate_seed=m.candidate_seed, sharing=m.sharing, sigma=m.sigma, bits=index_bits(m.k))
+    return cfg
+
+
+def _tensor_bytes(t: torch.Tensor) -> bytes:
+    return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+@torch.no_grad()
+def _encode(model: nn.Module, build_args: dict | None) -> bytes:
+    if sys.byteorder != "little":
+        raise RuntimeError("seedslot export files are little-endian; this machine is not")
+    chunks: list[bytes] = []
+    size = 0
+
+    def add(data: bytes) -> list[int]:
+        nonlocal size
+        chunks.append(data)
+        size += len(data)
+        return [size - len(data), len(data)]
+
+    layers = []
+    slot_names = set()
+    for name, m in model.named_modules():
+        if not isinstance(m, _SlotBase):
+            continue
+        if not name:
+            raise ValueError("export takes a model holding slot layers; wrap a lone layer in nn.Sequential")
+        cfg = _layer_config(m)
+        cfg["name"] = name
+        cfg["sections"] = {part: add(_pack(m.selected_index(part), cfg["bits"])) for part in m.parts}
+        layers.append(cfg)
+        slot_names.add(name)
+
+    tensors = []
+    for key, value in model.state_dict().items():
+        if key.rpartition(".")[0] in slot_names:
+            continue  # scores, scales, seeds and counters: replaced by the packed indices
+        if not isinstance(value, torch.Tensor):
+            raise ValueError(f"cannot export {key!r}: only tensors can be stored, got {type(value).__name__}")
+        dtype = str(value.dtype).removeprefix("torch.")
+        if dtype not in _DTYPES:
+            raise ValueError(f"cannot export {key!r}: dtype {value.dtype} is not one of {', '.join(_DTYPES)}")
+        tensors.append({"name": key, "dtype": dtype, "shape": list(value.shape),
+                        "section": add(_tensor_bytes(value))})
+
+    header = {"build_args": build_args, "layers": layers, "tensors": tensors}
+    try:
+        head = json.dumps(header, separators=(",", ":"), allow_nan=False).encode()
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"build_args must be JSON-serialisable: {e}") from e
+    return _frame(EXPORT_MAGIC, EXPORT_VERSION, _JSON_LEN.pack(len(head)) + head + b"".join(chunks))
+
+
+def export(model: nn.Module, path: str | os.PathLike, *, build_args: dict | None = None) -> int:
+    """Write ``model``'s eval-mode selection to ``path`` atomically; returns the file's size.
+
+    ``build_args`` (default: ``model.build_args`` if present) lets :func:`load_exported` rebuild
+    the architecture by itself; without it, the loader needs a ``model`` of the same architecture.
+    """
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model must be an nn.Module; got {type(model).__name__}")
+    if build_args is None:
+        build_args = getattr(model, "build_args", None)
+    if build_args is not None and not isinstance(build_args, dict):
+        raise ValueError(f"build_args must be a dict or None; got {type(build_args).__name__}")
+    data = _encode(model, build_args)
+    _atomic_write(path, data)
+    return len(data)
+
+
+def size_report(model: nn.Module) -> dict[str, int]:
+    """Bytes of ``model``'s export next to the bytes of the same network's ordinary fp32 weights.
+
+    ``fp32_bytes`` sums the tensors of ``to_dense(model).state_dict()`` (the selected weights as
+    fp32 plus every other state tensor), without any file-format overhead.
+    """
+    dense_bytes = sum(t.numel() * t.element_size() for t in to_dense(model).state_dict().values()
+                      if isinstance(t, torch.Tensor))
+    return {"export_bytes": len(_encode(model, getattr(model, "build_args", None))), "fp32_bytes": dense_bytes}
+
+
+# ---------------------------------------------------------------- decoding
+
+
+def _section(data: memoryview, section, source: str) -> memoryview:
+    start, length = section
+    if not (isinstance(start, int) and isinstance(length, int) and 0 <= start and 0 <= length
+            and start + length <= len(data)):
+        raise CheckpointError(f"{source}: tampered: section {section!r} lies outside the file")
+    return data[start : start + length]
+
+
+@torch.no_grad()
+def _regenerate(cfg: dict, part: str, idx: torch.Tensor) -> torch.Tensor:
+    """The values of candidates ``idx`` of one part, through the seeded layers' kernel
+    (``selected_chunk`` with the keys ``_SlotBase._set_seeds`` derives, as ``_Seeded._values`` does)."""
+    weight_count = math.prod(cfg["weight_shape"])
+    offset = 0 if part == "weight" else weight_count
+    per_conn = 1 if cfg["sharing"] == "none" else 0
+    key_a, keys_b = stream_keys(cfg["candidate_seed"], CANDIDATES, cfg["k"])
+    key_a, step = i32(key_a), grid_step(cfg["sigma"])
+    out = torch.empty(idx.shape[0], dtype=torch.float32)
+    for a, b in row_chunks(idx.shape[0], 1):
+        out[a:b] = selected_chunk(idx[a:b], i32(offset + a), per_conn, key_a, keys_b, step)
+    return out
+
+
+def _fits(cfg: dict, target: nn.Module) -> str | None:
+    """Why the plain layer ``target`` cannot hold the exported layer ``cfg``, or None."""
+    kind = {"linear": nn.Linear, "conv2d": nn.Conv2d}[cfg["kind"]]
+    if type(target) is not kind:
+        return f"expected {kind.__name__}, the model has {type(target).__name__}"
+    if list(target.weight.shape) != cfg["weight_shape"] or (target.bias is not None) != cfg["bias"]:
+        return (f"weight {cfg['weight_shape']} bias={cfg['bias']} exported, the model has "
+                f"{list(target.weight.shape)} bias={target.bias is not None}")
+    if kind is nn.Conv2d:
+        mine = {"stride": list(target.stride), "dilation": list(target.dilation), "groups": target.groups,
+                "padding": target.padding if isinstance(target.padding, str) else list(target.padding)}
+        theirs = {key: cfg[key] for key in mine}
+        if mine != theirs:
+            return f"convolution {theirs} exported, the model has {mine}"
+    return None
+
+
+def _skeleton(build_args: dict | None, model: nn.Module | None, source: str) -> nn.Module:
+    """A plain module with the exported architecture (its weights are overwritten)."""
+    if model is not None:
+        return to_dense(model)
+    from . import models  # only needed for exports that name their architecture
+
+    try:
+        return to_dense(models.build(**build_args))
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{source}: does not fit the model: build_args {build_args} cannot be built: {e}") from e
+
+
+def load_exported(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
+    """The ordinary ``nn.Module`` (eval mode, plain Linear/Conv2d) stored in an export file.
+
+    The architecture comes from the file's ``build_args`` through ``seedslot.models.build``, or
+    from ``model`` (a plain or slot module of the same architecture; its own weights are ignored).
+    Raises :class:`~seedslot.CheckpointError` for a truncated, corrupted, tampered, newer or
+    foreign file, or one that does not fit the architecture.
+    """
+    if model is not None and not isinstance(model, nn.Module):
+        raise ValueError(f"model must be an nn.Module or None; got {type(model).__name__}")
+    source = os.fspath(path)
+    data = _read(path)
+    if data.startswith(CHECKPOINT_MAGIC):
+        raise CheckpointError(f"{source}: not a seedslot export: it is a training checkpoint (run `seedslot export`)")
+    _, body = _unframe(data, EXPORT_MAGIC, EXPORT_VERSION, "seedslot export", source)
+    # The hash matched, so a header that does not parse was written that way on purpose.
+    try:
+        (head_len,) = _JSON_LEN.unpack_from(body)
+        header = json.loads(bytes(body[_JSON_LEN.size : _JSON_LEN.size + head_len]))
+        payload = memoryview(body)[_JSON_LEN.size + head_len :]
+        build_args = header["build_args"]
+    except (KeyError, TypeError, ValueError, struct.error) as e:
+        raise CheckpointError(f"{source}: tampered: malformed export header ({type(e).__name__}: {e})") from e
+    if model is None and build_args is None:
+        raise ValueError(f"{source} holds no build_args: pass model=, a module with the exported architecture")
+    plain = _skeleton(build_args, model, source)
+    try:
+        return _decode(header, payload, plain, source)
+    except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as e:
+        raise CheckpointError(f"{source}: tampered: malformed export header ({type(e).__name__}: {e})") from e
+
+
+def _decode(header: dict, payload: memoryview, plain: nn.Module, source: str) -> nn.Module:
+    """Fill ``plain`` with the regenerated selected weights and the stored tensors."""
+    state: dict[str, torch.Tensor] = {}
+    for cfg in header["layers"]:
+        name = cfg["name"]
+        try:
+            target = plain.get_submodule(name)
+        except AttributeError:
+            raise CheckpointError(f"{source}: does not fit the model: it has no layer {name!r}") from None
+        reason = _fits(cfg, target)
+        if reason:
+            raise CheckpointError(f"{source}: does not fit the model: layer {name!r}: {reason}")
+        shapes = {"weight": cfg["weight_shape"], "bias": cfg["weight_shape"][:1]}
+        if set(cfg["sections"]) != ({"weight", "bias"} if cfg["bias"] else {"weight"}):
+            raise CheckpointError(f"{source}: tampered: layer {name!r} has parts {sorted(cfg['sections'])}")
+        for part, section in cfg["sections"].items():
+            n = math.prod(shapes[part])
+            buf = _section(payload, section, source)
+            if len(buf) != (n * cfg["bits"] + 7) // 8 or cfg["bits"] != index_bits(cfg["k"]):
+                raise CheckpointError(f"{source}: tampered: layer {name!r} {part} has the wrong number of bytes")
+            idx = _unpack(buf, n, cfg["bits"])
+            if n and int(idx.max()) >= cfg["k"]:
+                raise CheckpointError(f"{source}: tampered: layer {name!r} {part} selects a candidate >= K")
+            state[f"{name}.{part}"] = _regenerate(cfg, part, idx).view(shapes[part])
+    for entry in header["tensors"]:
+        buf = _section(payload, entry["section"], source)
+        dtype = _DTYPES[entry["dtype"]]
+        shape = [int(s) for s in entry["shape"]]
+        if len(buf) != math.prod(shape) * dtype.itemsize:
+            raise CheckpointError(f"{source}: tampered: tensor {entry['name']!r} has the wrong number of bytes")
+        raw = torch.tensor(np.frombuffer(buf, dtype=np.uint8))  # a copy: the file's bytes stay read-only
+        state[entry["name"]] = raw.view(dtype).view(shape)
+    try:
+        load_state_into(plain, state)
+    except CheckpointError as e:
+        raise CheckpointError(f"{source}: {e}") from None
+    return plain.eval()
+
+
+# ---------------------------------------------------------------- command line
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``seedslot export CKPT --out FILE``."""
+    parser.add_argument("checkpoint", help="training checkpoint written by `seedslot train`")
+    parser.add_argument("--out", required=True, help="export file to write (e.g. model.slot)")
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    """Export a training checkpoint; a CheckpointError becomes one line on stderr and status 2."""
+    try:
+        payload = load_checkpoint(args.checkpoint)
+        missing = [key for key in ("model", "build_args") if key not in payload]
+        if missing:
+            raise CheckpointError(f"{args.checkpoint}: not a training checkpoint: it has no {', '.join(missing)}")
+        from . import models
+
+        model = models.build(**payload["build_args"])
+        load_state_into(model, payload["model"])
+        written = export(model, args.out, build_args=payload["build_args"])
+    except CheckpointError as e:
+        print(f"seedslot export: error: {e}", file=sys.stderr)
+        return 2
+    dense = size_report(model)["fp32_bytes"]
+    print(f"wrote {args.out}: {written} bytes, {written / dense:.1%} of the fp32 weights ({dense} bytes)")
+    return 0
