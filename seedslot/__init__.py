@@ -1,8 +1,7 @@
 """seedslot: Slot Machine networks whose candidate weights are regenerated from seeds, with int8 scores."""
 
 from . import memory
-from .checkpoints import CheckpointError
-from .export import load_exported
+from .export import CheckpointError, load_exported
 from .convert import slotify_, to_dense
 from .layers import DenseSlotConv2d, DenseSlotLinear, SlotConv2d, SlotLinear
 from .optim import SlotSGD
