@@ -1,0 +1,421 @@
+"""Memory, memory-budget and speed benchmarks of learned, dense-slot and seeded-slot training.
+
+Each benchmark runs full training steps (forward, cross-entropy, backward, optimizer step) on random
+inputs of the model's dataset shape: :class:`~seedslot.SlotSGD` with momentum 0.9 for the seeded
+model, ``torch.optim.SGD`` with momentum 0.9 for the dense reference and for ordinary weights.
+
+* :func:`memory_bench`: each mode in its own fresh process; state bytes and peak process memory.
+* :func:`budget_bench`: the largest K whose training step fits a memory budget, one child per K
+  under a watchdog that kills it the moment it crosses the budget.
+* :func:`speed_bench`: steps per second of the modes interleaved in one process.
+
+Peak memory is the whole child run, warm-up step included: a user's process needs the memory that
+``torch.compile`` takes the first time the seeded kernels run, so the budget counts it too. Step
+times exclude warm-up. ``seedslot bench ...`` and ``bench/*.py`` call :func:`main`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import math
+import re
+import statistics
+import sys
+import time
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .layers import _SlotBase
+from .memory import run_in_child, state_breakdown, state_bytes
+from .optim import SlotSGD
+
+__all__ = ["MODES", "memory_bench", "budget_bench", "speed_bench", "parse_bytes", "add_arguments", "run_cli", "main"]
+
+MODES = ("learned", "dense", "seeded")
+BUDGET_KS = tuple(2**i for i in range(9))  # 1, 2, 4, ..., 256
+_MiB = 2**20
+
+# ---------------------------------------------------------------- arguments
+
+
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
+          "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_bytes(text: str | int) -> int:
+    """``"2GiB"`` -> 2147483648; accepts B, kB/MB/GB/TB (powers of 10) and KiB/MiB/GiB/TiB."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        value = text
+    else:
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+        unit = m.group(2).lower() if m else None
+        if m is None or unit not in _UNITS:
+            raise ValueError(
+                f"budget must be a size such as 2GiB, 1500MB or 123456 (units B, kB, MB, GB, TB, KiB, MiB, "
+                f"GiB, TiB); got {text!r}"
+            )
+        value = int(float(m.group(1)) * _UNITS[unit])
+    if value <= 0:
+        raise ValueError(f"budget must be > 0 bytes; got {text!r}")
+    return value
+
+
+def _device(device: str | None) -> str:
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device != "cpu" and not re.fullmatch(r"cuda(:\d+)?", device):
+        raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N'; got {device!r}")
+    return device
+
+
+def _modes(modes: Sequence[str], allowed: Sequence[str] = MODES) -> tuple[str, ...]:
+    modes = tuple(modes)
+    bad = [m for m in modes if m not in allowed]
+    if not modes or bad or len(set(modes)) != len(modes):
+        raise ValueError(f"modes must be distinct values among {', '.join(map(repr, allowed))}; got {modes!r}")
+    return modes
+
+
+def _positive(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1; got {value!r}")
+    return value
+
+
+# ---------------------------------------------------------------- one training workload
+
+
+def _input_shape(model: str) -> tuple[int, int, int]:
+    """The dataset shape a model trains on: Fashion-MNIST for lenet, CIFAR-10 otherwise."""
+    return (1, 28, 28) if model == "lenet" else (3, 32, 32)
+
+
+def _build(model: str, mode: str, k: int) -> nn.Module:
+    from .models import build  # imported late: models build on everything else
+
+    c, h, _ = _input_shape(model)
+    return build(model, mode=mode, k=k, in_channels=c, input_size=h)
+
+
+def _connections(model: nn.Module) -> int:
+    """Weights of the slot / Linear / Conv2d layers: the same count in every mode."""
+    n = 0
+    for m in model.modules():
+        if isinstance(m, _SlotBase):
+            n += sum(math.prod(shape) for shape, _ in m.parts.values())
+        elif isinstance(m, (nn.Linear, nn.Conv2d)):
+            n += m.weight.numel() + (m.bias.numel() if m.bias is not None else 0)
+    return n
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+
+
+class _Trainer:
+    """A model of one mode, its optimizer and a fixed random batch; ``step()`` trains once."""
+
+    def __init__(self, model: str, mode: str, k: int, batch_size: int, device: str, seed: int = 0) -> None:
+        torch.manual_seed(seed)
+        self.device = device
+        self.model = _build(model, mode, k).to(device).train()
+        # The paper's greedy learning rates; they do not change what a step costs.
+        lr = 0.1 if k <= 8 else 0.01
+        if mode == "seeded":
+            self.optimizer: torch.optim.Optimizer = SlotSGD(self.model.parameters(), lr=lr, momentum=0.9)
+        else:
+            self.optimizer = torch.optim.SGD(self.model.parameters(), lr=lr if mode == "dense" else 0.01, momentum=0.9)
+        g = torch.Generator().manual_seed(seed)
+        self.x = torch.randn(batch_size, *_input_shape(model), generator=g).to(device)
+        self.y = torch.randint(0, 10, (batch_size,), generator=g).to(device)
+
+    def step(self) -> float:
+        """One training step; returns its wall-clock seconds."""
+        _sync(self.device)
+        t0 = time.perf_counter()
+        self.optimizer.zero_grad(set_to_none=True)
+        F.cross_entropy(self.model(self.x), self.y).backward()
+        self.optimizer.step()
+        _sync(self.device)
+        return time.perf_counter() - t0
+
+
+def _train(model: str, mode: str, k: int, batch_size: int, steps: int, device: str,
+           cuda_budget_bytes: int | None = None) -> dict[str, Any]:
+    """Child-process workload: one warm-up step and ``steps`` timed steps."""
+    if cuda_budget_bytes is not None:
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, cuda_budget_bytes / total), device)
+    trainer = _Trainer(model, mode, k, batch_size, device)
+    warmup = trainer.step()
+    times = [trainer.step() for _ in range(steps)]
+    by_category: dict[str, int] = {}
+    for cats in state_breakdown(trainer.model, trainer.optimizer).values():
+        for c, b in cats.items():
+            by_category[c] = by_category.get(c, 0) + b
+    return dict(
+        state_bytes=state_bytes(trainer.model, trainer.optimizer),
+        state_by_category=by_category,
+        connections=_connections(trainer.model),
+        step_seconds=statistics.median(times),
+        warmup_seconds=warmup,
+    )
+
+
+# ---------------------------------------------------------------- the benchmarks
+
+
+def memory_bench(model: str = "vgg19", k: int = 8, batch_size: int = 64, steps: int = 3,
+                 modes: Sequence[str] = MODES, device: str | None = None) -> dict[str, Any]:
+    """State bytes, peak process memory and step time of each mode, each in a fresh process."""
+    k, batch_size, steps = _positive("k", k), _positive("batch_size", batch_size), _positive("steps", steps)
+    modes, device = _modes(modes), _device(device)
+    rows = []
+    for mode in modes:
+        run = run_in_child(_train, model, mode, k, batch_size, steps, device)
+        if run.error is not None:
+            raise RuntimeError(f"memory bench, mode {mode!r}: the child process failed:\n{run.error}")
+        v, mem = run.value, run.memory
+        rows.append(dict(
+            mode=mode,
+            k=None if mode == "learned" else k,
+            state_bytes=v["state_bytes"],
+            bytes_per_connection=v["state_bytes"] / v["connections"],
+            connections=v["connections"],
+            state_by_category=v["state_by_category"],
+            peak_rss_bytes=mem.peak_rss_bytes,
+            baseline_rss_bytes=mem.baseline_rss_bytes,
+            peak_increment_bytes=mem.peak_increment_bytes,
+            cuda_max_allocated_bytes=mem.cuda_max_allocated_bytes,
+            cuda_max_reserved_bytes=mem.cuda_max_reserved_bytes,
+            step_seconds=v["step_seconds"],
+            warmup_seconds=v["warmup_seconds"],
+        ))
+    out: dict[str, Any] = dict(bench="memory", model=model, k=k, batch_size=batch_size, steps=steps,
+                               device=device, rows=rows)
+    by_mode = {r["mode"]: r for r in rows}
+    if "seeded" in by_mode and "dense" in by_mode:
+        s, d = by_mode["seeded"], by_mode["dense"]
+        out["ratios"] = dict(
+            state_seeded_over_dense=s["state_bytes"] / d["state_bytes"],
+            increment_seeded_over_dense=s["peak_increment_bytes"] / max(d["peak_increment_bytes"], 1),
+        )
+    return out
+
+
+_OOM = ("OutOfMemoryError", "out of memory", "can't allocate memory", "MemoryError")
+
+
+def budget_bench(model: str = "vgg19", budget_bytes: int = 2 * 2**30, batch_size: int = 32,
+                 ks: Sequence[int] = BUDGET_KS, modes: Sequence[str] = ("dense", "seeded"), steps: int = 1,
+                 device: str | None = None) -> dict[str, Any]:
+    """For each mode, the largest K in ``ks`` (increasing) whose training fits ``budget_bytes``.
+
+    On CPU the budget bounds the child's whole resident set (a watchdog kills it on crossing);
+    on CUDA it bounds GPU memory (``set_per_process_memory_fraction``; an OOM is a failure). The
+    search stops at the first K that fails. A mode with no K that fits gets ``None``.
+    """
+    budget_bytes = parse_bytes(budget_bytes)
+    ks = tuple(_positive("ks entry", k) for k in ks)
+    if not ks or list(ks) != sorted(set(ks)):
+        raise ValueError(f"ks must be a non-empty increasing sequence of ints >= 1; got {ks!r}")
+    batch_size, steps = _positive("batch_size", batch_size), _positive("steps", steps)
+    modes, device = _modes(modes), _device(device)
+    cuda = device.startswith("cuda")
+    out: dict[str, Any] = dict(bench="budget", model=model, budget_bytes=budget_bytes, batch_size=batch_size,
+                               steps=steps, device=device, ks=list(ks), trials=[])
+    for mode in modes:
+        best = None
+        for k in ks:
+            run = run_in_child(_train, model, mode, k, batch_size, steps, device,
+                               cuda_budget_bytes=budget_bytes if cuda else None,
+                               budget_bytes=None if cuda else budget_bytes)
+            oom = run.error is not None and any(s in run.error for s in _OOM)
+            if run.error is not None and not oom:
+                raise RuntimeError(f"budget bench, mode {mode!r}, k={k}: the child process failed:\n{run.error}")
+            mem = run.memory
+            over = run.exceeded or oom or (cuda and mem is not None and (mem.cuda_max_reserved_bytes or 0) > budget_bytes)
+            out["trials"].append(dict(
+                mode=mode, k=k, fits=not over, killed=run.killed,
+                peak_rss_bytes=mem.peak_rss_bytes if mem else run.watchdog_peak_rss_bytes,
+                cuda_max_reserved_bytes=mem.cuda_max_reserved_bytes if mem else None,
+                seconds=run.seconds,
+            ))
+            if over:
+                break
+            best = k
+        out[f"{mode}_max_k"] = best
+    return out
+
+
+def speed_bench(model: str = "lenet", k: int = 8, batch_size: int = 64, repeats: int = 5,
+                min_seconds: float = 0.5, warmup: int = 2, modes: Sequence[str] = MODES,
+                device: str | None = None) -> dict[str, Any]:
+    """Steps per second of each mode, measured round robin in one process.
+
+    Each measurement runs enough steps to last ``min_seconds`` (judged from the warm-up); the
+    order of the modes rotates between repeats, and the report takes medians over ``repeats``.
+    """
+    k, batch_size, repeats = _positive("k", k), _positive("batch_size", batch_size), _positive("repeats", repeats)
+    warmup = _positive("warmup", warmup)
+    if isinstance(min_seconds, bool) or not isinstance(min_seconds, (int, float)) or not min_seconds >= 0:
+        raise ValueError(f"min_seconds must be a number >= 0; got {min_seconds!r}")
+    modes, device = _modes(modes), _device(device)
+    trainers = {m: _Trainer(model, m, k, batch_size, device) for m in modes}
+    n_steps = {}
+    for m, t in trainers.items():
+        last = min(t.step() for _ in range(warmup))
+        n_steps[m] = max(1, math.ceil(min_seconds / max(last, 1e-9)))
+    per_step: dict[str, list[float]] = {m: [] for m in modes}
+    for r in range(repeats):
+        for m in modes[r % len(modes):] + modes[: r % len(modes)]:
+            per_step[m].append(sum(trainers[m].step() for _ in range(n_steps[m])) / n_steps[m])
+    rows = [dict(mode=m, k=None if m == "learned" else k, steps_per_measurement=n_steps[m],
+                 step_seconds=statistics.median(per_step[m]), steps_per_second=1.0 / statistics.median(per_step[m]),
+                 step_seconds_all=per_step[m]) for m in modes]
+    out: dict[str, Any] = dict(bench="speed", model=model, k=k, batch_size=batch_size, repeats=repeats,
+                               device=device, threads=torch.get_num_threads(), rows=rows, ratios={})
+    med = {r["mode"]: r["step_seconds"] for r in rows}
+    for other in ("dense", "learned"):
+        if "seeded" in med and other in med:
+            out["ratios"][f"seeded_over_{other}"] = med["seeded"] / med[other]
+    return out
+
+
+# ---------------------------------------------------------------- tables and the command line
+
+
+def _mib(b: int | float | None) -> str:
+    return "-" if b is None else f"{b / _MiB:,.1f}"
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    cells = [list(map(str, headers))] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _report(result: dict[str, Any]) -> str:
+    bench = result["bench"]
+    if bench == "memory":
+        head = f"memory: {result['model']}, K={result['k']}, batch {result['batch_size']}, {result['device']}"
+        cuda = result["device"].startswith("cuda")
+        rows = [[r["mode"], r["k"] or "-", _mib(r["state_bytes"]), f"{r['bytes_per_connection']:.2f}",
+                 _mib(r["peak_rss_bytes"]), _mib(r["peak_increment_bytes"])]
+                + ([_mib(r["cuda_max_allocated_bytes"])] if cuda else []) + [f"{r['step_seconds']:.3f}"]
+                for r in result["rows"]]
+        headers = ["mode", "K", "state MiB", "B/conn", "peak MiB", "+peak MiB"] + (["cuda MiB"] if cuda else []) + ["step s"]
+        text = head + "\n" + _table(headers, rows)
+        if "ratios" in result:
+            q = result["ratios"]
+            text += (f"\nseeded/dense: state {q['state_seeded_over_dense']:.4f}, "
+                     f"peak increment {q['increment_seeded_over_dense']:.4f}")
+        return text
+    if bench == "budget":
+        head = (f"budget: {result['model']}, {_mib(result['budget_bytes'])} MiB, batch {result['batch_size']}, "
+                f"{result['device']}")
+        rows = [[t["mode"], t["k"], "yes" if t["fits"] else ("killed" if t["killed"] else "no"),
+                 _mib(t["peak_rss_bytes"]), f"{t['seconds']:.1f}"] for t in result["trials"]]
+        maxes = ", ".join(f"{m}_max_k={result[m]}" for m in result if m.endswith("_max_k"))
+        return head + "\n" + _table(["mode", "K", "fits", "peak MiB", "s"], rows) + "\n" + maxes
+    head = (f"speed: {result['model']}, K={result['k']}, batch {result['batch_size']}, {result['device']}, "
+            f"{result['threads']} threads, median of {result['repeats']}")
+    rows = [[r["mode"], r["k"] or "-", f"{r['step_seconds']:.4f}", f"{r['steps_per_second']:.2f}"] for r in result["rows"]]
+    ratios = ", ".join(f"{k} {v:.3f}" for k, v in result["ratios"].items())
+    return head + "\n" + _table(["mode", "K", "s/step", "steps/s"], rows) + ("\ntime ratios: " + ratios if ratios else "")
+
+
+def _distributed():
+    """``seedslot.distributed`` if it provides a ddp bench, else None (it is optional)."""
+    try:
+        mod = importlib.import_module("seedslot.distributed")
+    except ImportError:
+        return None
+    return mod if hasattr(mod, "add_bench_arguments") and hasattr(mod, "run_bench") else None
+
+
+def _csv(kind):
+    def parse(text: str):
+        try:
+            return tuple(kind(s) for s in text.split(",") if s.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list; got {text!r}") from None
+    return parse
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the ``memory``, ``budget``, ``speed`` (and, when available, ``ddp``) sub-commands."""
+    sub = parser.add_subparsers(dest="bench", metavar="BENCH", required=True)
+
+    def common(p: argparse.ArgumentParser, model: str | None, batch: int) -> None:
+        p.add_argument("--model", default=model, required=model is None, help="model name (lenet, conv4, vgg19, ...)")
+        p.add_argument("--batch-size", type=int, default=batch)
+        p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+        p.add_argument("--json", metavar="PATH", help="also write the results as JSON here")
+
+    p = sub.add_parser("memory", help="state bytes and peak process memory per mode, each in a fresh process")
+    common(p, "vgg19", 64)
+    p.add_argument("--k", type=int, default=8)
+    p.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up step")
+    p.add_argument("--modes", type=_csv(str), default=MODES, help="comma-separated subset of " + ",".join(MODES))
+
+    p = sub.add_parser("budget", help="largest K whose training step fits a memory budget")
+    common(p, "vgg19", 32)
+    p.add_argument("--budget", type=parse_bytes, default=2 * 2**30, help="e.g. 2GiB (default)")
+    p.add_argument("--ks", type=_csv(int), default=BUDGET_KS, help="increasing K values to try (default 1,2,4,...,256)")
+    p.add_argument("--steps", type=int, default=1, help="steps after one warm-up step")
+    p.add_argument("--modes", type=_csv(str), default=("dense", "seeded"))
+
+    p = sub.add_parser("speed", help="steps per second per mode, interleaved in one process")
+    common(p, None, 64)
+    p.add_argument("--k", type=int, default=8)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--min-seconds", type=float, default=0.5, help="shortest measurement")
+    p.add_argument("--modes", type=_csv(str), default=MODES)
+
+    dist = _distributed()
+    if dist is not None:
+        dist.add_bench_arguments(sub.add_parser("ddp", help="multi-process training traffic and speed"))
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    """Run the benchmark ``args`` describe, print its table, write ``--json``; returns 0."""
+    if args.bench == "ddp":
+        dist = _distributed()
+        if dist is None:
+            raise ValueError("the ddp bench needs seedslot.distributed, which is not available")
+        return dist.run_bench(args)
+    common = dict(model=args.model, batch_size=args.batch_size, modes=args.modes, device=args.device)
+    if args.bench == "memory":
+        result = memory_bench(k=args.k, steps=args.steps, **common)
+    elif args.bench == "budget":
+        result = budget_bench(budget_bytes=args.budget, ks=args.ks, steps=args.steps, **common)
+    elif args.bench == "speed":
+        result = speed_bench(k=args.k, repeats=args.repeats, min_seconds=args.min_seconds, **common)
+    else:
+        raise ValueError(f"bench must be one of 'memory', 'budget', 'speed', 'ddp'; got {args.bench!r}")
+    print(_report(result), flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+            f.write("\n")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m seedslot.benchmarks BENCH ...``, as ``seedslot bench BENCH ...``."""
+    parser = argparse.ArgumentParser(prog="seedslot bench", description=__doc__.split("\n\n")[0])
+    add_arguments(parser)
+    return run_cli(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
