@@ -1,0 +1,67 @@
+"""slotify_ and to_dense: whole-model conversion in place, and back to an ordinary model."""
+
+import pytest
+import torch
+from torch import nn
+
+import seedslot as ss
+
+
+def net():
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3, bias=False), nn.ReLU(), nn.Flatten(),
+        nn.Sequential(nn.Linear(4 * 6 * 6, 16, bias=True), nn.ReLU()), nn.Linear(16, 3, bias=False),
+    )
+
+
+def test_converts_every_linear_and_conv_in_place():
+    model = net()
+    out = ss.slotify_(model, k=4, seed=3)
+    assert out is model
+    assert isinstance(model[0], ss.SlotConv2d) and isinstance(model[3][0], ss.SlotLinear)
+    assert isinstance(model[4], ss.SlotLinear) and "bias" in model[3][0].parts
+    assert model[0].score_lambda == 1.0 and model[4].score_lambda == 0.1
+    assert model(torch.randn(2, 1, 8, 8)).shape == (2, 3)
+
+
+def test_same_model_and_seed_same_network_and_names_give_distinct_seeds():
+    a, b = ss.slotify_(net(), seed=5), ss.slotify_(net(), seed=5)
+    for la, lb in zip(a.modules(), b.modules()):
+        if isinstance(la, ss.SlotLinear | ss.SlotConv2d):
+            assert la.seed == lb.seed and torch.equal(la.selected_weight(), lb.selected_weight())
+    seeds = {m.seed for m in a.modules() if hasattr(m, "seed")}
+    assert len(seeds) == 3
+    c = ss.slotify_(net(), seed=6)
+    assert not torch.equal(c[4].selected_weight(), a[4].selected_weight())
+
+
+def test_global_sharing_uses_one_set_of_unit_draws():
+    model = ss.slotify_(net(), k=5, seed=2, sharing="global")
+    units = [m.candidates().reshape(-1, 5)[0] / m.sigma for m in model.modules() if isinstance(m, ss.SlotLinear | ss.SlotConv2d)]
+    for u in units[1:]:
+        torch.testing.assert_close(u, units[0], rtol=1e-6, atol=0)
+
+
+def test_filter_fn_dense_and_options():
+    model = ss.slotify_(net(), filter_fn=lambda m, fqn: isinstance(m, nn.Linear), dense=True, k=3, selection="sample")
+    assert type(model[0]) is nn.Conv2d
+    assert isinstance(model[4], ss.DenseSlotLinear) and model[4].k == 3 and model[4].selection == "sample"
+
+
+def test_bad_input_leaves_model_untouched():
+    model = net()
+    with pytest.raises(ValueError, match="sharing"):
+        ss.slotify_(model, sharing="rows")
+    with pytest.raises(ValueError, match="k"):
+        ss.slotify_(model, k=0)
+    assert type(model[0]) is nn.Conv2d and type(model[4]) is nn.Linear
+
+
+@pytest.mark.parametrize("dense", [False, True])
+def test_to_dense_gives_identical_eval_outputs(dense):
+    model = ss.slotify_(net(), k=4, seed=1, dense=dense).eval()
+    plain = ss.to_dense(model)
+    assert not any(isinstance(m, ss.layers._SlotBase) for m in plain.modules())
+    x = torch.randn(3, 1, 8, 8)
+    assert torch.equal(model(x), plain(x))
+    assert isinstance(model[0], ss.layers._SlotBase)  # the original is left as it was

@@ -1,0 +1,134 @@
+"""The counter-based random function: determinism, equivalence of its three implementations."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from seedslot import candidates as C
+from seedslot import scores as S
+from seedslot import selection as Sel
+from seedslot.rng import bits, derive, key32, noise_bits, np_bits, np_noise_bits
+
+keys = st.integers(-(2**31), 2**31 - 1)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    conn=st.lists(st.integers(0, 2**31 - 1), min_size=1, max_size=50),
+    key_a=keys,
+    keys_b=st.lists(keys, min_size=1, max_size=9),
+)
+def test_torch_matches_numpy_reference(conn, key_a, keys_b):
+    c = torch.tensor(conn, dtype=torch.int32)
+    kb = torch.tensor(keys_b, dtype=torch.int32)
+    ref = np_bits(np.array(conn), key_a, np.array(keys_b))
+    assert np.array_equal(bits(c, key_a, kb).numpy().view(np.uint32), ref)
+    ref_noise = np_noise_bits(np.array(conn), key_a, np.array(keys_b))
+    assert np.array_equal(noise_bits(c, key_a, kb).numpy().view(np.uint32), ref_noise)
+
+
+def test_mix32_known_values():
+    # lowbias32 of a few inputs, computed independently in pure Python integers.
+    def lowbias32(x):
+        x ^= x >> 16
+        x = (x * 0x7FEB352D) & 0xFFFFFFFF
+        x ^= x >> 15
+        x = (x * 0x846CA68B) & 0xFFFFFFFF
+        return x ^ (x >> 16)
+
+    xs = [0, 1, 2, 12345, 2**31 - 1, 2**31, 2**32 - 1]
+    from seedslot.rng import mix32
+
+    got = mix32(torch.tensor(np.array(xs, dtype=np.uint32).view(np.int32))).numpy().view(np.uint32)
+    assert [int(v) for v in got] == [lowbias32(x) for x in xs]
+
+
+def test_derive_is_pure_and_separates_inputs():
+    assert derive(1, 2, 3) == derive(1, 2, 3)
+    assert len({derive(s, t) for s in range(20) for t in range(5)}) == 100
+    assert derive(2**70 + 5) != derive(5)  # big ints are folded, not truncated
+    assert -(2**31) <= key32(7, 1) < 2**31
+    with pytest.raises(ValueError):
+        derive(-1)
+
+
+def _kernel_cases():
+    kb = C.stream_keys(5, C.CANDIDATES, 8)[1]
+    rb = C.stream_keys(5, C.ROUND, 8)[1]
+    step = C.grid_step(0.05)
+    n = 3001
+    g = torch.Generator().manual_seed(0)
+    q = torch.randint(-128, 128, (n, 8), dtype=torch.int8, generator=g)
+    d = torch.randn(n, generator=g) * 3
+    i32 = C.i32
+    return [
+        (C.candidate_chunk, (i32(17), n, 1, i32(123), kb, step)),
+        (C.selected_chunk, (torch.randint(0, 8, (n,), generator=g), i32(17), 1, i32(123), kb, step)),
+        (S.int8_update_chunk, (q, d, torch.tensor(-250.0), i32(17), 1, i32(123), kb, step, i32(99), rb)),
+        (S.fp32_update_chunk, (q.float(), d, torch.tensor(-0.1), i32(17), 0, i32(123), kb, step)),
+        (S.requantize_chunk, (q, torch.tensor(0.25), i32(3), i32(4), rb)),
+        (Sel.sample_chunk, (q, torch.tensor(0.01), i32(3), i32(4), rb)),
+    ]
+
+
+@pytest.mark.slow
+def test_compiled_equals_eager_bit_for_bit():
+    for fn, args in _kernel_cases():
+        eager = fn.eager(*args)
+        compiled = fn.compiled(*args)
+        assert torch.equal(eager, compiled), fn.__name__
+        # A second row count runs the dynamic-shape kernel: still equal.
+        if isinstance(args[0], torch.Tensor) and args[0].dim():
+            short = (args[0][:77],) + tuple(a[:77] if isinstance(a, torch.Tensor) and a.shape[:1] == args[0].shape[:1] else a for a in args[1:])
+            assert torch.equal(fn.eager(*short), fn.compiled(*short)), fn.__name__
+
+
+def test_compile_failure_falls_back_with_one_warning(monkeypatch):
+    from seedslot import rng
+
+    f = rng.fused()(lambda x: x + 1)
+    monkeypatch.setenv("SEEDSLOT_COMPILE", "1")
+    monkeypatch.setattr(rng, "_warned", False)
+
+    def boom():
+        raise RuntimeError("no compiler")
+
+    monkeypatch.setattr(type(f), "compiled", property(lambda self: boom()))
+    with pytest.warns(RuntimeWarning, match="eager"):
+        assert int(f(torch.tensor(1))) == 2
+    assert int(f(torch.tensor(2))) == 3  # silent from now on, eager
+
+
+def test_same_bits_in_a_fresh_process():
+    code = (
+        "import torch, hashlib, seedslot as ss;"
+        "l = ss.SlotConv2d(3, 8, 3, k=5, seed=42);"
+        "print(hashlib.sha256(l.candidates().numpy().tobytes()).hexdigest())"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    import hashlib
+
+    from seedslot import SlotConv2d
+
+    here = hashlib.sha256(SlotConv2d(3, 8, 3, k=5, seed=42).candidates().numpy().tobytes()).hexdigest()
+    assert out == here
+
+
+@pytest.mark.slow
+def test_regen_bench_runs(tmp_path):
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("regen", Path(__file__).parent.parent / "bench" / "regen.py")
+    regen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(regen)
+    out = tmp_path / "r.json"
+    regen.main(["--layer", "64,32", "--k", "4", "--repeats", "1", "--json", str(out)])
+    result = json.loads(out.read_text())
+    assert result["compiled_per_second"] > 0 and result["eager_per_second"] > 0
