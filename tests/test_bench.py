@@ -1,0 +1,104 @@
+"""seedslot.benchmarks on a tiny model and one step, so that every bench keeps working."""
+
+import argparse
+import json
+import sys
+import types
+
+import pytest
+
+from seedslot import benchmarks as B
+
+pytest.importorskip("seedslot.models")
+
+TINY = ["--model", "lenet", "--k", "2", "--batch-size", "2"]
+
+
+def test_memory_bench_cli_writes_rows(tmp_path, capsys):
+    path = tmp_path / "memory.json"
+    assert B.main(["memory", *TINY, "--steps", "1", "--device", "cpu", "--json", str(path)]) == 0
+    out = json.loads(path.read_text())
+    rows = {r["mode"]: r for r in out["rows"]}
+    assert list(rows) == ["learned", "dense", "seeded"]
+    for r in rows.values():
+        for key in ("mode", "k", "state_bytes", "peak_rss_bytes", "peak_increment_bytes", "step_seconds"):
+            assert key in r
+        assert r["peak_rss_bytes"] > r["peak_increment_bytes"] > 0 and r["step_seconds"] > 0
+        assert r["connections"] == 784 * 300 + 300 * 100 + 100 * 10
+        assert sum(r["state_by_category"].values()) == r["state_bytes"]
+    # bytes per connection: weight+grad+momentum (12); 16 K for the dense reference; K + 8 seeded
+    assert rows["learned"]["bytes_per_connection"] == pytest.approx(12, rel=0.01)
+    assert rows["dense"]["bytes_per_connection"] == pytest.approx(16 * 2, rel=0.01)
+    assert rows["seeded"]["bytes_per_connection"] == pytest.approx(2 + 8, rel=0.01)
+    assert out["ratios"]["state_seeded_over_dense"] == rows["seeded"]["state_bytes"] / rows["dense"]["state_bytes"]
+    table = capsys.readouterr().out
+    assert "seeded" in table and "+peak MiB" in table
+
+
+def test_budget_bench_search_and_stop(tmp_path):
+    path = tmp_path / "budget.json"
+    B.main(["budget", "--model", "lenet", "--batch-size", "2", "--ks", "1,2", "--budget", "64GiB",
+            "--device", "cpu", "--json", str(path)])
+    out = json.loads(path.read_text())
+    assert out["dense_max_k"] == 2 and out["seeded_max_k"] == 2
+    assert [(t["mode"], t["k"], t["fits"]) for t in out["trials"]] == [
+        ("dense", 1, True), ("dense", 2, True), ("seeded", 1, True), ("seeded", 2, True)]
+    # a budget below the bare interpreter: the first K fails, the watchdog kills it, the search stops
+    out = B.budget_bench("lenet", budget_bytes="1MiB", batch_size=2, ks=(1, 2), modes=("seeded",), device="cpu")
+    assert out["seeded_max_k"] is None
+    assert [(t["k"], t["fits"], t["killed"]) for t in out["trials"]] == [(1, False, True)]
+
+
+def test_speed_bench_ratios(tmp_path, capsys):
+    out = B.speed_bench("lenet", k=2, batch_size=2, repeats=2, min_seconds=0.0, warmup=1, device="cpu")
+    med = {r["mode"]: r["step_seconds"] for r in out["rows"]}
+    assert out["ratios"]["seeded_over_dense"] == med["seeded"] / med["dense"]
+    assert out["ratios"]["seeded_over_learned"] == med["seeded"] / med["learned"]
+    assert all(len(r["step_seconds_all"]) == 2 for r in out["rows"])
+    path = tmp_path / "speed.json"
+    B.main(["speed", *TINY, "--repeats", "1", "--min-seconds", "0", "--modes", "seeded,dense", "--json", str(path)])
+    assert set(json.loads(path.read_text())["ratios"]) == {"seeded_over_dense"}
+    assert "time ratios" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("text,value", [("2GiB", 2 * 2**30), ("1500MB", 1500 * 10**6), ("0.5KiB", 512),
+                                        ("123", 123), (" 3 mib ", 3 * 2**20)])
+def test_parse_bytes(text, value):
+    assert B.parse_bytes(text) == value
+
+
+@pytest.mark.parametrize("text", ["", "2 GiBs", "-1GB", "0", "GiB", "1e3"])
+def test_parse_bytes_rejects(text):
+    with pytest.raises(ValueError, match="budget"):
+        B.parse_bytes(text)
+
+
+@pytest.mark.parametrize("call", [
+    lambda: B.memory_bench("lenet", modes=("learned", "bogus")),
+    lambda: B.memory_bench("lenet", k=0),
+    lambda: B.memory_bench("lenet", device="tpu"),
+    lambda: B.budget_bench("lenet", ks=(2, 1)),
+    lambda: B.budget_bench("lenet", ks=()),
+    lambda: B.speed_bench("lenet", min_seconds=-1),
+])
+def test_bad_arguments_raise_before_any_work(call):
+    with pytest.raises(ValueError):
+        call()
+
+
+def test_ddp_bench_is_dispatched_when_provided(monkeypatch):
+    calls = []
+    fake = types.ModuleType("seedslot.distributed")
+    fake.add_bench_arguments = lambda p: p.add_argument("--world-size", type=int, default=2)
+    fake.run_bench = lambda args: calls.append(args.world_size) or 7
+    monkeypatch.setitem(sys.modules, "seedslot.distributed", fake)
+    assert B.main(["ddp", "--world-size", "3"]) == 7 and calls == [3]
+
+
+def test_cli_parser_shape():
+    parser = argparse.ArgumentParser()
+    B.add_arguments(parser)
+    args = parser.parse_args(["budget"])
+    assert (args.model, args.budget, args.batch_size, args.ks) == ("vgg19", 2 * 2**30, 32, B.BUDGET_KS)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["speed"])  # --model is required
