@@ -1,0 +1,269 @@
+"""Training checkpoints: exact round trip, safe loading, integrity checks, atomic writes."""
+
+import functools
+import io
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import seedslot
+from seedslot.checkpoints import (
+    CHECKPOINT_MAGIC,
+    CHECKPOINT_VERSION,
+    CheckpointError,
+    _frame,
+    load_checkpoint,
+    load_state_into,
+    save_checkpoint,
+)
+
+
+def _model(k: int = 4, scores: str = "int8") -> nn.Module:
+    net = nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 3, bias=False))
+    return seedslot.slotify_(net, k=k, seed=3, scores=scores)
+
+
+def _trained():
+    torch.manual_seed(0)
+    model = _model()
+    opt = seedslot.SlotSGD(model.parameters(), lr=0.1, momentum=0.9)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+    for _ in range(3):
+        model(torch.randn(8, 5)).logsumexp(1).sum().backward()
+        opt.step()
+        opt.zero_grad()
+        sched.step()
+    return model, opt, sched
+
+
+def _payload(model, opt, sched) -> dict:
+    return {
+        "model": model.state_dict(),
+        "optimizer": opt.state_dict(),
+        "scheduler": sched.state_dict(),
+        "rng": {"torch": torch.get_rng_state(), "generator": torch.Generator().manual_seed(5).get_state()},
+        "epoch": 2,
+        "step": 17,
+        "config": {"lr": 0.1, "k": 4, "name": "tiny", "nesterov": False, "limit": None, "sizes": [1, (2, 3)]},
+        "build_args": {"name": "tiny", "k": 4},
+    }
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return type(a) is type(b) and a == b
+
+
+def test_round_trip_restores_training_exactly(tmp_path):
+    model, opt, sched = _trained()
+    payload = _payload(model, opt, sched)
+    path = tmp_path / "last.ckpt"
+    save_checkpoint(path, payload)
+    loaded = load_checkpoint(path)
+    assert _same(payload, loaded)
+
+    # A fresh model/optimizer/scheduler restored from the file continues exactly like the original.
+    model2 = _model()
+    opt2 = seedslot.SlotSGD(model2.parameters(), lr=0.1, momentum=0.9)
+    sched2 = torch.optim.lr_scheduler.StepLR(opt2, step_size=2, gamma=0.5)
+    load_state_into(model2, loaded["model"])
+    load_state_into(opt2, loaded["optimizer"])
+    load_state_into(sched2, loaded["scheduler"])
+    x = torch.randn(8, 5)
+    for m, o, s in ((model, opt, sched), (model2, opt2, sched2)):
+        m(x).logsumexp(1).sum().backward()
+        o.step()
+        s.step()
+    assert _same(model.state_dict(), model2.state_dict())
+    assert os.listdir(tmp_path) == ["last.ckpt"]
+
+
+def test_payload_with_arbitrary_objects_is_refused_before_writing(tmp_path):
+    path = tmp_path / "c.ckpt"
+    for bad, where in (({"model": nn.Linear(2, 2)}, "['model']"), ({"x": [1, {"f": print}]}, "['x'][1]['f']")):
+        with pytest.raises(ValueError, match=rf"payload\[.*: must hold only tensors") as info:
+            save_checkpoint(path, bad)
+        assert where in str(info.value)
+    with pytest.raises(ValueError, match="payload must be a dict"):
+        save_checkpoint(path, [1, 2])
+    assert not os.listdir(tmp_path)
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.mkdir, (os.environ["SEEDSLOT_TEST_EVIL_DIR"],))
+
+
+def test_loading_never_unpickles_objects(tmp_path, monkeypatch):
+    """A file with a valid hash whose pickle would run code is refused, and the code never runs."""
+    evil_dir = tmp_path / "pwned"
+    monkeypatch.setenv("SEEDSLOT_TEST_EVIL_DIR", str(evil_dir))
+    buf = io.BytesIO()
+    torch.save({"model": _Evil()}, buf)
+    path = tmp_path / "evil.ckpt"
+    path.write_bytes(_frame(CHECKPOINT_MAGIC, CHECKPOINT_VERSION, buf.getvalue()))
+    with pytest.raises(CheckpointError, match="tampered or unsafe"):
+        load_checkpoint(path)
+    assert not evil_dir.exists()
+
+
+def test_error_messages_say_which_case(tmp_path):
+    path = tmp_path / "c.ckpt"
+    save_checkpoint(path, {"w": torch.arange(100), "epoch": 1})
+    good = path.read_bytes()
+    cases = {
+        "truncated": [b"", good[:5], good[:40], good[:-1]],
+        "corrupted or tampered": [good[:-2] + bytes([good[-2] ^ 4]) + good[-1:], good[:30] + bytes([good[30] ^ 1]) + good[31:]],
+        "corrupted: 1 unexpected bytes": [good + b"\0"],
+        "newer format version 2": [good[:8] + (2).to_bytes(4, "little") + good[12:]],
+        "not a seedslot checkpoint": [b"PK\x03\x04" + good[4:], b"hello"],
+    }
+    for words, variants in cases.items():
+        for data in variants:
+            path.write_bytes(data)
+            with pytest.raises(CheckpointError, match=words):
+                load_checkpoint(path)
+
+
+@functools.cache
+def _good_bytes(tmp_dir) -> bytes:
+    path = tmp_dir / "good.ckpt"
+    model, opt, _ = _trained()
+    save_checkpoint(path, {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": 3})
+    return path.read_bytes()
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_any_byte_flip_or_truncation_is_detected(tmp_path, data):
+    path = tmp_path / "c.ckpt"
+    good = _good_bytes(tmp_path)
+    if data.draw(st.booleans(), label="truncate"):
+        bad = good[: data.draw(st.integers(0, len(good) - 1), label="length")]
+    else:
+        pos = data.draw(st.integers(0, len(good) - 1), label="position")
+        bad = bytearray(good)
+        bad[pos] ^= data.draw(st.integers(1, 255), label="mask")
+    path.write_bytes(bytes(bad))
+    with pytest.raises(CheckpointError):
+        load_checkpoint(path)
+
+
+def test_state_that_does_not_fit_the_model(tmp_path):
+    model, opt, _ = _trained()
+    sd = model.state_dict()
+    cases = [
+        (_model(k=5), sd),  # other K: other score shapes
+        (_model(scores="fp32"), sd),  # int8 scores into fp32 buffers: load_state_dict would cast
+        (_model(), {k: v for k, v in sd.items() if "running_mean" not in k}),
+        (_model(), {**sd, "extra.weight": torch.zeros(1)}),
+        (nn.Linear(5, 4), sd),
+    ]
+    for target, state in cases:
+        with pytest.raises(CheckpointError, match="does not fit the model"):
+            load_state_into(target, state)
+    other = seedslot.SlotSGD(nn.Linear(2, 2).parameters(), lr=0.1)
+    with pytest.raises(CheckpointError, match="does not fit the model"):
+        load_state_into(other, opt.state_dict())
+    with pytest.raises(CheckpointError, match="does not fit the model"):
+        load_state_into(_model(), [1, 2])
+
+
+# ---------------------------------------------------------------- atomic writes
+
+
+@pytest.mark.parametrize("failing", ["write", "fsync", "replace"])
+def test_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch, failing):
+    path = tmp_path / "last.ckpt"
+    save_checkpoint(path, {"step": 1, "w": torch.ones(10)})
+
+    def boom(*args, **kwargs):
+        raise OSError(f"simulated crash in {failing}")
+
+    if failing == "write":
+        real_fdopen = os.fdopen
+
+        class HalfWriter:
+            def __init__(self, f):
+                self.f = f
+
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                self.f.close()
+
+            def write(self, data):
+                self.f.write(data[: len(data) // 2])
+                boom()
+
+            def __getattr__(self, name):
+                return getattr(self.f, name)
+
+        monkeypatch.setattr(os, "fdopen", lambda *a, **k: HalfWriter(real_fdopen(*a, **k)))
+    else:
+        monkeypatch.setattr(os, failing, boom)
+    with pytest.raises(OSError, match="simulated crash"):
+        save_checkpoint(path, {"step": 2, "w": torch.zeros(10)})
+    monkeypatch.undo()
+    assert load_checkpoint(path)["step"] == 1
+    assert os.listdir(tmp_path) == ["last.ckpt"]
+
+
+_WRITER = textwrap.dedent(
+    """
+    import sys, torch
+    from seedslot.checkpoints import save_checkpoint
+    path, size = sys.argv[1], int(sys.argv[2])
+    step = 0
+    while True:
+        step += 1
+        save_checkpoint(path, {"step": step, "w": torch.full((size,), float(step))})
+        if step == 1:
+            print("ready", flush=True)
+    """
+)
+
+
+def test_sigkill_while_writing_leaves_a_readable_checkpoint(tmp_path):
+    """A real child process rewriting a 16 MB checkpoint in a loop is killed at an arbitrary moment."""
+    path = tmp_path / "last.ckpt"
+    size = 4 << 20
+    env = {**os.environ, "SEEDSLOT_COMPILE": "0"}
+    rng = torch.Generator().manual_seed(int(time.time()))
+    for delay in torch.rand(2, generator=rng).tolist():
+        child = subprocess.Popen([sys.executable, "-c", _WRITER, str(path), str(size)],
+                                 stdout=subprocess.PIPE, env=env)
+        try:
+            assert child.stdout.readline().strip() == b"ready"
+            time.sleep(0.4 * delay)
+        finally:
+            child.send_signal(signal.SIGKILL)
+            child.wait()
+        payload = load_checkpoint(path)
+        assert payload["step"] >= 1 and torch.equal(payload["w"], torch.full((size,), float(payload["step"])))
+        # A leftover of the interrupted write is a hidden temporary file, never the checkpoint's name,
+        # and it is rejected by the loader unless it happens to be complete.
+        for name in os.listdir(tmp_path):
+            if name == "last.ckpt":
+                continue
+            assert name.startswith(".last.ckpt.") and name.endswith(".tmp"), name
+            try:
+                load_checkpoint(tmp_path / name)
+            except CheckpointError as e:
+                assert "truncated" in str(e)
+            os.unlink(tmp_path / name)
