@@ -18,7 +18,7 @@ import io
 import os
 import struct
 import tempfile
-from typing import Any
+from typing import Any, Sequence, Union
 
 import torch
 
@@ -32,6 +32,8 @@ _DIGEST = 32
 HEADER_BYTES = _HEAD.size + _DIGEST
 _TMP_SUFFIX = ".tmp"
 
+Buffer = Union[bytes, bytearray, memoryview]
+
 
 class CheckpointError(Exception):
     """A checkpoint or export that cannot be used: truncated, corrupted or tampered, written by a
@@ -41,12 +43,17 @@ class CheckpointError(Exception):
 # ---------------------------------------------------------------- framing (shared with export)
 
 
-def _frame(magic: bytes, version: int, body: bytes) -> bytes:
-    head = _HEAD.pack(magic, version, 0, len(body))
-    return head + hashlib.sha256(head + body).digest() + body
+def _frame(magic: bytes, version: int, parts: Sequence[Buffer]) -> list[Buffer]:
+    """The header followed by ``parts`` (the body, in pieces, so large bodies are never copied)."""
+    length = sum(memoryview(p).nbytes for p in parts)
+    head = _HEAD.pack(magic, version, 0, length)
+    digest = hashlib.sha256(head)
+    for p in parts:
+        digest.update(p)
+    return [head + digest.digest(), *parts]
 
 
-def _unframe(data: bytes, magic: bytes, max_version: int, what: str, source: str) -> tuple[int, bytes]:
+def _unframe(data: bytes, magic: bytes, max_version: int, what: str, source: str) -> tuple[int, memoryview]:
     """``(version, body)`` of a framed file, after checking magic, version, length and hash."""
     if len(data) < len(magic) and magic.startswith(data):
         raise CheckpointError(f"{source}: truncated: {len(data)} bytes, shorter than the {what} header")
@@ -71,11 +78,11 @@ def _unframe(data: bytes, magic: bytes, max_version: int, what: str, source: str
     digest.update(memoryview(data)[HEADER_BYTES:])
     if digest.digest() != data[_HEAD.size : HEADER_BYTES]:
         raise CheckpointError(f"{source}: corrupted or tampered: SHA-256 of the content does not match the header")
-    return version, data[HEADER_BYTES:]
+    return version, memoryview(data)[HEADER_BYTES:]
 
 
-def _atomic_write(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the complete new one."""
+def _atomic_write(path: str | os.PathLike, parts: Sequence[Buffer]) -> None:
+    """Write ``parts`` to ``path`` so that readers see the old file or the complete new one."""
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     try:
@@ -86,7 +93,8 @@ def _atomic_write(path: str | os.PathLike, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=_TMP_SUFFIX, dir=directory)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            for p in parts:
+                f.write(p)
             f.flush()
             os.fchmod(f.fileno(), mode)
             os.fsync(f.fileno())
@@ -152,10 +160,10 @@ def save_checkpoint(path: str | os.PathLike, payload: dict) -> None:
     _check_payload(payload, "")
     buf = io.BytesIO()
     torch.save(payload, buf)
-    _atomic_write(path, _frame(CHECKPOINT_MAGIC, CHECKPOINT_VERSION, buf.getvalue()))
+    _atomic_write(path, _frame(CHECKPOINT_MAGIC, CHECKPOINT_VERSION, [buf.getbuffer()]))
 
 
-def _safe_load(body: bytes, map_location, source: str):
+def _safe_load(body: Buffer, map_location, source: str):
     try:
         return torch.load(io.BytesIO(body), map_location=map_location, weights_only=True)
     except Exception as e:  # the hash matched, so the file was written with this content on purpose

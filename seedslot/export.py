@@ -114,7 +114,8 @@ def _tensor_bytes(t: torch.Tensor) -> bytes:
 
 
 @torch.no_grad()
-def _encode(model: nn.Module, build_args: dict | None) -> bytes:
+def _encode(model: nn.Module, build_args: dict | None) -> list[bytes]:
+    """The export file's content, in pieces."""
     if sys.byteorder != "little":
         raise RuntimeError("seedslot export files are little-endian; this machine is not")
     chunks: list[bytes] = []
@@ -156,7 +157,7 @@ def _encode(model: nn.Module, build_args: dict | None) -> bytes:
         head = json.dumps(header, separators=(",", ":"), allow_nan=False).encode()
     except (TypeError, ValueError) as e:
         raise ValueError(f"build_args must be JSON-serialisable: {e}") from e
-    return _frame(EXPORT_MAGIC, EXPORT_VERSION, _JSON_LEN.pack(len(head)) + head + b"".join(chunks))
+    return _frame(EXPORT_MAGIC, EXPORT_VERSION, [_JSON_LEN.pack(len(head)) + head, *chunks])
 
 
 def export(model: nn.Module, path: str | os.PathLike, *, build_args: dict | None = None) -> int:
@@ -171,9 +172,9 @@ def export(model: nn.Module, path: str | os.PathLike, *, build_args: dict | None
         build_args = getattr(model, "build_args", None)
     if build_args is not None and not isinstance(build_args, dict):
         raise ValueError(f"build_args must be a dict or None; got {type(build_args).__name__}")
-    data = _encode(model, build_args)
-    _atomic_write(path, data)
-    return len(data)
+    parts = _encode(model, build_args)
+    _atomic_write(path, parts)
+    return sum(len(p) for p in parts)
 
 
 def size_report(model: nn.Module) -> dict[str, int]:
@@ -184,7 +185,8 @@ def size_report(model: nn.Module) -> dict[str, int]:
     """
     dense_bytes = sum(t.numel() * t.element_size() for t in to_dense(model).state_dict().values()
                       if isinstance(t, torch.Tensor))
-    return {"export_bytes": len(_encode(model, getattr(model, "build_args", None))), "fp32_bytes": dense_bytes}
+    parts = _encode(model, getattr(model, "build_args", None))
+    return {"export_bytes": sum(len(p) for p in parts), "fp32_bytes": dense_bytes}
 
 
 # ---------------------------------------------------------------- decoding
@@ -261,7 +263,7 @@ def load_exported(path: str | os.PathLike, model: nn.Module | None = None) -> nn
     try:
         (head_len,) = _JSON_LEN.unpack_from(body)
         header = json.loads(bytes(body[_JSON_LEN.size : _JSON_LEN.size + head_len]))
-        payload = memoryview(body)[_JSON_LEN.size + head_len :]
+        payload = body[_JSON_LEN.size + head_len :]
         build_args = header["build_args"]
     except (KeyError, TypeError, ValueError, struct.error) as e:
         raise CheckpointError(f"{source}: tampered: malformed export header ({type(e).__name__}: {e})") from e

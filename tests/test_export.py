@@ -172,7 +172,7 @@ def _reframe(good: bytes, edit) -> bytes:
     n = int.from_bytes(body[:4], "little")
     header = edit(json.loads(body[4 : 4 + n]))
     head = json.dumps(header).encode() if not isinstance(header, bytes) else header
-    return _frame(EXPORT_MAGIC, EXPORT_VERSION, len(head).to_bytes(4, "little") + head + body[4 + n :])
+    return b"".join(_frame(EXPORT_MAGIC, EXPORT_VERSION, [len(head).to_bytes(4, "little") + head, body[4 + n :]]))
 
 
 def test_error_messages_say_which_case(tmp_path):
