@@ -31,8 +31,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .layers import _SlotBase
-from .memory import run_in_child, state_breakdown, state_bytes
+from .memory import CATEGORIES, run_in_child, state_breakdown, state_bytes
 from .optim import SlotSGD
+from .rng import compile_enabled
 
 __all__ = ["MODES", "memory_bench", "budget_bench", "speed_bench", "parse_bytes", "add_arguments", "run_cli", "main"]
 
@@ -197,8 +198,8 @@ def memory_bench(model: str = "vgg19", k: int = 8, batch_size: int = 64, steps: 
             step_seconds=v["step_seconds"],
             warmup_seconds=v["warmup_seconds"],
         ))
-    out: dict[str, Any] = dict(bench="memory", model=model, k=k, batch_size=batch_size, steps=steps,
-                               device=device, rows=rows)
+    out: dict[str, Any] = dict(bench="memory", model=model, compiled=compile_enabled(), k=k,
+                               batch_size=batch_size, steps=steps, device=device, rows=rows)
     by_mode = {r["mode"]: r for r in rows}
     if "seeded" in by_mode and "dense" in by_mode:
         s, d = by_mode["seeded"], by_mode["dense"]
@@ -228,8 +229,8 @@ def budget_bench(model: str = "vgg19", budget_bytes: int = 2 * 2**30, batch_size
     batch_size, steps = _positive("batch_size", batch_size), _positive("steps", steps)
     modes, device = _modes(modes), _device(device)
     cuda = device.startswith("cuda")
-    out: dict[str, Any] = dict(bench="budget", model=model, budget_bytes=budget_bytes, batch_size=batch_size,
-                               steps=steps, device=device, ks=list(ks), trials=[])
+    out: dict[str, Any] = dict(bench="budget", model=model, compiled=compile_enabled(), budget_bytes=budget_bytes,
+                               batch_size=batch_size, steps=steps, device=device, ks=list(ks), trials=[])
     for mode in modes:
         best = None
         for k in ks:
@@ -240,7 +241,8 @@ def budget_bench(model: str = "vgg19", budget_bytes: int = 2 * 2**30, batch_size
             if run.error is not None and not oom:
                 raise RuntimeError(f"budget bench, mode {mode!r}, k={k}: the child process failed:\n{run.error}")
             mem = run.memory
-            over = run.exceeded or oom or (cuda and mem is not None and (mem.cuda_max_reserved_bytes or 0) > budget_bytes)
+            cuda_over = cuda and mem is not None and (mem.cuda_max_reserved_bytes or 0) > budget_bytes
+            over = run.exceeded or oom or cuda_over
             out["trials"].append(dict(
                 mode=mode, k=k, fits=not over, killed=run.killed,
                 peak_rss_bytes=mem.peak_rss_bytes if mem else run.watchdog_peak_rss_bytes,
@@ -279,8 +281,8 @@ def speed_bench(model: str = "lenet", k: int = 8, batch_size: int = 64, repeats:
     rows = [dict(mode=m, k=None if m == "learned" else k, steps_per_measurement=n_steps[m],
                  step_seconds=statistics.median(per_step[m]), steps_per_second=1.0 / statistics.median(per_step[m]),
                  step_seconds_all=per_step[m]) for m in modes]
-    out: dict[str, Any] = dict(bench="speed", model=model, k=k, batch_size=batch_size, repeats=repeats,
-                               device=device, threads=torch.get_num_threads(), rows=rows, ratios={})
+    out: dict[str, Any] = dict(bench="speed", model=model, compiled=compile_enabled(), k=k, batch_size=batch_size,
+                               repeats=repeats, device=device, threads=torch.get_num_threads(), rows=rows, ratios={})
     med = {r["mode"]: r["step_seconds"] for r in rows}
     for other in ("dense", "learned"):
         if "seeded" in med and other in med:
@@ -312,8 +314,12 @@ def _report(result: dict[str, Any]) -> str:
                  _mib(r["peak_rss_bytes"]), _mib(r["peak_increment_bytes"])]
                 + ([_mib(r["cuda_max_allocated_bytes"])] if cuda else []) + [f"{r['step_seconds']:.3f}"]
                 for r in result["rows"]]
-        headers = ["mode", "K", "state MiB", "B/conn", "peak MiB", "+peak MiB"] + (["cuda MiB"] if cuda else []) + ["step s"]
+        headers = ["mode", "K", "state MiB", "B/conn", "peak MiB", "+peak MiB"]
+        headers += ["cuda MiB", "step s"] if cuda else ["step s"]
         text = head + "\n" + _table(headers, rows)
+        cats = [c for c in CATEGORIES if any(r["state_by_category"][c] for r in result["rows"])]
+        text += "\nstate MiB by kind\n" + _table(
+            ["mode", *cats], [[r["mode"], *(_mib(r["state_by_category"][c]) for c in cats)] for r in result["rows"]])
         if "ratios" in result:
             q = result["ratios"]
             text += (f"\nseeded/dense: state {q['state_seeded_over_dense']:.4f}, "
@@ -328,9 +334,12 @@ def _report(result: dict[str, Any]) -> str:
         return head + "\n" + _table(["mode", "K", "fits", "peak MiB", "s"], rows) + "\n" + maxes
     head = (f"speed: {result['model']}, K={result['k']}, batch {result['batch_size']}, {result['device']}, "
             f"{result['threads']} threads, median of {result['repeats']}")
-    rows = [[r["mode"], r["k"] or "-", f"{r['step_seconds']:.4f}", f"{r['steps_per_second']:.2f}"] for r in result["rows"]]
-    ratios = ", ".join(f"{k} {v:.3f}" for k, v in result["ratios"].items())
-    return head + "\n" + _table(["mode", "K", "s/step", "steps/s"], rows) + ("\ntime ratios: " + ratios if ratios else "")
+    rows = [[r["mode"], r["k"] or "-", f"{r['step_seconds']:.4f}", f"{r['steps_per_second']:.2f}"]
+            for r in result["rows"]]
+    text = head + "\n" + _table(["mode", "K", "s/step", "steps/s"], rows)
+    if result["ratios"]:
+        text += "\ntime ratios: " + ", ".join(f"{k} {v:.3f}" for k, v in result["ratios"].items())
+    return text
 
 
 def _distributed():

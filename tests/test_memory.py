@@ -16,7 +16,8 @@ MiB = 2**20
 
 
 def _model(k: int, mode: str, bias: bool = False) -> nn.Module:
-    m = nn.Sequential(nn.Conv2d(2, 4, 3, bias=bias), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4 * 4 * 4, 3, bias=bias))
+    m = nn.Sequential(nn.Conv2d(2, 4, 3, bias=bias), nn.BatchNorm2d(4), nn.Flatten(),
+                      nn.Linear(4 * 4 * 4, 3, bias=bias))
     if mode != "learned":
         seedslot.slotify_(m, k=k, dense=mode == "dense")
     return m
