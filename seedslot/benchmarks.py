@@ -10,8 +10,9 @@ model, ``torch.optim.SGD`` with momentum 0.9 for the dense reference and for ord
 * :func:`speed_bench`: steps per second of the modes interleaved in one process.
 
 Peak memory is the whole child run, warm-up step included: a user's process needs the memory that
-``torch.compile`` takes the first time the seeded kernels run, so the budget counts it too. Step
-times exclude warm-up. ``seedslot bench ...`` and ``bench/*.py`` call :func:`main`.
+``torch.compile`` takes the first time the seeded kernels run, so the
+budget counts it too; compilation runs inside the child, not in worker processes. Step times
+exclude the warm-up step. ``seedslot bench ...`` and ``bench/*.py`` call :func:`main`.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import argparse
 import importlib
 import json
 import math
+import os
 import re
 import statistics
 import sys
@@ -150,6 +152,8 @@ class _Trainer:
 def _train(model: str, mode: str, k: int, batch_size: int, steps: int, device: str,
            cuda_budget_bytes: int | None = None) -> dict[str, Any]:
     """Child-process workload: one warm-up step and ``steps`` timed steps."""
+    # Compile in this process: its memory is then measured, and no worker escapes the watchdog.
+    os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
     if cuda_budget_bytes is not None:
         total = torch.cuda.get_device_properties(device).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, cuda_budget_bytes / total), device)
