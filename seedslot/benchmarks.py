@@ -10,9 +10,8 @@ model, ``torch.optim.SGD`` with momentum 0.9 for the dense reference and for ord
 * :func:`speed_bench`: steps per second of the modes interleaved in one process.
 
 Peak memory is the whole child run, warm-up step included: a user's process needs the memory that
-``torch.compile`` takes the first time the seeded kernels run, so the
-budget counts it too; compilation runs inside the child, not in worker processes. Step times
-exclude the warm-up step. ``seedslot bench ...`` and ``bench/*.py`` call :func:`main`.
+``torch.compile`` takes the first time the seeded kernels run, so the budget counts it too;
+compilation runs inside the child, not in worker processes. Step times exclude the warm-up step. ``seedslot bench ...`` and ``bench/*.py`` call :func:`main`.
 """
 
 from __future__ import annotations
