@@ -135,10 +135,6 @@ def state_breakdown(
 # ---------------------------------------------------------------- peak memory of a workload
 
 
-def _rss() -> int:
-    return psutil.Process().memory_info().rss
-
-
 def _read_hwm() -> int | None:
     """The kernel's resident high-water mark of this process (Linux VmHWM), in bytes."""
     try:
@@ -210,13 +206,15 @@ class MemoryTracker:
         self.result: MemoryPeak | None = None
         self.baseline_rss_bytes = 0
         self._sampled = 0
-        self._kernel_folded = 0  # HWM values read before a nested tracker reset it
+        self._kernel_folded = 0  # peaks read before a nested tracker reset them
+        self._cuda_folded = (0, 0)
+        self._process = psutil.Process()
         self._samples = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def _sample(self) -> None:
-        rss = _rss()
+        rss = self._process.memory_info().rss
         self._samples += 1
         if rss > self._sampled:
             self._sampled = rss
@@ -230,15 +228,17 @@ class MemoryTracker:
             raise RuntimeError("a MemoryTracker can be entered only once")
         with _ACTIVE_LOCK:
             hwm = _read_hwm()
+            cuda = (torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved()) if _cuda_active() else (0, 0)
             for outer in _ACTIVE:
                 outer._kernel_folded = max(outer._kernel_folded, hwm or 0)
+                outer._cuda_folded = tuple(map(max, outer._cuda_folded, cuda))
             self._hwm_reset = _reset_hwm()
+            if _cuda_active():
+                torch.cuda.reset_peak_memory_stats()
             _ACTIVE.append(self)
         self._ru_before = _ru_maxrss()
-        if _cuda_active():
-            torch.cuda.reset_peak_memory_stats()
         self._t0 = time.perf_counter()
-        self.baseline_rss_bytes = self._sampled = _rss()
+        self.baseline_rss_bytes = self._sampled = self._process.memory_info().rss
         self._thread = threading.Thread(target=self._run, name="seedslot-memory-sampler", daemon=True)
         self._thread.start()
         return self
@@ -260,7 +260,8 @@ class MemoryTracker:
                     kernel = ru
         cuda_alloc = cuda_res = None
         if _cuda_active():
-            cuda_alloc, cuda_res = torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved()
+            cuda_alloc = max(torch.cuda.max_memory_allocated(), self._cuda_folded[0])
+            cuda_res = max(torch.cuda.max_memory_reserved(), self._cuda_folded[1])
         self.result = MemoryPeak(
             baseline_rss_bytes=self.baseline_rss_bytes,
             peak_rss_bytes=max(self._sampled, kernel or 0),
