@@ -318,7 +318,7 @@ class _Seeded(_SlotBase):
             return
         if weight_decay:
             scale.mul_(shrink)
-        factor = _scores.coarsen_factor(lr, float(d.abs().max()) if d.numel() else 0.0, self.sigma, float(scale))
+        factor = _scores.coarsen_factor(lr, float(torch.linalg.vector_norm(d, math.inf)) if d.numel() else 0.0, self.sigma, float(scale))
         if factor != 1.0:
             inv = torch.tensor(1.0 / factor, dtype=torch.float32, device=d.device)
             key_a = i32(key32(self.seed, REQUANT, 2, step), d.device)
