@@ -31,7 +31,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import _SlotBase
 from .memory import CATEGORIES, run_in_child, state_breakdown, state_bytes
 from .optim import SlotSGD
 from .rng import compile_enabled
@@ -92,27 +91,13 @@ def _positive(name: str, value) -> int:
 # ---------------------------------------------------------------- one training workload
 
 
-def _input_shape(model: str) -> tuple[int, int, int]:
-    """The dataset shape a model trains on: Fashion-MNIST for lenet, CIFAR-10 otherwise."""
-    return (1, 28, 28) if model == "lenet" else (3, 32, 32)
-
-
-def _build(model: str, mode: str, k: int) -> nn.Module:
+def _build(model: str, mode: str, k: int) -> tuple[nn.Module, tuple[int, int, int]]:
+    """The model and the (C, H, W) of its dataset's images."""
     from .models import build  # imported late: models build on everything else
 
-    c, h, _ = _input_shape(model)
-    return build(model, mode=mode, k=k, in_channels=c, input_size=h)
-
-
-def _connections(model: nn.Module) -> int:
-    """Weights of the slot / Linear / Conv2d layers: the same count in every mode."""
-    n = 0
-    for m in model.modules():
-        if isinstance(m, _SlotBase):
-            n += sum(math.prod(shape) for shape, _ in m.parts.values())
-        elif isinstance(m, (nn.Linear, nn.Conv2d)):
-            n += m.weight.numel() + (m.bias.numel() if m.bias is not None else 0)
-    return n
+    net = build(model, mode=mode, k=k)
+    c, s = net.build_args["in_channels"], net.build_args["input_size"]
+    return net, (c, s, s)
 
 
 def _sync(device: str) -> None:
@@ -126,7 +111,8 @@ class _Trainer:
     def __init__(self, model: str, mode: str, k: int, batch_size: int, device: str, seed: int = 0) -> None:
         torch.manual_seed(seed)
         self.device = device
-        self.model = _build(model, mode, k).to(device).train()
+        net, shape = _build(model, mode, k)
+        self.model = net.to(device).train()
         # The paper's greedy learning rates; they do not change what a step costs.
         lr = 0.1 if k <= 8 else 0.01
         if mode == "seeded":
@@ -134,7 +120,7 @@ class _Trainer:
         else:
             self.optimizer = torch.optim.SGD(self.model.parameters(), lr=lr if mode == "dense" else 0.01, momentum=0.9)
         g = torch.Generator().manual_seed(seed)
-        self.x = torch.randn(batch_size, *_input_shape(model), generator=g).to(device)
+        self.x = torch.randn(batch_size, *shape, generator=g).to(device)
         self.y = torch.randint(0, 10, (batch_size,), generator=g).to(device)
 
     def step(self) -> float:
@@ -156,6 +142,8 @@ def _train(model: str, mode: str, k: int, batch_size: int, steps: int, device: s
     if cuda_budget_bytes is not None:
         total = torch.cuda.get_device_properties(device).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, cuda_budget_bytes / total), device)
+    from .models import count_connections
+
     trainer = _Trainer(model, mode, k, batch_size, device)
     warmup = trainer.step()
     times = [trainer.step() for _ in range(steps)]
@@ -166,7 +154,7 @@ def _train(model: str, mode: str, k: int, batch_size: int, steps: int, device: s
     return dict(
         state_bytes=state_bytes(trainer.model, trainer.optimizer),
         state_by_category=by_category,
-        connections=_connections(trainer.model),
+        connections=count_connections(trainer.model),
         step_seconds=statistics.median(times),
         warmup_seconds=warmup,
     )

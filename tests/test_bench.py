@@ -9,8 +9,6 @@ import pytest
 
 from seedslot import benchmarks as B
 
-pytest.importorskip("seedslot.models")
-
 TINY = ["--model", "lenet", "--k", "2", "--batch-size", "2"]
 
 
