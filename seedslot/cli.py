@@ -1,0 +1,150 @@
+"""The ``seedslot`` command: ``train``, ``demo``, and the ``bench``, ``export`` and ``sweep``
+commands of their own modules (imported only when used).
+
+Bad input of any kind (unknown names, values that do not fit, missing data, unreadable
+checkpoints) ends with one line ``seedslot: error: ...`` on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Sequence
+
+from .checkpoints import CheckpointError
+from .data import DATASETS, NORMALIZE
+from .models import MODELS, MODES
+
+__all__ = ["main"]
+
+# command -> (module providing add_arguments(parser) and run_cli(args), one-line help)
+_DELEGATED = {
+    "bench": ("seedslot.benchmarks", "memory, budget and speed benchmarks"),
+    "export": ("seedslot.export", "write a trained checkpoint as seeds plus packed indices"),
+    "sweep": ("seedslot.sweep", "run a grid of training runs"),
+}
+
+
+class _UsageError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors as one line (main prints them), not usage plus a message."""
+
+    def error(self, message: str):
+        raise _UsageError(f"{message} (see `{self.prog} --help`)")
+
+
+def _add_train_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", choices=MODELS, default="lenet", help="network (default lenet)")
+    p.add_argument("--dataset", choices=DATASETS, default="fashion-mnist", help="dataset (default fashion-mnist)")
+    p.add_argument("--data-dir", help="directory with the dataset files (default for fashion-mnist: "
+                   "/usr/share/datasets/fashion-mnist)")
+    p.add_argument("--mode", choices=MODES, help="seeded (default), dense (paper's reference) or learned (baseline)")
+    p.add_argument("--k", type=int, help="candidates per connection (default 8; slot modes)")
+    p.add_argument("--selection", choices=("greedy", "sample"), help="default greedy")
+    p.add_argument("--sharing", choices=("none", "layer", "global"), help="candidate sharing (default none)")
+    p.add_argument("--scores", choices=("int8", "fp32"), help="score storage of mode seeded (default int8)")
+    p.add_argument("--epochs", type=int, help="default: the paper's for the model and selection")
+    p.add_argument("--batch-size", type=int, help="default 128")
+    p.add_argument("--lr", type=float, help="default: the paper's for the mode, k and selection")
+    p.add_argument("--momentum", type=float, help="default 0.9")
+    p.add_argument("--weight-decay", type=float, help="default 1e-4 for vgg19, else 0")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--normalize", choices=NORMALIZE, help="meanstd or unit ([0, 1] pixels); default per dataset")
+    p.add_argument("--out", metavar="DIR", help="write last.ckpt, metrics.jsonl and summary.json here")
+    p.add_argument("--json", metavar="PATH", help="write the run's summary here")
+    p.add_argument("--random-selection", action="store_true",
+                   help="evaluate one random candidate per connection (the paper's baseline), no training")
+    p.add_argument("--finetune-from", metavar="CKPT", help="train the weights a slot checkpoint selected")
+    p.add_argument("--resume", metavar="DIR", help="continue the run saved in DIR/last.ckpt")
+    p.add_argument("--checkpoint-every-steps", type=int, metavar="N", help="also save last.ckpt every N steps")
+    p.add_argument("--limit-train", type=int, metavar="N", help="use only the first N training examples")
+    p.add_argument("--threads", type=int, metavar="N", help="torch CPU threads")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .train import TrainConfig, run
+
+    fields = {f: getattr(args, f) for f in TrainConfig.__dataclass_fields__ if hasattr(args, f)}
+    summary = run(TrainConfig(**fields), progress=not args.no_progress)
+    return 130 if summary["interrupted"] else 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    """Seeded int8 and dense reference Lenet-300-100 on Fashion-MNIST, same seed, side by side."""
+    from .train import TrainConfig, run
+
+    rows = []
+    for mode in ("seeded", "dense"):
+        print(f"\n== {mode} ==", flush=True)
+        cfg = TrainConfig(model="lenet", dataset="fashion-mnist", data_dir=args.data_dir, mode=mode, k=args.k,
+                          epochs=args.epochs, seed=args.seed, threads=args.threads)
+        rows.append((mode, run(cfg, progress=not args.no_progress)))
+    print(f"\nLenet-300-100 on Fashion-MNIST, K={args.k}, {args.epochs} epoch(s), seed {args.seed}; "
+          "seconds include data loading and, for seeded, the first torch.compile of its kernels")
+    print(f"{'mode':<8} {'test acc':>9} {'seconds':>8} {'state bytes':>13} {'bytes/conn':>11}")
+    for mode, s in rows:
+        print(f"{mode:<8} {s['test_accuracy']:>9.2%} {s['seconds']:>8.1f} {s['state_bytes']:>13,} "
+              f"{s['bytes_per_connection']:>11.2f}")
+    return 0
+
+
+def _delegated(name: str) -> object | None:
+    """The module behind a delegated command, or None when it is not available."""
+    module_name = _DELEGATED[name][0]
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if e.name != module_name:
+            raise
+        return None
+    return module if hasattr(module, "add_arguments") and hasattr(module, "run_cli") else None
+
+
+def _parser() -> _Parser:
+    parser = _Parser(prog="seedslot", description="Slot Machine networks with seeded candidate weights.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_Parser)
+    _add_train_arguments(sub.add_parser("train", help="train a model (or evaluate a baseline)"))
+    demo = sub.add_parser("demo", help="seeded int8 vs dense reference: 1 Lenet epoch on Fashion-MNIST")
+    demo.add_argument("--data-dir", help="Fashion-MNIST directory (default /usr/share/datasets/fashion-mnist)")
+    demo.add_argument("--epochs", type=int, default=1)
+    demo.add_argument("--k", type=int, default=8)
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--threads", type=int, metavar="N")
+    demo.add_argument("--no-progress", action="store_true")
+    for name, (_, help_text) in _DELEGATED.items():
+        sub.add_parser(name, help=help_text, add_help=False)  # parsed by its module, see main()
+    return parser
+
+
+def _error(message: str) -> int:
+    print(f"seedslot: error: {' '.join(str(message).split())}", file=sys.stderr)
+    return 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``seedslot COMMAND ...``; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if argv and argv[0] in _DELEGATED:
+            module = _delegated(argv[0])
+            if module is None:
+                return _error(f"`seedslot {argv[0]}` is unavailable: {_DELEGATED[argv[0]][0]} is not installed")
+            parser = _Parser(prog=f"seedslot {argv[0]}", description=_DELEGATED[argv[0]][1])
+            module.add_arguments(parser)
+            return int(module.run_cli(parser.parse_args(argv[1:])) or 0)
+        args = _parser().parse_args(argv)
+        return _train(args) if args.command == "train" else _demo(args)
+    except _UsageError as e:
+        return _error(str(e))
+    except (CheckpointError, ValueError) as e:  # DataError is a ValueError
+        return _error(str(e))
+    except OSError as e:  # e.g. an unreadable checkpoint or an unwritable --out
+        return _error(f"{e.filename}: {e.strerror}" if e.filename else str(e))
+    except KeyboardInterrupt:
+        print("seedslot: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,170 @@
+"""The paper's networks: Lenet-300-100, CONV-2/4/6 and VGG-19, in three modes.
+
+``build`` makes the ordinary torch model (no biases, as in the authors' code), Glorot-initialises
+it (the "learned" baseline), and for the slot modes converts it with :func:`seedslot.slotify_`:
+``"seeded"`` gives seedslot's layers, ``"dense"`` the paper's dense reference. Flattened sizes
+follow from the input shape, so every model also runs on 1-channel 28x28 images.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .candidates import SHARING
+from .convert import slotify_
+from .layers import _SlotBase
+from .rng import derive
+from .scores import SCORES
+from .selection import SELECTION
+
+__all__ = ["MODELS", "MODES", "build", "count_connections"]
+
+MODELS = ("lenet", "conv2", "conv4", "conv6", "vgg19")
+MODES = ("seeded", "dense", "learned")
+
+_INIT = 0x1417  # stream tag of the Glorot initialisation of learned weights
+
+# (channels, padding) of the conv pairs, each pair followed by a 2x2 max pool
+_CONV_PAIRS = {
+    "conv2": [(64, 0)],
+    "conv4": [(64, 0), (128, 0)],
+    "conv6": [(64, 0), (128, 0), (256, 1)],
+}
+_VGG19 = [64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M", 512, 512, 512, 512]
+
+
+class Net(nn.Module):
+    """``features`` (convolutions, may be empty), flatten, ``classifier``."""
+
+    def __init__(self, features: nn.Sequential, classifier: nn.Sequential) -> None:
+        super().__init__()
+        self.features = features
+        self.classifier = classifier
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.flatten(self.features(x), 1))  # (B, num_classes)
+
+
+def _lenet(c: int, s: int, num_classes: int) -> Net:
+    return Net(nn.Sequential(), nn.Sequential(
+        nn.Linear(c * s * s, 300, bias=False), nn.ReLU(),
+        nn.Linear(300, 100, bias=False), nn.ReLU(),
+        nn.Linear(100, num_classes, bias=False),
+    ))
+
+
+def _conv(name: str, c: int, s: int, num_classes: int) -> Net:
+    layers: list[nn.Module] = []
+    for out, pad in _CONV_PAIRS[name]:
+        for _ in range(2):
+            layers += [nn.Conv2d(c, out, 3, padding=pad, bias=False), nn.ReLU()]
+            c, s = out, s - 2 + 2 * pad
+        layers.append(nn.MaxPool2d(2))
+        s //= 2
+        _check_size(name, s)
+    return Net(nn.Sequential(*layers), nn.Sequential(
+        nn.Dropout(0.5), nn.Linear(c * s * s, 256, bias=False), nn.ReLU(),
+        nn.Dropout(0.5), nn.Linear(256, 256, bias=False), nn.ReLU(),
+        nn.Linear(256, num_classes, bias=False),
+    ))
+
+
+def _vgg19(c: int, s: int, num_classes: int) -> Net:
+    layers: list[nn.Module] = []
+    for v in _VGG19:
+        if v == "M":
+            layers.append(nn.MaxPool2d(2))
+            s //= 2
+            _check_size("vgg19", s)
+        else:
+            layers += [nn.Conv2d(c, v, 3, padding=1, bias=False), nn.BatchNorm2d(v, affine=False), nn.ReLU()]
+            c = v
+    # The paper's 2x2 average pool (32x32 inputs arrive here at 2x2); smaller inputs arrive at 1x1.
+    pool = min(2, s)
+    layers.append(nn.AvgPool2d(pool))
+    s //= pool
+    return Net(nn.Sequential(*layers), nn.Sequential(nn.Linear(c * s * s, num_classes, bias=False)))
+
+
+def _check_size(name: str, s: int) -> None:
+    if s < 1:
+        raise ValueError(f"input_size is too small for {name}: the feature map shrinks to nothing")
+
+
+def _positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1; got {value!r}")
+    return value
+
+
+def build(
+    name: str,
+    *,
+    mode: str,
+    k: int = 8,
+    seed: int = 0,
+    sharing: str = "none",
+    selection: str = "greedy",
+    scores: str = "int8",
+    in_channels: int | None = None,
+    num_classes: int = 10,
+    input_size: int | None = None,
+) -> nn.Module:
+    """The model ``name`` in ``mode``; ``model.build_args`` holds every argument, so that
+    ``build(**model.build_args)`` rebuilds it identically.
+
+    ``in_channels``/``input_size`` default to the paper's dataset: 1x28x28 (MNIST) for lenet,
+    3x32x32 (CIFAR-10) otherwise. ``k``, ``sharing``, ``selection`` and ``scores`` apply to the
+    slot modes (``scores`` to "seeded" only); the learned mode draws its Glorot weights from
+    ``seed``.
+    """
+    if name not in MODELS:
+        raise ValueError(f"name must be one of {', '.join(map(repr, MODELS))}; got {name!r}")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(map(repr, MODES))}; got {mode!r}")
+    _positive_int("k", k)
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be an int >= 0; got {seed!r}")
+    in_channels = _positive_int("in_channels", (1 if name == "lenet" else 3) if in_channels is None else in_channels)
+    input_size = _positive_int("input_size", (28 if name == "lenet" else 32) if input_size is None else input_size)
+    _positive_int("num_classes", num_classes)
+    args = dict(name=name, mode=mode, k=k, seed=seed, sharing=sharing, selection=selection, scores=scores,
+                in_channels=in_channels, num_classes=num_classes, input_size=input_size)
+
+    for arg, accepted in (("sharing", SHARING), ("selection", SELECTION), ("scores", SCORES)):
+        if args[arg] not in accepted:  # checked in every mode, so that build_args always mean something
+            raise ValueError(f"{arg} must be one of {', '.join(map(repr, accepted))}; got {args[arg]!r}")
+
+    # torch's default layer init draws from the global RNG; building must not shift a run's dropout.
+    with torch.random.fork_rng(devices=[]):
+        if name == "lenet":
+            model = _lenet(in_channels, input_size, num_classes)
+        elif name == "vgg19":
+            model = _vgg19(in_channels, input_size, num_classes)
+        else:
+            model = _conv(name, in_channels, input_size, num_classes)
+
+    if mode == "learned":
+        g = torch.Generator().manual_seed(derive(seed, _INIT) & (2**63 - 1))
+        with torch.no_grad():
+            for m in model.modules():
+                if isinstance(m, (nn.Linear, nn.Conv2d)):
+                    nn.init.xavier_uniform_(m.weight, generator=g)
+    else:
+        slotify_(model, k=k, seed=seed, sharing=sharing, selection=selection, scores=scores, dense=mode == "dense")
+    model.build_args = args
+    return model
+
+
+def count_connections(model: nn.Module) -> int:
+    """Weights (connections) of the slot, Linear and Conv2d layers: the same count in every mode."""
+    n = 0
+    for m in model.modules():
+        if isinstance(m, _SlotBase):
+            n += sum(math.prod(shape) for shape, _ in m.parts.values())
+        elif isinstance(m, (nn.Linear, nn.Conv2d)):
+            n += m.weight.numel() + (m.bias.numel() if m.bias is not None else 0)
+    return n

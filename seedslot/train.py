@@ -1,0 +1,502 @@
+"""Training runs of the paper from one config: slot machines (seeded or dense), the learned and
+random-selection baselines, and fine-tuning of a selected network.
+
+``run`` is one flat loop. Everything random in it is keyed by the seed: the validation split, each
+epoch's shuffle (a generator seeded from (seed, epoch)), each batch's flips, and dropout (the global
+torch RNG, seeded once and saved in every checkpoint). A run killed mid-epoch and resumed from its
+``last.ckpt`` therefore ends bit-identical to an uninterrupted one (same thread count assumed:
+CPU kernels may sum in another order with another count).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import signal
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from . import data as _data
+from .checkpoints import CheckpointError, load_checkpoint, load_state_into, save_checkpoint
+from .convert import to_dense
+from .layers import _SlotBase
+from .memory import state_bytes
+from .models import MODELS, MODES, build, count_connections
+from .optim import SlotSGD
+from .rng import compile_enabled, derive
+
+__all__ = ["TrainConfig", "resolve", "run", "evaluate", "random_selection_"]
+
+# stream tags of the training run's random numbers
+_SHUFFLE, _FLIP, _DROPOUT, _RANDOM_SELECTION = 0x5F01, 0x5F02, 0x5F03, 0x5F04
+_BASE_EPOCHS = {"lenet": 120, "conv2": 140, "conv4": 140, "conv6": 140, "vgg19": 120}
+_EVAL_BATCH = 1000
+CHECKPOINT = "last.ckpt"
+METRICS = "metrics.jsonl"
+
+
+@dataclass
+class TrainConfig:
+    """Every knob of a training run. None means "the paper's default for this model and method",
+    filled in by :func:`resolve`."""
+
+    model: str = "lenet"
+    dataset: str = "fashion-mnist"
+    data_dir: str | None = None  # None: the dataset's default location (Fashion-MNIST only)
+    mode: str | None = None  # "seeded"; "learned" with finetune_from
+    k: int | None = None  # 8; slot modes only
+    selection: str | None = None  # "greedy"; slot modes only
+    sharing: str | None = None  # "none"; slot modes only
+    scores: str | None = None  # "int8"; seeded mode only
+    epochs: int | None = None  # lenet 120, conv 140, vgg19 120; 40 more with selection "sample"
+    batch_size: int | None = None  # 128
+    lr: float | None = None  # greedy 0.1 (k <= 8) or 0.01; sample 50 (conv6 25); learned 0.01 (vgg19 0.1)
+    momentum: float | None = None  # 0.9
+    weight_decay: float | None = None  # vgg19 1e-4, else 0
+    lr_milestones: list[int] | None = None  # vgg19: lr x lr_gamma after 2/3 of the epochs (80 of 120)
+    lr_gamma: float = 0.1
+    seed: int = 0
+    normalize: str | None = None  # None: the dataset's default (see seedslot.data)
+    limit_train: int | None = None  # keep only the first N training examples (tests)
+    out: str | None = None  # directory for last.ckpt, metrics.jsonl, summary.json
+    json: str | None = None  # where to write the summary
+    random_selection: bool = False  # evaluate one random candidate per connection, no training
+    finetune_from: str | None = None  # slot checkpoint whose selected weights are trained normally
+    resume: str | None = None  # directory whose last.ckpt is continued
+    checkpoint_every_steps: int | None = None  # also save last.ckpt every N steps
+    threads: int | None = None  # torch.set_num_threads
+
+
+# Fields a resumed run may change; everything else comes from the checkpoint.
+_RESUME_OVERRIDES = ("data_dir", "json", "threads", "checkpoint_every_steps", "epochs")
+
+
+def _choice(name: str, value, accepted) -> None:
+    if value not in accepted:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, accepted))}; got {value!r}")
+
+
+def _int(name: str, value, minimum: int) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < minimum):
+        raise ValueError(f"{name} must be an int >= {minimum}; got {value!r}")
+
+
+def _float(name: str, value, lo: float, hi: float = math.inf, lo_open: bool = False) -> None:
+    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+    if not ok or value < lo or (lo_open and value == lo) or value >= hi:
+        raise ValueError(f"{name} must be a finite number in {'(' if lo_open else '['}{lo}, {hi}); got {value!r}")
+
+
+def resolve(config: TrainConfig) -> TrainConfig:
+    """``config`` with every None default replaced by the paper's value; ValueError for values
+    that are unknown or do not fit together (e.g. k with mode "learned")."""
+    c = config
+    _choice("model", c.model, MODELS)
+    _choice("dataset", c.dataset, _data.DATASETS)
+    mode = c.mode if c.mode is not None else ("learned" if c.finetune_from else "seeded")
+    _choice("mode", mode, MODES)
+    if mode == "learned":
+        for name in ("k", "selection", "sharing", "scores"):
+            if getattr(c, name) is not None:
+                raise ValueError(f"{name} applies to the slot modes 'seeded' and 'dense', not to mode 'learned'")
+    if mode == "dense" and c.scores is not None:
+        raise ValueError("scores applies to mode 'seeded' only (the dense reference keeps fp32 scores)")
+    if c.finetune_from is not None and mode != "learned":
+        raise ValueError("finetune_from trains the selected weights as ordinary weights: mode must be 'learned'")
+    if c.random_selection:
+        if mode == "learned":
+            raise ValueError("random_selection needs a slot mode, 'seeded' or 'dense'")
+        if c.finetune_from is not None or c.resume is not None:
+            raise ValueError("random_selection does not train: it takes neither finetune_from nor resume")
+        if c.epochs is not None:
+            raise ValueError("random_selection does not train: epochs does not apply")
+    slot = mode != "learned"
+    k = (8 if c.k is None else c.k) if slot else None
+    _int("k", k, 1)
+    selection = (c.selection or "greedy") if slot else None
+    sharing = (c.sharing or "none") if slot else None
+    scores = (c.scores or "int8") if mode == "seeded" else None
+    if slot:
+        _choice("selection", selection, ("greedy", "sample"))
+        _choice("sharing", sharing, ("none", "layer", "global"))
+    if scores is not None:
+        _choice("scores", scores, ("int8", "fp32"))
+
+    _int("epochs", c.epochs, 1)
+    if c.random_selection:
+        epochs = 0
+    elif c.epochs is not None:
+        epochs = c.epochs
+    else:
+        epochs = _BASE_EPOCHS[c.model] + (40 if selection == "sample" else 0)
+    if c.lr is not None:
+        lr = c.lr
+    elif not slot:
+        lr = 0.1 if c.model == "vgg19" else 0.01
+    elif selection == "sample":
+        lr = 25.0 if c.model == "conv6" else 50.0
+    else:
+        lr = 0.1 if k <= 8 else 0.01
+    weight_decay = c.weight_decay if c.weight_decay is not None else (1e-4 if c.model == "vgg19" else 0.0)
+    if c.lr_milestones is not None:
+        milestones = list(c.lr_milestones)
+    else:
+        milestones = [round(epochs * 2 / 3)] if c.model == "vgg19" and epochs >= 2 else []
+    out = dataclasses.replace(
+        c, mode=mode, k=k, selection=selection, sharing=sharing, scores=scores, epochs=epochs,
+        batch_size=128 if c.batch_size is None else c.batch_size, lr=float(lr),
+        momentum=0.9 if c.momentum is None else float(c.momentum), weight_decay=float(weight_decay),
+        lr_milestones=milestones, normalize=c.normalize or _data.DEFAULT_NORMALIZE[c.dataset],
+    )
+    _int("batch_size", out.batch_size, 1)
+    _float("lr", out.lr, 0.0, lo_open=True)
+    _float("momentum", out.momentum, 0.0, 1.0)
+    _float("weight_decay", out.weight_decay, 0.0)
+    _float("lr_gamma", out.lr_gamma, 0.0, lo_open=True)
+    for m in out.lr_milestones:
+        _int("lr_milestones", m, 1)
+    _int("seed", out.seed, 0)
+    _choice("normalize", out.normalize, _data.NORMALIZE)
+    _int("limit_train", out.limit_train, 2)
+    _int("checkpoint_every_steps", out.checkpoint_every_steps, 1)
+    _int("threads", out.threads, 1)
+    return out
+
+
+def _resumed(config: TrainConfig, ckpt: dict, source: str) -> TrainConfig:
+    """The checkpoint's config, with the few fields a resumed run may change taken from ``config``."""
+    try:
+        saved = TrainConfig(**ckpt["config"])
+    except (KeyError, TypeError) as e:
+        raise CheckpointError(f"{source}: not a seedslot training checkpoint ({type(e).__name__}: {e})") from None
+    defaults = TrainConfig()
+    for f in dataclasses.fields(TrainConfig):
+        given = getattr(config, f.name)
+        if f.name in _RESUME_OVERRIDES or f.name in ("resume", "out"):
+            continue
+        if given != getattr(defaults, f.name) and given != getattr(saved, f.name):
+            raise ValueError(f"resume continues the run as it was configured: {f.name}={given!r} differs from "
+                             f"the checkpoint's {getattr(saved, f.name)!r}")
+    changes = {name: getattr(config, name) for name in _RESUME_OVERRIDES if getattr(config, name) is not None}
+    return resolve(dataclasses.replace(saved, **changes, resume=config.resume, out=config.resume))
+
+
+# ---------------------------------------------------------------- helpers of the loop
+
+
+def _seed64(*words: int) -> int:
+    return derive(*words) & (2**63 - 1)
+
+
+def _is_main() -> bool:
+    """Whether this process prints and writes files: the only one, or rank 0 of a process group."""
+    dist = torch.distributed
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def _epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[torch.Tensor]:
+    """Index batches of the whole training split for ``epoch``: a shuffle fixed by (seed, epoch)."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(_seed64(seed, _SHUFFLE, epoch)))
+    return list(order.split(batch_size))
+
+
+def _my_batches(batches: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The batches this process trains on (all of them, in a single process). Steps and resume
+    positions count these."""
+    return batches
+
+
+def _flip_generator(seed: int, epoch: int, step: int) -> torch.Generator:
+    return torch.Generator().manual_seed(_seed64(seed, _FLIP, epoch, step))
+
+
+def _peak_rss_bytes() -> int:
+    """The process's peak resident memory so far."""
+    try:
+        import resource
+    except ImportError:  # not POSIX
+        import psutil
+
+        return psutil.Process().memory_info().rss
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+class _StopOnCtrlC:
+    """While active, the first Ctrl-C asks the loop to stop after the current step (so that what
+    was done can be saved); a second one interrupts at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self) -> "_StopOnCtrlC":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nseedslot: stopping after this step and saving (Ctrl-C again aborts)", file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, split: _data.Split, preprocess: _data.Preprocess,
+             batch_size: int = _EVAL_BATCH) -> tuple[float | None, float | None]:
+    """(mean cross-entropy, accuracy) of ``model`` in eval mode on ``split``; None for an empty split."""
+    was_training = model.training
+    model.eval()
+    loss, correct = 0.0, 0
+    for x, y in _data.batches(split, batch_size):
+        logits = model(preprocess(x))  # (B, classes)
+        loss += F.cross_entropy(logits, y, reduction="sum").item()
+        correct += int((logits.argmax(dim=1) == y).sum())
+    model.train(was_training)
+    n = len(split)
+    return (loss / n, correct / n) if n else (None, None)
+
+
+@torch.no_grad()
+def random_selection_(model: nn.Module, seed: int) -> nn.Module:
+    """The paper's random baseline, in place: every slot layer selects one candidate per connection
+    uniformly at random (seeded), by scores that are 1 for it and 0 for the others."""
+    g = torch.Generator().manual_seed(_seed64(seed, _RANDOM_SELECTION))
+    for m in model.modules():
+        if isinstance(m, _SlotBase):
+            for part in m.parts:
+                scores = getattr(m, f"{part}_scores")  # (*shape, K)
+                idx = torch.randint(m.k, scores.shape[:-1], generator=g, device=scores.device)
+                scores.zero_().scatter_(-1, idx.unsqueeze(-1), 1)
+    return model
+
+
+def _make_model(cfg: TrainConfig, data: _data.Data, ckpt: dict | None) -> nn.Module:
+    shape = dict(in_channels=data.in_channels, input_size=data.input_size, num_classes=data.num_classes)
+    if ckpt is not None:
+        return _build_from(ckpt, cfg.resume)
+    if cfg.finetune_from is None:
+        return build(cfg.model, mode=cfg.mode, k=cfg.k or 8, seed=cfg.seed, sharing=cfg.sharing or "none",
+                     selection=cfg.selection or "greedy", scores=cfg.scores or "int8", **shape)
+    payload = load_checkpoint(cfg.finetune_from)
+    slot = _build_from(payload, cfg.finetune_from)
+    args = slot.build_args
+    if args["mode"] == "learned":
+        raise ValueError(f"{cfg.finetune_from} holds an ordinary network; finetune_from takes a slot machine checkpoint")
+    if args["name"] != cfg.model:
+        raise ValueError(f"{cfg.finetune_from} holds a {args['name']} model; pass model={args['name']!r}")
+    if any(args[key] != value for key, value in shape.items()):
+        raise ValueError(f"{cfg.finetune_from} was trained on {args['in_channels']}x{args['input_size']}^2 inputs, "
+                         f"{cfg.dataset} has {data.in_channels}x{data.input_size}^2")
+    load_state_into(slot, payload["model"])
+    model = to_dense(slot)
+    model.build_args = {**args, "mode": "learned"}  # an ordinary model of the same architecture
+    return model
+
+
+def _build_from(payload: dict, source: str) -> nn.Module:
+    """The model a checkpoint's ``build_args`` describe (its state is loaded separately)."""
+    if "model" not in payload or "build_args" not in payload:
+        raise CheckpointError(f"{source}: not a seedslot training checkpoint (no model or build_args)")
+    try:
+        return build(**payload["build_args"])
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{source}: build_args {payload['build_args']} cannot be built: {e}") from None
+
+
+def _fmt(loss: float | None, accuracy: float | None) -> str:
+    if loss is None or accuracy is None:
+        return "loss n/a acc n/a"
+    return f"loss {loss:.4f} acc {accuracy:.2%}"
+
+
+# ---------------------------------------------------------------- the run
+
+
+def run(config: TrainConfig, *, progress: bool = True) -> dict:
+    """Train (or evaluate) as ``config`` says; returns the summary, also written to ``config.json``.
+
+    Prints the resolved config, a progress bar per epoch and one line per epoch. With ``out``,
+    writes ``out/last.ckpt`` every epoch (and every ``checkpoint_every_steps`` steps),
+    ``out/metrics.jsonl`` and ``out/summary.json``. The first Ctrl-C stops after the current step,
+    saves, and returns a summary with ``interrupted`` true.
+    """
+    t_start = time.perf_counter()
+    ckpt = None
+    if config.resume is not None:
+        source = os.path.join(config.resume, CHECKPOINT)
+        ckpt = load_checkpoint(source)
+        cfg = _resumed(config, ckpt, source)
+    else:
+        cfg = resolve(config)
+    main = _is_main()
+    say = (lambda *a: print(*a, flush=True)) if main else (lambda *a: None)
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    if cfg.out is not None and main:
+        os.makedirs(cfg.out, exist_ok=True)
+
+    data = _data.load(cfg.dataset, cfg.data_dir, seed=cfg.seed, normalize=cfg.normalize, limit_train=cfg.limit_train)
+    model = _make_model(cfg, data, ckpt)
+    params = [p for p in model.parameters() if p.requires_grad]
+    hyper = dict(lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    optimizer = SlotSGD(params, **hyper) if cfg.mode == "seeded" else torch.optim.SGD(params, **hyper)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, cfg.lr_milestones, cfg.lr_gamma)
+    # Where the loop stands; a checkpoint saves all of it.
+    pos = dict(epoch=0, step_in_epoch=0, global_step=0)
+    tally = dict(loss_sum=0.0, correct=0, seen=0, epoch_seconds=0.0, history=[])
+    if ckpt is not None:
+        try:
+            for key, obj in (("model", model), ("optimizer", optimizer), ("scheduler", scheduler)):
+                load_state_into(obj, ckpt[key])
+            torch.set_rng_state(ckpt["rng"])
+            pos = {key: int(ckpt[key]) for key in pos}
+            tally = dict(ckpt["tally"])
+        except CheckpointError as e:
+            raise CheckpointError(f"{source}: {e}") from None
+        except (KeyError, TypeError, RuntimeError) as e:
+            raise CheckpointError(f"{source}: not a seedslot training checkpoint ({type(e).__name__}: {e})") from None
+    else:
+        torch.manual_seed(_seed64(cfg.seed, _DROPOUT))
+
+    say(f"seedslot train: {cfg.model} on {cfg.dataset}, mode {cfg.mode}"
+        + (f", resumed from {cfg.resume} at epoch {pos['epoch'] + 1} step {pos['step_in_epoch']}" if ckpt else ""))
+    say("config: " + json.dumps(asdict(cfg)))
+    say("data: " + data.describe())
+    say(f"torch: {torch.get_num_threads()} threads, torch.compile {'on' if compile_enabled() else 'off'} "
+        "(SEEDSLOT_COMPILE=0 turns it off)")
+
+    def save() -> str | None:
+        if cfg.out is None or not main:
+            return None
+        path = os.path.join(cfg.out, CHECKPOINT)
+        save_checkpoint(path, dict(
+            model=model.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+            rng=torch.get_rng_state(), **pos, tally=tally, config=asdict(cfg), build_args=model.build_args,
+        ))
+        return path
+
+    def log(record: dict) -> None:
+        if cfg.out is not None and main:
+            with open(os.path.join(cfg.out, METRICS), "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    if cfg.random_selection:
+        random_selection_(model, cfg.seed)
+    elif cfg.finetune_from is not None and ckpt is None:
+        val_loss, val_acc = evaluate(model, data.val, data.preprocess)
+        say(f"selected weights before fine-tuning: val {_fmt(val_loss, val_acc)}")
+
+    interrupted = False
+    with _StopOnCtrlC() as stop:
+        for epoch in range(pos["epoch"], cfg.epochs):
+            t_epoch = time.perf_counter()
+            model.train()
+            batches = _my_batches(_epoch_batches(len(data.train), cfg.batch_size, cfg.seed, epoch))
+            bar = tqdm(total=len(batches), initial=pos["step_in_epoch"], desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                       unit="batch", leave=False, dynamic_ncols=True, disable=not (progress and main))
+            for step in range(pos["step_in_epoch"], len(batches)):
+                idx = batches[step]
+                x = data.preprocess(data.train.images[idx], _flip_generator(cfg.seed, epoch, step))
+                y = data.train.labels[idx]
+                optimizer.zero_grad(set_to_none=True)
+                logits = model(x)  # (B, classes)
+                loss = F.cross_entropy(logits, y)
+                loss.backward()
+                optimizer.step()
+
+                tally["loss_sum"] += loss.item() * len(y)
+                tally["correct"] += int((logits.argmax(dim=1) == y).sum())
+                tally["seen"] += len(y)
+                pos["step_in_epoch"], pos["global_step"] = step + 1, pos["global_step"] + 1
+                bar.update()
+                bar.set_postfix(loss=f"{tally['loss_sum'] / tally['seen']:.4f}",
+                                acc=f"{tally['correct'] / tally['seen']:.2%}", refresh=False)
+                if stop.requested:
+                    break
+                if cfg.checkpoint_every_steps and pos["global_step"] % cfg.checkpoint_every_steps == 0:
+                    tally["epoch_seconds"] += time.perf_counter() - t_epoch
+                    t_epoch = time.perf_counter()
+                    save()
+            bar.close()
+            tally["epoch_seconds"] += time.perf_counter() - t_epoch
+            t_epoch = time.perf_counter()
+            if stop.requested:
+                interrupted = True
+                break
+
+            val_loss, val_acc = evaluate(model, data.val, data.preprocess)
+            lr = optimizer.param_groups[0]["lr"]
+            scheduler.step()
+            seen = max(tally["seen"], 1)
+            record = dict(kind="epoch", epoch=epoch + 1, global_step=pos["global_step"],
+                          train_loss=tally["loss_sum"] / seen, train_accuracy=tally["correct"] / seen,
+                          val_loss=val_loss, val_accuracy=val_acc, lr=lr,
+                          seconds=tally["epoch_seconds"] + time.perf_counter() - t_epoch,
+                          peak_rss_bytes=_peak_rss_bytes())
+            say(f"epoch {epoch + 1}/{cfg.epochs}  train {_fmt(record['train_loss'], record['train_accuracy'])}  "
+                f"val {_fmt(val_loss, val_acc)}  lr {lr:g}  {record['seconds']:.1f} s  peak RSS {record['peak_rss_bytes'] / 2**20:.0f} MiB")
+            log(record)
+            pos.update(epoch=epoch + 1, step_in_epoch=0)
+            tally.update(loss_sum=0.0, correct=0, seen=0, epoch_seconds=0.0, history=tally["history"] + [record])
+            save()
+            if stop.requested:
+                interrupted = pos["epoch"] < cfg.epochs
+                break
+
+    history = tally["history"]
+    if interrupted:
+        path = save()
+        say(f"interrupted at epoch {pos['epoch'] + 1} step {pos['step_in_epoch']}; "
+            + (f"saved {path}; continue with --resume {cfg.out}" if path else "nothing saved (no --out)"))
+        test_loss = test_acc = None
+    else:
+        test_loss, test_acc = evaluate(model, data.test, data.preprocess)
+    vals = [r["val_accuracy"] for r in history if r["val_accuracy"] is not None]
+    if cfg.random_selection:
+        val_loss, last_val = evaluate(model, data.val, data.preprocess)
+        best_val, best_epoch = last_val, 0
+        log(dict(kind="random_selection", val_loss=val_loss, val_accuracy=last_val,
+                 test_loss=test_loss, test_accuracy=test_acc))
+    else:
+        last_val = history[-1]["val_accuracy"] if history else None
+        best_val = max(vals) if vals else None
+        best_epoch = next(r["epoch"] for r in history if r["val_accuracy"] == best_val) if vals else None
+        if not interrupted:
+            log(dict(kind="test", test_loss=test_loss, test_accuracy=test_acc))
+    connections = count_connections(model)
+    total_state = state_bytes(model, optimizer)
+    summary = dict(
+        test_accuracy=test_acc, test_loss=test_loss,
+        val_accuracy=dict(best=best_val, best_epoch=best_epoch, last=last_val),
+        epochs=pos["epoch"], global_steps=pos["global_step"], interrupted=interrupted,
+        seconds=time.perf_counter() - t_start, train_seconds=sum(r["seconds"] for r in history),
+        peak_rss_bytes=_peak_rss_bytes(), state_bytes=total_state, connections=connections,
+        bytes_per_connection=total_state / connections, compile=compile_enabled(), threads=torch.get_num_threads(),
+        data=data.describe(), config=asdict(cfg), build_args=model.build_args, history=history,
+        checkpoint=os.path.join(cfg.out, CHECKPOINT) if cfg.out is not None and cfg.epochs else None,
+    )
+    if test_acc is not None:
+        say(f"test loss {test_loss:.4f} acc {test_acc:.2%}  ({summary['seconds']:.1f} s, "
+            f"state {total_state / 2**20:.2f} MiB = {summary['bytes_per_connection']:.2f} B/connection)")
+    if main:
+        paths = [cfg.json] + ([os.path.join(cfg.out, "summary.json")] if cfg.out is not None else [])
+        for path in filter(None, paths):
+            with open(path, "w") as f:
+                json.dump(summary, f, indent=2)
+                f.write("\n")
+    return summary
