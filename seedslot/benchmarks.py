@@ -321,7 +321,7 @@ def _report(result: dict[str, Any]) -> str:
                 f"{result['device']}")
         rows = [[t["mode"], t["k"], "yes" if t["fits"] else ("killed" if t["killed"] else "no"),
                  _mib(t["peak_rss_bytes"]), f"{t['seconds']:.1f}"] for t in result["trials"]]
-        maxes = ", ".join(f"{m}_max_k={result[m]}" for m in result if m.endswith("_max_k"))
+        maxes = ", ".join(f"{m}={result[m]}" for m in result if m.endswith("_max_k"))
         return head + "\n" + _table(["mode", "K", "fits", "peak MiB", "s"], rows) + "\n" + maxes
     head = (f"speed: {result['model']}, K={result['k']}, batch {result['batch_size']}, {result['device']}, "
             f"{result['threads']} threads, median of {result['repeats']}")
