@@ -47,6 +47,9 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--selection", choices=("greedy", "sample"), help="default greedy")
     p.add_argument("--sharing", choices=("none", "layer", "global"), help="candidate sharing (default none)")
     p.add_argument("--scores", choices=("int8", "fp32"), help="score storage of mode seeded (default int8)")
+    p.add_argument("--score-lambda", type=float, metavar="LAMBDA",
+                   help="score init U(0, LAMBDA*sigma); default the paper's: 1 for conv, 0.1 for linear layers "
+                   "(the authors' code uses 1 everywhere)")
     p.add_argument("--epochs", type=int, help="default: the paper's for the model and selection")
     p.add_argument("--batch-size", type=int, help="default 128")
     p.add_argument("--lr", type=float, help="default: the paper's for the mode, k and selection")

@@ -112,6 +112,7 @@ def build(
     in_channels: int | None = None,
     num_classes: int = 10,
     input_size: int | None = None,
+    score_lambda: float | None = None,
 ) -> nn.Module:
     """The model ``name`` in ``mode``; ``model.build_args`` holds every argument, so that
     ``build(**model.build_args)`` rebuilds it identically.
@@ -119,7 +120,8 @@ def build(
     ``in_channels``/``input_size`` default to the paper's dataset: 1x28x28 (MNIST) for lenet,
     3x32x32 (CIFAR-10) otherwise. ``k``, ``sharing``, ``selection`` and ``scores`` apply to the
     slot modes (``scores`` to "seeded" only); the learned mode draws its Glorot weights from
-    ``seed``.
+    ``seed``. ``score_lambda`` scales the score initialisation U(0, lambda*sigma); None is the
+    paper's (1 for conv, 0.1 for linear layers; the authors' code uses 1 everywhere).
     """
     if name not in MODELS:
         raise ValueError(f"name must be one of {', '.join(map(repr, MODELS))}; got {name!r}")
@@ -132,7 +134,8 @@ def build(
     input_size = _positive_int("input_size", (28 if name == "lenet" else 32) if input_size is None else input_size)
     _positive_int("num_classes", num_classes)
     args = dict(name=name, mode=mode, k=k, seed=seed, sharing=sharing, selection=selection, scores=scores,
-                in_channels=in_channels, num_classes=num_classes, input_size=input_size)
+                in_channels=in_channels, num_classes=num_classes, input_size=input_size,
+                score_lambda=score_lambda)
 
     for arg, accepted in (("sharing", SHARING), ("selection", SELECTION), ("scores", SCORES)):
         if args[arg] not in accepted:  # checked in every mode, so that build_args always mean something
@@ -154,7 +157,8 @@ def build(
                 if isinstance(m, (nn.Linear, nn.Conv2d)):
                     nn.init.xavier_uniform_(m.weight, generator=g)
     else:
-        slotify_(model, k=k, seed=seed, sharing=sharing, selection=selection, scores=scores, dense=mode == "dense")
+        slotify_(model, k=k, seed=seed, sharing=sharing, selection=selection, scores=scores, dense=mode == "dense",
+                 score_lambda=score_lambda)
     model.build_args = args
     return model
 

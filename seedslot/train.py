@@ -57,6 +57,7 @@ class TrainConfig:
     selection: str | None = None  # "greedy"; slot modes only
     sharing: str | None = None  # "none"; slot modes only
     scores: str | None = None  # "int8"; seeded mode only
+    score_lambda: float | None = None  # score init U(0, lambda*sigma); None: paper's (conv 1, linear 0.1)
     epochs: int | None = None  # lenet 120, conv 140, vgg19 120; 40 more with selection "sample"
     batch_size: int | None = None  # 128
     lr: float | None = None  # greedy 0.1 (k <= 8) or 0.01; sample 50 (conv6 25); learned 0.01 (vgg19 0.1)
@@ -105,7 +106,7 @@ def resolve(config: TrainConfig) -> TrainConfig:
     mode = c.mode if c.mode is not None else ("learned" if c.finetune_from else "seeded")
     _choice("mode", mode, MODES)
     if mode == "learned":
-        for name in ("k", "selection", "sharing", "scores"):
+        for name in ("k", "selection", "sharing", "scores", "score_lambda"):
             if getattr(c, name) is not None:
                 raise ValueError(f"{name} applies to the slot modes 'seeded' and 'dense', not to mode 'learned'")
     if mode == "dense" and c.scores is not None:
@@ -164,6 +165,8 @@ def resolve(config: TrainConfig) -> TrainConfig:
     _float("lr_gamma", out.lr_gamma, 0.0, lo_open=True)
     for m in out.lr_milestones:
         _int("lr_milestones", m, 1)
+    if out.score_lambda is not None:
+        _float("score_lambda", out.score_lambda, 0.0, lo_open=True)
     _int("seed", out.seed, 0)
     _choice("normalize", out.normalize, _data.NORMALIZE)
     _int("limit_train", out.limit_train, 2)
@@ -291,7 +294,8 @@ def _make_model(cfg: TrainConfig, data: _data.Data, ckpt: dict | None) -> nn.Mod
         return _build_from(ckpt, cfg.resume)
     if cfg.finetune_from is None:
         return build(cfg.model, mode=cfg.mode, k=cfg.k or 8, seed=cfg.seed, sharing=cfg.sharing or "none",
-                     selection=cfg.selection or "greedy", scores=cfg.scores or "int8", **shape)
+                     selection=cfg.selection or "greedy", scores=cfg.scores or "int8",
+                     score_lambda=cfg.score_lambda, **shape)
     payload = load_checkpoint(cfg.finetune_from)
     slot = _build_from(payload, cfg.finetune_from)
     args = slot.build_args
