@@ -500,7 +500,9 @@ def run(config: TrainConfig, *, progress: bool = True) -> dict:
     if main:
         paths = [cfg.json] + ([os.path.join(cfg.out, "summary.json")] if cfg.out is not None else [])
         for path in filter(None, paths):
-            with open(path, "w") as f:
+            tmp = f"{path}.tmp{os.getpid()}"  # never leave a half-written summary behind
+            with open(tmp, "w") as f:
                 json.dump(summary, f, indent=2)
                 f.write("\n")
+            os.replace(tmp, path)
     return summary

@@ -1,0 +1,73 @@
+"""The ``seedslot`` command: a happy path on tiny IDX files, and bad input as one line with exit 2."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from seedslot.cli import main
+
+from test_data import write_mnist
+
+
+@pytest.fixture()
+def mnist_dir(tmp_path):
+    write_mnist(tmp_path / "mnist", n_train=60, n_test=20)
+    return str(tmp_path / "mnist")
+
+
+def _error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith("seedslot") and ": error: " in err[0]  # "seedslot export: error: ..." too
+    return err[0]
+
+
+def test_train_on_tiny_idx_files(mnist_dir, tmp_path, capsys):
+    summary = tmp_path / "s.json"
+    argv = ["train", "--dataset", "mnist", "--data-dir", mnist_dir, "--epochs", "2", "--batch-size", "16",
+            "--k", "4", "--json", str(summary), "--no-progress", "--threads", "1"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "config: " in out and "epoch 2/2" in out and "normalize=unit" in out  # the paper's MNIST choice
+    s = json.loads(summary.read_text())
+    assert s["epochs"] == 2 and s["config"]["k"] == 4 and s["config"]["data_dir"] == mnist_dir
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--model", "resnet"], "argument --model: invalid choice: 'resnet'"),
+    (["train", "--dataset", "svhn"], "argument --dataset: invalid choice: 'svhn'"),
+    (["train", "--mode", "sparse"], "argument --mode: invalid choice: 'sparse'"),
+    (["train", "--k", "eight"], "argument --k: invalid int value"),
+    (["train", "--k", "0", "--data-dir", "{data}"], "k must be an int >= 1; got 0"),
+    (["train", "--mode", "learned", "--k", "8", "--data-dir", "{data}"], "k applies to the slot modes"),
+    (["train", "--dataset", "mnist", "--data-dir", "{tmp}/nowhere"], "data directory {tmp}/nowhere does not exist"),
+    (["train", "--dataset", "mnist", "--data-dir", "{tmp}"], "mnist: missing {tmp}/train-images-idx3-ubyte[.gz]"),
+    (["train", "--dataset", "cifar10"], "cifar10: no default data directory"),
+    (["train", "--dataset", "mnist", "--data-dir", "{data}", "--finetune-from", "{tmp}/none.ckpt"], "none.ckpt"),
+    (["train", "--dataset", "mnist", "--data-dir", "{data}", "--finetune-from", "{tmp}/junk.ckpt"], "junk.ckpt"),
+    (["train", "--dataset", "mnist", "--data-dir", "{data}", "--resume", "{tmp}"], "last.ckpt"),
+    (["frobnicate"], "invalid choice: 'frobnicate'"),
+    (["export", "{tmp}/junk.ckpt", "--out", "{tmp}/m.slot"], "junk.ckpt"),
+    (["bench", "nonsense"], "invalid choice: 'nonsense'"),
+])
+def test_bad_input_is_one_line_and_exit_2(argv, message, mnist_dir, tmp_path, capsys):
+    (tmp_path / "junk.ckpt").write_bytes(b"not a checkpoint at all")
+    fill = dict(data=mnist_dir, tmp=str(tmp_path))
+    assert main([a.format(**fill) for a in argv]) == 2
+    assert message.format(**fill) in _error_line(capsys)
+    assert not (tmp_path / "m.slot").exists()
+
+
+def test_no_traceback_from_the_real_command(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "seedslot", "train", "--dataset", "mnist", "--data-dir", str(tmp_path)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr and "train-images-idx3-ubyte" in r.stderr
+
+
+def test_help_exits_0():
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--help"])
+    assert e.value.code == 0

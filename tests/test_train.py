@@ -1,0 +1,112 @@
+"""Training runs end to end: real Fashion-MNIST slices, baselines, fine-tuning, resolved defaults."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from seedslot import to_dense
+from seedslot.checkpoints import load_checkpoint, load_state_into
+from seedslot.models import build
+from seedslot.train import TrainConfig, resolve, run
+
+FASHION = "/usr/share/datasets/fashion-mnist"
+needs_fashion = pytest.mark.skipif(not os.path.exists(os.path.join(FASHION, "train-images-idx3-ubyte.gz")),
+                                   reason="no Fashion-MNIST (apt-get install dataset-fashion-mnist)")
+
+SUMMARY_KEYS = {"test_accuracy", "val_accuracy", "epochs", "seconds", "peak_rss_bytes", "state_bytes", "config"}
+
+
+def test_resolve_fills_in_the_papers_defaults():
+    c = resolve(TrainConfig(model="lenet"))
+    assert (c.mode, c.k, c.selection, c.sharing, c.scores) == ("seeded", 8, "greedy", "none", "int8")
+    assert (c.epochs, c.batch_size, c.lr, c.momentum, c.weight_decay) == (120, 128, 0.1, 0.9, 0.0)
+    assert resolve(TrainConfig(k=16)).lr == 0.01
+    s = resolve(TrainConfig(model="conv6", selection="sample"))
+    assert (s.lr, s.epochs) == (25.0, 180)
+    v = resolve(TrainConfig(model="vgg19", dataset="cifar10"))
+    assert (v.weight_decay, v.lr_milestones, v.epochs) == (1e-4, [80], 120)
+    learned = resolve(TrainConfig(mode="learned", model="vgg19", dataset="cifar10"))
+    assert (learned.k, learned.lr) == (None, 0.1)
+
+
+@pytest.mark.parametrize("config, message", [
+    (dict(model="resnet"), "model must be one of 'lenet'"),
+    (dict(mode="sparse"), "mode must be one of 'seeded', 'dense', 'learned'"),
+    (dict(k=0), "k must be an int >= 1"),
+    (dict(mode="learned", k=8), "k applies to the slot modes"),
+    (dict(mode="dense", scores="int8"), "scores applies to mode 'seeded' only"),
+    (dict(lr=-1.0), "lr must be a finite number"),
+    (dict(momentum=1.0), "momentum must be a finite number in \\[0.0, 1.0\\)"),
+    (dict(random_selection=True, epochs=3), "epochs does not apply"),
+    (dict(selection="best"), "selection must be one of 'greedy', 'sample'"),
+])
+def test_resolve_rejects_bad_input(config, message):
+    with pytest.raises(ValueError, match=message):
+        resolve(TrainConfig(**config))
+
+
+@needs_fashion
+def test_seeded_lenet_learns_and_writes_its_summary(tmp_path):
+    out = tmp_path / "run"
+    s = run(TrainConfig(epochs=1, limit_train=6000, threads=1, out=str(out), json=str(tmp_path / "s.json")),
+            progress=False)
+    assert s["test_accuracy"] > 0.6  # chance is 0.1; one pass over 5100 examples reaches ~70%
+    assert SUMMARY_KEYS <= set(s) and {"best", "last"} <= set(s["val_accuracy"])
+    assert s["epochs"] == 1 and s["config"]["mode"] == "seeded" and s["config"]["scores"] == "int8"
+    # int8 scores (K bytes) + fp32 momentum (4) + fp32 gradient (4) per connection, plus per-layer constants
+    assert 16.0 <= s["bytes_per_connection"] < 16.01
+    assert json.loads((tmp_path / "s.json").read_text())["test_accuracy"] == s["test_accuracy"]
+    assert json.loads((out / "summary.json").read_text())["config"] == s["config"]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["kind"] for r in records] == ["epoch", "test"]
+    assert records[0]["val_accuracy"] == s["val_accuracy"]["last"]
+
+    # the checkpoint holds the trained model: reloading it gives the same test accuracy
+    payload = load_checkpoint(str(out / "last.ckpt"))
+    model = build(**payload["build_args"])
+    load_state_into(model, payload["model"])
+    first = model.classifier[0]
+    assert first.weight_scores.dtype == torch.int8 and first.weight_scores.shape == (300, 784, 8)
+
+
+@needs_fashion
+def test_dense_reference_and_learned_baseline_run(tmp_path):
+    common = dict(epochs=1, limit_train=6000, threads=1)
+    dense = run(TrainConfig(mode="dense", **common), progress=False)
+    learned = run(TrainConfig(mode="learned", **common), progress=False)
+    assert dense["test_accuracy"] > 0.5 and learned["test_accuracy"] > 0.6
+    assert dense["bytes_per_connection"] > 8 * 16  # K fp32 candidates, scores, grads, momentum
+    assert learned["config"]["k"] is None
+
+
+@needs_fashion
+def test_random_selection_trains_nothing_and_selects_one_candidate_per_connection(tmp_path):
+    s = run(TrainConfig(random_selection=True, limit_train=6000, threads=1, json=str(tmp_path / "r.json")),
+            progress=False)
+    assert s["epochs"] == 0 and s["history"] == []
+    assert 0.0 < s["test_accuracy"] < 0.6  # random weights: far below a trained network
+    assert s["val_accuracy"]["last"] is not None
+
+
+@needs_fashion
+def test_finetune_starts_from_the_selected_network(tmp_path):
+    out = tmp_path / "slot"
+    slot = run(TrainConfig(epochs=1, limit_train=6000, threads=1, out=str(out)), progress=False)
+    ckpt = str(out / "last.ckpt")
+    # fine-tuning's starting point is to_dense of the trained slot machine: same test accuracy
+    payload = load_checkpoint(ckpt)
+    model = build(**payload["build_args"])
+    load_state_into(model, payload["model"])
+    dense = to_dense(model)
+    x = torch.randn(16, 1, 28, 28)
+    model.eval(), dense.eval()
+    assert torch.equal(model(x), dense(x))
+
+    ft = run(TrainConfig(finetune_from=ckpt, epochs=1, limit_train=6000, threads=1, lr=0.01), progress=False)
+    assert ft["config"]["mode"] == "learned" and ft["build_args"]["mode"] == "learned"
+    assert ft["test_accuracy"] > slot["test_accuracy"] - 0.05  # weight training from there does not lose it
+
+    with pytest.raises(ValueError, match="holds a lenet model"):
+        run(TrainConfig(model="conv2", finetune_from=ckpt, epochs=1, limit_train=6000), progress=False)
