@@ -22,7 +22,7 @@ from seedslot import candidates as C
 def rate(fn, rows: int, k: int, repeats: int) -> float:
     keys = C.stream_keys(1, C.CANDIDATES, k)[1]
     key, step = C.i32(C.key32(1, C.CANDIDATES, 0)), C.grid_step(0.01)
-    chunk = max(1, C.CHUNK_VALUES // k)
+    chunk = max(1, C.FUSED_CHUNK_VALUES // k)
     out = torch.empty(rows, k)
 
     def once():

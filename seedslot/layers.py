@@ -47,7 +47,7 @@ from .candidates import (
 )
 from .rng import key32
 from .scores import SCORES
-from .selection import SELECTION, greedy_chunk, sample_chunk
+from .selection import SELECTION, greedy, sample_chunk
 
 __all__ = ["SlotLinear", "SlotConv2d", "DenseSlotLinear", "DenseSlotConv2d", "slot_owner"]
 
@@ -159,16 +159,14 @@ class _SlotBase(nn.Module):
     def _select(self, part: str, draw: int | None) -> torch.Tensor:
         """(rows,) int64 index of the candidate each connection uses; ``draw`` None is greedy."""
         scores, scale = self._scores(part)
+        if draw is None:
+            return greedy(scores)  # no float temporaries: one pass over the whole part
         offset = self.parts[part][1]
         idx = torch.empty(scores.shape[0], dtype=torch.int64, device=scores.device)
-        if draw is not None:
-            key_a = i32(key32(self.seed, SAMPLE, 2, draw), scores.device)
-            scale_t = torch.as_tensor(scale, dtype=torch.float32, device=scores.device)
+        key_a = i32(key32(self.seed, SAMPLE, 2, draw), scores.device)
+        scale_t = torch.as_tensor(scale, dtype=torch.float32, device=scores.device)
         for a, b in row_chunks(scores.shape[0], self.k):
-            if draw is None:
-                idx[a:b] = greedy_chunk(scores[a:b])
-            else:
-                idx[a:b] = sample_chunk(scores[a:b], scale_t, i32(offset + a, scores.device), key_a, self._sample_keys)
+            idx[a:b] = sample_chunk(scores[a:b], scale_t, i32(offset + a, scores.device), key_a, self._sample_keys)
         return idx
 
     def _next_draw(self) -> int | None:

@@ -86,3 +86,14 @@ def test_score_init_range_and_int8_is_quantised_fp32():
     assert (real - s).abs().max() <= bound / 127 + 1e-9
     assert ss.SlotConv2d(3, 4, 3, scores="fp32").score_lambda == 1.0
     assert ss.SlotLinear(3, 4, score_lambda=1.0).score_lambda == 1.0
+
+
+@settings(max_examples=40, deadline=None)
+@given(k=st.sampled_from([2, 4, 8, 16, 24, 64]), n=st.integers(1, 50), seed=st.integers(0, 2**31 - 1),
+       levels=st.integers(1, 256))
+def test_packed_argmax_equals_argmax_ties_included(k, n, seed, levels):
+    from seedslot.selection import _WORDS, packed_argmax
+
+    g = torch.Generator().manual_seed(seed)
+    q = (torch.randint(0, levels, (n, k), generator=g) - 128).to(torch.int8)  # few levels: many ties
+    assert torch.equal(packed_argmax.eager(q.view(_WORDS[k])), q.argmax(dim=-1))

@@ -73,6 +73,7 @@ def _kernel_cases():
         (S.fp32_update_chunk, (q.float(), d, torch.tensor(-0.1), i32(17), 0, i32(123), kb, step)),
         (S.requantize_chunk, (q, torch.tensor(0.25), i32(3), i32(4), rb)),
         (Sel.sample_chunk, (q, torch.tensor(0.01), i32(3), i32(4), rb)),
+        (Sel.packed_argmax, (q.view(torch.int64),)),
     ]
 
 
