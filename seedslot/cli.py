@@ -14,6 +14,7 @@ from typing import Sequence
 
 from .checkpoints import CheckpointError
 from .data import DATASETS, NORMALIZE
+from .memory import return_large_frees
 from .models import MODELS, MODES
 
 __all__ = ["main"]
@@ -132,6 +133,7 @@ def _error(message: str) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``seedslot COMMAND ...``; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    return_large_frees()  # freed tensors go back to the OS: a run's peak is what it really needs
     try:
         if argv and argv[0] in _DELEGATED:
             module = _delegated(argv[0])

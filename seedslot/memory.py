@@ -37,6 +37,7 @@ __all__ = [
     "track",
     "ChildRun",
     "run_in_child",
+    "return_large_frees",
 ]
 
 # ---------------------------------------------------------------- training state, counted exactly
@@ -315,7 +316,31 @@ class ChildRun:
         return self.error is None and not self.exceeded
 
 
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
+
+
+def return_large_frees(threshold_bytes: int = 1 << 20) -> bool:
+    """Make glibc serve allocations of ``threshold_bytes`` or more with mmap, so freeing a large
+    tensor returns its memory to the OS at once; returns whether the setting took effect.
+
+    glibc's default threshold grows each time a large block is freed (up to 32 MiB); after that,
+    freed tensors stay in the heap, fragment it and count in the resident set: building a VGG-19
+    slot machine at K = 32 then leaves about 0.7 GB of freed heap behind. Setting the threshold
+    fixes it for the whole process. No-op (False) where the C library is not glibc.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(_M_MMAP_THRESHOLD, int(threshold_bytes)))
+    except (OSError, AttributeError):
+        return False
+
+
 def _child_main(conn, fn: Callable, args: tuple, kwargs: dict, interval_s: float) -> None:
+    return_large_frees()  # every mode measured under the same allocator setting
     tracker = track(interval_s)
     try:
         with tracker:

@@ -1,6 +1,8 @@
 """seedslot.memory: exact state accounting per layer, peak tracking, and the child-process watchdog."""
 
 import os
+import subprocess
+import sys
 import time
 
 import pytest
@@ -170,3 +172,28 @@ def test_environment_reaches_the_child():
     assert os.environ.get("SEEDSLOT_COMPILE") == "0"
     run = memory.run_in_child(_env, "SEEDSLOT_COMPILE")
     assert run.value == "0"
+
+
+_FRAGMENT = """
+import sys, psutil, torch
+from seedslot.memory import return_large_frees
+if sys.argv[1] == "1":
+    assert return_large_frees()
+p = psutil.Process()
+big = torch.ones(4 << 20); del big          # a 16 MiB free raises glibc's dynamic threshold
+base = p.memory_info().rss
+blocks = [torch.ones(2 << 20) for _ in range(40)]   # 40 x 8 MiB, below that threshold
+del blocks
+print((p.memory_info().rss - base) / 2**20)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc only")
+def test_return_large_frees_gives_freed_tensors_back_to_the_os():
+    def retained(flag: str) -> float:
+        r = subprocess.run([sys.executable, "-c", _FRAGMENT, flag], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        return float(r.stdout.split()[-1])
+
+    assert retained("1") < 16  # MiB left over after freeing 320 MiB of tensors
+    assert retained("0") > 160  # glibc's default keeps them in the heap
