@@ -64,13 +64,17 @@ class SlotSGD(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         # Check every gradient before touching anything: a bad one leaves all scores unchanged.
-        for gi, group in enumerate(self.param_groups):
-            for pi, p in enumerate(group["params"]):
-                if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
-                    raise FloatingPointError(
-                        f"non-finite gradient in parameter {pi} of param group {gi}; "
-                        "no score or weight was changed"
-                    )
+        # One fused max-norm over all of them (NaN and inf propagate), one sync; the slow search
+        # for the culprit runs only when it fails.
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        if grads and not bool(torch.isfinite(torch.nn.utils.get_total_norm(grads, math.inf, foreach=True))):
+            for gi, group in enumerate(self.param_groups):
+                for pi, p in enumerate(group["params"]):
+                    if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
+                        raise FloatingPointError(
+                            f"non-finite gradient in parameter {pi} of param group {gi}; "
+                            "no score or weight was changed"
+                        )
         for group in self.param_groups:
             lr, mom, wd, nesterov = group["lr"], group["momentum"], group["weight_decay"], group["nesterov"]
             for p in group["params"]:
