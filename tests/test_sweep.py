@@ -1,0 +1,122 @@
+"""seedslot.sweep on a tiny fake MNIST: every experiment runs and reports, a second sweep trains
+nothing, torn and missing state is redone, bad input is a ValueError."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from seedslot import sweep as S
+from seedslot.cli import main
+from test_data import write_mnist
+
+
+@pytest.fixture
+def tiny(tmp_path_factory, monkeypatch):
+    """An 8x8 fake MNIST and small grids, so that a whole sweep takes seconds."""
+    data = tmp_path_factory.mktemp("data")
+    write_mnist(data, n_train=40, n_test=10, size=8)
+    monkeypatch.setattr(S, "GRIDS", {"k": [1, 2], "scores": [2], "selection": [2], "sharing": [2]})
+    monkeypatch.setattr(S, "PRESETS", {"lenet": S.Preset(1, None, 2), "conv2": S.Preset(1, None, 2)})
+    calls = []
+    real_run = S.run
+    monkeypatch.setattr(S, "run", lambda cfg, **kw: calls.append(cfg) or real_run(cfg, **kw))
+    threads = torch.get_num_threads()
+    yield dict(dataset="mnist", data_dir=str(data), threads=1, log=lambda s: None), calls
+    torch.set_num_threads(threads)  # run() sets it process-wide
+
+
+def test_every_experiment_reports_and_resume_trains_nothing(tiny, tmp_path):
+    kw, calls = tiny
+    out = str(tmp_path / "sweep")
+    for name in S.EXPERIMENTS:
+        S.sweep(name, out, write_report=False, **kw)
+        assert {S.run_id(S._public(s)) for s in S.plan(name)} <= set(S.load_records(out))
+    lines = open(os.path.join(out, "runs.jsonl")).read().splitlines()
+    ids = [json.loads(line)["id"] for line in lines]
+    assert len(ids) == len(set(ids)) == len(calls)  # shared runs trained once
+    assert set(ids) == {S.run_id(S._public(s)) for s in S.plan("all")}
+
+    calls.clear()
+    assert S.sweep("all", out, write_report=False, **kw) == 0 and calls == []
+    S.report("all", out)
+    for name in S.EXPERIMENTS:
+        assert os.path.getsize(os.path.join(out, f"{name}.png")) > 0
+        table = open(os.path.join(out, f"{name}.md")).read()
+        assert "Lenet-300-100" in table and "CONV-2" in table and "—" not in table  # every point finished
+    assert open(os.path.join(out, "results.md")).read().count("### ") == len(S.EXPERIMENTS)
+    # the finetune runs really started from their selection checkpoints
+    assert any("finetune_after" in json.loads(line)["spec"] for line in lines)
+
+
+def test_torn_line_and_missing_checkpoint_are_redone(tiny, tmp_path):
+    kw, calls = tiny
+    out = str(tmp_path / "sweep")
+    S.sweep("finetune", out, seeds=(0,), models=("lenet",), write_report=False, **kw)
+    path = os.path.join(out, "runs.jsonl")
+    lines = open(path).read().splitlines()
+    finetune = [line for line in lines if "finetune_after" in line]
+    assert len(finetune) == 1
+    # a writer killed mid-line: the finetune run is torn, everything before it is kept
+    kept = [line for line in lines if line not in finetune]
+    with open(path, "w") as f:
+        f.write("\n".join(kept) + "\n" + finetune[0][: len(finetune[0]) // 2])
+    calls.clear()
+    assert S.sweep("finetune", out, seeds=(0,), models=("lenet",), write_report=False, **kw) == 1
+    assert [c.finetune_from is not None for c in calls] == [True]
+    records = S.load_records(out)
+    assert len(records) == len(lines)
+    after = open(path).read().splitlines()
+    assert after[:-1] == kept + [finetune[0][: len(finetune[0]) // 2]]
+    assert json.loads(after[-1])["id"] == json.loads(finetune[0])["id"]  # on a line of its own
+
+    # the finetune run is redone without its selection checkpoint: the selection run is redone first
+    with open(path, "w") as f:
+        f.write("\n".join(kept) + "\n")
+    for root, _, files in os.walk(os.path.join(out, "checkpoints")):
+        for name in files:
+            os.remove(os.path.join(root, name))
+    calls.clear()
+    assert S.sweep("finetune", out, seeds=(0,), models=("lenet",), write_report=False, **kw) == 2
+    assert [c.finetune_from is not None for c in calls] == [False, True]
+    assert len(S.load_records(out)) == len(lines)
+
+
+def test_plan_ids_are_stable_and_unique():
+    specs = S.plan("all")
+    ids = [S.run_id(S._public(s)) for s in specs]
+    assert len(ids) == len(set(ids))
+    assert ids == [S.run_id(S._public(s)) for s in S.plan("all")]
+    assert {s["seed"] for s in specs} == {0, 1}  # every point has two seeds by default
+    ks = {s["k"] for s in S.plan("k") if s["mode"] == "seeded" and not s.get("random_selection")}
+    assert ks == {1, 2, 4, 8, 16, 32, 64}
+    # every finetune run comes after the selection run whose checkpoint it reads
+    for i, s in enumerate(specs):
+        if "finetune_after" in s:
+            assert s["finetune_after"] in ids[:i]
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda: S.plan("widths"), "experiment must be one of 'k', 'scores'.*'all'"),
+    (lambda: S.plan("k", models=("vgg19",)), "model must be one of 'lenet', 'conv2'"),
+    (lambda: S.plan("k", seeds=()), "seeds"),
+    (lambda: S.sweep("k", "unused", dataset="imagenet"), "dataset must be one of"),
+    (lambda: S.presets_for(epochs=0), "epochs must be an int >= 1"),
+])
+def test_bad_input_is_a_value_error(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+def test_cli(tiny, tmp_path, capsys):
+    kw, _ = tiny
+    out = str(tmp_path / "sweep")
+    assert main(["sweep", "nope", "--out", out]) == 2
+    assert "seedslot: error: experiment must be one of" in capsys.readouterr().err
+    assert main(["sweep", "k", "--models", "lenet", "--seeds", "0", "--dataset", "mnist",
+                 "--data-dir", kw["data_dir"], "--epochs", "1", "--threads", "1", "--out", out]) == 0
+    assert main(["sweep", "k", "--models", "lenet", "--seeds", "0", "--report-only", "--epochs", "1",
+                 "--out", out]) == 0
+    assert "wrote" in capsys.readouterr().out
+    assert os.path.exists(os.path.join(out, "k.png"))
