@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from typing import Sequence
 
@@ -67,10 +68,32 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint-every-steps", type=int, metavar="N", help="also save last.ckpt every N steps")
     p.add_argument("--limit-train", type=int, metavar="N", help="use only the first N training examples")
     p.add_argument("--threads", type=int, metavar="N", help="torch CPU threads")
+    p.add_argument("--nproc", type=int, metavar="N",
+                   help="train on N local processes with DistributedDataParallel (gloo on CPU), "
+                   "as `torchrun --nproc-per-node N -m seedslot train ...`")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def _train(args: argparse.Namespace) -> int:
+def _without_nproc(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            out.append(a)
+    return out
+
+
+def _train(args: argparse.Namespace, argv: list[str]) -> int:
+    if args.nproc is not None:
+        if args.nproc < 1:
+            raise ValueError(f"nproc must be an int >= 1; got {args.nproc}")
+        if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+            from .distributed import launch
+
+            return launch(_without_nproc(argv), args.nproc)
     from .train import TrainConfig, run
 
     fields = {f: getattr(args, f) for f in TrainConfig.__dataclass_fields__ if hasattr(args, f)}
@@ -143,7 +166,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             module.add_arguments(parser)
             return int(module.run_cli(parser.parse_args(argv[1:])) or 0)
         args = _parser().parse_args(argv)
-        return _train(args) if args.command == "train" else _demo(args)
+        return _train(args, argv) if args.command == "train" else _demo(args)
     except _UsageError as e:
         return _error(str(e))
     except (CheckpointError, ValueError) as e:  # DataError is a ValueError

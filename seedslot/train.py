@@ -26,6 +26,7 @@ from torch import nn
 from tqdm import tqdm
 
 from . import data as _data
+from . import distributed as _distributed
 from .checkpoints import CheckpointError, load_checkpoint, load_state_into, save_checkpoint
 from .convert import to_dense
 from .layers import _SlotBase
@@ -200,22 +201,19 @@ def _seed64(*words: int) -> int:
     return derive(*words) & (2**63 - 1)
 
 
-def _is_main() -> bool:
-    """Whether this process prints and writes files: the only one, or rank 0 of a process group."""
-    dist = torch.distributed
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+def _check_shards(n: int, batch_size: int, world: int) -> None:
+    """Every global batch, the last one included, must split evenly over the ranks."""
+    for size in {batch_size, n % batch_size} - {0}:
+        if size % world:
+            raise ValueError(f"the world size {world} does not divide a batch of {size} examples "
+                             f"({n} training examples, batch_size {batch_size}): choose batch_size and "
+                             "limit_train so that every batch splits evenly")
 
 
 def _epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[torch.Tensor]:
     """Index batches of the whole training split for ``epoch``: a shuffle fixed by (seed, epoch)."""
     order = torch.randperm(n, generator=torch.Generator().manual_seed(_seed64(seed, _SHUFFLE, epoch)))
     return list(order.split(batch_size))
-
-
-def _my_batches(batches: list[torch.Tensor]) -> list[torch.Tensor]:
-    """The batches this process trains on (all of them, in a single process). Steps and resume
-    positions count these."""
-    return batches
 
 
 def _flip_generator(seed: int, epoch: int, step: int) -> torch.Generator:
@@ -347,7 +345,9 @@ def run(config: TrainConfig, *, progress: bool = True) -> dict:
         cfg = _resumed(config, ckpt, source)
     else:
         cfg = resolve(config)
-    main = _is_main()
+    joined = _distributed.init_from_env()
+    rank, world = _distributed.rank_and_world()
+    main = rank == 0
     say = (lambda *a: print(*a, flush=True)) if main else (lambda *a: None)
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
@@ -356,6 +356,9 @@ def run(config: TrainConfig, *, progress: bool = True) -> dict:
 
     data = _data.load(cfg.dataset, cfg.data_dir, seed=cfg.seed, normalize=cfg.normalize, limit_train=cfg.limit_train)
     model = _make_model(cfg, data, ckpt)
+    if world > 1:
+        _check_shards(len(data.train), cfg.batch_size, world)
+    net = _distributed.wrap(model) if world > 1 else model
     params = [p for p in model.parameters() if p.requires_grad]
     hyper = dict(lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     optimizer = SlotSGD(params, **hyper) if cfg.mode == "seeded" else torch.optim.SGD(params, **hyper)
@@ -367,7 +370,7 @@ def run(config: TrainConfig, *, progress: bool = True) -> dict:
         try:
             for key, obj in (("model", model), ("optimizer", optimizer), ("scheduler", scheduler)):
                 load_state_into(obj, ckpt[key])
-            torch.set_rng_state(ckpt["rng"])
+            torch.set_rng_state(ckpt["rng"])  # rank 0's; other ranks re-key their dropout below
             pos = {key: int(ckpt[key]) for key in pos}
             tally = dict(ckpt["tally"])
         except CheckpointError as e:
@@ -376,6 +379,8 @@ def run(config: TrainConfig, *, progress: bool = True) -> dict:
             raise CheckpointError(f"{source}: not a seedslot training checkpoint ({type(e).__name__}: {e})") from None
     else:
         torch.manual_seed(_seed64(cfg.seed, _DROPOUT))
+    if rank:  # each rank its own dropout masks
+        torch.manual_seed(_seed64(cfg.seed, _DROPOUT, rank, pos["global_step"]))
 
     say(f"seedslot train: {cfg.model} on {cfg.dataset}, mode {cfg.mode}"
         + (f", resumed from {cfg.resume} at epoch {pos['epoch'] + 1} step {pos['step_in_epoch']}" if ckpt else ""))
@@ -410,15 +415,17 @@ def run(config: TrainConfig, *, progress: bool = True) -> dict:
         for epoch in range(pos["epoch"], cfg.epochs):
             t_epoch = time.perf_counter()
             model.train()
-            batches = _my_batches(_epoch_batches(len(data.train), cfg.batch_size, cfg.seed, epoch))
+            batches = _epoch_batches(len(data.train), cfg.batch_size, cfg.seed, epoch)
             bar = tqdm(total=len(batches), initial=pos["step_in_epoch"], desc=f"epoch {epoch + 1}/{cfg.epochs}",
                        unit="batch", leave=False, dynamic_ncols=True, disable=not (progress and main))
             for step in range(pos["step_in_epoch"], len(batches)):
                 idx = batches[step]
                 x = data.preprocess(data.train.images[idx], _flip_generator(cfg.seed, epoch, step))
                 y = data.train.labels[idx]
+                if world > 1:  # flips drawn for the global batch, as in a single process
+                    x, y = _distributed.shard(x, rank, world), _distributed.shard(y, rank, world)
                 optimizer.zero_grad(set_to_none=True)
-                logits = model(x)  # (B, classes)
+                logits = net(x)  # (B / world, classes)
                 loss = F.cross_entropy(logits, y)
                 loss.backward()
                 optimizer.step()
@@ -497,6 +504,9 @@ def run(config: TrainConfig, *, progress: bool = True) -> dict:
     if test_acc is not None:
         say(f"test loss {test_loss:.4f} acc {test_acc:.2%}  ({summary['seconds']:.1f} s, "
             f"state {total_state / 2**20:.2f} MiB = {summary['bytes_per_connection']:.2f} B/connection)")
+    summary["world_size"] = world
+    if joined:
+        torch.distributed.destroy_process_group()
     if main:
         paths = [cfg.json] + ([os.path.join(cfg.out, "summary.json")] if cfg.out is not None else [])
         for path in filter(None, paths):

@@ -1,0 +1,210 @@
+"""Multi-process training with torch's DistributedDataParallel.
+
+A seeded layer's only Parameter is its proxy, whose gradient is G, one fp32 value per connection:
+that is all DDP all-reduces. Every rank then runs the same SlotSGD update on the same averaged G,
+with stochastic-rounding noise keyed by (seed, step), so the int8 scores stay bit-identical on all
+ranks without ever being sent. The dense reference's Parameters are its K scores per connection,
+so DDP all-reduces K values per connection: the traffic compared by ``seedslot bench ddp``.
+
+DDP is built with ``init_sync=False`` (a proxy is an expanded 0-dim tensor, which DDP's initial
+broadcast cannot write into; every rank builds the same model from the seed instead, which
+:func:`wrap` verifies) and ``broadcast_buffers=False`` (scores are buffers that every rank
+computes identically; batch-norm running statistics stay per rank and rank 0's are saved).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import hashlib
+import inspect
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+__all__ = ["init_from_env", "rank_and_world", "wrap", "shard", "launch", "ByteCounter",
+           "add_bench_arguments", "run_bench"]
+
+TIMEOUT_ENV = "SEEDSLOT_DIST_TIMEOUT"  # seconds a collective may wait for a missing rank
+_DEFAULT_TIMEOUT_S = 120.0
+
+
+def rank_and_world() -> tuple[int, int]:
+    """(rank, world size) of this process: (0, 1) outside a process group."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def init_from_env() -> bool:
+    """Join the process group torchrun describes (``WORLD_SIZE`` > 1 in the environment): gloo on
+    CPU, nccl on CUDA. A rank that never arrives or dies makes the others fail after
+    ``SEEDSLOT_DIST_TIMEOUT`` seconds (default 120) instead of hanging. Returns whether it joined."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return dist.is_initialized()
+    for name in ("RANK", "MASTER_ADDR", "MASTER_PORT"):
+        if name not in os.environ:
+            raise ValueError(f"WORLD_SIZE is {os.environ['WORLD_SIZE']} but {name} is not set: "
+                             "start distributed runs with torchrun or `seedslot train --nproc N`")
+    timeout = datetime.timedelta(seconds=float(os.environ.get(TIMEOUT_ENV, _DEFAULT_TIMEOUT_S)))
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend, timeout=timeout)
+    return True
+
+
+def _fingerprint(model: nn.Module) -> str:
+    """A hash of every state tensor's bytes and name: equal on every rank iff the models are."""
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        if isinstance(t, torch.Tensor):
+            h.update(name.encode())
+            h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def wrap(model: nn.Module, device: torch.device | None = None) -> DistributedDataParallel:
+    """``model`` in DDP as described in the module docstring; ValueError when the ranks built
+    different models (another seed, K or architecture), which DDP would otherwise train apart."""
+    prints = [None] * dist.get_world_size()
+    dist.all_gather_object(prints, _fingerprint(model))
+    if len(set(prints)) != 1:
+        raise ValueError("the ranks built different models (seed, k or model differ between ranks)")
+    ids = [device.index] if device is not None and device.type == "cuda" else None
+    params = inspect.signature(DistributedDataParallel.__init__).parameters
+    no_buffer_sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
+    return DistributedDataParallel(model, device_ids=ids, init_sync=False, **no_buffer_sync)
+
+
+def shard(batch: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+    """This rank's equal share of a global batch (every rank sees the whole batch's indices)."""
+    if batch.shape[0] % world:
+        raise ValueError(f"the world size {world} does not divide the batch ({batch.shape[0]} examples): "
+                         "choose --batch-size (and a training set size) divisible by --nproc")
+    n = batch.shape[0] // world
+    return batch[rank * n : (rank + 1) * n]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(argv: Sequence[str], nproc: int) -> int:
+    """Run ``python -m seedslot *argv`` on ``nproc`` local processes through torchrun (which
+    stops every rank when one fails); returns the exit status."""
+    if nproc < 1:
+        raise ValueError(f"nproc must be an int >= 1; got {nproc}")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+           "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), "-m", "seedslot", *argv]
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    return subprocess.call(cmd, env=env)
+
+
+class ByteCounter:
+    """DDP communication hook state: counts the bytes each all-reduce sends, then all-reduces."""
+
+    def __init__(self) -> None:
+        self.bytes = 0
+
+    @staticmethod
+    def hook(state, bucket):  # no annotations: DDP checks them as objects, not strings
+        buf = bucket.buffer()
+        state.bytes += buf.numel() * buf.element_size()
+        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+        return allreduce_hook(None, bucket)
+
+
+# ---------------------------------------------------------------- seedslot bench ddp
+
+
+def add_bench_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="lenet", help="model name (default lenet)")
+    p.add_argument("--k", type=int, default=8)
+    p.add_argument("--nproc", type=int, default=2, help="processes (gloo, loopback)")
+    p.add_argument("--batch-size", type=int, default=128, help="global batch")
+    p.add_argument("--steps", type=int, default=5, help="timed steps after one warm-up step")
+    p.add_argument("--json", metavar="PATH", help="also write the results as JSON here")
+
+
+def _bench_worker(rank: int, world: int, port: int, args: dict, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    init_from_env()
+    from .models import build
+    from .optim import SlotSGD
+
+    result = {}
+    for mode in ("dense", "seeded"):
+        model = build(args["model"], mode=mode, k=args["k"])
+        ddp = wrap(model)
+        counter = ByteCounter()
+        ddp.register_comm_hook(counter, ByteCounter.hook)
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = SlotSGD(params, lr=0.1, momentum=0.9) if mode == "seeded" else torch.optim.SGD(params, lr=0.1, momentum=0.9)
+        a = model.build_args
+        g = torch.Generator().manual_seed(rank)
+        n = args["batch_size"] // world
+        x = torch.randn(n, a["in_channels"], a["input_size"], a["input_size"], generator=g)
+        y = torch.randint(0, a["num_classes"], (n,), generator=g)
+        times = []
+        for i in range(args["steps"] + 1):
+            t = time.perf_counter()
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(ddp(x), y).backward()
+            opt.step()
+            dist.barrier()
+            if i:
+                times.append(time.perf_counter() - t)
+        per_step = counter.bytes // (args["steps"] + 1)
+        result[mode] = dict(bytes_per_step=per_step, step_seconds=statistics.median(times))
+        del ddp, model, opt
+    if rank == 0:
+        with open(out, "w") as f:
+            json.dump(result, f)
+    dist.destroy_process_group()
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    """Bytes all-reduced per step and step time of dense and seeded under DDP, side by side."""
+    import torch.multiprocessing as mp
+
+    if args.nproc < 2:
+        raise ValueError(f"nproc must be an int >= 2 for the ddp bench; got {args.nproc}")
+    if args.batch_size % args.nproc:
+        raise ValueError(f"the world size {args.nproc} does not divide --batch-size {args.batch_size}")
+    spec = dict(model=args.model, k=args.k, batch_size=args.batch_size, steps=args.steps)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "result.json")
+        mp.spawn(_bench_worker, args=(args.nproc, _free_port(), spec, out), nprocs=args.nproc)
+        with open(out) as f:
+            rows = json.load(f)
+    result = dict(bench="ddp", **spec, nproc=args.nproc, backend="gloo",
+                  bytes_per_step={m: r["bytes_per_step"] for m, r in rows.items()},
+                  step_seconds={m: r["step_seconds"] for m, r in rows.items()})
+    result["ratio_seeded_over_dense_bytes"] = result["bytes_per_step"]["seeded"] / result["bytes_per_step"]["dense"]
+    print(f"ddp: {args.model}, K={args.k}, {args.nproc} processes (gloo), global batch {args.batch_size}")
+    print(f"{'mode':>7} {'bytes/step':>14} {'s/step':>8}")
+    for m in ("dense", "seeded"):
+        print(f"{m:>7} {result['bytes_per_step'][m]:>14,} {result['step_seconds'][m]:>8.4f}")
+    print(f"seeded/dense bytes: {result['ratio_seeded_over_dense_bytes']:.4f} (1/K = {1 / args.k:.4f})")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+            f.write("\n")
+    return 0
