@@ -1,0 +1,94 @@
+"""The paper's architectures in the three modes: shapes, layer placement, equivalences, bad input."""
+
+import pytest
+import torch
+from torch import nn
+
+from seedslot import DenseSlotConv2d, DenseSlotLinear, SlotConv2d, SlotLinear
+from seedslot.models import MODELS, build, count_connections
+
+@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("shape", [(1, 28), (3, 32)])
+def test_learned_output_shape(name, shape):
+    c, s = shape
+    model = build(name, mode="learned", in_channels=c, input_size=s).eval()
+    with torch.no_grad():
+        assert model(torch.randn(2, c, s, s)).shape == (2, 10)
+
+
+@pytest.mark.parametrize("name", ["lenet", "conv4", "conv6"])
+@pytest.mark.parametrize("mode", ["seeded", "dense"])
+def test_slot_output_shape(name, mode):
+    model = build(name, mode=mode, k=2, in_channels=1, input_size=28).eval()
+    with torch.no_grad():
+        assert model(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+
+
+@pytest.mark.slow
+def test_seeded_vgg19_at_k1():
+    model = build("vgg19", mode="seeded", k=1).eval()
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 32, 32)).shape == (1, 10)
+
+
+@pytest.mark.parametrize("name, flat", [("conv2", 12544), ("conv4", 3200), ("conv6", 1024)])
+def test_paper_flattened_sizes_on_cifar_shape(name, flat):
+    model = build(name, mode="learned")
+    first_fc = next(m for m in model.classifier if isinstance(m, nn.Linear))
+    assert first_fc.in_features == flat
+
+
+def test_layer_placement_follows_the_paper():
+    lenet = build("lenet", mode="learned")
+    assert [m.out_features for m in lenet.modules() if isinstance(m, nn.Linear)] == [300, 100, 10]
+    conv2 = build("conv2", mode="learned")
+    kinds = [type(m).__name__ for m in conv2.classifier]
+    assert kinds == ["Dropout", "Linear", "ReLU", "Dropout", "Linear", "ReLU", "Linear"]
+    vgg = build("vgg19", mode="learned")
+    convs = [m for m in vgg.features if isinstance(m, nn.Conv2d)]
+    bns = [m for m in vgg.features if isinstance(m, nn.BatchNorm2d)]
+    assert len(convs) == 16 == len(bns) and all(not b.affine for b in bns)
+    assert all(c.padding == (1, 1) for c in convs)
+    assert isinstance(vgg.features[-1], nn.AvgPool2d) and vgg.classifier[0].in_features == 512
+    for name in MODELS:  # no biases anywhere, as in the authors' code
+        assert all(m.bias is None for m in build(name, mode="learned").modules() if isinstance(m, (nn.Linear, nn.Conv2d)))
+
+
+@pytest.mark.parametrize("name", ["lenet", "conv4"])
+def test_modes_use_the_right_layers_and_count_the_same_connections(name):
+    seeded, dense, learned = (build(name, mode=m, k=1, in_channels=1, input_size=28) for m in ("seeded", "dense", "learned"))
+    assert all(isinstance(m, (SlotLinear, SlotConv2d)) for m in seeded.modules() if "Slot" in type(m).__name__)
+    assert any(isinstance(m, (DenseSlotLinear, DenseSlotConv2d)) for m in dense.modules())
+    assert not any(isinstance(m, (nn.Linear, nn.Conv2d)) for m in seeded.modules())
+    assert count_connections(seeded) == count_connections(dense) == count_connections(learned)
+
+
+@pytest.mark.parametrize("name", ["lenet", "conv4"])
+def test_seeded_fp32_and_dense_give_identical_outputs(name):
+    seeded = build(name, mode="seeded", k=4, seed=3, scores="fp32", in_channels=1, input_size=28).eval()
+    dense = build(name, mode="dense", k=4, seed=3, in_channels=1, input_size=28).eval()
+    x = torch.randn(3, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.equal(seeded(x), dense(x))
+
+
+def test_build_args_rebuild_identically():
+    a = build("conv4", mode="seeded", k=3, seed=9, sharing="layer", in_channels=1, input_size=28)
+    b = build(**a.build_args)
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa if isinstance(sa[k], torch.Tensor))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(name="resnet", mode="seeded"), "name must be one of 'lenet'"),
+    (dict(name="lenet", mode="sparse"), "mode must be one of 'seeded', 'dense', 'learned'"),
+    (dict(name="lenet", mode="seeded", k=0), "k must be an int >= 1"),
+    (dict(name="lenet", mode="seeded", sharing="all"), "sharing must be one of"),
+    (dict(name="lenet", mode="seeded", scores="int4"), "scores must be one of"),
+    (dict(name="conv6", mode="seeded", input_size=8), "input_size is too small for conv6"),
+])
+def test_bad_arguments_name_the_argument(kwargs, message):
+    name = kwargs.pop("name")
+    with pytest.raises(ValueError, match=message):
+        build(name, **kwargs)
