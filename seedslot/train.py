@@ -404,6 +404,14 @@ def run(config: TrainConfig, *, progress: bool = True) -> dict:
             with open(os.path.join(cfg.out, METRICS), "a") as f:
                 f.write(json.dumps(record) + "\n")
 
+    if ckpt is not None and cfg.out is not None and main:
+        # A kill between an epoch's log and its save leaves a record the checkpoint does not know;
+        # the checkpoint's history is the truth.
+        path = os.path.join(cfg.out, METRICS)
+        with open(f"{path}.tmp{os.getpid()}", "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in tally["history"])
+        os.replace(f"{path}.tmp{os.getpid()}", path)
+
     if cfg.random_selection:
         random_selection_(model, cfg.seed)
     elif cfg.finetune_from is not None and ckpt is None:
