@@ -5,7 +5,8 @@ import torch
 from torch import nn
 
 from seedslot import DenseSlotConv2d, DenseSlotLinear, SlotConv2d, SlotLinear
-from seedslot.models import MODELS, build, count_connections
+from seedslot.layers import _SlotBase
+from seedslot.models import MODELS, MODES, build, count_connections
 
 @pytest.mark.parametrize("name", MODELS)
 @pytest.mark.parametrize("shape", [(1, 28), (3, 32)])
@@ -16,12 +17,14 @@ def test_learned_output_shape(name, shape):
         assert model(torch.randn(2, c, s, s)).shape == (2, 10)
 
 
-@pytest.mark.parametrize("name", ["lenet", "conv4", "conv6"])
+@pytest.mark.parametrize("name", ["lenet", "conv2", "conv4", "conv6"])
 @pytest.mark.parametrize("mode", ["seeded", "dense"])
-def test_slot_output_shape(name, mode):
-    model = build(name, mode=mode, k=2, in_channels=1, input_size=28).eval()
+@pytest.mark.parametrize("shape", [(1, 28), (3, 32)])
+def test_slot_output_shape(name, mode, shape):
+    c, s = shape
+    model = build(name, mode=mode, k=2, in_channels=c, input_size=s).eval()
     with torch.no_grad():
-        assert model(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+        assert model(torch.randn(2, c, s, s)).shape == (2, 10)
 
 
 @pytest.mark.slow
@@ -29,13 +32,27 @@ def test_seeded_vgg19_at_k1():
     model = build("vgg19", mode="seeded", k=1).eval()
     with torch.no_grad():
         assert model(torch.randn(1, 3, 32, 32)).shape == (1, 10)
+        mnist = build("vgg19", mode="seeded", k=1, in_channels=1, input_size=28).eval()
+        assert mnist(torch.randn(1, 1, 28, 28)).shape == (1, 10)
+    assert count_connections(model) == count_connections(build("vgg19", mode="learned"))
+    bns = [m for m in model.features if isinstance(m, nn.BatchNorm2d)]
+    assert len(bns) == 16 and all(not b.affine for b in bns)
 
 
 @pytest.mark.parametrize("name, flat", [("conv2", 12544), ("conv4", 3200), ("conv6", 1024)])
-def test_paper_flattened_sizes_on_cifar_shape(name, flat):
-    model = build(name, mode="learned")
-    first_fc = next(m for m in model.classifier if isinstance(m, nn.Linear))
+@pytest.mark.parametrize("mode", MODES)
+def test_paper_flattened_sizes_on_cifar_shape(name, flat, mode):
+    model = build(name, mode=mode, k=1)
+    assert model.build_args["in_channels"] == 3 and model.build_args["input_size"] == 32
+    first_fc = next(m for m in model.classifier if not isinstance(m, (nn.Dropout, nn.ReLU)))
     assert first_fc.in_features == flat
+    # dropout 0.5 before each of the first two FC layers, none before the last; no batchnorm
+    kinds = [type(m).__name__ for m in model.classifier]
+    fc = [i for i, m in enumerate(model.classifier) if hasattr(m, "in_features")]
+    assert len(fc) == 3 and [kinds[i - 1] for i in fc] == ["Dropout", "Dropout", "ReLU"]
+    assert sum(isinstance(m, nn.Dropout) for m in model.modules()) == 2
+    assert all(m.p == 0.5 for m in model.modules() if isinstance(m, nn.Dropout))
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
 
 
 def test_layer_placement_follows_the_paper():
@@ -51,19 +68,22 @@ def test_layer_placement_follows_the_paper():
     assert all(c.padding == (1, 1) for c in convs)
     assert isinstance(vgg.features[-1], nn.AvgPool2d) and vgg.classifier[0].in_features == 512
     for name in MODELS:  # no biases anywhere, as in the authors' code
-        assert all(m.bias is None for m in build(name, mode="learned").modules() if isinstance(m, (nn.Linear, nn.Conv2d)))
+        layers = [m for m in build(name, mode="learned").modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+        assert layers and all(m.bias is None for m in layers)
 
 
-@pytest.mark.parametrize("name", ["lenet", "conv4"])
+@pytest.mark.parametrize("name", ["lenet", "conv2", "conv4", "conv6"])
 def test_modes_use_the_right_layers_and_count_the_same_connections(name):
-    seeded, dense, learned = (build(name, mode=m, k=1, in_channels=1, input_size=28) for m in ("seeded", "dense", "learned"))
+    seeded, dense, learned = (build(name, mode=m, k=2) for m in MODES)
     assert all(isinstance(m, (SlotLinear, SlotConv2d)) for m in seeded.modules() if "Slot" in type(m).__name__)
     assert any(isinstance(m, (DenseSlotLinear, DenseSlotConv2d)) for m in dense.modules())
     assert not any(isinstance(m, (nn.Linear, nn.Conv2d)) for m in seeded.modules())
+    for model in (seeded, dense):  # no bias part: as the learned model, no biases
+        assert all(list(m.parts) == ["weight"] for m in model.modules() if isinstance(m, _SlotBase))
     assert count_connections(seeded) == count_connections(dense) == count_connections(learned)
 
 
-@pytest.mark.parametrize("name", ["lenet", "conv4"])
+@pytest.mark.parametrize("name", ["lenet", "conv2", "conv4", "conv6"])
 def test_seeded_fp32_and_dense_give_identical_outputs(name):
     seeded = build(name, mode="seeded", k=4, seed=3, scores="fp32", in_channels=1, input_size=28).eval()
     dense = build(name, mode="dense", k=4, seed=3, in_channels=1, input_size=28).eval()
@@ -72,8 +92,9 @@ def test_seeded_fp32_and_dense_give_identical_outputs(name):
         assert torch.equal(seeded(x), dense(x))
 
 
-def test_build_args_rebuild_identically():
-    a = build("conv4", mode="seeded", k=3, seed=9, sharing="layer", in_channels=1, input_size=28)
+@pytest.mark.parametrize("mode", MODES)
+def test_build_args_rebuild_identically(mode):
+    a = build("conv4", mode=mode, k=3, seed=9, sharing="layer", in_channels=1, input_size=28)
     b = build(**a.build_args)
     sa, sb = a.state_dict(), b.state_dict()
     assert sa.keys() == sb.keys()
@@ -87,6 +108,10 @@ def test_build_args_rebuild_identically():
     (dict(name="lenet", mode="seeded", sharing="all"), "sharing must be one of"),
     (dict(name="lenet", mode="seeded", scores="int4"), "scores must be one of"),
     (dict(name="conv6", mode="seeded", input_size=8), "input_size is too small for conv6"),
+    (dict(name="lenet", mode="seeded", seed=-1), "seed must be an int >= 0"),
+    (dict(name="lenet", mode="dense", in_channels=0), "in_channels must be an int >= 1"),
+    (dict(name="lenet", mode="learned", num_classes=True), "num_classes must be an int >= 1"),
+    (dict(name="lenet", mode="learned", selection="best"), "selection must be one of"),
 ])
 def test_bad_arguments_name_the_argument(kwargs, message):
     name = kwargs.pop("name")
