@@ -90,6 +90,8 @@ def _train(args: argparse.Namespace, argv: list[str]) -> int:
     if args.nproc is not None:
         if args.nproc < 1:
             raise ValueError(f"nproc must be an int >= 1; got {args.nproc}")
+        if args.batch_size is not None and args.batch_size % args.nproc:
+            raise ValueError(f"the world size {args.nproc} does not divide --batch-size {args.batch_size}")
         if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
             from .distributed import launch
 
@@ -97,7 +99,15 @@ def _train(args: argparse.Namespace, argv: list[str]) -> int:
     from .train import TrainConfig, run
 
     fields = {f: getattr(args, f) for f in TrainConfig.__dataclass_fields__ if hasattr(args, f)}
-    summary = run(TrainConfig(**fields), progress=not args.no_progress)
+    try:
+        summary = run(TrainConfig(**fields), progress=not args.no_progress)
+    except RuntimeError as e:  # a rank died or stalled: one line on the survivors, not a traceback
+        from .distributed import collective_failure
+
+        failure = collective_failure(e) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
+        if failure is None:
+            raise
+        return _error(str(failure))
     return 130 if summary["interrupted"] else 0
 
 

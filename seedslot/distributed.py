@@ -34,11 +34,19 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-__all__ = ["init_from_env", "rank_and_world", "wrap", "shard", "launch", "ByteCounter",
-           "add_bench_arguments", "run_bench"]
+__all__ = ["DistributedError", "init_from_env", "rank_and_world", "wrap", "shard", "check_in_sync",
+           "collective_failure", "launch", "ByteCounter", "add_bench_arguments", "run_bench"]
 
 TIMEOUT_ENV = "SEEDSLOT_DIST_TIMEOUT"  # seconds a collective may wait for a missing rank
 _DEFAULT_TIMEOUT_S = 120.0
+
+
+class DistributedError(RuntimeError):
+    """The ranks could not meet, lost one another, or no longer hold the same model."""
+
+
+def _timeout_s() -> float:
+    return float(os.environ.get(TIMEOUT_ENV, _DEFAULT_TIMEOUT_S))
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -58,19 +66,45 @@ def init_from_env() -> bool:
         if name not in os.environ:
             raise ValueError(f"WORLD_SIZE is {os.environ['WORLD_SIZE']} but {name} is not set: "
                              "start distributed runs with torchrun or `seedslot train --nproc N`")
-    timeout = datetime.timedelta(seconds=float(os.environ.get(TIMEOUT_ENV, _DEFAULT_TIMEOUT_S)))
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend, timeout=timeout)
+    try:
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=_timeout_s()))
+    except (RuntimeError, ValueError) as e:  # DistStoreError, DistNetworkError are RuntimeErrors
+        where = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
+        raise DistributedError(f"rank {os.environ['RANK']} of {os.environ['WORLD_SIZE']}: the ranks did not all "
+                               f"meet at {where} within {TIMEOUT_ENV}={_timeout_s():g} s "
+                               f"({type(e).__name__}: {_first_line(e)})") from e
     return True
 
 
-def _fingerprint(model: nn.Module) -> str:
-    """A hash of every state tensor's bytes and name: equal on every rank iff the models are."""
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [""])[0]
+
+
+def collective_failure(e: BaseException) -> DistributedError | None:
+    """``e`` as a one-line DistributedError when it is a failed collective (a rank died, or stalled
+    past the timeout) in a process group, else None."""
+    if isinstance(e, DistributedError):
+        return e
+    text = str(e)
+    if not (dist.is_available() and dist.is_initialized()) and "WORLD_SIZE" not in os.environ:
+        return None
+    if not (isinstance(e, dist.DistError) or (isinstance(e, RuntimeError) and any(
+            w in text for w in ("gloo", "Gloo", "NCCL", "c10d", "Connection", "Timed out", "timed out")))):
+        return None
+    rank, world = os.environ.get("RANK", "?"), os.environ.get("WORLD_SIZE", "?")
+    return DistributedError(f"rank {rank} of {world}: lost contact with another rank (it died, or stalled for "
+                            f"more than {TIMEOUT_ENV}={_timeout_s():g} s): {_first_line(e)[:300]}")
+
+
+def _fingerprint(model: nn.Module, skip: frozenset[str] = frozenset()) -> str:
+    """A hash of every state tensor's bytes and name but ``skip``: equal on every rank iff the
+    models are."""
     h = hashlib.sha256()
     for name, t in model.state_dict().items():
-        if isinstance(t, torch.Tensor):
+        if isinstance(t, torch.Tensor) and name not in skip:
             h.update(name.encode())
             h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
@@ -87,6 +121,25 @@ def wrap(model: nn.Module, device: torch.device | None = None) -> DistributedDat
     params = inspect.signature(DistributedDataParallel.__init__).parameters
     no_buffer_sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
     return DistributedDataParallel(model, device_ids=ids, init_sync=False, **no_buffer_sync)
+
+
+def _batch_norm_statistics(model: nn.Module) -> frozenset[str]:
+    return frozenset(f"{m}.{b}" if m else b for m, mod in model.named_modules()
+                     if isinstance(mod, nn.modules.batchnorm._NormBase) for b, _ in mod.named_buffers(recurse=False))
+
+
+def check_in_sync(model: nn.Module) -> None:
+    """DistributedError unless every rank holds the same scores, weights and optimiser-visible state
+    (batch-norm running statistics excepted: each rank keeps its own, from its own shards)."""
+    rank, world = rank_and_world()
+    if world == 1:
+        return
+    prints = [None] * world
+    dist.all_gather_object(prints, _fingerprint(model, _batch_norm_statistics(model)))
+    apart = [r for r, p in enumerate(prints) if p != prints[0]]
+    if apart:
+        raise DistributedError(f"ranks {apart} hold different scores or weights from rank 0 "
+                               "(the same update should have kept them bit-identical)")
 
 
 def shard(batch: torch.Tensor, rank: int, world: int) -> torch.Tensor:

@@ -472,6 +472,8 @@ def run(config: TrainConfig, *, progress: bool = True) -> dict:
             log(record)
             pos.update(epoch=epoch + 1, step_in_epoch=0)
             tally.update(loss_sum=0.0, correct=0, seen=0, epoch_seconds=0.0, history=tally["history"] + [record])
+            if world > 1:  # scores are never sent: prove every rank still holds rank 0's before saving
+                _distributed.check_in_sync(model)
             save()
             if stop.requested:
                 interrupted = pos["epoch"] < cfg.epochs

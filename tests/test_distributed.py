@@ -1,10 +1,13 @@
-"""Two gloo processes on loopback: identical int8 scores on every rank, K times less traffic."""
+"""Two gloo processes on loopback: identical int8 scores on every rank, equal to one process that
+averages the two half-batch gradients, K times less traffic than the dense reference; a missing or
+dying rank is one line on the survivors, never a hang."""
 
 import json
 import os
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -12,11 +15,14 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from seedslot import SlotSGD, distributed
+from seedslot.checkpoints import load_checkpoint
+from seedslot.cli import main
 from seedslot.models import build
 
 from test_data import write_mnist
 
-STEPS, BATCH = 4, 32
+STEPS, BATCH, K = 4, 32, 4
+ENV = dict(SEEDSLOT_COMPILE="0", OMP_NUM_THREADS="1", SEEDSLOT_DIST_TIMEOUT="20")
 
 
 def _port() -> int:
@@ -30,53 +36,91 @@ def _data():
     return torch.randn(STEPS, BATCH, 1, 12, 12, generator=g), torch.randint(0, 10, (STEPS, BATCH), generator=g)
 
 
-def _train(model, forward, rank=0, world=1):
-    opt = SlotSGD(model.parameters(), lr=0.5, momentum=0.9)
-    xs, ys = _data()
-    for x, y in zip(xs, ys):
+def _optimizer(model):
+    params = [p for p in model.parameters() if p.requires_grad]
+    return SlotSGD(params, lr=0.5, momentum=0.9)
+
+
+def _state(model):
+    """Every rank's copy of what training changes: seeded int8 scores, dense fp32 scores."""
+    return [t.detach().clone() for n, t in model.state_dict().items() if n.endswith("_scores")]
+
+
+def _train_ddp(model, ddp, rank, world):
+    opt = _optimizer(model)
+    for x, y in zip(*_data()):
         opt.zero_grad(set_to_none=True)
-        F.cross_entropy(forward(distributed.shard(x, rank, world)), distributed.shard(y, rank, world)).backward()
+        F.cross_entropy(ddp(distributed.shard(x, rank, world)), distributed.shard(y, rank, world)).backward()
         opt.step()
-    return [b.clone() for n, b in model.named_buffers() if n.endswith("_scores")]
+    return _state(model)
+
+
+def _train_one_process(model, halves):
+    """The same global batches in one process: as DDP does, each half's mean gradient divided by
+    the number of halves, then summed (``halves`` = 1: the plain global-batch gradient)."""
+    opt = _optimizer(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    for x, y in zip(*_data()):
+        total = None
+        for r in range(halves):
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(model(distributed.shard(x, r, halves)), distributed.shard(y, r, halves)).backward()
+            g = [p.grad / halves for p in params]
+            total = g if total is None else [a + b for a, b in zip(total, g)]
+        for p, g in zip(params, total):
+            p.grad = g
+        opt.step()
+    return _state(model)
 
 
 def _worker(rank, world, port, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      SEEDSLOT_COMPILE="0")
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), **ENV)
     torch.set_num_threads(1)
     distributed.init_from_env()
-    model = build("lenet", mode="seeded", k=4, input_size=12)
-    ddp = distributed.wrap(model)
-    counter = distributed.ByteCounter()
-    ddp.register_comm_hook(counter, distributed.ByteCounter.hook)
-    scores = _train(model, ddp, rank, world)
-    gathered = [None] * world
-    torch.distributed.all_gather_object(gathered, scores)
+    result = {}
+    for mode in ("seeded", "dense"):
+        model = build("lenet", mode=mode, k=K, input_size=12)
+        ddp = distributed.wrap(model)
+        counter = distributed.ByteCounter()
+        ddp.register_comm_hook(counter, distributed.ByteCounter.hook)
+        scores = _train_ddp(model, ddp, rank, world)
+        distributed.check_in_sync(model)
+        gathered = [None] * world
+        torch.distributed.all_gather_object(gathered, scores)
+        result[mode] = dict(scores=gathered, bytes=counter.bytes)
     if rank == 0:
-        torch.save(dict(scores=gathered, bytes=counter.bytes), out)
+        torch.save(result, out)
     torch.distributed.destroy_process_group()
 
 
-def test_two_ranks_hold_identical_scores_and_send_one_value_per_connection(tmp_path):
+def test_two_ranks_hold_identical_scores_equal_to_one_process(tmp_path):
     out = str(tmp_path / "ranks.pt")
     mp.spawn(_worker, args=(2, _port(), out), nprocs=2, join=True)
     result = torch.load(out)
-    rank0, rank1 = result["scores"]
-    assert all(torch.equal(a, b) for a, b in zip(rank0, rank1))  # bit-identical, never broadcast
+    connections = sum(p.numel() for p in build("lenet", mode="seeded", k=K, input_size=12).parameters())
+    for mode in ("seeded", "dense"):
+        rank0, rank1 = result[mode]["scores"]
+        assert all(torch.equal(a, b) for a, b in zip(rank0, rank1)), mode  # bit-identical, never broadcast
+    assert result["seeded"]["bytes"] == STEPS * 4 * connections  # one fp32 gradient value per connection
+    assert result["dense"]["bytes"] == K * result["seeded"]["bytes"]  # the reference sends K
 
-    model = build("lenet", mode="seeded", k=4, input_size=12)
-    connections = sum(p.numel() for p in model.parameters())
-    assert result["bytes"] == STEPS * 4 * connections  # one fp32 gradient value per connection per step
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the ranks' matmul blocking
+    try:
+        rank0 = result["seeded"]["scores"][0]
+        # One process that averages the two half-batch gradients as DDP does: bit-identical.
+        halves = _train_one_process(build("lenet", mode="seeded", k=K, input_size=12), halves=2)
+        assert all(torch.equal(a, b) for a, b in zip(halves, rank0))
+        # One process on the whole batch: the fp32 mean of 32 instead of the mean of two means of 16
+        # rounds differently, which stochastic rounding can turn into a one-level difference.
+        whole = _train_one_process(build("lenet", mode="seeded", k=K, input_size=12), halves=1)
+        levels = torch.cat([(a.int() - b.int()).abs().flatten() for a, b in zip(whole, rank0)])
+        assert levels.max() <= 1 and levels.float().mean() < 1e-3
+    finally:
+        torch.set_num_threads(threads)
 
-    # A single process on the global batch: the same update up to the order of the fp32 gradient
-    # sum (mean over 32 examples vs the mean of two means over 16), which stochastic rounding can
-    # turn into a one-level difference; selections then diverge only where that level decides.
-    single = _train(model, model)
-    differ = sum(int((a != b).sum()) for a, b in zip(single, rank0))
-    assert differ <= 0.001 * sum(a.numel() for a in single)
 
-
-def test_world_size_must_divide_every_batch():
+def test_world_size_must_divide_every_batch(tmp_path, capsys):
     with pytest.raises(ValueError, match="the world size 2 does not divide"):
         distributed.shard(torch.zeros(5), 0, 2)
     from seedslot.train import _check_shards
@@ -84,20 +128,70 @@ def test_world_size_must_divide_every_batch():
     _check_shards(160, 16, 2)
     with pytest.raises(ValueError, match="does not divide a batch of 5 examples"):
         _check_shards(165, 16, 2)
+    # Refused before any process starts.
+    assert main(["train", "--data-dir", str(tmp_path), "--batch-size", "15", "--nproc", "2"]) == 2
+    assert "the world size 2 does not divide --batch-size 15" in capsys.readouterr().err
+
+
+def test_missing_rank_is_an_error_within_the_timeout(tmp_path, monkeypatch, capsys):
+    write_mnist(tmp_path, n_train=32, n_test=8)
+    monkeypatch.setenv("SEEDSLOT_DIST_TIMEOUT", "1")
+    for k, v in dict(WORLD_SIZE="2", RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_port())).items():
+        monkeypatch.setenv(k, v)
+    t = time.monotonic()
+    assert main(["train", "--dataset", "mnist", "--data-dir", str(tmp_path), "--no-progress"]) == 2
+    assert time.monotonic() - t < 30  # bounded by the timeout, not a hang
+    err = capsys.readouterr().err
+    assert err.startswith("seedslot: error: rank 0 of 2: the ranks did not all meet") and err.count("\n") == 1
+
+    monkeypatch.delenv("MASTER_PORT")
+    assert main(["train", "--dataset", "mnist", "--data-dir", str(tmp_path)]) == 2
+    assert "MASTER_PORT is not set" in capsys.readouterr().err
+
+
+_DIES_AT_STEP_3 = """
+import os, sys
+import torch.nn.functional as F
+if os.environ["RANK"] == "1":
+    real, calls = F.cross_entropy, []
+    def dying(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            os._exit(1)
+        return real(*a, **k)
+    F.cross_entropy = dying
+from seedslot.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_dying_rank_is_one_line_on_the_survivor_and_the_checkpoint_stays_whole(tmp_path):
+    write_mnist(tmp_path / "d", n_train=128, n_test=8)
+    env = dict(os.environ, **ENV, WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_port()))
+    cmd = [sys.executable, "-c", _DIES_AT_STEP_3, "train", "--dataset", "mnist", "--data-dir", str(tmp_path / "d"),
+           "--batch-size", "16", "--limit-train", "96", "--k", "2", "--no-progress", "--checkpoint-every-steps", "1"]
+    procs = [subprocess.Popen(cmd + ["--out", str(tmp_path / f"o{r}")], env=dict(env, RANK=str(r)),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    try:
+        _, err = procs[0].communicate(timeout=120)
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+    assert procs[0].returncode == 2, err[-2000:]
+    assert err.startswith("seedslot: error: rank 0 of 2: lost contact with another rank") and err.count("\n") == 1
+    assert os.listdir(tmp_path / "o0") == ["last.ckpt"]  # no temporary file left behind
+    assert load_checkpoint(str(tmp_path / "o0" / "last.ckpt"))["global_step"] == 2
+    assert not (tmp_path / "o1").exists()  # only rank 0 writes
 
 
 def test_nproc_trains_through_torchrun_and_rank_0_writes(tmp_path):
     write_mnist(tmp_path / "d", n_train=160, n_test=20)
-    env = dict(os.environ, SEEDSLOT_COMPILE="0", SEEDSLOT_DIST_TIMEOUT="60")
     cmd = [sys.executable, "-m", "seedslot", "train", "--dataset", "mnist", "--data-dir", str(tmp_path / "d"),
            "--epochs", "1", "--batch-size", "16", "--k", "2", "--no-progress", "--out", str(tmp_path / "o"),
-           "--json", str(tmp_path / "s.json")]
-    r = subprocess.run(cmd + ["--nproc", "2"], capture_output=True, text=True, timeout=240, env=env)
+           "--json", str(tmp_path / "s.json"), "--nproc", "2"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=dict(os.environ, **ENV))
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.count("epoch 1/1") == 1  # only rank 0 prints
     s = json.loads((tmp_path / "s.json").read_text())
     assert s["world_size"] == 2 and (tmp_path / "o" / "last.ckpt").exists()
-
-    bad = subprocess.run(cmd[:-2] + ["--batch-size", "15", "--nproc", "2"], capture_output=True, text=True,
-                         timeout=240, env=env)
-    assert bad.returncode != 0 and "does not divide" in bad.stderr
