@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-__all__ = ["DistributedError", "init_from_env", "rank_and_world", "wrap", "shard", "check_in_sync",
+__all__ = ["DistributedError", "init_from_env", "rank_and_world", "wrap", "check_batch_size", "shard", "loss_weight", "check_in_sync",
            "collective_failure", "launch", "ByteCounter", "add_bench_arguments", "run_bench"]
 
 TIMEOUT_ENV = "SEEDSLOT_DIST_TIMEOUT"  # seconds a collective may wait for a missing rank
@@ -142,13 +142,25 @@ def check_in_sync(model: nn.Module) -> None:
                                "(the same update should have kept them bit-identical)")
 
 
+def check_batch_size(batch_size: int, world: int) -> None:
+    """ValueError unless ``world`` ranks can split a batch of ``batch_size`` evenly."""
+    if batch_size % world:
+        raise ValueError(f"the world size {world} does not divide batch_size {batch_size}: "
+                         "choose --batch-size divisible by --nproc")
+
+
 def shard(batch: torch.Tensor, rank: int, world: int) -> torch.Tensor:
-    """This rank's equal share of a global batch (every rank sees the whole batch's indices)."""
-    if batch.shape[0] % world:
-        raise ValueError(f"the world size {world} does not divide the batch ({batch.shape[0]} examples): "
-                         "choose --batch-size (and a training set size) divisible by --nproc")
-    n = batch.shape[0] // world
-    return batch[rank * n : (rank + 1) * n]
+    """This rank's share of a global batch (every rank sees the whole batch's indices): equal
+    shares, or shares one apart when the batch (an epoch's last) does not split evenly."""
+    if batch.shape[0] < world:
+        raise ValueError(f"a batch of {batch.shape[0]} examples cannot give each of {world} ranks one")
+    return batch.tensor_split(world)[rank]
+
+
+def loss_weight(n: int, rank: int, world: int) -> float:
+    """The factor on this rank's mean loss over its :func:`shard` of a global batch of ``n`` that
+    makes DDP's average over the ranks the mean over the whole batch: 1.0 for equal shares."""
+    return (n // world + (rank < n % world)) * world / n
 
 
 def _free_port() -> int:

@@ -201,15 +201,6 @@ def _seed64(*words: int) -> int:
     return derive(*words) & (2**63 - 1)
 
 
-def _check_shards(n: int, batch_size: int, world: int) -> None:
-    """Every global batch, the last one included, must split evenly over the ranks."""
-    for size in {batch_size, n % batch_size} - {0}:
-        if size % world:
-            raise ValueError(f"the world size {world} does not divide a batch of {size} examples "
-                             f"({n} training examples, batch_size {batch_size}): choose batch_size and "
-                             "limit_train so that every batch splits evenly")
-
-
 def _epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[torch.Tensor]:
     """Index batches of the whole training split for ``epoch``: a shuffle fixed by (seed, epoch)."""
     order = torch.randperm(n, generator=torch.Generator().manual_seed(_seed64(seed, _SHUFFLE, epoch)))
@@ -357,7 +348,7 @@ def run(config: TrainConfig, *, progress: bool = True) -> dict:
     data = _data.load(cfg.dataset, cfg.data_dir, seed=cfg.seed, normalize=cfg.normalize, limit_train=cfg.limit_train)
     model = _make_model(cfg, data, ckpt)
     if world > 1:
-        _check_shards(len(data.train), cfg.batch_size, world)
+        _distributed.check_batch_size(cfg.batch_size, world)
     net = _distributed.wrap(model) if world > 1 else model
     params = [p for p in model.parameters() if p.requires_grad]
     hyper = dict(lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
@@ -424,18 +415,22 @@ def run(config: TrainConfig, *, progress: bool = True) -> dict:
             t_epoch = time.perf_counter()
             model.train()
             batches = _epoch_batches(len(data.train), cfg.batch_size, cfg.seed, epoch)
+            if world > 1 and len(batches[-1]) < world:  # a last batch too small to give every rank one
+                batches = batches[:-1]
             bar = tqdm(total=len(batches), initial=pos["step_in_epoch"], desc=f"epoch {epoch + 1}/{cfg.epochs}",
                        unit="batch", leave=False, dynamic_ncols=True, disable=not (progress and main))
             for step in range(pos["step_in_epoch"], len(batches)):
                 idx = batches[step]
                 x = data.preprocess(data.train.images[idx], _flip_generator(cfg.seed, epoch, step))
                 y = data.train.labels[idx]
+                weight = 1.0
                 if world > 1:  # flips drawn for the global batch, as in a single process
+                    weight = _distributed.loss_weight(len(y), rank, world)
                     x, y = _distributed.shard(x, rank, world), _distributed.shard(y, rank, world)
                 optimizer.zero_grad(set_to_none=True)
                 logits = net(x)  # (B / world, classes)
                 loss = F.cross_entropy(logits, y)
-                loss.backward()
+                (loss * weight).backward()  # weight 1 (exact) unless the last batch splits unevenly
                 optimizer.step()
 
                 tally["loss_sum"] += loss.item() * len(y)

@@ -10,6 +10,7 @@ import sys
 import time
 
 import pytest
+from hypothesis import given, settings, strategies as st
 import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
@@ -32,8 +33,10 @@ def _port() -> int:
 
 
 def _data():
+    """STEPS global batches, the last one odd-sized (an epoch's last batch): shards of 16 and 15."""
     g = torch.Generator().manual_seed(0)
-    return torch.randn(STEPS, BATCH, 1, 12, 12, generator=g), torch.randint(0, 10, (STEPS, BATCH), generator=g)
+    sizes = [BATCH] * (STEPS - 1) + [BATCH - 1]
+    return [(torch.randn(n, 1, 12, 12, generator=g), torch.randint(0, 10, (n,), generator=g)) for n in sizes]
 
 
 def _optimizer(model):
@@ -48,9 +51,10 @@ def _state(model):
 
 def _train_ddp(model, ddp, rank, world):
     opt = _optimizer(model)
-    for x, y in zip(*_data()):
+    for x, y in _data():
         opt.zero_grad(set_to_none=True)
-        F.cross_entropy(ddp(distributed.shard(x, rank, world)), distributed.shard(y, rank, world)).backward()
+        loss = F.cross_entropy(ddp(distributed.shard(x, rank, world)), distributed.shard(y, rank, world))
+        (loss * distributed.loss_weight(len(y), rank, world)).backward()
         opt.step()
     return _state(model)
 
@@ -60,11 +64,12 @@ def _train_one_process(model, halves):
     the number of halves, then summed (``halves`` = 1: the plain global-batch gradient)."""
     opt = _optimizer(model)
     params = [p for p in model.parameters() if p.requires_grad]
-    for x, y in zip(*_data()):
+    for x, y in _data():
         total = None
         for r in range(halves):
             opt.zero_grad(set_to_none=True)
-            F.cross_entropy(model(distributed.shard(x, r, halves)), distributed.shard(y, r, halves)).backward()
+            loss = F.cross_entropy(model(distributed.shard(x, r, halves)), distributed.shard(y, r, halves))
+            (loss * distributed.loss_weight(len(y), r, halves)).backward()
             g = [p.grad / halves for p in params]
             total = g if total is None else [a + b for a, b in zip(total, g)]
         for p, g in zip(params, total):
@@ -120,14 +125,24 @@ def test_two_ranks_hold_identical_scores_equal_to_one_process(tmp_path):
         torch.set_num_threads(threads)
 
 
-def test_world_size_must_divide_every_batch(tmp_path, capsys):
-    with pytest.raises(ValueError, match="the world size 2 does not divide"):
-        distributed.shard(torch.zeros(5), 0, 2)
-    from seedslot.train import _check_shards
+@settings(max_examples=50, deadline=None)
+@given(st.integers(1, 6), st.integers(0, 40))
+def test_shards_cover_the_batch_and_weights_make_the_global_mean(world, extra):
+    n = world + extra
+    batch = torch.arange(n, dtype=torch.float64)
+    shards = [distributed.shard(batch, r, world) for r in range(world)]
+    assert torch.equal(torch.cat(shards), batch) and max(map(len, shards)) - min(map(len, shards)) <= 1
+    ddp_mean = sum(distributed.loss_weight(n, r, world) * s.mean() for r, s in enumerate(shards)) / world
+    assert ddp_mean.item() == pytest.approx(batch.mean().item(), rel=1e-12)
+    assert all(distributed.loss_weight(n, r, world) == 1.0 for r in range(world)) == (n % world == 0)
 
-    _check_shards(160, 16, 2)
-    with pytest.raises(ValueError, match="does not divide a batch of 5 examples"):
-        _check_shards(165, 16, 2)
+
+def test_world_size_must_divide_the_batch_size(tmp_path, capsys):
+    with pytest.raises(ValueError, match="cannot give each of 3 ranks one"):
+        distributed.shard(torch.zeros(2), 0, 3)
+    distributed.check_batch_size(16, 2)
+    with pytest.raises(ValueError, match="the world size 2 does not divide batch_size 15"):
+        distributed.check_batch_size(15, 2)
     # Refused before any process starts.
     assert main(["train", "--data-dir", str(tmp_path), "--batch-size", "15", "--nproc", "2"]) == 2
     assert "the world size 2 does not divide --batch-size 15" in capsys.readouterr().err
@@ -169,7 +184,7 @@ def test_a_dying_rank_is_one_line_on_the_survivor_and_the_checkpoint_stays_whole
     write_mnist(tmp_path / "d", n_train=128, n_test=8)
     env = dict(os.environ, **ENV, WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_port()))
     cmd = [sys.executable, "-c", _DIES_AT_STEP_3, "train", "--dataset", "mnist", "--data-dir", str(tmp_path / "d"),
-           "--batch-size", "16", "--limit-train", "96", "--k", "2", "--no-progress", "--checkpoint-every-steps", "1"]
+           "--batch-size", "16", "--k", "2", "--no-progress", "--checkpoint-every-steps", "1"]
     procs = [subprocess.Popen(cmd + ["--out", str(tmp_path / f"o{r}")], env=dict(env, RANK=str(r)),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
     try:
@@ -186,7 +201,7 @@ def test_a_dying_rank_is_one_line_on_the_survivor_and_the_checkpoint_stays_whole
 
 
 def test_nproc_trains_through_torchrun_and_rank_0_writes(tmp_path):
-    write_mnist(tmp_path / "d", n_train=160, n_test=20)
+    write_mnist(tmp_path / "d", n_train=128, n_test=20)  # 109 to train: last batch 13
     cmd = [sys.executable, "-m", "seedslot", "train", "--dataset", "mnist", "--data-dir", str(tmp_path / "d"),
            "--epochs", "1", "--batch-size", "16", "--k", "2", "--no-progress", "--out", str(tmp_path / "o"),
            "--json", str(tmp_path / "s.json"), "--nproc", "2"]
