@@ -20,11 +20,13 @@ import hashlib
 import inspect
 import json
 import os
+import signal
 import socket
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from typing import Sequence
 
@@ -34,8 +36,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-__all__ = ["DistributedError", "init_from_env", "rank_and_world", "wrap", "check_batch_size", "shard", "loss_weight", "check_in_sync",
-           "collective_failure", "launch", "ByteCounter", "add_bench_arguments", "run_bench"]
+__all__ = ["DistributedError", "init_from_env", "rank_and_world", "wrap", "check_batch_size", "shard",
+           "loss_weight", "sum_over_ranks", "check_in_sync", "collective_failure", "launch", "ByteCounter",
+           "add_bench_arguments", "run_bench"]
 
 TIMEOUT_ENV = "SEEDSLOT_DIST_TIMEOUT"  # seconds a collective may wait for a missing rank
 _DEFAULT_TIMEOUT_S = 120.0
@@ -46,7 +49,14 @@ class DistributedError(RuntimeError):
 
 
 def _timeout_s() -> float:
-    return float(os.environ.get(TIMEOUT_ENV, _DEFAULT_TIMEOUT_S))
+    value = os.environ.get(TIMEOUT_ENV, str(_DEFAULT_TIMEOUT_S))
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not 0 < seconds < float("inf"):
+        raise ValueError(f"{TIMEOUT_ENV} must be a number of seconds > 0; got {value!r}")
+    return seconds
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -57,8 +67,8 @@ def rank_and_world() -> tuple[int, int]:
 
 
 def init_from_env() -> bool:
-    """Join the process group torchrun describes (``WORLD_SIZE`` > 1 in the environment): gloo on
-    CPU, nccl on CUDA. A rank that never arrives or dies makes the others fail after
+    """Join the process group torchrun describes (``WORLD_SIZE`` > 1 in the environment): gloo for
+    CPU tensors, nccl for CUDA tensors. A rank that never arrives or dies makes the others fail after
     ``SEEDSLOT_DIST_TIMEOUT`` seconds (default 120) instead of hanging. Returns whether it joined."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
         return dist.is_initialized()
@@ -66,11 +76,15 @@ def init_from_env() -> bool:
         if name not in os.environ:
             raise ValueError(f"WORLD_SIZE is {os.environ['WORLD_SIZE']} but {name} is not set: "
                              "start distributed runs with torchrun or `seedslot train --nproc N`")
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if backend == "nccl":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    timeout = datetime.timedelta(seconds=_timeout_s())
+    backend = "gloo"
+    if torch.cuda.is_available():  # collectives pick the backend by the tensors' device
+        backend = "cpu:gloo,cuda:nccl"
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        if local < torch.cuda.device_count():
+            torch.cuda.set_device(local)
     try:
-        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=_timeout_s()))
+        dist.init_process_group(backend, timeout=timeout)
     except (RuntimeError, ValueError) as e:  # DistStoreError, DistNetworkError are RuntimeErrors
         where = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
         raise DistributedError(f"rank {os.environ['RANK']} of {os.environ['WORLD_SIZE']}: the ranks did not all "
@@ -163,6 +177,13 @@ def loss_weight(n: int, rank: int, world: int) -> float:
     return (n // world + (rank < n % world)) * world / n
 
 
+def sum_over_ranks(values: Sequence[float]) -> list[float]:
+    """Each of ``values`` summed over the ranks (fp64: exact for counts)."""
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -177,7 +198,18 @@ def launch(argv: Sequence[str], nproc: int) -> int:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
            "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), "-m", "seedslot", *argv]
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-    return subprocess.call(cmd, env=env)
+    # Ctrl-C: torchrun (which sets its own handler) sends it once to every rank (each in a session
+    # of its own, out of the terminal's reach); they agree on a step, rank 0 saves, all exit. This
+    # wait only notes it rather than killing torchrun, which would orphan the ranks.
+    interrupted = []
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, lambda *_: interrupted.append(1)) if main_thread else None
+    try:
+        status = subprocess.call(cmd, env=env)
+        return 130 if interrupted and status else status
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGINT, previous)
 
 
 class ByteCounter:

@@ -225,10 +225,12 @@ def _peak_rss_bytes() -> int:
 
 class _StopOnCtrlC:
     """While active, the first Ctrl-C asks the loop to stop after the current step (so that what
-    was done can be saved); a second one interrupts at once."""
+    was done can be saved); a second one interrupts at once. With ``agree``, ``asked`` records it
+    and the loop sets ``requested`` once the ranks agree, so that all stop after the same step."""
 
-    def __init__(self) -> None:
-        self.requested = False
+    def __init__(self, agree: bool = False) -> None:
+        self.requested = self.asked = False
+        self._agree = agree
         self._previous = None
 
     def __enter__(self) -> "_StopOnCtrlC":
@@ -237,9 +239,10 @@ class _StopOnCtrlC:
         return self
 
     def _handle(self, signum, frame) -> None:
-        if self.requested:
+        if self.asked:
             raise KeyboardInterrupt
-        self.requested = True
+        self.asked = True
+        self.requested = not self._agree
         print("\nseedslot: stopping after this step and saving (Ctrl-C again aborts)", file=sys.stderr, flush=True)
 
     def __exit__(self, *exc) -> None:
@@ -410,7 +413,7 @@ def run(config: TrainConfig, *, progress: bool = True) -> dict:
         say(f"selected weights before fine-tuning: val {_fmt(val_loss, val_acc)}")
 
     interrupted = False
-    with _StopOnCtrlC() as stop:
+    with _StopOnCtrlC(agree=world > 1) as stop:
         for epoch in range(pos["epoch"], cfg.epochs):
             t_epoch = time.perf_counter()
             model.train()
@@ -433,9 +436,13 @@ def run(config: TrainConfig, *, progress: bool = True) -> dict:
                 (loss * weight).backward()  # weight 1 (exact) unless the last batch splits unevenly
                 optimizer.step()
 
-                tally["loss_sum"] += loss.item() * len(y)
-                tally["correct"] += int((logits.argmax(dim=1) == y).sum())
-                tally["seen"] += len(y)
+                done = [loss.item() * len(y), int((logits.argmax(dim=1) == y).sum()), len(y), stop.asked]
+                if world > 1:  # the global batch's tally, and whether any rank was asked to stop
+                    done = _distributed.sum_over_ranks(done)
+                    stop.requested = bool(done[3])
+                tally["loss_sum"] += done[0]
+                tally["correct"] += int(done[1])
+                tally["seen"] += int(done[2])
                 pos["step_in_epoch"], pos["global_step"] = step + 1, pos["global_step"] + 1
                 bar.update()
                 bar.set_postfix(loss=f"{tally['loss_sum'] / tally['seen']:.4f}",

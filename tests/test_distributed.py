@@ -4,6 +4,7 @@ dying rank is one line on the survivors, never a hang."""
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -200,13 +201,26 @@ def test_a_dying_rank_is_one_line_on_the_survivor_and_the_checkpoint_stays_whole
     assert not (tmp_path / "o1").exists()  # only rank 0 writes
 
 
-def test_nproc_trains_through_torchrun_and_rank_0_writes(tmp_path):
-    write_mnist(tmp_path / "d", n_train=128, n_test=20)  # 109 to train: last batch 13
+def test_nproc_trains_through_torchrun_and_ctrl_c_stops_every_rank_at_one_step(tmp_path):
+    write_mnist(tmp_path / "d", n_train=128, n_test=20)  # 109 to train: the last batch splits 7 + 6
+    out = tmp_path / "o"
     cmd = [sys.executable, "-m", "seedslot", "train", "--dataset", "mnist", "--data-dir", str(tmp_path / "d"),
-           "--epochs", "1", "--batch-size", "16", "--k", "2", "--no-progress", "--out", str(tmp_path / "o"),
+           "--epochs", "1000", "--batch-size", "16", "--k", "2", "--no-progress", "--out", str(out),
            "--json", str(tmp_path / "s.json"), "--nproc", "2"]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=dict(os.environ, **ENV))
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert r.stdout.count("epoch 1/1") == 1  # only rank 0 prints
+    # A session of its own, like a terminal's: Ctrl-C goes to the launcher and torchrun.
+    p = subprocess.Popen(cmd, env=dict(os.environ, **ENV), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "metrics.jsonl").exists() and p.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)  # until an epoch (and its check that the ranks agree) is done
+        os.killpg(p.pid, signal.SIGINT)
+        stdout, stderr = p.communicate(timeout=120)
+    finally:
+        p.kill()
+    assert p.returncode == 130, stderr[-2000:]
+    assert stdout.count("epoch 1/1000") == 1 and "interrupted at epoch" in stdout, stderr[-3000:]  # rank 0 prints
     s = json.loads((tmp_path / "s.json").read_text())
-    assert s["world_size"] == 2 and (tmp_path / "o" / "last.ckpt").exists()
+    assert s["world_size"] == 2 and s["interrupted"] and s["history"][0]["train_accuracy"] is not None
+    ckpt = load_checkpoint(str(out / "last.ckpt"))
+    assert ckpt["global_step"] >= 7 and ckpt["tally"]["seen"] == min(16 * ckpt["step_in_epoch"], 109)  # both ranks' shares
