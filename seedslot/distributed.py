@@ -9,7 +9,14 @@ so DDP all-reduces K values per connection: the traffic compared by ``seedslot b
 DDP is built with ``init_sync=False`` (a proxy is an expanded 0-dim tensor, which DDP's initial
 broadcast cannot write into; every rank builds the same model from the seed instead, which
 :func:`wrap` verifies) and ``broadcast_buffers=False`` (scores are buffers that every rank
-computes identically; batch-norm running statistics stay per rank and rank 0's are saved).
+computes identically; batch-norm running statistics stay per rank and rank 0's are saved, as the
+paper uses no SyncBatchNorm). Training checks every epoch that the ranks still agree.
+
+Each global batch is split over the ranks; an epoch's last batch may split unevenly, and each
+rank's loss is then weighted so that DDP's average is still the mean over the whole batch. With
+two ranks the result equals, bit for bit, one process that averages the two half-batch gradients
+the same way (``bench/ddp_equivalence.py``); a plain single process differs only by fp32
+summation order.
 """
 
 from __future__ import annotations
@@ -269,7 +276,15 @@ def _bench_worker(rank: int, world: int, port: int, args: dict, out: str) -> Non
             if i:
                 times.append(time.perf_counter() - t)
         per_step = counter.bytes // (args["steps"] + 1)
-        result[mode] = dict(bytes_per_step=per_step, step_seconds=statistics.median(times))
+        buffer, comm = torch.zeros(per_step // 4), []  # the same bytes, all-reduced alone
+        for i in range(args["steps"] + 1):
+            dist.barrier()
+            t = time.perf_counter()
+            dist.all_reduce(buffer)
+            if i:
+                comm.append(time.perf_counter() - t)
+        result[mode] = dict(bytes_per_step=per_step, step_seconds=statistics.median(times),
+                            allreduce_seconds=statistics.median(comm))
         del ddp, model, opt
     if rank == 0:
         with open(out, "w") as f:
@@ -278,7 +293,8 @@ def _bench_worker(rank: int, world: int, port: int, args: dict, out: str) -> Non
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    """Bytes all-reduced per step and step time of dense and seeded under DDP, side by side."""
+    """Bytes all-reduced per step and step time of dense and seeded under DDP, side by side, and
+    the time of an all-reduce of those bytes alone (the part of a step that traffic costs)."""
     import torch.multiprocessing as mp
 
     if args.nproc < 2:
@@ -293,12 +309,14 @@ def run_bench(args: argparse.Namespace) -> int:
             rows = json.load(f)
     result = dict(bench="ddp", **spec, nproc=args.nproc, backend="gloo",
                   bytes_per_step={m: r["bytes_per_step"] for m, r in rows.items()},
-                  step_seconds={m: r["step_seconds"] for m, r in rows.items()})
+                  step_seconds={m: r["step_seconds"] for m, r in rows.items()},
+                  allreduce_seconds={m: r["allreduce_seconds"] for m, r in rows.items()})
     result["ratio_seeded_over_dense_bytes"] = result["bytes_per_step"]["seeded"] / result["bytes_per_step"]["dense"]
     print(f"ddp: {args.model}, K={args.k}, {args.nproc} processes (gloo), global batch {args.batch_size}")
-    print(f"{'mode':>7} {'bytes/step':>14} {'s/step':>8}")
+    print(f"{'mode':>7} {'bytes/step':>14} {'s/step':>8} {'s/all-reduce':>13}")
     for m in ("dense", "seeded"):
-        print(f"{m:>7} {result['bytes_per_step'][m]:>14,} {result['step_seconds'][m]:>8.4f}")
+        print(f"{m:>7} {result['bytes_per_step'][m]:>14,} {result['step_seconds'][m]:>8.4f} "
+              f"{result['allreduce_seconds'][m]:>13.4f}")
     print(f"seeded/dense bytes: {result['ratio_seeded_over_dense_bytes']:.4f} (1/K = {1 / args.k:.4f})")
     if args.json:
         with open(args.json, "w") as f:
