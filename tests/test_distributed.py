@@ -94,6 +94,16 @@ def _worker(rank, world, port, out):
         gathered = [None] * world
         torch.distributed.all_gather_object(gathered, scores)
         result[mode] = dict(scores=gathered, bytes=counter.bytes)
+    # The agreement check: per-rank batch-norm statistics are fine, any other difference is not.
+    net = torch.nn.Sequential(torch.nn.Linear(2, 2, bias=False), torch.nn.BatchNorm1d(2))
+    torch.nn.init.zeros_(net[0].weight)
+    net[1].running_mean.fill_(rank)
+    distributed.check_in_sync(net)
+    net[0].weight.data[0, 0] = rank
+    try:
+        distributed.check_in_sync(net)
+    except distributed.DistributedError as e:
+        result["apart"] = str(e)
     if rank == 0:
         torch.save(result, out)
     torch.distributed.destroy_process_group()
@@ -109,6 +119,7 @@ def test_two_ranks_hold_identical_scores_equal_to_one_process(tmp_path):
         assert all(torch.equal(a, b) for a, b in zip(rank0, rank1)), mode  # bit-identical, never broadcast
     assert result["seeded"]["bytes"] == STEPS * 4 * connections  # one fp32 gradient value per connection
     assert result["dense"]["bytes"] == K * result["seeded"]["bytes"]  # the reference sends K
+    assert result["apart"].startswith("ranks [1] hold different scores or weights from rank 0")
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the ranks' matmul blocking
