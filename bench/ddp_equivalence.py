@@ -70,7 +70,8 @@ def _halves(args: argparse.Namespace, world: int) -> dict:
 def _compare(a: dict, b: dict) -> dict:
     scores = [n for n in a if n.endswith("_scores")]
     diff = torch.cat([(a[n].int() - b[n].int()).abs().flatten() for n in scores])
-    return dict(identical=all(torch.equal(a[n], b[n]) for n in a if isinstance(a[n], torch.Tensor)), scores=diff.numel(),
+    same = all(torch.equal(a[n], b[n]) for n in a if isinstance(a[n], torch.Tensor))
+    return dict(identical=same, scores=diff.numel(),
                 scores_differing=int((diff > 0).sum()), max_level_difference=int(diff.max()))
 
 

@@ -140,7 +140,8 @@ def wrap(model: nn.Module, device: torch.device | None = None) -> DistributedDat
         raise ValueError("the ranks built different models (seed, k or model differ between ranks)")
     ids = [device.index] if device is not None and device.type == "cuda" else None
     params = inspect.signature(DistributedDataParallel.__init__).parameters
-    no_buffer_sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
+    no_buffer_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in params
+                      else {"broadcast_buffers": False})
     return DistributedDataParallel(model, device_ids=ids, init_sync=False, **no_buffer_sync)
 
 
@@ -260,7 +261,7 @@ def _bench_worker(rank: int, world: int, port: int, args: dict, out: str) -> Non
         counter = ByteCounter()
         ddp.register_comm_hook(counter, ByteCounter.hook)
         params = [p for p in model.parameters() if p.requires_grad]
-        opt = SlotSGD(params, lr=0.1, momentum=0.9) if mode == "seeded" else torch.optim.SGD(params, lr=0.1, momentum=0.9)
+        opt = (SlotSGD if mode == "seeded" else torch.optim.SGD)(params, lr=0.1, momentum=0.9)
         a = model.build_args
         g = torch.Generator().manual_seed(rank)
         n = args["batch_size"] // world

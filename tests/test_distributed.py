@@ -234,4 +234,5 @@ def test_nproc_trains_through_torchrun_and_ctrl_c_stops_every_rank_at_one_step(t
     s = json.loads((tmp_path / "s.json").read_text())
     assert s["world_size"] == 2 and s["interrupted"] and s["history"][0]["train_accuracy"] is not None
     ckpt = load_checkpoint(str(out / "last.ckpt"))
-    assert ckpt["global_step"] >= 7 and ckpt["tally"]["seen"] == min(16 * ckpt["step_in_epoch"], 109)  # both ranks' shares
+    assert ckpt["global_step"] >= 7  # at least one whole epoch
+    assert ckpt["tally"]["seen"] == min(16 * ckpt["step_in_epoch"], 109)  # both ranks' shares counted
