@@ -87,18 +87,18 @@ def _without_nproc(argv: list[str]) -> list[str]:
 
 
 def _train(args: argparse.Namespace, argv: list[str]) -> int:
+    from .train import TrainConfig, resolve, run
+
+    fields = {f: getattr(args, f) for f in TrainConfig.__dataclass_fields__ if hasattr(args, f)}
     if args.nproc is not None:
         if args.nproc < 1:
             raise ValueError(f"nproc must be an int >= 1; got {args.nproc}")
-        if args.batch_size is not None and args.batch_size % args.nproc:
-            raise ValueError(f"the world size {args.nproc} does not divide --batch-size {args.batch_size}")
         if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
-            from .distributed import launch
+            from .distributed import check_batch_size, launch
 
+            if args.resume is None:  # a bad argument is one error before any process starts
+                check_batch_size(resolve(TrainConfig(**fields)).batch_size, args.nproc)
             return launch(_without_nproc(argv), args.nproc)
-    from .train import TrainConfig, run
-
-    fields = {f: getattr(args, f) for f in TrainConfig.__dataclass_fields__ if hasattr(args, f)}
     try:
         summary = run(TrainConfig(**fields), progress=not args.no_progress)
     except RuntimeError as e:  # a rank died or stalled: one line on the survivors, not a traceback

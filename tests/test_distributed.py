@@ -157,7 +157,11 @@ def test_world_size_must_divide_the_batch_size(tmp_path, capsys):
         distributed.check_batch_size(15, 2)
     # Refused before any process starts.
     assert main(["train", "--data-dir", str(tmp_path), "--batch-size", "15", "--nproc", "2"]) == 2
-    assert "the world size 2 does not divide --batch-size 15" in capsys.readouterr().err
+    assert "the world size 2 does not divide batch_size 15" in capsys.readouterr().err
+    assert main(["train", "--data-dir", str(tmp_path), "--nproc", "3"]) == 2  # the default 128
+    assert "the world size 3 does not divide batch_size 128" in capsys.readouterr().err
+    assert main(["train", "--data-dir", str(tmp_path), "--lr", "-1", "--nproc", "2"]) == 2
+    assert capsys.readouterr().err.startswith("seedslot: error: lr ")
 
 
 def test_missing_rank_is_an_error_within_the_timeout(tmp_path, monkeypatch, capsys):
