@@ -96,6 +96,7 @@ def main() -> None:
         ddp_vs_one_process_averaging_halves=_compare(ddp, halves),
         ddp_vs_plain_one_process=_compare(ddp, runs["one"]["model"]),
         test_accuracy={n: s["test_accuracy"] for n, s in summaries.items()},
+        train_seconds={n: round(s["train_seconds"], 2) for n, s in summaries.items()},
     ), indent=2))
 
 
