@@ -15,8 +15,9 @@ paper uses no SyncBatchNorm). Training checks every epoch that the ranks still a
 Each global batch is split over the ranks; an epoch's last batch may split unevenly, and each
 rank's loss is then weighted so that DDP's average is still the mean over the whole batch. With
 two ranks the result equals, bit for bit, one process that averages the two half-batch gradients
-the same way (``bench/ddp_equivalence.py``); a plain single process differs only by fp32
-summation order.
+the same way (``bench/ddp_equivalence.py``). A plain single process sums the batch's gradient in
+another fp32 order: scores first differ by a rounding level, then, once a selection flips, the two
+runs drift apart like any two runs with different rounding.
 """
 
 from __future__ import annotations
