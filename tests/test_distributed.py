@@ -241,3 +241,16 @@ def test_nproc_trains_through_torchrun_and_ctrl_c_stops_every_rank_at_one_step(t
     ckpt = load_checkpoint(str(out / "last.ckpt"))
     assert ckpt["global_step"] >= 7  # at least one whole epoch
     assert ckpt["tally"]["seen"] == min(16 * ckpt["step_in_epoch"], 109)  # both ranks' shares counted
+
+
+def test_bench_ddp_reports_bytes_per_step(tmp_path, capsys):
+    from seedslot.benchmarks import main as bench
+
+    out = tmp_path / "ddp.json"
+    assert bench(["ddp", "--model", "lenet", "--k", "4", "--nproc", "2", "--batch-size", "8", "--steps", "1",
+                  "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    connections = 784 * 300 + 300 * 100 + 100 * 10
+    assert r["bytes_per_step"] == dict(dense=4 * 4 * connections, seeded=4 * connections)
+    assert set(r["step_seconds"]) == set(r["allreduce_seconds"]) == {"dense", "seeded"}
+    assert "seeded/dense bytes: 0.2500 (1/K = 0.2500)" in capsys.readouterr().out
