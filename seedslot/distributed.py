@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import hashlib
 import inspect
 import json
@@ -45,7 +46,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 __all__ = ["DistributedError", "init_from_env", "rank_and_world", "wrap", "check_batch_size", "shard",
-           "loss_weight", "sum_over_ranks", "check_in_sync", "collective_failure", "launch", "ByteCounter",
+           "loss_weight", "sum_over_ranks", "check_in_sync", "collective_failure", "shutdown", "launch", "ByteCounter",
            "add_bench_arguments", "run_bench"]
 
 TIMEOUT_ENV = "SEEDSLOT_DIST_TIMEOUT"  # seconds a collective may wait for a missing rank
@@ -119,6 +120,16 @@ def collective_failure(e: BaseException) -> DistributedError | None:
     rank, world = os.environ.get("RANK", "?"), os.environ.get("WORLD_SIZE", "?")
     return DistributedError(f"rank {rank} of {world}: lost contact with another rank (it died, or stalled for "
                             f"more than {TIMEOUT_ENV}={_timeout_s():g} s): {_first_line(e)[:300]}")
+
+
+def shutdown() -> None:
+    """Leave the process group: wait for every rank, then destroy the group. Gloo work still alive
+    at interpreter exit can abort the process (SIGABRT), so callers drop their DDP wrappers first
+    and all of it goes while Python is fully alive."""
+    gc.collect()
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def _fingerprint(model: nn.Module, skip: frozenset[str] = frozenset()) -> str:
@@ -291,7 +302,7 @@ def _bench_worker(rank: int, world: int, port: int, args: dict, out: str) -> Non
     if rank == 0:
         with open(out, "w") as f:
             json.dump(result, f)
-    dist.destroy_process_group()
+    shutdown()
 
 
 def run_bench(args: argparse.Namespace) -> int:

@@ -518,7 +518,8 @@ def run(config: TrainConfig, *, progress: bool = True) -> dict:
             f"state {total_state / 2**20:.2f} MiB = {summary['bytes_per_connection']:.2f} B/connection)")
     summary["world_size"] = world
     if joined:
-        torch.distributed.destroy_process_group()
+        del net
+        _distributed.shutdown()
     if main:
         paths = [cfg.json] + ([os.path.join(cfg.out, "summary.json")] if cfg.out is not None else [])
         for path in filter(None, paths):

@@ -106,7 +106,8 @@ def _worker(rank, world, port, out):
         result["apart"] = str(e)
     if rank == 0:
         torch.save(result, out)
-    torch.distributed.destroy_process_group()
+    del ddp
+    distributed.shutdown()
 
 
 def test_two_ranks_hold_identical_scores_equal_to_one_process(tmp_path):
