@@ -102,12 +102,22 @@ def _train(args: argparse.Namespace, argv: list[str]) -> int:
     try:
         summary = run(TrainConfig(**fields), progress=not args.no_progress)
     except RuntimeError as e:  # a rank died or stalled: one line on the survivors, not a traceback
+        import torch.distributed as dist
+
         from .distributed import collective_failure
 
         failure = collective_failure(e) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
         if failure is None:
             raise
-        return _error(str(failure))
+        status = _error(str(failure))
+        if dist.is_available() and dist.is_initialized():
+            # A process group that lost a rank cannot be torn down: gloo's threads still hold the
+            # dead peer's pair and abort the interpreter at exit (SIGABRT). Leave without
+            # finalisation; checkpoint and summary writes are atomic, nothing is half-written.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(status)
+        return status
     return 130 if summary["interrupted"] else 0
 
 
