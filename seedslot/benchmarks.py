@@ -2,7 +2,8 @@
 
 Each benchmark runs full training steps (forward, cross-entropy, backward, optimizer step) on random
 inputs of the model's dataset shape: :class:`~seedslot.SlotSGD` with momentum 0.9 for the seeded
-model, ``torch.optim.SGD`` with momentum 0.9 for the dense reference and for ordinary weights.
+models (mode ``seeded``: int8 scores; ``implicit``: ``scores="implicit"``), ``torch.optim.SGD``
+with momentum 0.9 for the dense reference and for ordinary weights.
 
 * :func:`memory_bench`: each mode in its own fresh process; state bytes and peak process memory.
 * :func:`budget_bench`: the largest K whose training step fits a memory budget, one child per K
@@ -37,7 +38,8 @@ from .rng import compile_enabled
 
 __all__ = ["MODES", "memory_bench", "budget_bench", "speed_bench", "parse_bytes", "add_arguments", "run_cli", "main"]
 
-MODES = ("learned", "dense", "seeded")
+MODES = ("learned", "dense", "seeded", "implicit")  # seeded: int8 scores; implicit: scores="implicit"
+SLOT_SEEDED = ("seeded", "implicit")
 BUDGET_KS = tuple(2**i for i in range(9))  # 1, 2, 4, ..., 256
 _MiB = 2**20
 
@@ -95,7 +97,7 @@ def _build(model: str, mode: str, k: int) -> tuple[nn.Module, tuple[int, int, in
     """The model and the (C, H, W) of its dataset's images."""
     from .models import build  # imported late: models build on everything else
 
-    net = build(model, mode=mode, k=k)
+    net = build(model, mode="seeded", k=k, scores="implicit") if mode == "implicit" else build(model, mode=mode, k=k)
     c, s = net.build_args["in_channels"], net.build_args["input_size"]
     return net, (c, s, s)
 
@@ -115,7 +117,7 @@ class _Trainer:
         self.model = net.to(device).train()
         # The paper's greedy learning rates; they do not change what a step costs.
         lr = 0.1 if k <= 8 else 0.01
-        if mode == "seeded":
+        if mode in SLOT_SEEDED:
             self.optimizer: torch.optim.Optimizer = SlotSGD(self.model.parameters(), lr=lr, momentum=0.9)
         else:
             self.optimizer = torch.optim.SGD(self.model.parameters(), lr=lr if mode == "dense" else 0.01, momentum=0.9)
@@ -192,12 +194,14 @@ def memory_bench(model: str = "vgg19", k: int = 8, batch_size: int = 64, steps: 
     out: dict[str, Any] = dict(bench="memory", model=model, compiled=compile_enabled(), k=k,
                                batch_size=batch_size, steps=steps, device=device, rows=rows)
     by_mode = {r["mode"]: r for r in rows}
-    if "seeded" in by_mode and "dense" in by_mode:
-        s, d = by_mode["seeded"], by_mode["dense"]
-        out["ratios"] = dict(
-            state_seeded_over_dense=s["state_bytes"] / d["state_bytes"],
-            increment_seeded_over_dense=s["peak_increment_bytes"] / max(d["peak_increment_bytes"], 1),
-        )
+    if "dense" in by_mode:
+        d = by_mode["dense"]
+        out["ratios"] = {}
+        for m in SLOT_SEEDED:
+            if m in by_mode:
+                out["ratios"][f"state_{m}_over_dense"] = by_mode[m]["state_bytes"] / d["state_bytes"]
+                out["ratios"][f"increment_{m}_over_dense"] = (by_mode[m]["peak_increment_bytes"]
+                                                             / max(d["peak_increment_bytes"], 1))
     return out
 
 
@@ -205,7 +209,7 @@ _OOM = ("OutOfMemoryError", "out of memory", "can't allocate memory", "MemoryErr
 
 
 def budget_bench(model: str = "vgg19", budget_bytes: int = 2 * 2**30, batch_size: int = 32,
-                 ks: Sequence[int] = BUDGET_KS, modes: Sequence[str] = ("dense", "seeded"), steps: int = 1,
+                 ks: Sequence[int] = BUDGET_KS, modes: Sequence[str] = ("dense", "seeded", "implicit"), steps: int = 1,
                  device: str | None = None) -> dict[str, Any]:
     """For each mode, the largest K in ``ks`` (increasing) whose training fits ``budget_bytes``.
 
@@ -275,9 +279,10 @@ def speed_bench(model: str = "lenet", k: int = 8, batch_size: int = 64, repeats:
     out: dict[str, Any] = dict(bench="speed", model=model, compiled=compile_enabled(), k=k, batch_size=batch_size,
                                repeats=repeats, device=device, threads=torch.get_num_threads(), rows=rows, ratios={})
     med = {r["mode"]: r["step_seconds"] for r in rows}
-    for other in ("dense", "learned"):
-        if "seeded" in med and other in med:
-            out["ratios"][f"seeded_over_{other}"] = med["seeded"] / med[other]
+    for m in SLOT_SEEDED:
+        for other in ("dense", "learned"):
+            if m in med and other in med:
+                out["ratios"][f"{m}_over_{other}"] = med[m] / med[other]
     return out
 
 
@@ -311,10 +316,11 @@ def _report(result: dict[str, Any]) -> str:
         cats = [c for c in CATEGORIES if any(r["state_by_category"][c] for r in result["rows"])]
         text += "\nstate MiB by kind\n" + _table(
             ["mode", *cats], [[r["mode"], *(_mib(r["state_by_category"][c]) for c in cats)] for r in result["rows"]])
-        if "ratios" in result:
-            q = result["ratios"]
-            text += (f"\nseeded/dense: state {q['state_seeded_over_dense']:.4f}, "
-                     f"peak increment {q['increment_seeded_over_dense']:.4f}")
+        for m in SLOT_SEEDED:
+            if f"state_{m}_over_dense" in result.get("ratios", {}):
+                q = result["ratios"]
+                text += (f"\n{m}/dense: state {q[f'state_{m}_over_dense']:.4f}, "
+                         f"peak increment {q[f'increment_{m}_over_dense']:.4f}")
         return text
     if bench == "budget":
         head = (f"budget: {result['model']}, {_mib(result['budget_bytes'])} MiB, batch {result['batch_size']}, "
@@ -372,7 +378,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--budget", type=parse_bytes, default=2 * 2**30, help="e.g. 2GiB (default)")
     p.add_argument("--ks", type=_csv(int), default=BUDGET_KS, help="increasing K values to try (default 1,2,4,...,256)")
     p.add_argument("--steps", type=int, default=1, help="steps after one warm-up step")
-    p.add_argument("--modes", type=_csv(str), default=("dense", "seeded"))
+    p.add_argument("--modes", type=_csv(str), default=("dense", "seeded", "implicit"))
 
     p = sub.add_parser("speed", help="steps per second per mode, interleaved in one process")
     common(p, None, 64)

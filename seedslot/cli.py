@@ -17,6 +17,7 @@ from .checkpoints import CheckpointError
 from .data import DATASETS, NORMALIZE
 from .memory import return_large_frees
 from .models import MODELS, MODES
+from .scores import SCORES
 
 __all__ = ["main"]
 
@@ -48,7 +49,8 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--k", type=int, help="candidates per connection (default 8; slot modes)")
     p.add_argument("--selection", choices=("greedy", "sample"), help="default greedy")
     p.add_argument("--sharing", choices=("none", "layer", "global"), help="candidate sharing (default none)")
-    p.add_argument("--scores", choices=("int8", "fp32"), help="score storage of mode seeded (default int8)")
+    p.add_argument("--scores", choices=SCORES,
+                   help="score storage of mode seeded: int8 (default), fp32, or implicit (4 bytes per connection)")
     p.add_argument("--score-lambda", type=float, metavar="LAMBDA",
                    help="score init U(0, LAMBDA*sigma); default the paper's: 1 for conv, 0.1 for linear layers "
                    "(the authors' code uses 1 everywhere)")

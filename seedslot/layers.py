@@ -1,6 +1,7 @@
 """Slot Machine layers: seeded (candidates regenerated, int8 or fp32 scores) and the dense reference.
 
-Seeded layers store only scores. A forward pass selects one candidate per connection (greedy or
+Seeded layers store only scores (int8 or fp32), or with ``scores="implicit"`` one fp32 drift per
+connection from which the scores follow (see :mod:`seedslot.scores`). A forward pass selects one candidate per connection (greedy or
 sampled), regenerates just the selected values, and adds a zero-storage proxy Parameter
 (``slot_weight``, an expanded 0-dim tensor) so that autograd delivers the effective-weight gradient
 G, one fp32 value per connection, as ``slot_weight.grad``. :class:`~seedslot.SlotSGD` turns G into
@@ -36,6 +37,7 @@ from .candidates import (
     ROUND,
     SAMPLE,
     SHARING,
+    SCORES as SCORE_STREAM,
     candidate_chunk,
     glorot_sigma,
     grid_step,
@@ -130,6 +132,9 @@ class _SlotBase(nn.Module):
         self.register_buffer("_cand_keys", cand_keys, persistent=False)
         self.register_buffer("_sample_keys", stream_keys(seed, SAMPLE, self.k, device)[1], persistent=False)
         self.register_buffer("_round_keys", stream_keys(seed, ROUND, self.k, device)[1], persistent=False)
+        score_key, score_keys = stream_keys(seed, SCORE_STREAM, self.k, device)
+        self.register_buffer("_score_key", i32(score_key, device), persistent=False)
+        self.register_buffer("_score_keys", score_keys, persistent=False)
 
     def get_extra_state(self) -> dict:
         """The seeds travel with the scores: a state_dict alone defines the layer's weights."""
@@ -223,12 +228,16 @@ class _Seeded(_SlotBase):
         self.scores = _choice("scores", scores, SCORES)
         device = self._cand_keys.device
         dtype = torch.int8 if scores == "int8" else torch.float32
+        bound = self.score_lambda * self.sigma
+        self.register_buffer("_score_bound", torch.tensor(bound, dtype=torch.float32, device=device), persistent=False)
         for part, (shape, offset) in self.parts.items():
-            init, scale = init_scores(
-                math.prod(shape), self.k, self.seed, self.score_lambda * self.sigma, offset, dtype, device
-            )
-            self.register_buffer(f"{part}_scores", init.view(*shape, self.k))
-            self.register_buffer(f"{part}_scale", torch.tensor(scale, dtype=torch.float32, device=device))
+            if scores == "implicit":  # s = scale * s0 - drift * W, see seedslot.scores
+                self.register_buffer(f"{part}_drift", torch.zeros(shape, device=device))
+                self.register_buffer(f"{part}_scale", torch.ones((), device=device))
+            else:
+                init, scale = init_scores(math.prod(shape), self.k, self.seed, bound, offset, dtype, device)
+                self.register_buffer(f"{part}_scores", init.view(*shape, self.k))
+                self.register_buffer(f"{part}_scale", torch.tensor(scale, dtype=torch.float32, device=device))
             self.register_parameter(f"slot_{part}", nn.Parameter(self._zero_proxy(shape, device)))
             _OWNERS[getattr(self, f"slot_{part}")] = (weakref.ref(self), part)
 
@@ -263,8 +272,46 @@ class _Seeded(_SlotBase):
         missing_keys[before:] = [k for k in missing_keys[before:] if k not in proxies]
 
     def _scores(self, part):
+        """(rows, K) stored scores and their scale; implicit: (rows,) drift and the factor on s0."""
+        if self.scores == "implicit":
+            return getattr(self, f"{part}_drift").view(-1), getattr(self, f"{part}_scale")
         q = getattr(self, f"{part}_scores")
         return q.view(-1, self.k), getattr(self, f"{part}_scale")
+
+    def _implicit_args(self, part: str, a: int) -> tuple:
+        """Arguments after ``drift`` of the implicit-score kernels for rows ``a..`` of a part."""
+        _, factor = self._scores(part)
+        start = i32(self.parts[part][1] + a, factor.device)
+        return (factor, start, self._per_conn, self._cand_key, self._cand_keys, self._cand_step,
+                self._score_key, self._score_keys, self._score_bound)
+
+    def _select(self, part, draw):
+        if self.scores != "implicit":
+            return super()._select(part, draw)
+        drift, _ = self._scores(part)
+        idx = torch.empty(drift.shape[0], dtype=torch.int64, device=drift.device)
+        one = torch.ones((), device=drift.device)
+        key_a = i32(key32(self.seed, SAMPLE, 2, draw), drift.device) if draw is not None else None
+        for a, b in row_chunks(drift.shape[0], self.k):
+            args = self._implicit_args(part, a)
+            if draw is None:
+                idx[a:b] = _scores.implicit_greedy_chunk(drift[a:b], *args)
+            else:  # a chunk of fp32 scores, then the same Gumbel-max draw as stored scores
+                idx[a:b] = sample_chunk(_scores.implicit_chunk(drift[a:b], *args), one, args[1], key_a,
+                                        self._sample_keys)
+        return idx
+
+    @torch.no_grad()
+    def score_values(self, part: str = "weight") -> torch.Tensor:
+        """The real scores of a part, float32 (*shape, K): int8 levels times the scale, or the
+        implicit scores computed from the drift (materialised on request only)."""
+        scores, scale = self._scores(part)
+        if self.scores != "implicit":
+            return (scores.to(torch.float32) * scale).view(*self.parts[part][0], self.k)
+        out = torch.empty(scores.shape[0], self.k, device=scores.device)
+        for a, b in row_chunks(scores.shape[0], self.k):
+            out[a:b] = _scores.implicit_chunk(scores[a:b], *self._implicit_args(part, a))
+        return out.view(*self.parts[part][0], self.k)
 
     def _values(self, part, idx):
         offset = self.parts[part][1]
@@ -304,6 +351,12 @@ class _Seeded(_SlotBase):
         d = direction.reshape(-1).to(torch.float32)
         offset = self.parts[part][1]
         shrink = 1.0 - lr * weight_decay
+        if self.scores == "implicit":  # s = c*s0 - A*W: shrinking scales c and A, the step adds to A
+            if weight_decay:
+                scores.mul_(shrink)
+                scale.mul_(shrink)
+            scores.add_(d, alpha=lr)
+            return
         if self.scores == "fp32":
             if weight_decay:
                 scores.mul_(shrink)

@@ -85,7 +85,7 @@ ROOT_ROW = "(root)"  # tensors the top-level module owns directly
 def _category(module: nn.Module, name: str, is_param: bool) -> str:
     if isinstance(module, _SlotBase):
         parts = module.parts
-        if isinstance(module, (_Seeded, _Dense)) and name in {f"{p}_scores" for p in parts}:
+        if isinstance(module, (_Seeded, _Dense)) and name in {f"{p}_{s}" for p in parts for s in ("scores", "drift")}:
             return "scores"
         if isinstance(module, _Dense) and name in {f"{p}_candidates" for p in parts}:
             return "candidates"

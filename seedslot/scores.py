@@ -12,6 +12,14 @@ connection's largest level passes 127 all its K levels are shifted down together
 invariant to that), so the top stays at 127 and only levels 255 below it are clipped at -128. A
 step that could move a level by more than ``MAX_LEVELS`` first coarsens the grid by a power of two
 (requantising stochastically), so no update can overflow int8 whatever its size.
+
+``scores="implicit"`` stores no score at all. Every straight-through update moves a connection's K
+scores along the same direction, ``-W``, and a decoupled weight decay rescales them all, so the
+scores are always ``s_k = c * s0_k - A * W_k``: ``s0`` the initial scores and ``W`` the candidates
+(both regenerated from seeds), ``c`` one fp32 factor per layer part and ``A`` one fp32 *drift*
+per connection. An update is ``A += lr * D`` (no regeneration, no rounding), and selection
+regenerates the K candidates and initial scores of each connection. The scores are those of
+``scores="fp32"`` up to fp32 rounding order, at 4 bytes per connection whatever K.
 """
 
 from __future__ import annotations
@@ -23,7 +31,7 @@ import torch
 from .candidates import connections
 from .rng import bits, fused, noise_bits, signed24, unit24
 
-SCORES = ("int8", "fp32")
+SCORES = ("int8", "fp32", "implicit")
 
 MAX_LEVELS = 64.0  # the most levels one step may move a score; half the int8 range
 
@@ -82,3 +90,41 @@ def coarsen_factor(lr: float, d_max: float, w_max: float, scale: float) -> float
     if levels <= MAX_LEVELS:
         return 1.0
     return 2.0 ** math.ceil(math.log2(levels / MAX_LEVELS))
+
+
+def _implicit(
+    drift: torch.Tensor,  # (n,) fp32 A of connections start .. start+n-1
+    factor: torch.Tensor,  # 0-dim fp32 c
+    start: torch.Tensor,
+    per_conn: int,
+    cand_key: torch.Tensor,
+    cand_keys: torch.Tensor,
+    step: torch.Tensor,
+    score_key: torch.Tensor,
+    score_keys: torch.Tensor,
+    bound: torch.Tensor,  # 0-dim fp32 lambda*sigma
+) -> torch.Tensor:
+    n = drift.shape[0]
+    w = signed24(bits(connections(start, n, per_conn, drift.device), cand_key, cand_keys)).to(torch.float32) * step
+    s0 = unit24(bits(connections(start, n, 1, drift.device), score_key, score_keys)) * bound  # as init_scores
+    return factor * s0 - drift.unsqueeze(-1) * w  # c = 1, A = 0: exactly s0
+
+
+@fused("drift")
+def implicit_chunk(
+    drift: torch.Tensor, factor: torch.Tensor, start: torch.Tensor, per_conn: int, cand_key: torch.Tensor,
+    cand_keys: torch.Tensor, step: torch.Tensor, score_key: torch.Tensor, score_keys: torch.Tensor,
+    bound: torch.Tensor,
+) -> torch.Tensor:
+    """(n, K) fp32 scores ``c * s0_k - A * W_k`` of connections ``start..``."""
+    return _implicit(drift, factor, start, per_conn, cand_key, cand_keys, step, score_key, score_keys, bound)
+
+
+@fused("drift")
+def implicit_greedy_chunk(
+    drift: torch.Tensor, factor: torch.Tensor, start: torch.Tensor, per_conn: int, cand_key: torch.Tensor,
+    cand_keys: torch.Tensor, step: torch.Tensor, score_key: torch.Tensor, score_keys: torch.Tensor,
+    bound: torch.Tensor,
+) -> torch.Tensor:
+    """(n,) int64 argmax of the implicit scores (lowest index on ties), no (n, K) tensor stored."""
+    return _implicit(drift, factor, start, per_conn, cand_key, cand_keys, step, score_key, score_keys, bound).argmax(-1)

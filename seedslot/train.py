@@ -34,6 +34,7 @@ from .memory import state_bytes
 from .models import MODELS, MODES, build, count_connections
 from .optim import SlotSGD
 from .rng import compile_enabled, derive
+from .scores import SCORES
 
 __all__ = ["TrainConfig", "resolve", "run", "evaluate", "random_selection_"]
 
@@ -131,7 +132,9 @@ def resolve(config: TrainConfig) -> TrainConfig:
         _choice("selection", selection, ("greedy", "sample"))
         _choice("sharing", sharing, ("none", "layer", "global"))
     if scores is not None:
-        _choice("scores", scores, ("int8", "fp32"))
+        _choice("scores", scores, SCORES)
+        if c.random_selection and scores == "implicit":
+            raise ValueError("random_selection needs stored scores: use scores 'int8' or 'fp32'")
 
     _int("epochs", c.epochs, 1)
     if c.random_selection:
@@ -274,6 +277,8 @@ def random_selection_(model: nn.Module, seed: int) -> nn.Module:
     for m in model.modules():
         if isinstance(m, _SlotBase):
             for part in m.parts:
+                if getattr(m, "scores", None) == "implicit":
+                    raise ValueError("random_selection needs stored scores: use scores 'int8' or 'fp32'")
                 scores = getattr(m, f"{part}_scores")  # (*shape, K)
                 idx = torch.randint(m.k, scores.shape[:-1], generator=g, device=scores.device)
                 scores.zero_().scatter_(-1, idx.unsqueeze(-1), 1)

@@ -17,17 +17,20 @@ def test_memory_bench_cli_writes_rows(tmp_path, capsys):
     assert B.main(["memory", *TINY, "--steps", "1", "--device", "cpu", "--json", str(path)]) == 0
     out = json.loads(path.read_text())
     rows = {r["mode"]: r for r in out["rows"]}
-    assert list(rows) == ["learned", "dense", "seeded"]
+    assert list(rows) == ["learned", "dense", "seeded", "implicit"]
     for r in rows.values():
         for key in ("mode", "k", "state_bytes", "peak_rss_bytes", "peak_increment_bytes", "step_seconds"):
             assert key in r
         assert r["peak_rss_bytes"] > r["peak_increment_bytes"] > 0 and r["step_seconds"] > 0
         assert r["connections"] == 784 * 300 + 300 * 100 + 100 * 10
         assert sum(r["state_by_category"].values()) == r["state_bytes"]
-    # bytes per connection: weight+grad+momentum (12); 16 K for the dense reference; K + 8 seeded
+    # bytes per connection: weight+grad+momentum (12); 16 K for the dense reference; K + 8 seeded;
+    # drift+grad+momentum (12) implicit
     assert rows["learned"]["bytes_per_connection"] == pytest.approx(12, rel=0.01)
     assert rows["dense"]["bytes_per_connection"] == pytest.approx(16 * 2, rel=0.01)
     assert rows["seeded"]["bytes_per_connection"] == pytest.approx(2 + 8, rel=0.01)
+    assert rows["implicit"]["bytes_per_connection"] == pytest.approx(12, rel=0.01)
+    assert out["ratios"]["state_implicit_over_dense"] == rows["implicit"]["state_bytes"] / rows["dense"]["state_bytes"]
     assert out["ratios"]["state_seeded_over_dense"] == rows["seeded"]["state_bytes"] / rows["dense"]["state_bytes"]
     table = capsys.readouterr().out
     assert "seeded" in table and "+peak MiB" in table
@@ -38,9 +41,9 @@ def test_budget_bench_search_and_stop(tmp_path):
     B.main(["budget", "--model", "lenet", "--batch-size", "2", "--ks", "1,2", "--budget", "64GiB",
             "--device", "cpu", "--json", str(path)])
     out = json.loads(path.read_text())
-    assert out["dense_max_k"] == 2 and out["seeded_max_k"] == 2
+    assert out["dense_max_k"] == out["seeded_max_k"] == out["implicit_max_k"] == 2
     assert [(t["mode"], t["k"], t["fits"]) for t in out["trials"]] == [
-        ("dense", 1, True), ("dense", 2, True), ("seeded", 1, True), ("seeded", 2, True)]
+        (m, k, True) for m in ("dense", "seeded", "implicit") for k in (1, 2)]
     # a budget below the bare interpreter: the first K fails, the watchdog kills it, the search stops
     out = B.budget_bench("lenet", budget_bytes="1MiB", batch_size=2, ks=(1, 2), modes=("seeded",), device="cpu")
     assert out["seeded_max_k"] is None
@@ -52,6 +55,7 @@ def test_speed_bench_ratios(tmp_path, capsys):
     med = {r["mode"]: r["step_seconds"] for r in out["rows"]}
     assert out["ratios"]["seeded_over_dense"] == med["seeded"] / med["dense"]
     assert out["ratios"]["seeded_over_learned"] == med["seeded"] / med["learned"]
+    assert out["ratios"]["implicit_over_dense"] == med["implicit"] / med["dense"]
     assert all(len(r["step_seconds_all"]) == 2 for r in out["rows"])
     path = tmp_path / "speed.json"
     B.main(["speed", *TINY, "--repeats", "1", "--min-seconds", "0", "--modes", "seeded,dense", "--json", str(path)])

@@ -36,6 +36,10 @@ def _randomise_scores(model: nn.Module, gen: torch.Generator) -> None:
             if not isinstance(m, seedslot.layers._SlotBase):
                 continue
             for part in m.parts:
+                if getattr(m, "scores", None) == "implicit":  # any drift: the scores move along -W
+                    d = getattr(m, f"{part}_drift")
+                    d.copy_(torch.randn(d.shape, generator=gen) * 1e3)
+                    continue
                 s = getattr(m, f"{part}_scores")
                 if s.dtype == torch.int8:
                     s.copy_(torch.randint(-128, 128, s.shape, generator=gen, dtype=torch.int8))
@@ -69,14 +73,14 @@ def _net(conv: bool, n_in: int, n_out: int, ksize: int, stride: int, bias: bool,
     batchnorm=st.booleans(),
     k=st.sampled_from([1, 2, 3, 5, 8, 13, 16, 64]),
     sharing=st.sampled_from(SHARING),
-    kind=st.sampled_from(["int8", "fp32", "dense"]),
+    kind=st.sampled_from(["int8", "fp32", "implicit", "dense"]),
     seed=st.integers(0, 2**40),
 )
 def test_round_trip_is_exact(tmp_path, conv, n_in, n_out, ksize, stride, bias, batchnorm, k, sharing, kind, seed):
     gen = torch.Generator().manual_seed(seed)
     arch = _net(conv, n_in, n_out, ksize, stride, bias, batchnorm)
     model = seedslot.slotify_(copy.deepcopy(arch), k=k, seed=seed, sharing=sharing,
-                              dense=kind == "dense", scores="fp32" if kind == "fp32" else "int8")
+                              dense=kind == "dense", scores="int8" if kind == "dense" else kind)
     _randomise_scores(model, gen)
     shape = (4, n_in, 5, 5) if conv else (4, n_in)
     model.train()

@@ -154,6 +154,46 @@ def _bytes_per_conn(model, opt, conns):
     return ss.memory.state_bytes(model, opt) / conns
 
 
+@pytest.mark.parametrize("sharing", ["none", "layer", "global"])
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_implicit_scores_start_as_the_fp32_scores_bit_for_bit(kind, sharing):
+    fp32, _ = seeded_and_dense(kind, bias=True, k=5, seed=11, sharing=sharing, scores="fp32")
+    implicit, _ = seeded_and_dense(kind, bias=True, k=5, seed=11, sharing=sharing, scores="implicit")
+    for part in ("weight", "bias"):
+        assert torch.equal(implicit.score_values(part), getattr(fp32, f"{part}_scores"))
+        assert torch.equal(implicit.selected_index(part), fp32.selected_index(part))
+        assert getattr(implicit, f"{part}_drift").shape == fp32.parts[part][0]  # one value per connection
+    x = torch.randn(2, 6) if kind == "linear" else torch.randn(2, 4, 7, 7)
+    assert torch.equal(implicit(x), fp32(x))
+    assert not hasattr(implicit, "weight_scores")
+
+
+def test_implicit_sampling_draws_as_fp32_scores_and_eval_is_greedy():
+    fp32, implicit = (ss.SlotLinear(30, 20, k=4, seed=3, selection="sample", scores=s, score_lambda=50.0)
+                      for s in ("fp32", "implicit"))
+    x = torch.randn(3, 30)
+    draws = [implicit(x) for _ in range(3)]
+    assert all(torch.equal(d, fp32(x)) for d in draws)  # same scores, same keyed Gumbel noise
+    assert not torch.equal(draws[0], draws[1])  # a new draw at every training forward
+    implicit.eval()
+    assert torch.equal(implicit(x), x @ implicit.selected_weight().T)
+    assert torch.equal(implicit.selected_index(), fp32.weight_scores.argmax(-1))
+
+
+@pytest.mark.parametrize("k", [8, 64])
+def test_implicit_state_per_connection_does_not_grow_with_k(k):
+    model = torch.nn.Sequential(ss.SlotLinear(256, 128, k=k, scores="implicit"), torch.nn.ReLU(),
+                                ss.SlotLinear(128, 10, k=k, scores="implicit"))
+    conns = 256 * 128 + 128 * 10
+    opt = ss.SlotSGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.randn(8, 256)).sum().backward()
+    opt.step()
+    const = 2 * (64 + 16 * k)  # per layer: scale, seeds' keys, draw counter, proxy
+    assert 12 * conns <= ss.memory.state_bytes(model, opt) <= 12 * conns + const  # drift, G, momentum
+    opt.zero_grad(set_to_none=True)
+    assert ss.memory.state_bytes(model, opt) <= 8 * conns + const
+
+
 @pytest.mark.parametrize("k", [8, 64])
 def test_resident_state_per_connection(k):
     torch.manual_seed(0)
@@ -163,8 +203,8 @@ def test_resident_state_per_connection(k):
     model(torch.randn(8, 256)).sum().backward()
     opt.step()
     # K int8 scores + 4 (G) + 4 (momentum) per connection, plus per-layer constants (scale, seeds'
-    # keys, draw counter, proxy storage): at most 64 + 12*k bytes a layer.
-    const = 2 * (64 + 12 * k)
+    # keys, draw counter, proxy storage): at most 64 + 16*k bytes a layer.
+    const = 2 * (64 + 16 * k)
     assert ss.memory.state_bytes(model, opt) <= (k + 8) * conns + const
     opt.zero_grad(set_to_none=True)
     assert ss.memory.state_bytes(model, opt) <= (k + 4) * conns + const

@@ -17,11 +17,11 @@ CONV_CASES = [
 ]
 
 
-def _pair(kind, sharing, bias, case=None):
+def _pair(kind, sharing, bias, case=None, scores="fp32"):
     kw = dict(k=6, seed=7, sharing=sharing, bias=bias, score_lambda=1.0)
     if kind == "linear":
-        return ss.SlotLinear(12, 8, scores="fp32", **kw), ss.DenseSlotLinear(12, 8, **kw)
-    return ss.SlotConv2d(4, 6, 3, scores="fp32", **kw, **case), ss.DenseSlotConv2d(4, 6, 3, **kw, **case)
+        return ss.SlotLinear(12, 8, scores=scores, **kw), ss.DenseSlotLinear(12, 8, **kw)
+    return ss.SlotConv2d(4, 6, 3, scores=scores, **kw, **case), ss.DenseSlotConv2d(4, 6, 3, **kw, **case)
 
 
 def _train_side_by_side(seeded, dense, x, target, steps, nesterov=False, momentum=0.9, wd=0.0):
@@ -34,34 +34,53 @@ def _train_side_by_side(seeded, dense, x, target, steps, nesterov=False, momentu
             opt.step()
 
 
+@pytest.mark.parametrize("scores", ["fp32", "implicit"])
 @pytest.mark.parametrize("sharing", ["none", "layer", "global"])
 @pytest.mark.parametrize("kind, case", [("linear", None)] + [("conv", c) for c in CONV_CASES])
-def test_seeded_fp32_slotsgd_equals_dense_torch_sgd(kind, case, sharing):
+def test_seeded_slotsgd_equals_dense_torch_sgd(kind, case, sharing, scores):
     torch.manual_seed(0)
-    seeded, dense = _pair(kind, sharing, bias=True, case=case)
+    seeded, dense = _pair(kind, sharing, bias=True, case=case, scores=scores)
     x = torch.randn(16, 12) if kind == "linear" else torch.randn(4, 4, 9, 9)
     target = torch.randn_like(dense(x))
     _train_side_by_side(seeded, dense, x, target, steps=40)
     for part in ("weight", "bias"):
         assert torch.equal(seeded.selected_index(part), dense.selected_index(part))
-        # Same updates up to fp32 rounding order (G*W_k momentum vs W_k * momentum of G).
+        # Same updates up to fp32 rounding order (G*W_k momentum vs W_k * momentum of G; implicit:
+        # s0 - W * sum of steps instead of a running sum of products).
         torch.testing.assert_close(
-            getattr(seeded, f"{part}_scores"), getattr(dense, f"{part}_scores").detach(), rtol=1e-5, atol=1e-6
+            seeded.score_values(part), getattr(dense, f"{part}_scores").detach(), rtol=1e-5, atol=1e-6
         )
     # The selection really moved: this is a test of training, not of initial state.
     init = type(seeded)(*(12, 8) if kind == "linear" else (4, 6, 3), bias=True, k=6, seed=7,
-                        sharing=sharing, scores="fp32", score_lambda=1.0, **(case or {}))
+                        sharing=sharing, scores=scores, score_lambda=1.0, **(case or {}))
     assert not torch.equal(init.selected_index(), seeded.selected_index())
 
 
+@pytest.mark.parametrize("scores", ["fp32", "implicit"])
 @pytest.mark.parametrize("nesterov, momentum, wd", [(True, 0.9, 0.0), (False, 0.0, 0.1)])
-def test_nesterov_and_weight_decay_without_momentum_match_torch(nesterov, momentum, wd):
+def test_nesterov_and_weight_decay_without_momentum_match_torch(nesterov, momentum, wd, scores):
     torch.manual_seed(0)
-    seeded, dense = _pair("linear", "none", bias=False)
+    seeded, dense = _pair("linear", "none", bias=False, scores=scores)
     x = torch.randn(16, 12)
     target = torch.randn(16, 8)
     _train_side_by_side(seeded, dense, x, target, steps=30, nesterov=nesterov, momentum=momentum, wd=wd)
-    torch.testing.assert_close(seeded.weight_scores, dense.weight_scores.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(seeded.score_values(), dense.weight_scores.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_implicit_weight_decay_with_momentum_equals_fp32_scores():
+    """Decoupled decay with momentum (not torch's rule) is the same rule for both seeded kinds."""
+    torch.manual_seed(0)
+    x, target = torch.randn(16, 12), torch.randn(16, 8)
+    fp32, implicit = (ss.SlotLinear(12, 8, k=6, seed=7, scores=s, score_lambda=1.0) for s in ("fp32", "implicit"))
+    opts = [ss.SlotSGD(m.parameters(), lr=0.05, momentum=0.9, weight_decay=0.5) for m in (fp32, implicit)]
+    for _ in range(30):
+        for m, opt in zip((fp32, implicit), opts):
+            opt.zero_grad()
+            F.mse_loss(m(x), target).backward()
+            opt.step()
+    assert implicit.weight_scale.item() < 0.5  # the factor on s0 really shrank
+    torch.testing.assert_close(implicit.score_values(), fp32.weight_scores, rtol=1e-5, atol=1e-6)
+    assert torch.equal(implicit.selected_index(), fp32.selected_index())
 
 
 def test_weight_decay_on_int8_scales_scores():
@@ -198,7 +217,8 @@ def _accuracy(scores, steps=300):
         return (model(x[1000:]).argmax(1) == y[1000:]).float().mean().item()
 
 
-def test_int8_learns_as_well_as_fp32():
-    fp32, int8 = _accuracy("fp32"), _accuracy("int8")
+def test_int8_and_implicit_learn_as_well_as_fp32():
+    fp32, int8, implicit = _accuracy("fp32"), _accuracy("int8"), _accuracy("implicit")
     assert fp32 > 0.8  # the problem is learnable by a slot MLP (chance is 0.25)
     assert int8 >= fp32 - 0.02
+    assert implicit >= fp32 - 0.02

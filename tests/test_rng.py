@@ -74,6 +74,8 @@ def _kernel_cases():
         (S.requantize_chunk, (q, torch.tensor(0.25), i32(3), i32(4), rb)),
         (Sel.sample_chunk, (q, torch.tensor(0.01), i32(3), i32(4), rb)),
         (Sel.packed_argmax, (q.view(torch.int64),)),
+        (S.implicit_chunk, (d, torch.tensor(0.9), i32(17), 1, i32(123), kb, step, i32(7), rb, torch.tensor(0.05))),
+        (S.implicit_greedy_chunk, (d, torch.tensor(0.9), i32(17), 0, i32(123), kb, step, i32(7), rb, torch.tensor(0.05))),
     ]
 
 

@@ -41,6 +41,8 @@ def test_resolve_fills_in_the_papers_defaults():
     (dict(momentum=1.0), "momentum must be a finite number in \\[0.0, 1.0\\)"),
     (dict(random_selection=True, epochs=3), "epochs does not apply"),
     (dict(selection="best"), "selection must be one of 'greedy', 'sample'"),
+    (dict(scores="int4"), "scores must be one of 'int8', 'fp32', 'implicit'"),
+    (dict(scores="implicit", random_selection=True), "random_selection needs stored scores"),
 ])
 def test_resolve_rejects_bad_input(config, message):
     with pytest.raises(ValueError, match=message):
@@ -79,6 +81,21 @@ def test_dense_reference_and_learned_baseline_run(tmp_path):
     assert dense["test_accuracy"] > 0.5 and learned["test_accuracy"] > 0.6
     assert dense["bytes_per_connection"] > 8 * 16  # K fp32 candidates, scores, grads, momentum
     assert learned["config"]["k"] is None
+
+
+@needs_fashion
+def test_implicit_scores_train_and_resume_from_their_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    common = dict(epochs=1, limit_train=6000, threads=1, scores="implicit")
+    s = run(TrainConfig(out=str(out), **common), progress=False)
+    assert s["test_accuracy"] > 0.6 and s["config"]["scores"] == "implicit"
+    assert 12.0 <= s["bytes_per_connection"] < 12.01  # drift, momentum, gradient: 4 bytes each, any K
+    payload = load_checkpoint(str(out / "last.ckpt"))
+    assert payload["model"]["classifier.0.weight_drift"].shape == (300, 784)
+    more = run(TrainConfig(resume=str(out), epochs=2, threads=1), progress=False)
+    assert more["epochs"] == 2 and more["config"]["scores"] == "implicit"
+    with pytest.raises(Exception, match="does not fit the model"):  # int8 scores cannot take a drift
+        load_state_into(build("lenet", mode="seeded", k=8), payload["model"])
 
 
 @needs_fashion
