@@ -72,7 +72,12 @@ def bits(conn: torch.Tensor, key_a: int, keys_b: torch.Tensor) -> torch.Tensor:
 def noise_bits(conn: torch.Tensor, key_a, keys_b: torch.Tensor) -> torch.Tensor:
     """Cheaper bits for stochastic rounding: a per-connection mix32, then per value only one
     multiply-xorshift round (the top 24 bits, the ones used, are well mixed by the multiply)."""
-    x = (mix32(conn ^ key_a).unsqueeze(-1) ^ keys_b) * _M1
+    return noise_round(mix32(conn ^ key_a).unsqueeze(-1) ^ keys_b)
+
+
+def noise_round(x: torch.Tensor) -> torch.Tensor:
+    """The per-value round of :func:`noise_bits`, on ``mix32(conn ^ key_a) ^ key_b``."""
+    x = x * _M1
     return x ^ ((x >> 15) & 0x1FFFF)
 
 

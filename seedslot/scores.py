@@ -29,7 +29,7 @@ import math
 import torch
 
 from .candidates import connections
-from .rng import bits, fused, noise_bits, signed24, unit24
+from .rng import bits, fused, mix32, noise_bits, noise_round, signed24, unit24
 
 SCORES = ("int8", "fp32", "implicit")
 
@@ -49,12 +49,22 @@ def int8_update_chunk(
     round_a: torch.Tensor,
     round_b: torch.Tensor,
 ) -> torch.Tensor:
+    # One candidate at a time (bits() and noise_bits() split into their per-connection and
+    # per-value rounds): elementwise over a static K, which inductor compiles to a kernel about
+    # 1.7x faster than the same maths on (n, K) tensors with a reduction over K.
     n = q.shape[0]
-    w = signed24(bits(connections(start, n, per_conn, q.device), key_a, keys_b)).to(torch.float32) * step
-    r = unit24(noise_bits(connections(start, n, 1, q.device), round_a, round_b))  # (n, K) in [0, 1)
-    t = torch.floor(q.to(torch.float32) + (d * coef).unsqueeze(-1) * w + r)
-    shift = (t.amax(dim=-1, keepdim=True) - 127.0).clamp_min(0.0)  # re-centre: top level <= 127
-    return (t - shift).clamp(-128.0, 127.0).to(torch.int8)
+    hc = mix32(connections(start, n, per_conn, q.device) ^ key_a)
+    hr = mix32(connections(start, n, 1, q.device) ^ round_a)
+    dc = d * coef
+    ts, top = [], None
+    for j in range(keys_b.shape[0]):
+        w = signed24(mix32(hc ^ keys_b[j])).to(torch.float32) * step
+        r = unit24(noise_round(hr ^ round_b[j]))  # in [0, 1)
+        t = torch.floor(q[:, j].to(torch.float32) + dc * w + r)
+        ts.append(t)
+        top = t if top is None else torch.maximum(top, t)
+    shift = (top - 127.0).clamp_min(0.0)  # re-centre: top level <= 127
+    return torch.stack([(t - shift).clamp(-128.0, 127.0) for t in ts], -1).to(torch.int8)
 
 
 @fused("s", "d")
@@ -126,5 +136,21 @@ def implicit_greedy_chunk(
     cand_keys: torch.Tensor, step: torch.Tensor, score_key: torch.Tensor, score_keys: torch.Tensor,
     bound: torch.Tensor,
 ) -> torch.Tensor:
-    """(n,) int64 argmax of the implicit scores (lowest index on ties), no (n, K) tensor stored."""
-    return _implicit(drift, factor, start, per_conn, cand_key, cand_keys, step, score_key, score_keys, bound).argmax(-1)
+    """(n,) int64 argmax of the implicit scores (lowest index on ties), no (n, K) tensor stored.
+
+    The same values as :func:`implicit_chunk`, one candidate at a time: an elementwise running
+    maximum over a static K compiles to a kernel several times faster than inductor's argmax.
+    """
+    n = drift.shape[0]
+    hc = mix32(connections(start, n, per_conn, drift.device) ^ cand_key)  # bits() = mix32(hc ^ key_j)
+    hs = mix32(connections(start, n, 1, drift.device) ^ score_key)
+    best = idx = None
+    for j in range(cand_keys.shape[0]):
+        w = signed24(mix32(hc ^ cand_keys[j])).to(torch.float32) * step
+        s = factor * (unit24(mix32(hs ^ score_keys[j])) * bound) - drift * w
+        if best is None:
+            best, idx = s, torch.zeros(n, dtype=torch.int64, device=drift.device)
+        else:
+            better = s > best  # strict: an equal later score never wins, as torch.argmax
+            best, idx = torch.where(better, s, best), torch.where(better, j, idx)
+    return idx
