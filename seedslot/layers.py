@@ -480,7 +480,8 @@ class SlotLinear(_Linear, _Seeded):
     """A Linear whose weights are chosen among K seeded candidates per connection.
 
     ``scores="int8"`` stores K int8 scores per connection (``"fp32"``: K fp32 scores, for
-    ablations). ``score_lambda`` defaults to the paper's 0.1 for linear layers.
+    ablations; ``"implicit"``: one fp32 drift, see :mod:`seedslot.scores`). ``score_lambda``
+    defaults to the paper's 0.1 for linear layers.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, *, k: int = 8, seed: int = 0,

@@ -96,6 +96,7 @@ def _series(experiment: str, model: str, p: Preset, seeds: list[int]) -> list[tu
         ks = GRIDS["scores"]
         return [("seeded int8", [(k, per_seed(lambda s: _slot(model, p, s, k))) for k in ks]),
                 ("seeded fp32", [(k, per_seed(lambda s: _slot(model, p, s, k, scores="fp32"))) for k in ks]),
+                ("seeded implicit", [(k, per_seed(lambda s: _slot(model, p, s, k, scores="implicit"))) for k in ks]),
                 ("dense reference", [(k, per_seed(lambda s: _slot(model, p, s, k, mode="dense"))) for k in ks])]
     if experiment == "selection":
         ks = GRIDS["selection"]
@@ -278,7 +279,7 @@ def _cell(st: tuple | None, n_seeds: int, scale: float = 100.0, fmt: str = ".2f"
 
 _TITLES = {
     "k": "Test accuracy (%) vs K, greedy selection",
-    "scores": "Test accuracy (%): int8 vs fp32 scores vs the dense reference",
+    "scores": "Test accuracy (%): int8 vs fp32 vs implicit scores vs the dense reference",
     "selection": "Test accuracy (%): greedy vs probabilistic selection",
     "sharing": "Test accuracy (%) with candidate sharing",
     "finetune": "Test accuracy (%): selection epochs then weight training, fixed total",
