@@ -102,7 +102,8 @@ def coarsen_factor(lr: float, d_max: float, w_max: float, scale: float) -> float
     return 2.0 ** math.ceil(math.log2(levels / MAX_LEVELS))
 
 
-def _implicit(
+@fused("drift")
+def implicit_chunk(
     drift: torch.Tensor,  # (n,) fp32 A of connections start .. start+n-1
     factor: torch.Tensor,  # 0-dim fp32 c
     start: torch.Tensor,
@@ -114,20 +115,11 @@ def _implicit(
     score_keys: torch.Tensor,
     bound: torch.Tensor,  # 0-dim fp32 lambda*sigma
 ) -> torch.Tensor:
+    """(n, K) fp32 scores ``c * s0_k - A * W_k`` of connections ``start..``."""
     n = drift.shape[0]
     w = signed24(bits(connections(start, n, per_conn, drift.device), cand_key, cand_keys)).to(torch.float32) * step
     s0 = unit24(bits(connections(start, n, 1, drift.device), score_key, score_keys)) * bound  # as init_scores
     return factor * s0 - drift.unsqueeze(-1) * w  # c = 1, A = 0: exactly s0
-
-
-@fused("drift")
-def implicit_chunk(
-    drift: torch.Tensor, factor: torch.Tensor, start: torch.Tensor, per_conn: int, cand_key: torch.Tensor,
-    cand_keys: torch.Tensor, step: torch.Tensor, score_key: torch.Tensor, score_keys: torch.Tensor,
-    bound: torch.Tensor,
-) -> torch.Tensor:
-    """(n, K) fp32 scores ``c * s0_k - A * W_k`` of connections ``start..``."""
-    return _implicit(drift, factor, start, per_conn, cand_key, cand_keys, step, score_key, score_keys, bound)
 
 
 @fused("drift")
@@ -136,7 +128,7 @@ def implicit_greedy_chunk(
     cand_keys: torch.Tensor, step: torch.Tensor, score_key: torch.Tensor, score_keys: torch.Tensor,
     bound: torch.Tensor,
 ) -> torch.Tensor:
-    """(n,) int64 argmax of the implicit scores (lowest index on ties), no (n, K) tensor stored.
+    """(n,) int64 argmax of :func:`implicit_chunk`'s scores (lowest index on ties), no (n, K) tensor.
 
     The same values as :func:`implicit_chunk`, one candidate at a time: an elementwise running
     maximum over a static K compiles to a kernel several times faster than inductor's argmax.

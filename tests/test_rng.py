@@ -135,3 +135,17 @@ def test_regen_bench_runs(tmp_path):
     regen.main(["--layer", "64,32", "--k", "4", "--repeats", "1", "--json", str(out)])
     result = json.loads(out.read_text())
     assert result["compiled_per_second"] > 0 and result["eager_per_second"] > 0
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), k=st.integers(1, 9), factor=st.floats(0.0, 2.0), spread=st.floats(0.0, 1e4),
+       per_conn=st.sampled_from([0, 1]))
+def test_implicit_greedy_is_the_argmax_of_the_implicit_scores(seed, k, factor, spread, per_conn):
+    g = torch.Generator().manual_seed(seed)
+    n = 257
+    drift = torch.randn(n, generator=g) * spread
+    drift[::7] = 0.0  # factor 0 and no drift: all K scores equal, the lowest index wins
+    args = (torch.tensor(factor), C.i32(seed % 1000), per_conn, C.i32(seed), C.stream_keys(seed, C.CANDIDATES, k)[1],
+            C.grid_step(0.05), C.i32(seed ^ 5), C.stream_keys(seed, C.SCORES, k)[1], torch.tensor(0.01))
+    expected = S.implicit_chunk.eager(drift, *args).argmax(-1)
+    assert torch.equal(S.implicit_greedy_chunk.eager(drift, *args), expected)
