@@ -69,13 +69,14 @@ def _kernel_cases():
     return [
         (C.candidate_chunk, (i32(17), n, 1, i32(123), kb, step)),
         (C.selected_chunk, (torch.randint(0, 8, (n,), generator=g), i32(17), 1, i32(123), kb, step)),
-        (S.int8_update_chunk, (q, d, torch.tensor(-250.0), i32(17), 1, i32(123), kb, step, i32(99), rb)),
+        (S.int8_update_rows, (q, d, torch.tensor(-250.0), i32(17), 1, i32(123), kb, step, i32(99), rb)),
+        (S.int8_update_unrolled, (q, d, torch.tensor(-250.0), i32(17), 1, i32(123), kb, step, i32(99), rb)),
         (S.fp32_update_chunk, (q.float(), d, torch.tensor(-0.1), i32(17), 0, i32(123), kb, step)),
         (S.requantize_chunk, (q, torch.tensor(0.25), i32(3), i32(4), rb)),
         (Sel.sample_chunk, (q, torch.tensor(0.01), i32(3), i32(4), rb)),
         (Sel.packed_argmax, (q.view(torch.int64),)),
         (S.implicit_chunk, (d, torch.tensor(0.9), i32(17), 1, i32(123), kb, step, i32(7), rb, torch.tensor(0.05))),
-        (S.implicit_greedy_chunk, (d, torch.tensor(0.9), i32(17), 0, i32(123), kb, step, i32(7), rb, torch.tensor(0.05))),
+        (S.implicit_greedy_unrolled, (d, torch.tensor(0.9), i32(17), 0, i32(123), kb, step, i32(7), rb, torch.tensor(0.05))),
     ]
 
 
@@ -148,4 +149,15 @@ def test_implicit_greedy_is_the_argmax_of_the_implicit_scores(seed, k, factor, s
     args = (torch.tensor(factor), C.i32(seed % 1000), per_conn, C.i32(seed), C.stream_keys(seed, C.CANDIDATES, k)[1],
             C.grid_step(0.05), C.i32(seed ^ 5), C.stream_keys(seed, C.SCORES, k)[1], torch.tensor(0.01))
     expected = S.implicit_chunk.eager(drift, *args).argmax(-1)
-    assert torch.equal(S.implicit_greedy_chunk.eager(drift, *args), expected)
+    assert torch.equal(S.implicit_greedy_unrolled.eager(drift, *args), expected)
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), k=st.integers(1, 12), coef=st.floats(-1e4, 1e4), per_conn=st.sampled_from([0, 1]))
+def test_unrolled_int8_update_equals_the_rows_form(seed, k, coef, per_conn):
+    g = torch.Generator().manual_seed(seed)
+    n = 257
+    q = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=g)
+    args = (q, torch.randn(n, generator=g), torch.tensor(coef), C.i32(seed % 1000), per_conn, C.i32(seed),
+            C.stream_keys(seed, C.CANDIDATES, k)[1], C.grid_step(0.05), C.i32(seed ^ 3), C.stream_keys(seed, C.ROUND, k)[1])
+    assert torch.equal(S.int8_update_unrolled.eager(*args), S.int8_update_rows.eager(*args))
