@@ -124,20 +124,21 @@ def _train(args: argparse.Namespace, argv: list[str]) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    """Seeded int8 and dense reference Lenet-300-100 on Fashion-MNIST, same seed, side by side."""
+    """Seeded (int8 and implicit scores) and dense reference Lenet-300-100 on Fashion-MNIST, same
+    seed, side by side."""
     from .train import TrainConfig, run
 
     rows = []
-    for mode in ("seeded", "dense"):
-        print(f"\n== {mode} ==", flush=True)
-        cfg = TrainConfig(model="lenet", dataset="fashion-mnist", data_dir=args.data_dir, mode=mode, k=args.k,
-                          epochs=args.epochs, seed=args.seed, threads=args.threads)
-        rows.append((mode, run(cfg, progress=not args.no_progress)))
+    for name, mode, scores in (("int8", "seeded", "int8"), ("implicit", "seeded", "implicit"), ("dense", "dense", None)):
+        print(f"\n== {name} ==", flush=True)
+        cfg = TrainConfig(model="lenet", dataset="fashion-mnist", data_dir=args.data_dir, mode=mode, scores=scores,
+                          k=args.k, epochs=args.epochs, seed=args.seed, threads=args.threads)
+        rows.append((name, run(cfg, progress=not args.no_progress)))
     print(f"\nLenet-300-100 on Fashion-MNIST, K={args.k}, {args.epochs} epoch(s), seed {args.seed}; "
           "seconds include data loading and, for seeded, the first torch.compile of its kernels")
-    print(f"{'mode':<8} {'test acc':>9} {'seconds':>8} {'state bytes':>13} {'bytes/conn':>11}")
-    for mode, s in rows:
-        print(f"{mode:<8} {s['test_accuracy']:>9.2%} {s['seconds']:>8.1f} {s['state_bytes']:>13,} "
+    print(f"{'scores':<9} {'test acc':>9} {'seconds':>8} {'state bytes':>13} {'bytes/conn':>11}")
+    for name, s in rows:
+        print(f"{name:<9} {s['test_accuracy']:>9.2%} {s['seconds']:>8.1f} {s['state_bytes']:>13,} "
               f"{s['bytes_per_connection']:>11.2f}")
     return 0
 
@@ -158,7 +159,7 @@ def _parser() -> _Parser:
     parser = _Parser(prog="seedslot", description="Slot Machine networks with seeded candidate weights.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_Parser)
     _add_train_arguments(sub.add_parser("train", help="train a model (or evaluate a baseline)"))
-    demo = sub.add_parser("demo", help="seeded int8 vs dense reference: 1 Lenet epoch on Fashion-MNIST")
+    demo = sub.add_parser("demo", help="seeded int8 and implicit vs dense reference: 1 Lenet epoch on Fashion-MNIST")
     demo.add_argument("--data-dir", help="Fashion-MNIST directory (default /usr/share/datasets/fashion-mnist)")
     demo.add_argument("--epochs", type=int, default=1)
     demo.add_argument("--k", type=int, default=8)
