@@ -1,8 +1,9 @@
-"""Slot Machine layers: seeded (candidates regenerated, int8 or fp32 scores) and the dense reference.
+"""Slot Machine layers: seeded (candidates regenerated; int8, fp32 or implicit scores) and the dense
+reference.
 
 Seeded layers store only scores (int8 or fp32), or with ``scores="implicit"`` one fp32 drift per
-connection from which the scores follow (see :mod:`seedslot.scores`). A forward pass selects one candidate per connection (greedy or
-sampled), regenerates just the selected values, and adds a zero-storage proxy Parameter
+connection from which the scores follow (see :mod:`seedslot.scores`). A forward pass selects one
+candidate per connection (greedy or sampled), regenerates just the selected values, and adds a zero-storage proxy Parameter
 (``slot_weight``, an expanded 0-dim tensor) so that autograd delivers the effective-weight gradient
 G, one fp32 value per connection, as ``slot_weight.grad``. :class:`~seedslot.SlotSGD` turns G into
 the straight-through score update ``grad s_k = G * W_k`` chunk by chunk. Hooks, gradient clipping
@@ -278,27 +279,26 @@ class _Seeded(_SlotBase):
         q = getattr(self, f"{part}_scores")
         return q.view(-1, self.k), getattr(self, f"{part}_scale")
 
-    def _implicit_args(self, part: str, a: int) -> tuple:
-        """Arguments after ``drift`` of the implicit-score kernels for rows ``a..`` of a part."""
-        _, factor = self._scores(part)
-        start = i32(self.parts[part][1] + a, factor.device)
-        return (factor, start, self._per_conn, self._cand_key, self._cand_keys, self._cand_step,
-                self._score_key, self._score_keys, self._score_bound)
+    def _implicit_args(self, part: str, start: torch.Tensor) -> tuple:
+        """Arguments after ``drift`` of the implicit-score kernels from connection ``start``."""
+        return (getattr(self, f"{part}_scale"), start, self._per_conn, self._cand_key, self._cand_keys,
+                self._cand_step, self._score_key, self._score_keys, self._score_bound)
 
     def _select(self, part, draw):
         if self.scores != "implicit":
             return super()._select(part, draw)
         drift, _ = self._scores(part)
-        idx = torch.empty(drift.shape[0], dtype=torch.int64, device=drift.device)
-        one = torch.ones((), device=drift.device)
-        key_a = i32(key32(self.seed, SAMPLE, 2, draw), drift.device) if draw is not None else None
+        dev = drift.device
+        idx = torch.empty(drift.shape[0], dtype=torch.int64, device=dev)
         for a, b in row_chunks(drift.shape[0], self.k):
-            args = self._implicit_args(part, a)
+            start = i32(self.parts[part][1] + a, dev)
+            args = self._implicit_args(part, start)
             if draw is None:
                 idx[a:b] = _scores.implicit_greedy_chunk(drift[a:b], *args)
             else:  # a chunk of fp32 scores, then the same Gumbel-max draw as stored scores
-                idx[a:b] = sample_chunk(_scores.implicit_chunk(drift[a:b], *args), one, args[1], key_a,
-                                        self._sample_keys)
+                key_a = i32(key32(self.seed, SAMPLE, 2, draw), dev)
+                idx[a:b] = sample_chunk(_scores.implicit_chunk(drift[a:b], *args), torch.ones((), device=dev),
+                                        start, key_a, self._sample_keys)
         return idx
 
     @torch.no_grad()
@@ -310,7 +310,8 @@ class _Seeded(_SlotBase):
             return (scores.to(torch.float32) * scale).view(*self.parts[part][0], self.k)
         out = torch.empty(scores.shape[0], self.k, device=scores.device)
         for a, b in row_chunks(scores.shape[0], self.k):
-            out[a:b] = _scores.implicit_chunk(scores[a:b], *self._implicit_args(part, a))
+            start = i32(self.parts[part][1] + a, scores.device)
+            out[a:b] = _scores.implicit_chunk(scores[a:b], *self._implicit_args(part, start))
         return out.view(*self.parts[part][0], self.k)
 
     def _values(self, part, idx):
