@@ -133,13 +133,18 @@ def shutdown() -> None:
 
 
 def _fingerprint(model: nn.Module, skip: frozenset[str] = frozenset()) -> str:
-    """A hash of every state tensor's bytes and name but ``skip``: equal on every rank iff the
-    models are."""
+    """A hash of every state entry's name and value but ``skip``: tensors by their bytes, extra
+    state (a slot layer's seeds, K, sharing, lambda) by its JSON. Equal on every rank iff the models
+    are; implicit scores start at zero drift whatever the seed, so the extra state is needed too."""
     h = hashlib.sha256()
     for name, t in model.state_dict().items():
-        if isinstance(t, torch.Tensor) and name not in skip:
-            h.update(name.encode())
+        if name in skip:
+            continue
+        h.update(name.encode())
+        if isinstance(t, torch.Tensor):
             h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        else:
+            h.update(json.dumps(t, sort_keys=True, default=repr).encode())
     return h.hexdigest()
 
 

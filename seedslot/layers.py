@@ -138,8 +138,10 @@ class _SlotBase(nn.Module):
         self.register_buffer("_score_keys", score_keys, persistent=False)
 
     def get_extra_state(self) -> dict:
-        """The seeds travel with the scores: a state_dict alone defines the layer's weights."""
-        return {"seed": self.seed, "candidate_seed": self.candidate_seed, "k": self.k, "sharing": self.sharing}
+        """The seeds travel with the scores: a state_dict alone defines the layer's weights (and,
+        through ``score_lambda``, the initial scores that implicit scores are relative to)."""
+        return {"seed": self.seed, "candidate_seed": self.candidate_seed, "k": self.k, "sharing": self.sharing,
+                "score_lambda": self.score_lambda}
 
     def set_extra_state(self, state: dict) -> None:
         if state.get("k") != self.k or state.get("sharing") != self.sharing:
@@ -148,6 +150,10 @@ class _SlotBase(nn.Module):
                 f"this layer has k={self.k}, sharing={self.sharing!r}"
             )
         self._set_seeds(int(state["seed"]), int(state["candidate_seed"]), self._cand_step.device)
+        if state.get("score_lambda") is not None:  # absent from checkpoints written before it was saved
+            self.score_lambda = float(state["score_lambda"])
+            if hasattr(self, "_score_bound"):
+                self._score_bound.fill_(self.score_lambda * self.sigma)
 
     # -- what subclasses provide
     def _scores(self, part: str) -> tuple[torch.Tensor, torch.Tensor | float]:
@@ -233,8 +239,8 @@ class _Seeded(_SlotBase):
         self.register_buffer("_score_bound", torch.tensor(bound, dtype=torch.float32, device=device), persistent=False)
         for part, (shape, offset) in self.parts.items():
             if scores == "implicit":  # s = scale * s0 - drift * W, see seedslot.scores
-                self.register_buffer(f"{part}_drift", torch.zeros(shape, device=device))
-                self.register_buffer(f"{part}_scale", torch.ones((), device=device))
+                self.register_buffer(f"{part}_drift", torch.zeros(shape, dtype=torch.float32, device=device))
+                self.register_buffer(f"{part}_scale", torch.ones((), dtype=torch.float32, device=device))
             else:
                 init, scale = init_scores(math.prod(shape), self.k, self.seed, bound, offset, dtype, device)
                 self.register_buffer(f"{part}_scores", init.view(*shape, self.k))

@@ -151,6 +151,15 @@ def test_shards_cover_the_batch_and_weights_make_the_global_mean(world, extra):
     assert all(distributed.loss_weight(n, r, world) == 1.0 for r in range(world)) == (n % world == 0)
 
 
+@pytest.mark.parametrize("scores", ["int8", "implicit"])
+@pytest.mark.parametrize("other", [dict(seed=1), dict(k=16), dict(score_lambda=1.0), dict(sharing="layer")])
+def test_the_model_fingerprint_tells_any_slot_setting_apart(scores, other):
+    # Implicit scores start at zero drift whatever the seed or K: only the extra state differs.
+    base = dict(mode="seeded", k=8, seed=0, scores=scores)
+    assert distributed._fingerprint(build("lenet", **base)) == distributed._fingerprint(build("lenet", **base))
+    assert distributed._fingerprint(build("lenet", **base)) != distributed._fingerprint(build("lenet", **{**base, **other}))
+
+
 def test_world_size_must_divide_the_batch_size(tmp_path, capsys):
     with pytest.raises(ValueError, match="cannot give each of 3 ranks one"):
         distributed.shard(torch.zeros(2), 0, 3)

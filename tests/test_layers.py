@@ -168,6 +168,29 @@ def test_implicit_scores_start_as_the_fp32_scores_bit_for_bit(kind, sharing):
     assert not hasattr(implicit, "weight_scores")
 
 
+def test_implicit_state_dict_carries_lambda_and_stays_fp32():
+    torch.manual_seed(0)
+    trained = ss.SlotLinear(30, 20, k=4, seed=3, scores="implicit")  # paper's lambda 0.1
+    opt = ss.SlotSGD(trained.parameters(), lr=0.5, momentum=0.9)
+    x = torch.randn(8, 30)
+    for _ in range(5):
+        opt.zero_grad()
+        trained(x).square().sum().backward()
+        opt.step()
+    other = ss.SlotLinear(30, 20, k=4, seed=9, scores="implicit", score_lambda=1.0)
+    other.load_state_dict(trained.state_dict())  # seeds and lambda come with the state
+    assert other.score_lambda == trained.score_lambda
+    assert torch.equal(other.score_values(), trained.score_values())
+    assert torch.equal(other.selected_weight(), trained.selected_weight())
+    default = torch.get_default_dtype()
+    try:
+        torch.set_default_dtype(torch.float64)
+        layer = ss.SlotLinear(3, 2, scores="implicit")
+    finally:
+        torch.set_default_dtype(default)
+    assert layer.weight_drift.dtype == layer.weight_scale.dtype == torch.float32
+
+
 def test_implicit_sampling_draws_as_fp32_scores_and_eval_is_greedy():
     fp32, implicit = (ss.SlotLinear(30, 20, k=4, seed=3, selection="sample", scores=s, score_lambda=50.0)
                       for s in ("fp32", "implicit"))
