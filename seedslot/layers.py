@@ -293,19 +293,24 @@ class _Seeded(_SlotBase):
     def _select(self, part, draw):
         if self.scores != "implicit":
             return super()._select(part, draw)
+        return self._implicit_select(part, draw)[0]
+
+    def _implicit_select(self, part: str, draw: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(index, selected value or None) per connection; greedy gets the values for free."""
         drift, _ = self._scores(part)
         dev = drift.device
         idx = torch.empty(drift.shape[0], dtype=torch.int64, device=dev)
+        values = torch.empty(drift.shape[0], device=dev) if draw is None else None
         for a, b in row_chunks(drift.shape[0], self.k):
             start = i32(self.parts[part][1] + a, dev)
             args = self._implicit_args(part, start)
             if draw is None:
-                idx[a:b] = _scores.implicit_greedy_chunk(drift[a:b], *args)
+                idx[a:b], values[a:b] = _scores.implicit_greedy_chunk(drift[a:b], *args)
             else:  # a chunk of fp32 scores, then the same Gumbel-max draw as stored scores
                 key_a = i32(key32(self.seed, SAMPLE, 2, draw), dev)
                 idx[a:b] = sample_chunk(_scores.implicit_chunk(drift[a:b], *args), torch.ones((), device=dev),
                                         start, key_a, self._sample_keys)
-        return idx
+        return idx, values
 
     @torch.no_grad()
     def score_values(self, part: str = "weight") -> torch.Tensor:
@@ -342,7 +347,8 @@ class _Seeded(_SlotBase):
     def _effective(self, part, draw):
         proxy = self._proxy(part)
         with torch.no_grad():
-            w = self._values(part, self._select(part, draw)).view(self.parts[part][0])
+            idx, w = self._implicit_select(part, draw) if self.scores == "implicit" else (self._select(part, draw), None)
+            w = (self._values(part, idx) if w is None else w).view(self.parts[part][0])
         if torch.is_grad_enabled() and proxy.requires_grad:
             w = w + proxy  # proxy is exactly zero: same values, and proxy.grad receives G
         return w

@@ -28,7 +28,7 @@ import math
 
 import torch
 
-from .candidates import connections
+from .candidates import connections, selected_chunk
 from .rng import bits, fused, mix32, noise_bits, noise_round, signed24, unit24
 
 SCORES = ("int8", "fp32", "implicit")
@@ -149,12 +149,13 @@ def implicit_greedy_chunk(
     cand_keys: torch.Tensor, step: torch.Tensor, score_key: torch.Tensor, score_keys: torch.Tensor,
     bound: torch.Tensor,
 ) -> torch.Tensor:
-    """(n,) int64 argmax of :func:`implicit_chunk`'s scores (lowest index on ties). Up to
-    UNROLL_MAX_K candidates no (n, K) tensor is made."""
+    """``(index, value)``: the (n,) int64 argmax of :func:`implicit_chunk`'s scores (lowest index
+    on ties) and the (n,) fp32 candidate there. Up to UNROLL_MAX_K candidates no (n, K) tensor is made."""
     args = (drift, factor, start, per_conn, cand_key, cand_keys, step, score_key, score_keys, bound)
     if cand_keys.shape[0] <= UNROLL_MAX_K:
         return implicit_greedy_unrolled(*args)
-    return implicit_chunk(*args).argmax(-1)
+    idx = implicit_chunk(*args).argmax(-1)
+    return idx, selected_chunk(idx, start, per_conn, cand_key, cand_keys, step)
 
 
 @fused("drift")
@@ -165,17 +166,17 @@ def implicit_greedy_unrolled(
 ) -> torch.Tensor:
     """:func:`implicit_greedy_chunk` one candidate at a time, the same values as
     :func:`implicit_chunk`: an elementwise running maximum over a static K compiles to a kernel
-    about 6x faster than inductor's argmax over K."""
+    about 6x faster than inductor's argmax over K, and it has the winner's value at hand."""
     n = drift.shape[0]
     hc = mix32(connections(start, n, per_conn, drift.device) ^ cand_key)  # bits() = mix32(hc ^ key_j)
     hs = mix32(connections(start, n, 1, drift.device) ^ score_key)
-    best = idx = None
+    best = idx = value = None
     for j in range(cand_keys.shape[0]):
         w = signed24(mix32(hc ^ cand_keys[j])).to(torch.float32) * step
         s = factor * (unit24(mix32(hs ^ score_keys[j])) * bound) - drift * w
         if best is None:
-            best, idx = s, torch.zeros(n, dtype=torch.int64, device=drift.device)
+            best, idx, value = s, torch.zeros(n, dtype=torch.int64, device=drift.device), w
         else:
             better = s > best  # strict: an equal later score never wins, as torch.argmax
-            best, idx = torch.where(better, s, best), torch.where(better, j, idx)
-    return idx
+            best, idx, value = torch.where(better, s, best), torch.where(better, j, idx), torch.where(better, w, value)
+    return idx, value
