@@ -133,9 +133,6 @@ class _SlotBase(nn.Module):
         self.register_buffer("_cand_keys", cand_keys, persistent=False)
         self.register_buffer("_sample_keys", stream_keys(seed, SAMPLE, self.k, device)[1], persistent=False)
         self.register_buffer("_round_keys", stream_keys(seed, ROUND, self.k, device)[1], persistent=False)
-        score_key, score_keys = stream_keys(seed, SCORE_STREAM, self.k, device)
-        self.register_buffer("_score_key", i32(score_key, device), persistent=False)
-        self.register_buffer("_score_keys", score_keys, persistent=False)
 
     def get_extra_state(self) -> dict:
         """The seeds travel with the scores: a state_dict alone defines the layer's weights (and,
@@ -152,7 +149,7 @@ class _SlotBase(nn.Module):
         self._set_seeds(int(state["seed"]), int(state["candidate_seed"]), self._cand_step.device)
         if state.get("score_lambda") is not None:  # absent from checkpoints written before it was saved
             self.score_lambda = float(state["score_lambda"])
-            if hasattr(self, "_score_bound"):
+            if "_score_bound" in self._buffers:  # implicit scores
                 self._score_bound.fill_(self.score_lambda * self.sigma)
 
     # -- what subclasses provide
@@ -236,7 +233,10 @@ class _Seeded(_SlotBase):
         device = self._cand_keys.device
         dtype = torch.int8 if scores == "int8" else torch.float32
         bound = self.score_lambda * self.sigma
-        self.register_buffer("_score_bound", torch.tensor(bound, dtype=torch.float32, device=device), persistent=False)
+        if scores == "implicit":  # the initial scores are regenerated at every selection
+            self.register_buffer("_score_bound", torch.tensor(bound, dtype=torch.float32, device=device),
+                                 persistent=False)
+            self._set_score_keys(device)
         for part, (shape, offset) in self.parts.items():
             if scores == "implicit":  # s = scale * s0 - drift * W, see seedslot.scores
                 self.register_buffer(f"{part}_drift", torch.zeros(shape, dtype=torch.float32, device=device))
@@ -247,6 +247,16 @@ class _Seeded(_SlotBase):
                 self.register_buffer(f"{part}_scale", torch.tensor(scale, dtype=torch.float32, device=device))
             self.register_parameter(f"slot_{part}", nn.Parameter(self._zero_proxy(shape, device)))
             _OWNERS[getattr(self, f"slot_{part}")] = (weakref.ref(self), part)
+
+    def _set_seeds(self, seed: int, candidate_seed: int, device=None) -> None:
+        super()._set_seeds(seed, candidate_seed, device)
+        if "_score_keys" in self._buffers:  # implicit scores: the initial scores' keys follow the seed
+            self._set_score_keys(device)
+
+    def _set_score_keys(self, device) -> None:
+        key, keys = stream_keys(self.seed, SCORE_STREAM, self.k, device)
+        self.register_buffer("_score_key", i32(key, device), persistent=False)
+        self.register_buffer("_score_keys", keys, persistent=False)
 
     @staticmethod
     def _zero_proxy(shape, device, dtype=torch.float32) -> torch.Tensor:

@@ -226,8 +226,8 @@ def test_resident_state_per_connection(k):
     model(torch.randn(8, 256)).sum().backward()
     opt.step()
     # K int8 scores + 4 (G) + 4 (momentum) per connection, plus per-layer constants (scale, seeds'
-    # keys, draw counter, proxy storage): at most 64 + 16*k bytes a layer.
-    const = 2 * (64 + 16 * k)
+    # keys, draw counter, proxy storage): at most 64 + 12*k bytes a layer.
+    const = 2 * (64 + 12 * k)
     assert ss.memory.state_bytes(model, opt) <= (k + 8) * conns + const
     opt.zero_grad(set_to_none=True)
     assert ss.memory.state_bytes(model, opt) <= (k + 4) * conns + const
