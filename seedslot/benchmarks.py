@@ -40,6 +40,7 @@ __all__ = ["MODES", "memory_bench", "budget_bench", "speed_bench", "parse_bytes"
 
 MODES = ("learned", "dense", "seeded", "implicit")  # seeded: int8 scores; implicit: scores="implicit"
 SLOT_SEEDED = ("seeded", "implicit")
+BUDGET_MODES = ("dense", *SLOT_SEEDED)  # learned weights have no K
 BUDGET_KS = tuple(2**i for i in range(9))  # 1, 2, 4, ..., 256
 _MiB = 2**20
 
@@ -209,7 +210,7 @@ _OOM = ("OutOfMemoryError", "out of memory", "can't allocate memory", "MemoryErr
 
 
 def budget_bench(model: str = "vgg19", budget_bytes: int = 2 * 2**30, batch_size: int = 32,
-                 ks: Sequence[int] = BUDGET_KS, modes: Sequence[str] = ("dense", "seeded", "implicit"), steps: int = 1,
+                 ks: Sequence[int] = BUDGET_KS, modes: Sequence[str] = BUDGET_MODES, steps: int = 1,
                  device: str | None = None) -> dict[str, Any]:
     """For each mode, the largest K in ``ks`` (increasing) whose training fits ``budget_bytes``.
 
@@ -378,7 +379,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--budget", type=parse_bytes, default=2 * 2**30, help="e.g. 2GiB (default)")
     p.add_argument("--ks", type=_csv(int), default=BUDGET_KS, help="increasing K values to try (default 1,2,4,...,256)")
     p.add_argument("--steps", type=int, default=1, help="steps after one warm-up step")
-    p.add_argument("--modes", type=_csv(str), default=("dense", "seeded", "implicit"))
+    p.add_argument("--modes", type=_csv(str), default=BUDGET_MODES)
 
     p = sub.add_parser("speed", help="steps per second per mode, interleaved in one process")
     common(p, None, 64)
