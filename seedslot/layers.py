@@ -357,8 +357,13 @@ class _Seeded(_SlotBase):
     def _effective(self, part, draw):
         proxy = self._proxy(part)
         with torch.no_grad():
-            idx, w = self._implicit_select(part, draw) if self.scores == "implicit" else (self._select(part, draw), None)
-            w = (self._values(part, idx) if w is None else w).view(self.parts[part][0])
+            if self.scores == "implicit":  # greedy selection hands back the values it regenerated
+                idx, w = self._implicit_select(part, draw)
+            else:
+                idx, w = self._select(part, draw), None
+            if w is None:
+                w = self._values(part, idx)
+            w = w.view(self.parts[part][0])
         if torch.is_grad_enabled() and proxy.requires_grad:
             w = w + proxy  # proxy is exactly zero: same values, and proxy.grad receives G
         return w
