@@ -4,8 +4,10 @@ Markdown table and a PNG plot per experiment.
 Every run is a small dict of TrainConfig fields (its *spec*); its id is that dict written out in
 sorted order, so it is stable across invocations. A finished run appends one whole JSON line to
 ``OUT/runs.jsonl``; a sweep started again skips every id already there (runs shared between
-experiments, e.g. seeded K=8, are trained once). Only the selection runs of ``finetune`` write a
-checkpoint, under ``OUT/checkpoints/``.
+experiments, e.g. seeded K=8, are trained once). Every run checkpoints each epoch under
+``OUT/checkpoints/``, so an interrupted run continues from its last epoch, and claims itself in
+``OUT/claims/`` while it trains, so that two sweeps started on the same OUT (one thread each) share
+the work instead of doing it twice.
 """
 
 from __future__ import annotations
@@ -18,16 +20,17 @@ import sys
 import time
 from dataclasses import dataclass
 
-from .train import TrainConfig, run
+from .train import CHECKPOINT, TrainConfig, run
 
 __all__ = ["EXPERIMENTS", "Preset", "PRESETS", "plan", "sweep", "report", "add_arguments", "run_cli"]
 
-EXPERIMENTS = ("k", "scores", "selection", "sharing", "finetune", "cost")
+EXPERIMENTS = ("headline", "k", "scores", "selection", "sharing", "finetune", "cost")
 SWEEP_MODELS = ("lenet", "conv2")
 RUNS = "runs.jsonl"
 
 # The x values of each experiment (candidates per connection K).
-GRIDS = {"k": [1, 2, 4, 8, 16, 32, 64], "scores": [2, 8, 32], "selection": [2, 8, 32], "sharing": [2, 8, 64]}
+GRIDS = {"headline": [2, 8], "k": [1, 2, 4, 8, 16, 32, 64], "scores": [2, 8, 32], "selection": [2, 8, 32],
+         "sharing": [2, 8, 64]}
 
 
 @dataclass(frozen=True)
@@ -87,6 +90,11 @@ def _series(experiment: str, model: str, p: Preset, seeds: list[int]) -> list[tu
     """[(label, [(x, [spec per seed]), ...]), ...] of one experiment on one model; x None marks a
     reference that does not depend on x (drawn as a horizontal line)."""
     per_seed = lambda f: [f(s) for s in seeds]  # noqa: E731
+    if experiment == "headline":  # the paper's Lenet numbers (K = 2 and 8) for each score storage
+        ks = GRIDS["headline"]
+        return [("seeded int8", [(k, per_seed(lambda s: _slot(model, p, s, k))) for k in ks]),
+                ("seeded implicit", [(k, per_seed(lambda s: _slot(model, p, s, k, scores="implicit"))) for k in ks]),
+                ("dense reference", [(k, per_seed(lambda s: _slot(model, p, s, k, mode="dense"))) for k in ks])]
     if experiment == "k":
         ks = GRIDS["k"]
         return [("seeded int8, greedy", [(k, per_seed(lambda s: _slot(model, p, s, k))) for k in ks]),
@@ -198,17 +206,59 @@ def _append(out: str, record: dict) -> None:
 
 
 def _checkpoint_dir(out: str, rid: str) -> str:
-    return os.path.join(out, "checkpoints", hashlib.sha1(rid.encode()).hexdigest()[:16])
+    return os.path.join(out, "checkpoints", _digest(rid))
+
+
+def _digest(rid: str) -> str:
+    return hashlib.sha1(rid.encode()).hexdigest()[:16]
+
+
+def _claim(out: str, rid: str) -> str | None:
+    """Claim run ``rid`` for this process: the claim file's path, or None when a live process on
+    this machine holds it. A claim left by a dead process is taken over."""
+    os.makedirs(os.path.join(out, "claims"), exist_ok=True)
+    path = os.path.join(out, "claims", _digest(rid))
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                pid = int(open(path).read().strip() or 0)
+            except (OSError, ValueError):
+                pid = 0
+            if pid and _alive(pid):
+                return None
+            try:
+                os.remove(path)  # stale: its process is gone
+            except FileNotFoundError:
+                pass
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        return path
+    return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _train(spec: dict, out: str, *, dataset: str, data_dir: str | None, threads: int | None) -> dict:
     fields = {key: value for key, value in _public(spec).items() if key not in ("save", "finetune_after")}
     rid = run_id(_public(spec))
-    cfg = TrainConfig(**fields, dataset=dataset, data_dir=data_dir, threads=threads)
-    if spec.get("save"):
-        cfg.out = _checkpoint_dir(out, rid)
-    if "finetune_after" in spec:
-        cfg.finetune_from = os.path.join(_checkpoint_dir(out, spec["finetune_after"]), "last.ckpt")
+    run_dir = _checkpoint_dir(out, rid)
+    if os.path.exists(os.path.join(run_dir, CHECKPOINT)):  # interrupted earlier: continue it
+        cfg = TrainConfig(resume=run_dir, data_dir=data_dir, threads=threads, epochs=fields.get("epochs"))
+    else:
+        cfg = TrainConfig(**fields, dataset=dataset, data_dir=data_dir, threads=threads, out=run_dir)
+        if "finetune_after" in spec:
+            cfg.finetune_from = os.path.join(_checkpoint_dir(out, spec["finetune_after"]), CHECKPOINT)
     summary = run(cfg, progress=False)
     if summary["interrupted"]:
         raise KeyboardInterrupt
@@ -242,15 +292,28 @@ def sweep(experiment: str, out: str, *, dataset: str = "fashion-mnist", data_dir
         rid = run_id(_public(spec))
         needed_later = spec.get("save") and any(s.get("finetune_after") == rid and run_id(_public(s)) not in done
                                                 for s in specs)
-        ckpt_missing = not os.path.exists(os.path.join(_checkpoint_dir(out, rid), "last.ckpt"))
+        ckpt_missing = not os.path.exists(os.path.join(_checkpoint_dir(out, rid), CHECKPOINT))
         if rid in done and not (needed_later and ckpt_missing):
             continue
-        log(f"[{i + 1}/{len(specs)}] {rid}")
-        record = _train(spec, out, dataset=dataset, data_dir=data_dir, threads=threads)
-        trained += 1
-        if rid not in done:
-            _append(out, record)
-            done[rid] = record
+        if "finetune_after" in spec and spec["finetune_after"] not in load_records(out):
+            log(f"[{i + 1}/{len(specs)}] {rid}: waits for its selection run (another sweep has it)")
+            continue
+        claim = _claim(out, rid)
+        if claim is None:
+            log(f"[{i + 1}/{len(specs)}] {rid}: another sweep is training it")
+            continue
+        try:
+            done.update(load_records(out))  # another sweep may have finished it meanwhile
+            if rid in done and not (needed_later and ckpt_missing):
+                continue
+            log(f"[{i + 1}/{len(specs)}] {rid}")
+            record = _train(spec, out, dataset=dataset, data_dir=data_dir, threads=threads)
+            trained += 1
+            if rid not in done:
+                _append(out, record)
+                done[rid] = record
+        finally:
+            os.remove(claim)
         log(f"[{i + 1}/{len(specs)}] done: test accuracy {record['test_accuracy']:.2%}, {record['seconds']:.1f} s")
     if write_report:
         report(experiment, out, models=models, seeds=seeds, presets=presets)
@@ -278,6 +341,7 @@ def _cell(st: tuple | None, n_seeds: int, scale: float = 100.0, fmt: str = ".2f"
 
 
 _TITLES = {
+    "headline": "Test accuracy (%) at K = 2 and 8, greedy: seedslot's score storages and the dense reference",
     "k": "Test accuracy (%) vs K, greedy selection",
     "scores": "Test accuracy (%): int8 vs fp32 vs implicit scores vs the dense reference",
     "selection": "Test accuracy (%): greedy vs probabilistic selection",

@@ -1,6 +1,7 @@
 """seedslot.sweep on a tiny fake MNIST: every experiment runs and reports, a second sweep trains
 nothing, torn and missing state is redone, bad input is a ValueError."""
 
+import dataclasses
 import json
 import os
 
@@ -17,7 +18,7 @@ def tiny(tmp_path_factory, monkeypatch):
     """An 8x8 fake MNIST and small grids, so that a whole sweep takes seconds."""
     data = tmp_path_factory.mktemp("data")
     write_mnist(data, n_train=40, n_test=10, size=8)
-    monkeypatch.setattr(S, "GRIDS", {"k": [1, 2], "scores": [2], "selection": [2], "sharing": [2]})
+    monkeypatch.setattr(S, "GRIDS", {"headline": [2], "k": [1, 2], "scores": [2], "selection": [2], "sharing": [2]})
     monkeypatch.setattr(S, "PRESETS", {"lenet": S.Preset(1, None, 2), "conv2": S.Preset(1, None, 2)})
     calls = []
     real_run = S.run
@@ -64,7 +65,7 @@ def test_torn_line_and_missing_checkpoint_are_redone(tiny, tmp_path):
         f.write("\n".join(kept) + "\n" + finetune[0][: len(finetune[0]) // 2])
     calls.clear()
     assert S.sweep("finetune", out, seeds=(0,), models=("lenet",), write_report=False, **kw) == 1
-    assert [c.finetune_from is not None for c in calls] == [True]
+    assert [c.resume is not None for c in calls] == [True]  # continued from its own last checkpoint
     records = S.load_records(out)
     assert len(records) == len(lines)
     after = open(path).read().splitlines()
@@ -98,7 +99,7 @@ def test_plan_ids_are_stable_and_unique():
 
 
 @pytest.mark.parametrize("call, match", [
-    (lambda: S.plan("widths"), "experiment must be one of 'k', 'scores'.*'all'"),
+    (lambda: S.plan("widths"), "experiment must be one of 'headline', 'k', 'scores'.*'all'"),
     (lambda: S.plan("k", models=("vgg19",)), "model must be one of 'lenet', 'conv2'"),
     (lambda: S.plan("k", seeds=()), "seeds"),
     (lambda: S.sweep("k", "unused", dataset="imagenet"), "dataset must be one of"),
@@ -120,3 +121,42 @@ def test_cli(tiny, tmp_path, capsys):
                  "--out", out]) == 0
     assert "wrote" in capsys.readouterr().out
     assert os.path.exists(os.path.join(out, "k.png"))
+
+
+def test_interrupted_run_continues_from_its_checkpoint(tiny, tmp_path, monkeypatch):
+    kw, calls = tiny
+    out = str(tmp_path / "sweep")
+    monkeypatch.setattr(S, "PRESETS", S.presets_for(epochs=2))
+    spec = S.plan("k", models=("lenet",), seeds=(0,))[0]
+    real_run = S.run
+
+    def stop_after_one_epoch(cfg, **kw2):  # the first run dies after its first epoch's checkpoint
+        calls.append(cfg)
+        real_run(dataclasses.replace(cfg, epochs=1), **kw2)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(S, "run", stop_after_one_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        S.sweep("k", out, models=("lenet",), seeds=(0,), write_report=False, **kw)
+    assert os.listdir(os.path.join(out, "claims")) == []  # the claim is released
+    monkeypatch.setattr(S, "run", lambda cfg, **kw2: calls.append(cfg) or real_run(cfg, **kw2))
+    calls.clear()
+    S.sweep("k", out, models=("lenet",), seeds=(0,), write_report=False, **kw)
+    assert calls[0].resume is not None  # the first run continued, did not start again
+    record = S.load_records(out)[S.run_id(S._public(spec))]
+    assert [h["epoch"] for h in record["history"]] == [1, 2]
+
+
+def test_a_live_claim_is_skipped_a_dead_one_taken_over(tiny, tmp_path):
+    kw, calls = tiny
+    out = str(tmp_path / "sweep")
+    rid = S.run_id(S._public(S.plan("headline", models=("lenet",), seeds=(0,))[0]))
+    os.makedirs(os.path.join(out, "claims"))
+    with open(os.path.join(out, "claims", S._digest(rid)), "w") as f:
+        f.write(str(os.getppid()))  # alive: another sweep trains it
+    S.sweep("headline", out, models=("lenet",), seeds=(0,), write_report=False, **kw)
+    assert rid not in S.load_records(out) and len(calls) == len(S.plan("headline", models=("lenet",), seeds=(0,))) - 1
+    with open(os.path.join(out, "claims", S._digest(rid)), "w") as f:
+        f.write("999999999")  # no such process: taken over
+    S.sweep("headline", out, models=("lenet",), seeds=(0,), write_report=False, **kw)
+    assert rid in S.load_records(out)
