@@ -168,7 +168,8 @@ class _Fused:
 
     def __call__(self, *args, **kwargs):
         global _warned
-        if self._failed or not compile_enabled():
+        if self._failed or not compile_enabled() or torch.compiler.is_compiling():
+            # inside a user's torch.compile(model) the eager body is traced into that graph
             return self.eager(*args, **kwargs)
         try:
             return self.compiled(*args, **kwargs)
