@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .devices import DEVICE_HELP, resolve_device
 from .memory import CATEGORIES, run_in_child, state_breakdown, state_bytes
 from .optim import SlotSGD
 from .rng import compile_enabled
@@ -70,11 +71,7 @@ def parse_bytes(text: str | int) -> int:
 
 
 def _device(device: str | None) -> str:
-    if device is None:
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device != "cpu" and not re.fullmatch(r"cuda(:\d+)?", device):
-        raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N'; got {device!r}")
-    return device
+    return str(resolve_device(device))
 
 
 def _modes(modes: Sequence[str], allowed: Sequence[str] = MODES) -> tuple[str, ...]:
@@ -365,7 +362,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     def common(p: argparse.ArgumentParser, model: str | None, batch: int) -> None:
         p.add_argument("--model", default=model, required=model is None, help="model name (lenet, conv4, vgg19, ...)")
         p.add_argument("--batch-size", type=int, default=batch)
-        p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+        p.add_argument("--device", default=None, help=DEVICE_HELP)
         p.add_argument("--json", metavar="PATH", help="also write the results as JSON here")
 
     p = sub.add_parser("memory", help="state bytes and peak process memory per mode, each in a fresh process")
@@ -392,9 +389,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     if dist is not None:
         dist.add_bench_arguments(sub.add_parser("ddp", help="multi-process training traffic and speed"))
 
+    from . import acceptance  # it measures with the benches above
+
+    acceptance.add_arguments(sub.add_parser("gpu", help="the GPU acceptance run: CUDA == CPU identities, speed, "
+                                            "memory, budget and a short training run; one table"))
+
 
 def run_cli(args: argparse.Namespace) -> int:
     """Run the benchmark ``args`` describe, print its table, write ``--json``; returns 0."""
+    if args.bench == "gpu":
+        from . import acceptance
+
+        return acceptance.run_cli(args)
     if args.bench == "ddp":
         dist = _distributed()
         if dist is None:

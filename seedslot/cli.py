@@ -15,6 +15,7 @@ from typing import Sequence
 
 from .checkpoints import CheckpointError
 from .data import DATASETS, NORMALIZE
+from .devices import DEVICE_HELP
 from .memory import return_large_frees
 from .models import MODELS, MODES
 from .scores import SCORES
@@ -70,6 +71,7 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint-every-steps", type=int, metavar="N", help="also save last.ckpt every N steps")
     p.add_argument("--limit-train", type=int, metavar="N", help="use only the first N training examples")
     p.add_argument("--threads", type=int, metavar="N", help="torch CPU threads")
+    p.add_argument("--device", help=DEVICE_HELP)
     p.add_argument("--nproc", type=int, metavar="N",
                    help="train on N local processes with DistributedDataParallel (gloo on CPU), "
                    "as `torchrun --nproc-per-node N -m seedslot train ...`")
@@ -132,7 +134,7 @@ def _demo(args: argparse.Namespace) -> int:
     for name, mode, scores in (("int8", "seeded", "int8"), ("implicit", "seeded", "implicit"), ("dense", "dense", None)):
         print(f"\n== {name} ==", flush=True)
         cfg = TrainConfig(model="lenet", dataset="fashion-mnist", data_dir=args.data_dir, mode=mode, scores=scores,
-                          k=args.k, epochs=args.epochs, seed=args.seed, threads=args.threads)
+                          k=args.k, epochs=args.epochs, seed=args.seed, threads=args.threads, device=args.device)
         rows.append((name, run(cfg, progress=not args.no_progress)))
     print(f"\nLenet-300-100 on Fashion-MNIST, K={args.k}, {args.epochs} epoch(s), seed {args.seed}; "
           "seconds include data loading and, for seeded, the first torch.compile of its kernels")
@@ -165,6 +167,7 @@ def _parser() -> _Parser:
     demo.add_argument("--k", type=int, default=8)
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--threads", type=int, metavar="N")
+    demo.add_argument("--device", help=DEVICE_HELP)
     demo.add_argument("--no-progress", action="store_true")
     for name, (_, help_text) in _DELEGATED.items():
         sub.add_parser(name, help=help_text, add_help=False)  # parsed by its module, see main()

@@ -14,7 +14,7 @@ import io
 import os
 import pickle
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterator
 
 import numpy as np
@@ -210,6 +210,9 @@ class Split:
     def __len__(self) -> int:
         return self.labels.shape[0]
 
+    def to(self, device) -> "Split":
+        return Split(self.images.to(device), self.labels.to(device))
+
 
 @dataclass
 class Preprocess:
@@ -222,11 +225,12 @@ class Preprocess:
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         c = images.shape[1]
-        scale = torch.tensor([1.0 / (255.0 * s) for s in self.std], dtype=torch.float32).view(c, 1, 1)
-        shift = torch.tensor([-m / s for m, s in zip(self.mean, self.std)], dtype=torch.float32).view(c, 1, 1)
+        dev = images.device
+        scale = torch.tensor([1.0 / (255.0 * s) for s in self.std], dtype=torch.float32, device=dev).view(c, 1, 1)
+        shift = torch.tensor([-m / s for m, s in zip(self.mean, self.std)], dtype=torch.float32, device=dev).view(c, 1, 1)
         x = images.to(torch.float32).mul_(scale).add_(shift)  # (B, C, H, W)
-        if self.flip and generator is not None:
-            flip = torch.rand(x.shape[0], generator=generator) < 0.5  # (B,)
+        if self.flip and generator is not None:  # drawn on the CPU generator: the same flips on any device
+            flip = (torch.rand(x.shape[0], generator=generator) < 0.5).to(dev)  # (B,)
             x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
         return x
 
@@ -251,6 +255,10 @@ class Data:
     @property
     def input_size(self) -> int:
         return self.train.images.shape[2]
+
+    def to(self, device) -> "Data":
+        """The same data with every split's tensors on ``device``."""
+        return replace(self, train=self.train.to(device), val=self.val.to(device), test=self.test.to(device))
 
     def describe(self) -> str:
         """One line: where the data came from, the split sizes and the preprocessing."""
@@ -341,5 +349,6 @@ def load(
 def batches(split: Split, batch_size: int, order: torch.Tensor | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """``(uint8 images, labels)`` batches of ``split`` in ``order`` (default: file order)."""
     n = len(split)
-    for idx in (torch.arange(n) if order is None else order).split(batch_size):
+    order = torch.arange(n) if order is None else order
+    for idx in order.to(split.images.device).split(batch_size):
         yield split.images.index_select(0, idx), split.labels.index_select(0, idx)

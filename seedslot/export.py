@@ -244,8 +244,9 @@ def _skeleton(build_args: dict | None, model: nn.Module | None, source: str) -> 
         raise CheckpointError(f"{source}: does not fit the model: build_args {build_args} cannot be built: {e}") from e
 
 
-def load_exported(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
-    """The ordinary ``nn.Module`` (eval mode, plain Linear/Conv2d) stored in an export file.
+def load_exported(path: str | os.PathLike, model: nn.Module | None = None, map_location=None) -> nn.Module:
+    """The ordinary ``nn.Module`` (eval mode, plain Linear/Conv2d) stored in an export file, on
+    ``map_location`` (a device; default the CPU): its weights are the same on every device.
 
     The architecture comes from the file's ``build_args`` through ``seedslot.models.build``, or
     from ``model`` (a plain or slot module of the same architecture; its own weights are ignored).
@@ -271,9 +272,10 @@ def load_exported(path: str | os.PathLike, model: nn.Module | None = None) -> nn
         raise ValueError(f"{source} holds no build_args: pass model=, a module with the exported architecture")
     plain = _skeleton(build_args, model, source)
     try:
-        return _decode(header, payload, plain, source)
+        plain = _decode(header, payload, plain, source)
     except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as e:
         raise CheckpointError(f"{source}: tampered: malformed export header ({type(e).__name__}: {e})") from e
+    return plain if map_location is None else plain.to(map_location)
 
 
 def _decode(header: dict, payload: memoryview, plain: nn.Module, source: str) -> nn.Module:

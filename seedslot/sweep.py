@@ -20,6 +20,7 @@ import sys
 import time
 from dataclasses import dataclass
 
+from .devices import DEVICE_HELP, resolve_device
 from .train import CHECKPOINT, TrainConfig, run
 
 __all__ = ["EXPERIMENTS", "Preset", "PRESETS", "plan", "sweep", "report", "add_arguments", "run_cli"]
@@ -249,14 +250,16 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _train(spec: dict, out: str, *, dataset: str, data_dir: str | None, threads: int | None) -> dict:
+def _train(spec: dict, out: str, *, dataset: str, data_dir: str | None, threads: int | None,
+           device: str | None = None) -> dict:
     fields = {key: value for key, value in _public(spec).items() if key not in ("save", "finetune_after")}
     rid = run_id(_public(spec))
     run_dir = _checkpoint_dir(out, rid)
     if os.path.exists(os.path.join(run_dir, CHECKPOINT)):  # interrupted earlier: continue it
-        cfg = TrainConfig(resume=run_dir, data_dir=data_dir, threads=threads, epochs=fields.get("epochs"))
+        cfg = TrainConfig(resume=run_dir, data_dir=data_dir, threads=threads, epochs=fields.get("epochs"),
+                          device=device)
     else:
-        cfg = TrainConfig(**fields, dataset=dataset, data_dir=data_dir, threads=threads, out=run_dir)
+        cfg = TrainConfig(**fields, dataset=dataset, data_dir=data_dir, threads=threads, out=run_dir, device=device)
         if "finetune_after" in spec:
             cfg.finetune_from = os.path.join(_checkpoint_dir(out, spec["finetune_after"]), CHECKPOINT)
     summary = run(cfg, progress=False)
@@ -276,7 +279,7 @@ def _train(spec: dict, out: str, *, dataset: str, data_dir: str | None, threads:
 
 def sweep(experiment: str, out: str, *, dataset: str = "fashion-mnist", data_dir: str | None = None,
           models=SWEEP_MODELS, seeds=(0, 1), presets: dict | None = None, threads: int | None = None,
-          log=print, write_report: bool = True) -> int:
+          device: str | None = None, log=print, write_report: bool = True) -> int:
     """Run what ``experiment`` needs and is not yet in ``out/runs.jsonl``, then (``write_report``)
     write its tables and plots; returns the number of runs trained now."""
     from .data import DATASETS
@@ -307,7 +310,7 @@ def sweep(experiment: str, out: str, *, dataset: str = "fashion-mnist", data_dir
             if rid in done and not (needed_later and ckpt_missing):
                 continue
             log(f"[{i + 1}/{len(specs)}] {rid}")
-            record = _train(spec, out, dataset=dataset, data_dir=data_dir, threads=threads)
+            record = _train(spec, out, dataset=dataset, data_dir=data_dir, threads=threads, device=device)
             trained += 1
             if rid not in done:
                 _append(out, record)
@@ -507,6 +510,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="first N training examples (default: lenet 20000, conv2 5000; 0 = all)")
     parser.add_argument("--out", default="sweep", metavar="DIR", help="runs.jsonl, tables and plots (default ./sweep)")
     parser.add_argument("--threads", type=int, metavar="N", help="torch CPU threads")
+    parser.add_argument("--device", help=DEVICE_HELP)
     parser.add_argument("--report-only", action="store_true", help="only rewrite tables and plots from runs.jsonl")
 
 
@@ -538,8 +542,9 @@ def run_cli(args: argparse.Namespace) -> int:
             print(f"wrote {path}")
         return 0
     t0 = time.perf_counter()
+    resolve_device(args.device)  # before any run starts
     n = sweep(args.experiment, args.out, dataset=args.dataset, data_dir=args.data_dir, threads=args.threads,
-              log=lambda s: print(s, flush=True), **kwargs)
+              device=args.device, log=lambda s: print(s, flush=True), **kwargs)
     print(f"seedslot sweep {args.experiment}: trained {n} run(s) in {time.perf_counter() - t0:.0f} s; "
           f"tables and plots in {args.out}", file=sys.stderr)
     return 0

@@ -29,6 +29,7 @@ from . import data as _data
 from . import distributed as _distributed
 from .checkpoints import CheckpointError, load_checkpoint, load_state_into, save_checkpoint
 from .convert import to_dense
+from .devices import resolve_device
 from .layers import _SlotBase
 from .memory import state_bytes
 from .models import MODELS, MODES, build, count_connections
@@ -77,10 +78,11 @@ class TrainConfig:
     resume: str | None = None  # directory whose last.ckpt is continued
     checkpoint_every_steps: int | None = None  # also save last.ckpt every N steps
     threads: int | None = None  # torch.set_num_threads
+    device: str | None = None  # "auto" (CUDA when available), "cpu", "cuda" or "cuda:N"
 
 
 # Fields a resumed run may change; everything else comes from the checkpoint.
-_RESUME_OVERRIDES = ("data_dir", "json", "threads", "checkpoint_every_steps", "epochs")
+_RESUME_OVERRIDES = ("data_dir", "json", "threads", "checkpoint_every_steps", "epochs", "device")
 
 
 def _choice(name: str, value, accepted) -> None:
@@ -176,6 +178,7 @@ def resolve(config: TrainConfig) -> TrainConfig:
     _int("limit_train", out.limit_train, 2)
     _int("checkpoint_every_steps", out.checkpoint_every_steps, 1)
     _int("threads", out.threads, 1)
+    resolve_device(out.device)  # an unknown or absent device is an error before anything starts
     return out
 
 
@@ -260,7 +263,7 @@ def evaluate(model: nn.Module, split: _data.Split, preprocess: _data.Preprocess,
     was_training = model.training
     model.eval()
     loss, correct = 0.0, 0
-    for x, y in _data.batches(split, batch_size):
+    for x, y in _data.batches(split, batch_size):  # on the split's device
         logits = model(preprocess(x))  # (B, classes)
         loss += F.cross_entropy(logits, y, reduction="sum").item()
         correct += int((logits.argmax(dim=1) == y).sum())
@@ -280,7 +283,7 @@ def random_selection_(model: nn.Module, seed: int) -> nn.Module:
                 if getattr(m, "scores", None) == "implicit":
                     raise ValueError("random_selection needs stored scores: use scores 'int8' or 'fp32'")
                 scores = getattr(m, f"{part}_scores")  # (*shape, K)
-                idx = torch.randint(m.k, scores.shape[:-1], generator=g, device=scores.device)
+                idx = torch.randint(m.k, scores.shape[:-1], generator=g).to(scores.device)
                 scores.zero_().scatter_(-1, idx.unsqueeze(-1), 1)
     return model
 
@@ -319,6 +322,11 @@ def _build_from(payload: dict, source: str) -> nn.Module:
         raise CheckpointError(f"{source}: build_args {payload['build_args']} cannot be built: {e}") from None
 
 
+def _cuda_peak(device: torch.device) -> dict:
+    """``{"cuda_max_allocated_bytes": ...}`` on a CUDA device, else nothing."""
+    return {"cuda_max_allocated_bytes": torch.cuda.max_memory_allocated(device)} if device.type == "cuda" else {}
+
+
 def _fmt(loss: float | None, accuracy: float | None) -> str:
     if loss is None or accuracy is None:
         return "loss n/a acc n/a"
@@ -350,14 +358,16 @@ def run(config: TrainConfig, *, progress: bool = True) -> dict:
     say = (lambda *a: print(*a, flush=True)) if main else (lambda *a: None)
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
+    device = resolve_device(cfg.device)
     if cfg.out is not None and main:
         os.makedirs(cfg.out, exist_ok=True)
 
     data = _data.load(cfg.dataset, cfg.data_dir, seed=cfg.seed, normalize=cfg.normalize, limit_train=cfg.limit_train)
-    model = _make_model(cfg, data, ckpt)
+    data = data.to(device)  # uint8 images move once: no per-batch host-to-device copy
+    model = _make_model(cfg, data, ckpt).to(device)
     if world > 1:
         _distributed.check_batch_size(cfg.batch_size, world)
-    net = _distributed.wrap(model) if world > 1 else model
+    net = _distributed.wrap(model, device if device.type == "cuda" else None) if world > 1 else model
     params = [p for p in model.parameters() if p.requires_grad]
     hyper = dict(lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     optimizer = SlotSGD(params, **hyper) if cfg.mode == "seeded" else torch.optim.SGD(params, **hyper)
@@ -370,6 +380,8 @@ def run(config: TrainConfig, *, progress: bool = True) -> dict:
             for key, obj in (("model", model), ("optimizer", optimizer), ("scheduler", scheduler)):
                 load_state_into(obj, ckpt[key])
             torch.set_rng_state(ckpt["rng"])  # rank 0's; other ranks re-key their dropout below
+            if device.type == "cuda" and "cuda_rng" in ckpt:  # dropout on CUDA draws from its own generator
+                torch.cuda.set_rng_state(ckpt["cuda_rng"], device)
             pos = {key: int(ckpt[key]) for key in pos}
             tally = dict(ckpt["tally"])
         except CheckpointError as e:
@@ -385,7 +397,8 @@ def run(config: TrainConfig, *, progress: bool = True) -> dict:
         + (f", resumed from {cfg.resume} at epoch {pos['epoch'] + 1} step {pos['step_in_epoch']}" if ckpt else ""))
     say("config: " + json.dumps(asdict(cfg)))
     say("data: " + data.describe())
-    say(f"torch: {torch.get_num_threads()} threads, torch.compile {'on' if compile_enabled() else 'off'} "
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} CPU threads"
+    say(f"torch: {device} ({where}), torch.compile {'on' if compile_enabled() else 'off'} "
         "(SEEDSLOT_COMPILE=0 turns it off)")
 
     def save() -> str | None:
@@ -395,6 +408,7 @@ def run(config: TrainConfig, *, progress: bool = True) -> dict:
         save_checkpoint(path, dict(
             model=model.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
             rng=torch.get_rng_state(), **pos, tally=tally, config=asdict(cfg), build_args=model.build_args,
+            **({"cuda_rng": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {}),
         ))
         return path
 
@@ -429,6 +443,7 @@ def run(config: TrainConfig, *, progress: bool = True) -> dict:
                        unit="batch", leave=False, dynamic_ncols=True, disable=not (progress and main))
             for step in range(pos["step_in_epoch"], len(batches)):
                 idx = batches[step]
+                idx = idx.to(device)
                 x = data.preprocess(data.train.images[idx], _flip_generator(cfg.seed, epoch, step))
                 y = data.train.labels[idx]
                 weight = 1.0
@@ -473,7 +488,7 @@ def run(config: TrainConfig, *, progress: bool = True) -> dict:
                           train_loss=tally["loss_sum"] / seen, train_accuracy=tally["correct"] / seen,
                           val_loss=val_loss, val_accuracy=val_acc, lr=lr,
                           seconds=tally["epoch_seconds"] + time.perf_counter() - t_epoch,
-                          peak_rss_bytes=_peak_rss_bytes())
+                          peak_rss_bytes=_peak_rss_bytes(), **_cuda_peak(device))
             say(f"epoch {epoch + 1}/{cfg.epochs}  train {_fmt(record['train_loss'], record['train_accuracy'])}  "
                 f"val {_fmt(val_loss, val_acc)}  lr {lr:g}  {record['seconds']:.1f} s  peak RSS {record['peak_rss_bytes'] / 2**20:.0f} MiB")
             log(record)
@@ -513,7 +528,7 @@ def run(config: TrainConfig, *, progress: bool = True) -> dict:
         val_accuracy=dict(best=best_val, best_epoch=best_epoch, last=last_val),
         epochs=pos["epoch"], global_steps=pos["global_step"], interrupted=interrupted,
         seconds=time.perf_counter() - t_start, train_seconds=sum(r["seconds"] for r in history),
-        peak_rss_bytes=_peak_rss_bytes(), state_bytes=total_state, connections=connections,
+        peak_rss_bytes=_peak_rss_bytes(), **_cuda_peak(device), state_bytes=total_state, connections=connections,
         bytes_per_connection=total_state / connections, compile=compile_enabled(), threads=torch.get_num_threads(),
         data=data.describe(), config=asdict(cfg), build_args=model.build_args, history=history,
         checkpoint=os.path.join(cfg.out, CHECKPOINT) if cfg.out is not None and cfg.epochs else None,

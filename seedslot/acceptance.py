@@ -1,0 +1,247 @@
+"""``seedslot bench gpu``: the GPU acceptance run, one command and one table.
+
+On a CUDA machine it checks that what the GPU computes is what the CPU computes (candidates,
+initial scores and greedy selections of every layer of VGG-19, all three sharing modes, every
+score storage; one int8 and one implicit update step), then measures: the regeneration rate of the
+CUDA kernels, VGG-19 step time and ``torch.cuda.max_memory_allocated`` per mode, the largest K
+under a CUDA memory budget, and a short ``seedslot train`` on the GPU. It exits non-zero when an
+identity fails. The identities run on any pair of devices, so the test suite runs them on the CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from typing import Any, Sequence
+
+import torch
+
+from .benchmarks import BUDGET_KS, budget_bench, memory_bench, speed_bench
+from .devices import resolve_device
+from .layers import _Seeded
+from .optim import SlotSGD
+
+__all__ = ["identities", "regeneration_rate", "gpu_acceptance", "add_arguments", "run_cli"]
+
+STORAGES = ("int8", "fp32", "implicit")
+SHARINGS = ("none", "layer", "global")
+
+
+def _build_on(device, model: str, k: int, sharing: str, scores: str, seed: int = 0):
+    """A seeded model whose buffers are computed on ``device`` (not computed on the CPU and moved)."""
+    from .models import build
+
+    with torch.device(device):
+        return build(model, mode="seeded", k=k, sharing=sharing, scores=scores, seed=seed).to(device)
+
+
+def _layers(model) -> list[tuple[str, _Seeded]]:
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, _Seeded)]
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and a.dtype == b.dtype and torch.equal(a.cpu(), b.cpu())
+
+
+@torch.no_grad()
+def identities(device, model: str = "vgg19", k: int = 8, sharings: Sequence[str] = SHARINGS,
+               storages: Sequence[str] = STORAGES, reference="cpu") -> list[dict[str, Any]]:
+    """For each sharing mode and score storage: whether every layer's candidates, stored initial
+    state (int8 levels, fp32 scores, implicit drift and its scores) and greedy selection computed
+    on ``device`` equal those computed on ``reference``, bit for bit."""
+    rows = []
+    for sharing in sharings:
+        for scores in storages:
+            here, there = _build_on(device, model, k, sharing, scores), _build_on(reference, model, k, sharing, scores)
+            checks = {"candidates": True, "initial scores": True, "greedy selection": True}
+            for (_, a), (_, b) in zip(_layers(here), _layers(there)):
+                for part in a.parts:
+                    checks["candidates"] &= _same(a.candidates(part), b.candidates(part))
+                    checks["initial scores"] &= _same(a.score_values(part), b.score_values(part))
+                    checks["greedy selection"] &= _same(a.selected_index(part), b.selected_index(part))
+            for what, ok in checks.items():
+                rows.append(dict(check=what, sharing=sharing, scores=scores, equal=ok))
+    return rows
+
+
+def update_identities(device, model: str = "vgg19", k: int = 8, reference="cpu") -> list[dict[str, Any]]:
+    """One SlotSGD step (momentum 0.9) on ``device`` and on ``reference`` from the same
+    effective-weight gradients: int8 levels must be equal bit for bit; implicit drifts may
+    differ by fp32 rounding of ``A + lr * d`` (a fused multiply-add on one device, not on the
+    other), so they are compared within 1 ulp and their greedy selections must be equal."""
+    rows = []
+    for scores in ("int8", "implicit"):
+        nets = [_build_on(d, model, k, "none", scores) for d in (device, reference)]
+        g = torch.Generator().manual_seed(0)
+        grads = {}
+        for name, layer in _layers(nets[1]):
+            for part in layer.parts:
+                grads[name, part] = torch.randn(layer.parts[part][0], generator=g) * 1e-2
+        opts = []
+        for net in nets:
+            for name, layer in _layers(net):
+                for part in layer.parts:
+                    proxy = getattr(layer, f"slot_{part}")
+                    proxy.grad = grads[name, part].to(proxy.device)
+            opt = SlotSGD(net.parameters(), lr=0.1, momentum=0.9)
+            opt.step()
+            opts.append(opt)
+        state_equal, selection_equal, max_ulps = True, True, 0.0
+        for (_, a), (_, b) in zip(_layers(nets[0]), _layers(nets[1])):
+            for part in a.parts:
+                sa, sb = (getattr(x, f"{part}_{'drift' if scores == 'implicit' else 'scores'}").cpu() for x in (a, b))
+                if scores == "int8":
+                    state_equal &= torch.equal(sa, sb)
+                else:
+                    ulp = torch.finfo(torch.float32).eps * sb.abs().clamp_min(torch.finfo(torch.float32).tiny)
+                    max_ulps = max(max_ulps, float(((sa - sb).abs() / ulp).max()))
+                selection_equal &= torch.equal(a.selected_index(part).cpu(), b.selected_index(part).cpu())
+        if scores == "implicit":
+            state_equal = max_ulps <= 1.0
+        rows.append(dict(check=f"{scores} update step", sharing="none", scores=scores,
+                         equal=state_equal and selection_equal, state_equal=state_equal,
+                         selection_equal=selection_equal, max_ulps=max_ulps if scores == "implicit" else 0.0))
+    return rows
+
+
+def regeneration_rate(device, connections: int = 1 << 24, k: int = 8, repeats: int = 5) -> float:
+    """Candidate values per second: every candidate of ``connections`` connections, one call."""
+    from .candidates import CANDIDATES, candidate_chunk, grid_step, i32, key32, stream_keys
+
+    key_a, keys_b = stream_keys(1, CANDIDATES, k, device)
+    key_a, step = i32(key_a, device), grid_step(0.01).to(device)
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+
+    def once() -> float:
+        sync()
+        t = time.perf_counter()
+        candidate_chunk(i32(0, device), connections, 1, key_a, keys_b, step)
+        sync()
+        return time.perf_counter() - t
+
+    once()  # compiles
+    return connections * k / statistics.median(once() for _ in range(repeats))
+
+
+def _short_train(device: str, data_dir: str | None, epochs: int) -> dict[str, Any]:
+    """A short ``seedslot train`` run on ``device`` (real MNIST when ``data_dir`` has it, else a
+    small synthetic IDX set whose label is which image quadrant is bright)."""
+    from .train import TrainConfig, run
+
+    with tempfile.TemporaryDirectory() as tmp:
+        if data_dir is None:
+            data_dir = os.path.join(tmp, "synthetic")
+            _write_synthetic_idx(data_dir)
+        summary = run(TrainConfig(model="lenet", dataset="mnist", data_dir=data_dir, epochs=epochs, device=device,
+                                  out=os.path.join(tmp, "run")), progress=False)
+    return dict(test_accuracy=summary["test_accuracy"], seconds=summary["seconds"], data=summary["data"],
+                cuda_max_allocated_bytes=summary.get("cuda_max_allocated_bytes"))
+
+
+def _write_synthetic_idx(path: str, n_train: int = 6000, n_test: int = 1000) -> None:
+    import struct
+
+    os.makedirs(path, exist_ok=True)
+    g = torch.Generator().manual_seed(0)
+    for split, n in (("train", n_train), ("t10k", n_test)):
+        labels = torch.randint(0, 4, (n,), generator=g, dtype=torch.uint8)
+        images = torch.randint(0, 96, (n, 28, 28), generator=g, dtype=torch.uint8)
+        for q in range(4):
+            rows, cols = slice(14 * (q // 2), 14 * (q // 2) + 14), slice(14 * (q % 2), 14 * (q % 2) + 14)
+            images[labels == q, rows, cols] += 128
+        with open(os.path.join(path, f"{split}-images-idx3-ubyte"), "wb") as f:
+            f.write(struct.pack(">IIII", 2051, n, 28, 28) + images.numpy().tobytes())
+        with open(os.path.join(path, f"{split}-labels-idx1-ubyte"), "wb") as f:
+            f.write(struct.pack(">II", 2049, n) + labels.numpy().tobytes())
+
+
+def gpu_acceptance(device: str = "cuda", budget_bytes: int = 2 * 2**30, data_dir: str | None = None,
+                   quick: bool = False, log=print) -> dict[str, Any]:
+    """Every check and measurement of the acceptance run; ``ok`` is False when an identity fails."""
+    dev = resolve_device(device)
+    if dev.type != "cuda":
+        raise ValueError(f"device {device!r}: the GPU acceptance run needs a CUDA device")
+    device = str(dev)
+    out: dict[str, Any] = dict(bench="gpu", device=device, device_name=torch.cuda.get_device_name(dev),
+                               torch=torch.__version__)
+    t0 = time.perf_counter()
+    model = "lenet" if quick else "vgg19"
+    out["identities"] = identities(device, model) + update_identities(device, model)
+    out["ok"] = all(r["equal"] for r in out["identities"])
+    log(f"identities ({model}, K=8): {'all equal' if out['ok'] else 'FAILED'} ({time.perf_counter() - t0:.0f} s)")
+    out["regeneration_values_per_second"] = regeneration_rate(device)
+    log(f"regeneration: {out['regeneration_values_per_second'] / 1e9:.1f} G values/s")
+    out["speed"] = speed_bench(model, k=8, batch_size=128, device=device, repeats=3 if quick else 5)
+    log(f"speed: {out['speed']['ratios']}")
+    out["memory"] = [memory_bench(model, k=k, batch_size=128, steps=2, device=device) for k in ((8,) if quick else (8, 32))]
+    out["budget"] = budget_bench(model, budget_bytes=budget_bytes, ks=BUDGET_KS[:4] if quick else BUDGET_KS,
+                                 device=device)
+    log(f"budget: " + ", ".join(f"{m}={out['budget'][m]}" for m in out["budget"] if m.endswith("_max_k")))
+    out["train"] = _short_train(device, data_dir, epochs=1 if quick else 2)
+    out["seconds"] = time.perf_counter() - t0
+    return out
+
+
+def report(result: dict[str, Any]) -> str:
+    """The acceptance run as one Markdown table."""
+    rows = [("device", f"{result['device_name']} ({result['device']}), torch {result['torch']}")]
+    for r in result["identities"]:
+        extra = f" (max {r['max_ulps']:.1f} ulp)" if r.get("max_ulps") else ""
+        rows.append((f"CUDA == CPU: {r['check']}, sharing {r['sharing']}, {r['scores']}",
+                     ("equal" if r["equal"] else "DIFFERENT") + extra))
+    rows.append(("regeneration (K = 8, 16.8 M connections, one launch)",
+                 f"{result['regeneration_values_per_second'] / 1e9:.1f} G values/s"))
+    sp = result["speed"]
+    for r in sp["rows"]:
+        rows.append((f"{sp['model']} batch {sp['batch_size']} K={sp['k']}: {r['mode']} step", f"{r['step_seconds'] * 1e3:.1f} ms"))
+    for name, v in sp["ratios"].items():
+        rows.append((f"step time {name.replace('seeded', 'int8').replace('_over_', ' / ')}", f"{v:.3f}"))
+    for mem in result["memory"]:
+        by = {r["mode"]: r for r in mem["rows"]}
+        for m, r in by.items():
+            rows.append((f"{mem['model']} K={mem['k']} batch {mem['batch_size']}: {m} max_memory_allocated",
+                         f"{r['cuda_max_allocated_bytes'] / 2**20:,.0f} MiB"))
+        if "dense" in by:
+            for m in ("seeded", "implicit"):
+                if m in by:
+                    q = by[m]["cuda_max_allocated_bytes"] / by["dense"]["cuda_max_allocated_bytes"]
+                    rows.append((f"{mem['model']} K={mem['k']}: peak {m.replace('seeded', 'int8')} / dense", f"{q:.3f}"))
+    b = result["budget"]
+    for m in ("dense", "seeded", "implicit"):
+        if f"{m}_max_k" in b:
+            rows.append((f"largest K under {b['budget_bytes'] / 2**30:g} GiB ({b['model']}, batch {b['batch_size']}): "
+                         f"{m.replace('seeded', 'int8')}", f"{b[f'{m}_max_k']} (of {', '.join(map(str, b['ks']))})"))
+    t = result["train"]
+    rows.append((f"seedslot train on {result['device']}: {t['data']}",
+                 f"test accuracy {t['test_accuracy']:.2%} in {t['seconds']:.0f} s"))
+    rows.append(("all identities hold", "yes" if result["ok"] else "NO"))
+    width = max(len(a) for a, _ in rows)
+    lines = [f"| {'check or measurement':<{width}} | result |", f"| {'-' * width} | --- |"]
+    return "\n".join([*lines, *(f"| {a:<{width}} | {b} |" for a, b in rows)])
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Arguments of ``seedslot bench gpu``."""
+    p.add_argument("--device", default="cuda", help="cuda or cuda:N (default cuda)")
+    p.add_argument("--budget", default="2GiB", help="CUDA memory budget of the largest-K search (default 2GiB)")
+    p.add_argument("--data-dir", help="MNIST directory for the short training run (default: synthetic data)")
+    p.add_argument("--quick", action="store_true", help="Lenet instead of VGG-19, fewer K: a smoke test")
+    p.add_argument("--json", metavar="PATH", help="also write the results as JSON here")
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    from .benchmarks import parse_bytes
+
+    result = gpu_acceptance(args.device, parse_bytes(args.budget), args.data_dir, args.quick,
+                            log=lambda s: print(s, file=sys.stderr, flush=True))
+    print(report(result), flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+            f.write("\n")
+    return 0 if result["ok"] else 1
