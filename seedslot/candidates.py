@@ -66,7 +66,7 @@ def i32(value: int, device=None) -> torch.Tensor:
     return torch.tensor(value, dtype=torch.int32, device=device)
 
 
-@fused()
+@fused(triton="candidate_chunk")
 def candidate_chunk(
     start: torch.Tensor, n: int, per_conn: int, key_a: torch.Tensor, keys_b: torch.Tensor, step: torch.Tensor
 ) -> torch.Tensor:
@@ -75,7 +75,7 @@ def candidate_chunk(
     return signed24(bits(c, key_a, keys_b)).to(torch.float32) * step
 
 
-@fused("idx")
+@fused("idx", triton="selected_chunk")
 def selected_chunk(
     idx: torch.Tensor, start: torch.Tensor, per_conn: int, key_a: torch.Tensor, keys_b: torch.Tensor, step: torch.Tensor
 ) -> torch.Tensor:

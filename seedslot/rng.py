@@ -14,6 +14,8 @@ uint32, and right shifts are masked to make them logical. The numpy reference us
 from __future__ import annotations
 
 import functools
+import importlib
+import importlib.util
 import inspect
 import os
 import warnings
@@ -131,7 +133,33 @@ def compile_enabled() -> bool:
     return os.environ.get("SEEDSLOT_COMPILE", "1").strip().lower() not in ("0", "false", "no", "off")
 
 
+def triton_enabled() -> bool:
+    """``SEEDSLOT_TRITON=0`` keeps CUDA tensors on the torch path (eager or torch.compile)."""
+    return os.environ.get("SEEDSLOT_TRITON", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+@functools.cache
+def triton_available() -> bool:
+    """Whether the ``triton`` package is installed (checked once, without importing it)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def use_triton(t: torch.Tensor | None) -> bool:
+    """Whether fused functions on ``t`` run as their Triton twins: ``t`` on CUDA, triton installed,
+    not disabled, and not inside a user's torch.compile (which traces the eager body)."""
+    return (t is not None and t.is_cuda and triton_enabled() and triton_available()
+            and not torch.compiler.is_compiling())
+
+
+def _first_tensor(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    for a in (*args, *kwargs.values()):
+        if isinstance(a, torch.Tensor):
+            return a
+    return None
+
+
 _warned = False
+_triton_warned = False
 
 
 class _Fused:
@@ -139,18 +167,33 @@ class _Fused:
 
     Compilation is lazy; if it fails the eager function is used from then on, with one warning
     for the whole process. ``.eager`` and ``.compiled`` give either path explicitly (tests).
+
+    A function may have a Triton twin (``fused(..., triton=name)``): when its first tensor argument
+    is on CUDA and :func:`use_triton` holds, the call runs the twin instead (one hand-written kernel,
+    bit-exact, see :mod:`seedslot.triton_kernels`); ``.triton`` gives it explicitly, which on CPU
+    tensors runs in Triton's interpreter under ``TRITON_INTERPRET=1`` (tests). If the twin raises,
+    the torch path is used from then on, with one warning.
     Row counts are marked dynamic while K stays static: inductor vectorises a reduction over a
     static K about twice as fast. Values that change between calls (keys, offsets, learning
     rates) must be passed as 0-dim tensors so that a new value never recompiles.
     """
 
-    def __init__(self, fn: Callable, rows: tuple[str, ...]) -> None:
+    def __init__(self, fn: Callable, rows: tuple[str, ...], triton: str | Callable | None = None) -> None:
         self.eager = fn
         names = list(inspect.signature(fn).parameters)
         self._rows = [names.index(r) for r in rows]
         self._compiled: Callable | None = None
         self._failed = False
+        self._triton = triton
+        self._triton_failed = False
         functools.update_wrapper(self, fn)
+
+    @property
+    def triton(self) -> Callable | None:
+        """The Triton twin (same signature and result; :mod:`seedslot.triton_kernels`), or None."""
+        if isinstance(self._triton, str):  # resolved lazily: importing it imports triton
+            self._triton = getattr(importlib.import_module("seedslot.triton_kernels"), self._triton)
+        return self._triton
 
     @property
     def compiled(self) -> Callable:
@@ -167,9 +210,24 @@ class _Fused:
         return self._compiled
 
     def __call__(self, *args, **kwargs):
-        global _warned
-        if self._failed or not compile_enabled() or torch.compiler.is_compiling():
+        global _warned, _triton_warned
+        if torch.compiler.is_compiling():
             # inside a user's torch.compile(model) the eager body is traced into that graph
+            return self.eager(*args, **kwargs)
+        if self._triton is not None and not self._triton_failed and use_triton(_first_tensor(args, kwargs)):
+            try:
+                return self.triton(*args, **kwargs)
+            except Exception as e:  # noqa: BLE001 - no working triton: the torch path below
+                self._triton_failed = True
+                if not _triton_warned:
+                    _triton_warned = True
+                    warnings.warn(
+                        f"seedslot: a Triton kernel failed ({type(e).__name__}: {e}); using torch "
+                        "(set SEEDSLOT_TRITON=0 to silence this)",
+                        RuntimeWarning,
+                        stacklevel=2,
+                    )
+        if self._failed or not compile_enabled():
             return self.eager(*args, **kwargs)
         try:
             return self.compiled(*args, **kwargs)
@@ -186,7 +244,8 @@ class _Fused:
             return self.eager(*args, **kwargs)
 
 
-def fused(*rows: str) -> Callable[[F], F]:
+def fused(*rows: str, triton: str | Callable | None = None) -> Callable[[F], F]:
     """Decorator: see :class:`_Fused`. ``rows`` names the tensor arguments whose first dimension
-    is the (dynamic) number of connections."""
-    return lambda fn: _Fused(fn, rows)  # type: ignore[return-value]
+    is the (dynamic) number of connections; ``triton`` the twin that runs on CUDA tensors (a
+    function, or the name of one in :mod:`seedslot.triton_kernels`)."""
+    return lambda fn: _Fused(fn, rows, triton)  # type: ignore[return-value]

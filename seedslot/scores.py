@@ -29,6 +29,7 @@ import math
 import torch
 
 from .candidates import connections, selected_chunk
+from . import rng as _rng
 from .rng import bits, fused, mix32, noise_bits, noise_round, signed24, unit24
 
 SCORES = ("int8", "fp32", "implicit")
@@ -58,7 +59,7 @@ def int8_update_chunk(
     return kernel(q, d, coef, start, per_conn, key_a, keys_b, step, round_a, round_b)
 
 
-@fused("q", "d")
+@fused("q", "d", triton="int8_update")
 def int8_update_rows(q, d, coef, start, per_conn: int, key_a, keys_b, step, round_a, round_b) -> torch.Tensor:
     """:func:`int8_update_chunk` on (n, K) tensors."""
     n = q.shape[0]
@@ -69,7 +70,7 @@ def int8_update_rows(q, d, coef, start, per_conn: int, key_a, keys_b, step, roun
     return (t - shift).clamp(-128.0, 127.0).to(torch.int8)
 
 
-@fused("q", "d")
+@fused("q", "d", triton="int8_update")
 def int8_update_unrolled(q, d, coef, start, per_conn: int, key_a, keys_b, step, round_a, round_b) -> torch.Tensor:
     """:func:`int8_update_rows` one candidate at a time (``bits`` and ``noise_bits`` split into
     their per-connection and per-value rounds): elementwise over a static K, which inductor
@@ -89,7 +90,7 @@ def int8_update_unrolled(q, d, coef, start, per_conn: int, key_a, keys_b, step, 
     return torch.stack([(t - shift).clamp(-128.0, 127.0) for t in ts], -1).to(torch.int8)
 
 
-@fused("s", "d")
+@fused("s", "d", triton="fp32_update_chunk")
 def fp32_update_chunk(
     s: torch.Tensor,  # (n, K) fp32 scores
     d: torch.Tensor,  # (n,) fp32
@@ -104,7 +105,7 @@ def fp32_update_chunk(
     return s + (d * neg_lr).unsqueeze(-1) * w
 
 
-@fused("q")
+@fused("q", triton="requantize_chunk")
 def requantize_chunk(
     q: torch.Tensor, inv_factor: torch.Tensor, start: torch.Tensor, round_a: torch.Tensor, round_b: torch.Tensor
 ) -> torch.Tensor:
@@ -124,7 +125,7 @@ def coarsen_factor(lr: float, d_max: float, w_max: float, scale: float) -> float
     return 2.0 ** math.ceil(math.log2(levels / MAX_LEVELS))
 
 
-@fused("drift")
+@fused("drift", triton="implicit_chunk")
 def implicit_chunk(
     drift: torch.Tensor,  # (n,) fp32 A of connections start .. start+n-1
     factor: torch.Tensor,  # 0-dim fp32 c
@@ -150,15 +151,16 @@ def implicit_greedy_chunk(
     bound: torch.Tensor,
 ) -> torch.Tensor:
     """``(index, value)``: the (n,) int64 argmax of :func:`implicit_chunk`'s scores (lowest index
-    on ties) and the (n,) fp32 candidate there. Up to UNROLL_MAX_K candidates no (n, K) tensor is made."""
+    on ties) and the (n,) fp32 candidate there. Up to UNROLL_MAX_K candidates, and for every K on
+    CUDA (one Triton kernel), no (n, K) tensor is made."""
     args = (drift, factor, start, per_conn, cand_key, cand_keys, step, score_key, score_keys, bound)
-    if cand_keys.shape[0] <= UNROLL_MAX_K:
+    if cand_keys.shape[0] <= UNROLL_MAX_K or _rng.use_triton(drift):
         return implicit_greedy_unrolled(*args)
     idx = implicit_chunk(*args).argmax(-1)
     return idx, selected_chunk(idx, start, per_conn, cand_key, cand_keys, step)
 
 
-@fused("drift")
+@fused("drift", triton="implicit_greedy")
 def implicit_greedy_unrolled(
     drift: torch.Tensor, factor: torch.Tensor, start: torch.Tensor, per_conn: int, cand_key: torch.Tensor,
     cand_keys: torch.Tensor, step: torch.Tensor, score_key: torch.Tensor, score_keys: torch.Tensor,

@@ -16,6 +16,7 @@ import sys
 import torch
 
 from .candidates import connections
+from . import rng as _rng
 from .rng import bits, compile_enabled, fused
 
 SELECTION = ("greedy", "sample")
@@ -30,13 +31,21 @@ _WORDS.update({k: torch.int64 for k in range(8, 65, 8)})
 def greedy(scores: torch.Tensor) -> torch.Tensor:
     """(n, K) scores -> (n,) int64 index of the best score, the lowest index on ties."""
     k = scores.shape[-1]
+    if scores.dtype in (torch.int8, torch.float32) and scores.dim() == 2 and _rng.use_triton(scores):
+        return argmax_rows(scores)  # CUDA: one Triton kernel, any K
     if (scores.dtype == torch.int8 and k in _WORDS and sys.byteorder == "little"
             and scores.is_contiguous() and compile_enabled()):
         return packed_argmax(scores.view(_WORDS[k]))
     return scores.argmax(dim=-1)
 
 
-@fused("words")
+@fused("scores", triton="greedy")
+def argmax_rows(scores: torch.Tensor) -> torch.Tensor:
+    """``scores.argmax(-1)``: what :func:`greedy` runs on CUDA, where its twin is one Triton kernel."""
+    return scores.argmax(dim=-1)
+
+
+@fused("words", triton="packed_argmax")
 def packed_argmax(words: torch.Tensor) -> torch.Tensor:
     """(n, W) words, each packing int8 scores in little-endian lanes -> (n,) int64 argmax of the
     scores, the lowest index on ties (as torch.argmax)."""
@@ -55,7 +64,7 @@ def packed_argmax(words: torch.Tensor) -> torch.Tensor:
     return idx
 
 
-@fused("scores")
+@fused("scores", triton="sample_chunk")
 def sample_chunk(
     scores: torch.Tensor, scale: torch.Tensor, start: torch.Tensor, key_a: torch.Tensor, keys_b: torch.Tensor
 ) -> torch.Tensor:
