@@ -21,12 +21,13 @@ from typing import Any, Sequence
 
 import torch
 
-from .benchmarks import BUDGET_KS, budget_bench, memory_bench, speed_bench
+from .benchmarks import budget_bench, memory_bench, speed_bench
 from .devices import resolve_device
 from .layers import _Seeded
 from .optim import SlotSGD
 
-__all__ = ["identities", "regeneration_rate", "gpu_acceptance", "add_arguments", "run_cli"]
+__all__ = ["PARTS", "identities", "update_identities", "regeneration_rate", "gpu_acceptance", "report", "merge",
+           "add_arguments", "run_cli"]
 
 STORAGES = ("int8", "fp32", "implicit")
 SHARINGS = ("none", "layer", "global")
@@ -139,8 +140,25 @@ def _short_train(device: str, data_dir: str | None, epochs: int) -> dict[str, An
             _write_synthetic_idx(data_dir)
         summary = run(TrainConfig(model="lenet", dataset="mnist", data_dir=data_dir, epochs=epochs, device=device,
                                   out=os.path.join(tmp, "run")), progress=False)
+        same = _selections_equal_on_cpu(os.path.join(tmp, "run", "last.ckpt"), device)
     return dict(test_accuracy=summary["test_accuracy"], seconds=summary["seconds"], data=summary["data"],
-                cuda_max_allocated_bytes=summary.get("cuda_max_allocated_bytes"))
+                cuda_max_allocated_bytes=summary.get("cuda_max_allocated_bytes"), selections_equal_on_cpu=same)
+
+
+@torch.no_grad()
+def _selections_equal_on_cpu(path: str, device: str) -> bool:
+    """Whether the checkpoint at ``path`` selects the same candidates loaded on ``device`` and on the CPU."""
+    from .checkpoints import load_checkpoint, load_state_into
+    from .models import build
+
+    nets = []
+    for where in (device, "cpu"):
+        payload = load_checkpoint(path, map_location=where)
+        net = build(**payload["build_args"]).to(where)
+        load_state_into(net, payload["model"])
+        nets.append(net)
+    return all(torch.equal(a.selected_index(part).cpu(), b.selected_index(part).cpu())
+               for (_, a), (_, b) in zip(_layers(nets[0]), _layers(nets[1])) for part in a.parts)
 
 
 def _write_synthetic_idx(path: str, n_train: int = 6000, n_test: int = 1000) -> None:
@@ -160,69 +178,101 @@ def _write_synthetic_idx(path: str, n_train: int = 6000, n_test: int = 1000) -> 
             f.write(struct.pack(">II", 2049, n) + labels.numpy().tobytes())
 
 
+PARTS = ("identities", "speed", "memory", "budget", "train")
+
+
 def gpu_acceptance(device: str = "cuda", budget_bytes: int = 2 * 2**30, data_dir: str | None = None,
-                   quick: bool = False, log=print) -> dict[str, Any]:
-    """Every check and measurement of the acceptance run; ``ok`` is False when an identity fails."""
+                   quick: bool = False, parts: Sequence[str] = PARTS, log=print) -> dict[str, Any]:
+    """The acceptance run's ``parts``; ``ok`` is False when an identity fails."""
     dev = resolve_device(device)
     if dev.type != "cuda":
         raise ValueError(f"device {device!r}: the GPU acceptance run needs a CUDA device")
+    unknown = [p for p in parts if p not in PARTS]
+    if unknown or not parts:
+        raise ValueError(f"parts must be a non-empty subset of {', '.join(PARTS)}; got {', '.join(parts)}")
     device = str(dev)
     out: dict[str, Any] = dict(bench="gpu", device=device, device_name=torch.cuda.get_device_name(dev),
-                               torch=torch.__version__)
+                               torch=torch.__version__, ok=True)
     t0 = time.perf_counter()
     model = "lenet" if quick else "vgg19"
-    out["identities"] = identities(device, model) + update_identities(device, model)
-    out["ok"] = all(r["equal"] for r in out["identities"])
-    log(f"identities ({model}, K=8): {'all equal' if out['ok'] else 'FAILED'} ({time.perf_counter() - t0:.0f} s)")
-    out["regeneration_values_per_second"] = regeneration_rate(device)
-    log(f"regeneration: {out['regeneration_values_per_second'] / 1e9:.1f} G values/s")
-    out["speed"] = speed_bench(model, k=8, batch_size=128, device=device, repeats=3 if quick else 5)
-    log(f"speed: {out['speed']['ratios']}")
-    out["memory"] = [memory_bench(model, k=k, batch_size=128, steps=2, device=device) for k in ((8,) if quick else (8, 32))]
-    out["budget"] = budget_bench(model, budget_bytes=budget_bytes, ks=BUDGET_KS[:4] if quick else BUDGET_KS,
-                                 device=device)
-    log(f"budget: " + ", ".join(f"{m}={out['budget'][m]}" for m in out["budget"] if m.endswith("_max_k")))
-    out["train"] = _short_train(device, data_dir, epochs=1 if quick else 2)
+    if "identities" in parts:
+        out["identities"] = identities(device, model) + update_identities(device, model)
+        out["ok"] = all(r["equal"] for r in out["identities"])
+        log(f"identities ({model}, K=8): {'all equal' if out['ok'] else 'FAILED'} ({time.perf_counter() - t0:.0f} s)")
+    if "speed" in parts:
+        out["regeneration_values_per_second"] = regeneration_rate(device)
+        out["speed"] = speed_bench(model, k=8, batch_size=128, device=device, repeats=3 if quick else 5)
+        log(f"speed: {out['speed']['ratios']} ({time.perf_counter() - t0:.0f} s)")
+    if "memory" in parts:
+        out["memory"] = [memory_bench(model, k=k, batch_size=128, steps=2, device=device)
+                         for k in ((8,) if quick else (8, 32))]
+        log(f"memory done ({time.perf_counter() - t0:.0f} s)")
+    if "budget" in parts:
+        out["budget"] = budget_bench(model, budget_bytes=budget_bytes, device=device,
+                                     ks=(2, 4) if quick else (2, 4, 8, 16, 32, 64, 128, 256))
+        log("budget: " + ", ".join(f"{m}={out['budget'][m]}" for m in out["budget"] if m.endswith("_max_k")))
+    if "train" in parts:
+        out["train"] = _short_train(device, data_dir, epochs=1 if quick else 2)
+        out["ok"] &= out["train"]["selections_equal_on_cpu"]
     out["seconds"] = time.perf_counter() - t0
     return out
 
 
 def report(result: dict[str, Any]) -> str:
-    """The acceptance run as one Markdown table."""
+    """The acceptance run (or the merge of several partial runs) as one Markdown table."""
     rows = [("device", f"{result['device_name']} ({result['device']}), torch {result['torch']}")]
-    for r in result["identities"]:
+    for r in result.get("identities", []):
         extra = f" (max {r['max_ulps']:.1f} ulp)" if r.get("max_ulps") else ""
         rows.append((f"CUDA == CPU: {r['check']}, sharing {r['sharing']}, {r['scores']}",
                      ("equal" if r["equal"] else "DIFFERENT") + extra))
-    rows.append(("regeneration (K = 8, 16.8 M connections, one launch)",
-                 f"{result['regeneration_values_per_second'] / 1e9:.1f} G values/s"))
-    sp = result["speed"]
-    for r in sp["rows"]:
-        rows.append((f"{sp['model']} batch {sp['batch_size']} K={sp['k']}: {r['mode']} step", f"{r['step_seconds'] * 1e3:.1f} ms"))
-    for name, v in sp["ratios"].items():
-        rows.append((f"step time {name.replace('seeded', 'int8').replace('_over_', ' / ')}", f"{v:.3f}"))
-    for mem in result["memory"]:
+    if "speed" in result:
+        rows.append(("regeneration (K = 8, 16.8 M connections, one launch)",
+                     f"{result['regeneration_values_per_second'] / 1e9:.1f} G values/s"))
+        sp = result["speed"]
+        for r in sp["rows"]:
+            rows.append((f"{sp['model']} batch {sp['batch_size']} K={sp['k']}: {_name(r['mode'])} step",
+                         f"{r['step_seconds'] * 1e3:.2f} ms"))
+        for name, v in sp["ratios"].items():
+            rows.append((f"step time {_name(name).replace('_over_', ' / ')}", f"{v:.3f}"))
+    for mem in result.get("memory", []):
         by = {r["mode"]: r for r in mem["rows"]}
         for m, r in by.items():
-            rows.append((f"{mem['model']} K={mem['k']} batch {mem['batch_size']}: {m} max_memory_allocated",
+            rows.append((f"{mem['model']} K={mem['k']} batch {mem['batch_size']}: {_name(m)} max_memory_allocated",
                          f"{r['cuda_max_allocated_bytes'] / 2**20:,.0f} MiB"))
-        if "dense" in by:
-            for m in ("seeded", "implicit"):
-                if m in by:
-                    q = by[m]["cuda_max_allocated_bytes"] / by["dense"]["cuda_max_allocated_bytes"]
-                    rows.append((f"{mem['model']} K={mem['k']}: peak {m.replace('seeded', 'int8')} / dense", f"{q:.3f}"))
-    b = result["budget"]
-    for m in ("dense", "seeded", "implicit"):
-        if f"{m}_max_k" in b:
-            rows.append((f"largest K under {b['budget_bytes'] / 2**30:g} GiB ({b['model']}, batch {b['batch_size']}): "
-                         f"{m.replace('seeded', 'int8')}", f"{b[f'{m}_max_k']} (of {', '.join(map(str, b['ks']))})"))
-    t = result["train"]
-    rows.append((f"seedslot train on {result['device']}: {t['data']}",
-                 f"test accuracy {t['test_accuracy']:.2%} in {t['seconds']:.0f} s"))
-    rows.append(("all identities hold", "yes" if result["ok"] else "NO"))
+        for m in ("seeded", "implicit"):
+            if m in by and "dense" in by:
+                q = by[m]["cuda_max_allocated_bytes"] / by["dense"]["cuda_max_allocated_bytes"]
+                rows.append((f"{mem['model']} K={mem['k']}: peak {_name(m)} / dense", f"{q:.3f}"))
+    if "budget" in result:
+        b = result["budget"]
+        for m in ("dense", "seeded", "implicit"):
+            if f"{m}_max_k" in b:
+                rows.append((f"largest K under {b['budget_bytes'] / 2**30:g} GiB ({b['model']}, batch {b['batch_size']}):"
+                             f" {_name(m)}", f"{b[f'{m}_max_k']} (tried {', '.join(map(str, b['ks']))})"))
+    if "train" in result:
+        t = result["train"]
+        rows.append((f"seedslot train on {result['device']}: {t['data']}",
+                     f"test accuracy {t['test_accuracy']:.2%} in {t['seconds']:.0f} s"))
+        rows.append(("its checkpoint loaded on the CPU selects the same candidates",
+                     "yes" if t["selections_equal_on_cpu"] else "NO"))
+    rows.append(("every identity holds", "yes" if result["ok"] else "NO"))
     width = max(len(a) for a, _ in rows)
     lines = [f"| {'check or measurement':<{width}} | result |", f"| {'-' * width} | --- |"]
     return "\n".join([*lines, *(f"| {a:<{width}} | {b} |" for a, b in rows)])
+
+
+def _name(mode: str) -> str:
+    return mode.replace("seeded", "int8")
+
+
+def merge(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Partial acceptance runs (``--parts``) of one device as one result."""
+    out: dict[str, Any] = {}
+    for r in results:
+        ok = out.get("ok", True) and r["ok"]
+        out.update(r)
+        out["ok"] = ok
+    return out
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -231,14 +281,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--budget", default="2GiB", help="CUDA memory budget of the largest-K search (default 2GiB)")
     p.add_argument("--data-dir", help="MNIST directory for the short training run (default: synthetic data)")
     p.add_argument("--quick", action="store_true", help="Lenet instead of VGG-19, fewer K: a smoke test")
+    p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)} (default all)")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON here")
+    p.add_argument("--report", nargs="+", metavar="JSON", help="only print the table of these (partial) runs' JSON")
 
 
 def run_cli(args: argparse.Namespace) -> int:
     from .benchmarks import parse_bytes
 
-    result = gpu_acceptance(args.device, parse_bytes(args.budget), args.data_dir, args.quick,
-                            log=lambda s: print(s, file=sys.stderr, flush=True))
+    if args.report:
+        results = []
+        for path in args.report:
+            with open(path) as f:
+                results.append(json.load(f))
+        result = merge(results)
+    else:
+        parts = [p.strip() for p in args.parts.split(",") if p.strip()]
+        result = gpu_acceptance(args.device, parse_bytes(args.budget), args.data_dir, args.quick, parts,
+                                log=lambda s: print(s, file=sys.stderr, flush=True))
     print(report(result), flush=True)
     if args.json:
         with open(args.json, "w") as f:

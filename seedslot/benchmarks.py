@@ -91,11 +91,13 @@ def _positive(name: str, value) -> int:
 # ---------------------------------------------------------------- one training workload
 
 
-def _build(model: str, mode: str, k: int) -> tuple[nn.Module, tuple[int, int, int]]:
-    """The model and the (C, H, W) of its dataset's images."""
+def _build(model: str, mode: str, k: int, device: str = "cpu") -> tuple[nn.Module, tuple[int, int, int]]:
+    """The model on ``device`` and the (C, H, W) of its dataset's images. Slot models compute their
+    initial scores (the dense reference its candidates) there: on a GPU that is much faster."""
     from .models import build  # imported late: models build on everything else
 
-    net = build(model, mode="seeded", k=k, scores="implicit") if mode == "implicit" else build(model, mode=mode, k=k)
+    with torch.device(device if mode != "learned" else "cpu"):  # learned: Glorot draws from a CPU generator
+        net = build(model, mode="seeded", k=k, scores="implicit") if mode == "implicit" else build(model, mode=mode, k=k)
     c, s = net.build_args["in_channels"], net.build_args["input_size"]
     return net, (c, s, s)
 
@@ -111,7 +113,7 @@ class _Trainer:
     def __init__(self, model: str, mode: str, k: int, batch_size: int, device: str, seed: int = 0) -> None:
         torch.manual_seed(seed)
         self.device = device
-        net, shape = _build(model, mode, k)
+        net, shape = _build(model, mode, k, device)
         self.model = net.to(device).train()
         # The paper's greedy learning rates; they do not change what a step costs.
         lr = 0.1 if k <= 8 else 0.01
