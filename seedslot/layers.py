@@ -79,6 +79,24 @@ def _nonneg_int(name: str, value, minimum: int = 0) -> int:
     return value
 
 
+@torch.library.custom_op("seedslot::next_draw_key", mutates_args=("draws",))
+def _next_draw_key(draws: torch.Tensor, seed: str) -> torch.Tensor:
+    """Advance a layer's draw counter and return the 0-dim int32 sampling key of the draw it held.
+
+    One opaque op, in eager mode and inside a user's torch.compile graph alike: the counter is read
+    and the key derived in Python (``key32`` takes arbitrary ints, hence the seed as a string), so
+    a compiled model draws exactly the samples eager does, with no graph break and no recompile.
+    """
+    draw = int(draws)
+    draws += 1
+    return i32(key32(int(seed), SAMPLE, 2, draw), draws.device)
+
+
+@_next_draw_key.register_fake
+def _(draws: torch.Tensor, seed: str) -> torch.Tensor:
+    return draws.new_empty((), dtype=torch.int32)
+
+
 class _SlotBase(nn.Module):
     """Arguments, Glorot bound and selection shared by every slot layer.
 
@@ -134,6 +152,28 @@ class _SlotBase(nn.Module):
         self.register_buffer("_sample_keys", stream_keys(seed, SAMPLE, self.k, device)[1], persistent=False)
         self.register_buffer("_round_keys", stream_keys(seed, ROUND, self.k, device)[1], persistent=False)
 
+    def _apply(self, fn, recurse=True):
+        # Every buffer of a slot layer defines its weights (keys, candidate grid step, scores and
+        # their scales, implicit drifts and bound, the dense reference's candidates, the draw
+        # counter): a conversion moves them but never changes their dtype or values. Only the
+        # float Parameters (seeded: the proxies; dense: the scores) follow a dtype cast, and the
+        # forward computes in their dtype.
+        target = fn(torch.zeros((), dtype=self._compute_dtype(), device=self._cand_step.device)).dtype
+        if not target.is_floating_point:
+            raise TypeError(f"{type(self).__name__} computes in a real floating-point dtype; refusing the "
+                            f"conversion to {target} (nothing was changed)")
+        kept = dict(self._buffers)
+        super()._apply(fn, recurse)
+        for name, old in kept.items():
+            new = self._buffers.get(name)
+            if old is not None and new is not None and new.dtype != old.dtype:
+                self._buffers[name] = old.to(new.device)
+        return self
+
+    def _compute_dtype(self) -> torch.dtype:
+        """The dtype of the weights a forward produces: the layer's float Parameters' dtype."""
+        raise NotImplementedError
+
     def get_extra_state(self) -> dict:
         """The seeds travel with the scores: a state_dict alone defines the layer's weights (and,
         through ``score_lambda``, the initial scores that implicit scores are relative to)."""
@@ -165,25 +205,31 @@ class _SlotBase(nn.Module):
         raise NotImplementedError
 
     # -- selection
-    def _select(self, part: str, draw: int | None) -> torch.Tensor:
-        """(rows,) int64 index of the candidate each connection uses; ``draw`` None is greedy."""
+    def _select(self, part: str, draw: int | torch.Tensor | None) -> torch.Tensor:
+        """(rows,) int64 index of the candidate each connection uses; ``draw`` None is greedy, else
+        a draw counter value or its sampling key (see :meth:`_sample_key`)."""
         scores, scale = self._scores(part)
         if draw is None:
             return greedy(scores)  # no float temporaries: one pass over the whole part
         offset = self.parts[part][1]
         idx = torch.empty(scores.shape[0], dtype=torch.int64, device=scores.device)
-        key_a = i32(key32(self.seed, SAMPLE, 2, draw), scores.device)
+        key_a = self._sample_key(draw)
         scale_t = torch.as_tensor(scale, dtype=torch.float32, device=scores.device)
         for a, b in row_chunks(scores.shape[0], self.k):
             idx[a:b] = sample_chunk(scores[a:b], scale_t, i32(offset + a, scores.device), key_a, self._sample_keys)
         return idx
 
-    def _next_draw(self) -> int | None:
+    def _sample_key(self, draw: int | torch.Tensor) -> torch.Tensor:
+        """The 0-dim int32 key of the sampling noise of draw number ``draw`` (a key passes through)."""
+        if isinstance(draw, torch.Tensor):
+            return draw
+        return i32(key32(self.seed, SAMPLE, 2, draw), self._cand_keys.device)
+
+    def _next_draw(self) -> torch.Tensor | None:
+        """None (greedy), or the sampling key of this training forward's draw (advancing ``draws``)."""
         if not (self.training and self.selection == "sample"):
             return None
-        draw = int(self.draws)
-        self.draws += 1
-        return draw
+        return _next_draw_key(self.draws, str(self.seed))
 
     @torch.no_grad()
     def selected_index(self, part: str = "weight") -> torch.Tensor:
@@ -266,15 +312,29 @@ class _Seeded(_SlotBase):
         """The part's proxy Parameter, re-expanded if a copy materialised it (deepcopy, load)."""
         p = getattr(self, f"slot_{part}")
         if any(s != 0 for s in p.stride()) or p.device != self._cand_keys.device:
-            p.data = self._zero_proxy(self.parts[part][0], self._cand_keys.device, p.dtype)
-        _OWNERS[p] = (weakref.ref(self), part)
+            self._reset_proxy(part)
+        elif not torch.compiler.is_compiling():  # inside a graph: registered by __setstate__ / _apply
+            _OWNERS[p] = (weakref.ref(self), part)
         return p
+
+    @torch.compiler.disable
+    def _reset_proxy(self, part: str) -> None:
+        p = getattr(self, f"slot_{part}")
+        p.data = self._zero_proxy(self.parts[part][0], self._cand_keys.device, p.dtype)
+        _OWNERS[p] = (weakref.ref(self), part)
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
         for part in self.parts:
             self._proxy(part)
         return self
+
+    def __setstate__(self, state) -> None:
+        # deepcopy and pickle: re-expand and register the copies' proxies now, so that a compiled
+        # forward (which cannot touch the registry) and SlotSGD find them.
+        super().__setstate__(state)
+        for part in self.parts:
+            self._reset_proxy(part)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
@@ -287,6 +347,9 @@ class _Seeded(_SlotBase):
         before = len(missing_keys)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
         missing_keys[before:] = [k for k in missing_keys[before:] if k not in proxies]
+
+    def _compute_dtype(self):
+        return self.slot_weight.dtype
 
     def _scores(self, part):
         """(rows, K) stored scores and their scale; implicit: (rows,) drift and the factor on s0."""
@@ -305,7 +368,7 @@ class _Seeded(_SlotBase):
             return super()._select(part, draw)
         return self._implicit_select(part, draw)[0]
 
-    def _implicit_select(self, part: str, draw: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _implicit_select(self, part: str, draw: int | torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(index, selected value or None) per connection; greedy gets the values for free."""
         drift, _ = self._scores(part)
         dev = drift.device
@@ -317,7 +380,7 @@ class _Seeded(_SlotBase):
             if draw is None:
                 idx[a:b], values[a:b] = _scores.implicit_greedy_chunk(drift[a:b], *args)
             else:  # a chunk of fp32 scores, then the same Gumbel-max draw as stored scores
-                key_a = i32(key32(self.seed, SAMPLE, 2, draw), dev)
+                key_a = self._sample_key(draw)
                 idx[a:b] = sample_chunk(_scores.implicit_chunk(drift[a:b], *args), torch.ones((), device=dev),
                                         start, key_a, self._sample_keys)
         return idx, values
@@ -363,7 +426,7 @@ class _Seeded(_SlotBase):
                 idx, w = self._select(part, draw), None
             if w is None:
                 w = self._values(part, idx)
-            w = w.view(self.parts[part][0])
+            w = w.view(self.parts[part][0]).to(proxy.dtype)  # the module's dtype (fp32: no copy)
         if torch.is_grad_enabled() and proxy.requires_grad:
             w = w + proxy  # proxy is exactly zero: same values, and proxy.grad receives G
         return w
@@ -421,12 +484,13 @@ class _StraightThrough(torch.autograd.Function):
     @staticmethod
     def forward(ctx, scores, candidates, idx):
         ctx.save_for_backward(candidates)
-        return candidates.gather(-1, idx.unsqueeze(-1)).squeeze(-1)
+        ctx.dtype = scores.dtype  # the module's dtype; candidates stay fp32
+        return candidates.gather(-1, idx.unsqueeze(-1)).squeeze(-1).to(scores.dtype)
 
     @staticmethod
     def backward(ctx, grad):
         (candidates,) = ctx.saved_tensors
-        return grad.unsqueeze(-1) * candidates, None, None
+        return (grad.unsqueeze(-1) * candidates).to(ctx.dtype), None, None
 
 
 class _Dense(_SlotBase):
@@ -445,6 +509,9 @@ class _Dense(_SlotBase):
             init, _ = init_scores(rows, self.k, self.seed, self.score_lambda * self.sigma, offset, torch.float32, device)
             self.register_buffer(f"{part}_candidates", cand.view(*shape, self.k))
             self.register_parameter(f"{part}_scores", nn.Parameter(init.view(*shape, self.k)))
+
+    def _compute_dtype(self):
+        return self.weight_scores.dtype
 
     def _scores(self, part):
         return getattr(self, f"{part}_scores").detach().view(-1, self.k), 1.0
