@@ -51,6 +51,10 @@ PRESETS = {"lenet": Preset(epochs=2, limit_train=20000, finetune_epochs=3),
            "conv2": Preset(epochs=1, limit_train=5000, finetune_epochs=2)}
 _PAPER_EPOCHS = {"lenet": 120, "conv2": 140}
 
+# The paper's published test accuracies (greedy selection) by (model, dataset): K -> accuracy.
+PAPER = {("lenet", "mnist"): {2: 0.970, 8: 0.982}}
+_PAPER_EXPERIMENTS = ("headline", "k")  # the experiments whose series those numbers belong to
+
 
 def _choice(name: str, value, accepted) -> None:
     if value not in accepted:
@@ -361,7 +365,8 @@ def _describe(model: str, p: Preset) -> str:
     return f"{_MODEL_NAMES[model]}: {epochs}, {data}"
 
 
-def _table(experiment: str, records: dict, models, seeds, presets: dict) -> str:
+def _table(experiment: str, records: dict, models, seeds, presets: dict, dataset: str = "fashion-mnist",
+           out: str | None = None) -> str:
     lines = [f"### {experiment}: {_TITLES[experiment]}", "",
              f"Mean over seeds {', '.join(map(str, seeds))} (min–max in brackets). "
              + "; ".join(_describe(m, presets[m]) for m in models) + ".", ""]
@@ -382,6 +387,10 @@ def _table(experiment: str, records: dict, models, seeds, presets: dict) -> str:
             head = "selection epochs" if experiment == "finetune" else "K"
             lines += [f"**{_MODEL_NAMES[m]}**", "", f"| {head} | " + " | ".join(map(str, xs)) + " |",
                       "| --- |" + " --- |" * len(xs)]
+            paper = PAPER.get((m, dataset), {}) if experiment in _PAPER_EXPERIMENTS else {}
+            if paper:
+                lines.append("| paper (Aladago & Torresani 2021), greedy | "
+                             + " | ".join(f"{100 * paper[x]:.1f}" if x in paper else "" for x in xs) + " |")
             for label, points in series:
                 by_x = dict(points)
                 if None in by_x:
@@ -390,8 +399,30 @@ def _table(experiment: str, records: dict, models, seeds, presets: dict) -> str:
                 cells = [_cell(_stats(records, by_x[x]), len(seeds)) if x in by_x else "" for x in xs]
                 lines.append(f"| {label} | " + " | ".join(cells) + " |")
             lines += [""] + [f"Reference: {note}." for note in notes]
+            if out is not None:
+                lines += _unfinished(out, records, series)
         lines.append("")
     return "\n".join(lines)
+
+
+def _unfinished(out: str, records: dict, series) -> list[str]:
+    """One line per run of ``series`` that has not finished: how far it got, or that it has not started."""
+    lines = []
+    for label, points in series:
+        for x, group in points:
+            for spec in group:
+                rid = run_id(_public(spec))
+                if rid in records:
+                    continue
+                try:
+                    with open(os.path.join(_checkpoint_dir(out, rid), "metrics.jsonl")) as f:
+                        epochs = [json.loads(line) for line in f if line.strip()]
+                    got = f"stopped after epoch {epochs[-1]['epoch']} (val {100 * epochs[-1]['val_accuracy']:.2f}%)"
+                except (OSError, ValueError, KeyError, IndexError, TypeError):
+                    got = "not started"
+                where = "" if x is None else f", K={x}"
+                lines.append(f"- not finished: {label}{where}, seed {spec['seed']}: {got}")
+    return ([""] if lines else []) + lines
 
 
 def _plot(experiment: str, records: dict, models, seeds, presets: dict, path: str, dataset: str) -> None:
@@ -442,6 +473,10 @@ def _plot(experiment: str, records: dict, models, seeds, presets: dict, path: st
                     hi.append(100 * (st[2] - st[0]))
                 if xs:
                     ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=3, color=color, label=label)
+            paper = PAPER.get((m, dataset), {}) if experiment in _PAPER_EXPERIMENTS else {}
+            if paper:
+                ax.plot(list(paper), [100 * v for v in paper.values()], "*", color="k", markersize=12,
+                        label="paper (Aladago & Torresani 2021)", zorder=5)
             if experiment == "finetune":
                 total = presets[m].finetune_epochs
                 ax.set_xlabel(f"selection epochs of {total} (0 = weight training only, {total} = selection only)")
@@ -471,7 +506,7 @@ def report(experiment: str, out: str, *, models=SWEEP_MODELS, seeds=(0, 1), pres
     dataset = next((r["dataset"] for r in records.values() if "dataset" in r), "fashion-mnist")
     written, tables = [], []
     for name in _resolve_experiments(experiment):
-        table = _table(name, records, models, seeds, presets)
+        table = _table(name, records, models, seeds, presets, dataset, out)
         tables.append(table)
         for path, write in ((os.path.join(out, f"{name}.md"), lambda p: _write(p, table + "\n")),
                             (os.path.join(out, f"{name}.png"),
