@@ -397,6 +397,9 @@ class _Seeded(_SlotBase):
             return
         if weight_decay:
             scale.mul_(shrink)
+            if float(scale) < torch.finfo(torch.float32).tiny:  # scores below the normal fp32 range are 0
+                scores.zero_()
+                scale.fill_(self.score_lambda * self.sigma / 127.0)
         factor = _scores.coarsen_factor(lr, float(torch.linalg.vector_norm(d, math.inf)) if d.numel() else 0.0, self.sigma, float(scale))
         if factor != 1.0:
             inv = torch.tensor(1.0 / factor, dtype=torch.float32, device=d.device)

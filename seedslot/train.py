@@ -169,6 +169,10 @@ def resolve(config: TrainConfig) -> TrainConfig:
     _float("lr_gamma", out.lr_gamma, 0.0, lo_open=True)
     for m in out.lr_milestones:
         _int("lr_milestones", m, 1)
+    peak_lr = out.lr * max(1.0, out.lr_gamma ** len(out.lr_milestones))
+    if mode == "seeded" and peak_lr * out.weight_decay >= 1.0:  # SlotSGD would refuse it at that step
+        raise ValueError(f"lr * weight_decay must be < 1 for mode 'seeded' (the decay multiplies every score "
+                         f"by 1 - lr * weight_decay); got peak lr {peak_lr:g}, weight_decay {out.weight_decay:g}")
     if out.score_lambda is not None:
         _float("score_lambda", out.score_lambda, 0.0, lo_open=True)
     _int("seed", out.seed, 0)

@@ -59,6 +59,8 @@ def test_train_on_tiny_idx_files(mnist_dir, tmp_path, capsys):
     (["frobnicate"], "invalid choice: 'frobnicate'"),
     (["export", "{tmp}/junk.ckpt", "--out", "{tmp}/m.slot"], "junk.ckpt"),
     (["bench", "nonsense"], "invalid choice: 'nonsense'"),
+    (["train", "--selection", "sample", "--weight-decay", "0.02", "--data-dir", "{data}"],
+     "lr * weight_decay must be < 1"),
 ])
 def test_bad_input_is_one_line_and_exit_2(argv, message, mnist_dir, tmp_path, capsys):
     (tmp_path / "junk.ckpt").write_bytes(b"not a checkpoint at all")

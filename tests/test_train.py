@@ -43,6 +43,8 @@ def test_resolve_fills_in_the_papers_defaults():
     (dict(selection="best"), "selection must be one of 'greedy', 'sample'"),
     (dict(scores="int4"), "scores must be one of 'int8', 'fp32', 'implicit'"),
     (dict(scores="implicit", random_selection=True), "random_selection needs stored scores"),
+    (dict(selection="sample", weight_decay=0.02), "lr \\* weight_decay must be < 1 for mode 'seeded'"),
+    (dict(lr=0.5, weight_decay=1.0, lr_milestones=[2], lr_gamma=4.0), "peak lr 2,"),
 ])
 def test_resolve_rejects_bad_input(config, message):
     with pytest.raises(ValueError, match=message):
