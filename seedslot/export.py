@@ -129,14 +129,17 @@ def _encode(model: nn.Module, build_args: dict | None) -> list[bytes]:
 
     layers = []
     slot_names = set()
-    for name, m in model.named_modules():
+    encoded: dict[int, dict] = {}  # a layer used in several places is stored once, named in each
+    for name, m in model.named_modules(remove_duplicate=False):
         if not isinstance(m, _SlotBase):
             continue
         if not name:
             raise ValueError("export takes a model holding slot layers; wrap a lone layer in nn.Sequential")
-        cfg = _layer_config(m)
-        cfg["name"] = name
-        cfg["sections"] = {part: add(_pack(m.selected_index(part), cfg["bits"])) for part in m.parts}
+        if id(m) not in encoded:
+            cfg = _layer_config(m)
+            cfg["sections"] = {part: add(_pack(m.selected_index(part), cfg["bits"])) for part in m.parts}
+            encoded[id(m)] = cfg
+        cfg = {**encoded[id(m)], "name": name}
         layers.append(cfg)
         slot_names.add(name)
 

@@ -248,3 +248,15 @@ def test_cli_turns_a_bad_checkpoint_into_one_line_and_status_2(tmp_path, capsys)
     assert run_cli(argparse.Namespace(checkpoint=str(ckpt), out=str(tmp_path / "m.slot"))) == 2
     assert "not a training checkpoint" in capsys.readouterr().err
     assert not (tmp_path / "m.slot").exists()
+
+
+def test_shared_layer_round_trip(tmp_path):
+    lin = nn.Linear(6, 6)
+    arch = nn.Sequential(lin, nn.ReLU(), lin)
+    model = seedslot.slotify_(copy.deepcopy(arch), k=4, seed=3).eval()
+    assert model[2] is model[0]
+    size = export(model, tmp_path / "m.slot")
+    loaded = load_exported(tmp_path / "m.slot", model=arch)
+    x = torch.randn(2, 6)
+    assert torch.equal(loaded(x), model(x))
+    assert size < 1000
