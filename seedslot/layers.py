@@ -482,6 +482,15 @@ class _Linear:
         return f"in_features={self.in_features}, out_features={self.out_features}"
 
 
+def _int_pair(name: str, value, minimum: int) -> tuple[int, int]:
+    """An int or a pair of ints, each >= minimum, as a pair; ValueError naming ``name`` otherwise."""
+    pair = _pair(value)
+    if not (isinstance(pair, tuple) and len(pair) == 2
+            and all(isinstance(v, int) and not isinstance(v, bool) and v >= minimum for v in pair)):
+        raise ValueError(f"{name} must be an int >= {minimum} or a pair of them; got {value!r}")
+    return pair
+
+
 class _Conv:
     def _setup(self, base, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, kw):
         in_channels = _nonneg_int("in_channels", in_channels, 1)
@@ -489,13 +498,23 @@ class _Conv:
         groups = _nonneg_int("groups", groups, 1)
         if in_channels % groups or out_channels % groups:
             raise ValueError(f"groups={groups} must divide in_channels={in_channels} and out_channels={out_channels}")
-        kh, kw_ = _pair(kernel_size)
+        kh, kw_ = _int_pair("kernel_size", kernel_size, 1)
+        stride, dilation = _int_pair("stride", stride, 1), _int_pair("dilation", dilation, 1)
+        if isinstance(padding, str) and padding in ("valid", "same"):
+            if padding == "same" and stride != (1, 1):
+                raise ValueError(f"padding='same' needs stride 1 (as nn.Conv2d); got stride={stride}")
+        else:
+            try:
+                padding = _int_pair("padding", padding, 0)
+            except (ValueError, TypeError):
+                raise ValueError(f"padding must be 'valid', 'same', an int >= 0 or a pair of them; "
+                                 f"got {padding!r}") from None
         rf = kh * kw_
         shape = (out_channels, in_channels // groups, kh, kw_)
         base.__init__(self, shape, shape[1] * rf, out_channels * rf, bias, default_lambda=1.0, **kw)
         self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, (kh, kw_)
-        self.stride, self.dilation, self.groups = _pair(stride), _pair(dilation), groups
-        self.padding = padding if isinstance(padding, str) else _pair(padding)
+        self.stride, self.dilation, self.groups = stride, dilation, groups
+        self.padding = padding
 
     def _op(self, x, weight, bias):
         return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
