@@ -141,12 +141,22 @@ class _SlotBase(nn.Module):
                 "score_lambda": self.score_lambda}
 
     def set_extra_state(self, state: dict) -> None:
+        if not isinstance(state, dict):
+            raise RuntimeError(f"slot state (_extra_state) must be a dict of seeds; got {type(state).__name__}")
         if state.get("k") != self.k or state.get("sharing") != self.sharing:
             raise RuntimeError(
                 f"slot state has k={state.get('k')}, sharing={state.get('sharing')!r}; "
                 f"this layer has k={self.k}, sharing={self.sharing!r}"
             )
-        self._set_seeds(int(state["seed"]), int(state["candidate_seed"]), self._cand_step.device)
+        for key in ("seed", "candidate_seed"):
+            v = state.get(key)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise RuntimeError(f"slot state {key} must be an int >= 0; got {v!r:.80}")
+        lam = state.get("score_lambda")
+        if lam is not None and (isinstance(lam, bool) or not isinstance(lam, (int, float))
+                                or not (math.isfinite(lam) and lam > 0)):
+            raise RuntimeError(f"slot state score_lambda must be a finite number > 0; got {lam!r:.80}")
+        self._set_seeds(state["seed"], state["candidate_seed"], self._cand_step.device)
         if state.get("score_lambda") is not None:  # absent from checkpoints written before it was saved
             self.score_lambda = float(state["score_lambda"])
             if "_score_bound" in self._buffers:  # implicit scores
@@ -284,6 +294,15 @@ class _Seeded(_SlotBase):
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         proxies = {prefix + f"slot_{part}" for part in self.parts}
         state_dict = {k: v for k, v in state_dict.items() if k not in proxies}
+        for part in self.parts:  # values the update and selection rely on
+            implicit = getattr(self, "scores", None) == "implicit"  # its factor may decay to 0
+            for name, ok, accepted in (("scale", lambda t: ((t >= 0) if implicit else (t > 0)) & torch.isfinite(t),
+                                        "finite and >= 0" if implicit else "finite and > 0"),
+                                       ("scores", torch.isfinite, "finite"), ("drift", torch.isfinite, "finite")):
+                t = state_dict.get(f"{prefix}{part}_{name}")
+                if (isinstance(t, torch.Tensor) and t.dtype.is_floating_point and f"{part}_{name}" in self._buffers
+                        and not bool(ok(t).all())):
+                    error_msgs.append(f"{prefix}{part}_{name} must be {accepted}")
         before = len(missing_keys)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
         missing_keys[before:] = [k for k in missing_keys[before:] if k not in proxies]

@@ -31,7 +31,7 @@ from .checkpoints import CheckpointError, load_checkpoint, load_state_into, save
 from .convert import to_dense
 from .layers import _SlotBase
 from .memory import state_bytes
-from .models import MODELS, MODES, build, count_connections
+from .models import MODELS, MODES, build, check_build_args, count_connections
 from .optim import SlotSGD
 from .rng import compile_enabled, derive
 from .scores import SCORES
@@ -179,6 +179,8 @@ def resolve(config: TrainConfig) -> TrainConfig:
     _choice("normalize", out.normalize, _data.NORMALIZE)
     _int("limit_train", out.limit_train, 2)
     _int("checkpoint_every_steps", out.checkpoint_every_steps, 1)
+    if out.checkpoint_every_steps is not None and out.out is None:
+        raise ValueError("checkpoint_every_steps saves into out: pass out (a directory) too")
     _int("threads", out.threads, 1)
     return out
 
@@ -189,6 +191,9 @@ def _resumed(config: TrainConfig, ckpt: dict, source: str) -> TrainConfig:
         saved = TrainConfig(**ckpt["config"])
     except (KeyError, TypeError) as e:
         raise CheckpointError(f"{source}: not a seedslot training checkpoint ({type(e).__name__}: {e})") from None
+    if config.out is not None and os.path.abspath(config.out) != os.path.abspath(config.resume):
+        raise ValueError(f"out={config.out!r}: a resumed run continues in its own directory {config.resume!r}; "
+                         "leave out unset or pass the same directory")
     defaults = TrainConfig()
     for f in dataclasses.fields(TrainConfig):
         given = getattr(config, f.name)
@@ -198,7 +203,54 @@ def _resumed(config: TrainConfig, ckpt: dict, source: str) -> TrainConfig:
             raise ValueError(f"resume continues the run as it was configured: {f.name}={given!r} differs from "
                              f"the checkpoint's {getattr(saved, f.name)!r}")
     changes = {name: getattr(config, name) for name in _RESUME_OVERRIDES if getattr(config, name) is not None}
-    return resolve(dataclasses.replace(saved, **changes, resume=config.resume, out=config.resume))
+    try:
+        cfg = resolve(dataclasses.replace(saved, **changes, resume=config.resume, out=config.resume))
+    except ValueError as e:
+        if "epochs" in changes or "checkpoint_every_steps" in changes:
+            raise
+        raise CheckpointError(f"{source}: tampered: its config does not resolve ({e})") from None
+    done = ckpt.get("epoch")
+    if "epochs" in changes and isinstance(done, int) and not isinstance(done, bool) and cfg.epochs < done:
+        raise ValueError(f"epochs must be >= the {done} epochs the checkpoint has done; got {cfg.epochs}")
+    return cfg
+
+
+_TALLY = dict(loss_sum=float, correct=int, seen=int, epoch_seconds=float, history=list)
+
+
+def _restore(ckpt: dict, source: str, cfg: TrainConfig, objects: dict, batches_per_epoch: int) -> tuple[dict, dict]:
+    """Load a training checkpoint's state into ``objects`` (model, optimizer, scheduler) and the
+    global RNG; returns ``(pos, tally)``. CheckpointError naming the first field out of range."""
+    try:
+        for key, obj in objects.items():
+            load_state_into(obj, ckpt[key])
+        rng = ckpt["rng"]
+        if not isinstance(rng, torch.Tensor) or rng.dtype != torch.uint8 or rng.shape != torch.get_rng_state().shape:
+            raise CheckpointError("rng must be a torch RNG state (uint8 tensor)")
+        limits = dict(epoch=cfg.epochs, step_in_epoch=batches_per_epoch, global_step=(cfg.epochs + 1) * batches_per_epoch)
+        pos = {}
+        for key, top in limits.items():
+            v = ckpt[key]
+            if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= top:
+                raise CheckpointError(f"{key} must be an int in [0, {top}]; got {v!r:.80}")
+            pos[key] = v
+        tally = ckpt["tally"]
+        if not isinstance(tally, dict) or set(tally) != set(_TALLY):
+            raise CheckpointError(f"tally must be a dict of {', '.join(_TALLY)}")
+        for key, kind in _TALLY.items():
+            v = tally[key]
+            ok = isinstance(v, kind) or (kind is float and isinstance(v, int))
+            if isinstance(v, bool) or not ok or (kind is not list and not (math.isfinite(v) and v >= 0)):
+                raise CheckpointError(f"tally[{key!r}] must be a {kind.__name__}"
+                                      + ("" if kind is list else " >= 0") + f"; got {v!r:.80}")
+        if not all(isinstance(r, dict) for r in tally["history"]):
+            raise CheckpointError("tally['history'] must be a list of epoch records")
+        torch.set_rng_state(rng)  # rank 0's; other ranks re-key their dropout
+        return pos, dict(tally)
+    except CheckpointError as e:
+        raise CheckpointError(f"{source}: {e}") from None
+    except (KeyError, TypeError, RuntimeError) as e:
+        raise CheckpointError(f"{source}: not a seedslot training checkpoint ({type(e).__name__}: {e})") from None
 
 
 # ---------------------------------------------------------------- helpers of the loop
@@ -292,7 +344,7 @@ def random_selection_(model: nn.Module, seed: int) -> nn.Module:
 def _make_model(cfg: TrainConfig, data: _data.Data, ckpt: dict | None) -> nn.Module:
     shape = dict(in_channels=data.in_channels, input_size=data.input_size, num_classes=data.num_classes)
     if ckpt is not None:
-        return _build_from(ckpt, cfg.resume)
+        return _build_from(ckpt, os.path.join(cfg.resume, CHECKPOINT))
     if cfg.finetune_from is None:
         return build(cfg.model, mode=cfg.mode, k=cfg.k or 8, seed=cfg.seed, sharing=cfg.sharing or "none",
                      selection=cfg.selection or "greedy", scores=cfg.scores or "int8",
@@ -317,6 +369,10 @@ def _build_from(payload: dict, source: str) -> nn.Module:
     """The model a checkpoint's ``build_args`` describe (its state is loaded separately)."""
     if "model" not in payload or "build_args" not in payload:
         raise CheckpointError(f"{source}: not a seedslot training checkpoint (no model or build_args)")
+    if not isinstance(payload["model"], dict):
+        raise CheckpointError(f"{source}: tampered: model must be a state_dict; got {type(payload['model']).__name__}")
+    held = sum(t.numel() * t.element_size() for t in payload["model"].values() if isinstance(t, torch.Tensor))
+    check_build_args(payload["build_args"], source, available_bytes=held)
     try:
         return build(**payload["build_args"])
     except (TypeError, ValueError) as e:
@@ -370,16 +426,8 @@ def run(config: TrainConfig, *, progress: bool = True) -> dict:
     pos = dict(epoch=0, step_in_epoch=0, global_step=0)
     tally = dict(loss_sum=0.0, correct=0, seen=0, epoch_seconds=0.0, history=[])
     if ckpt is not None:
-        try:
-            for key, obj in (("model", model), ("optimizer", optimizer), ("scheduler", scheduler)):
-                load_state_into(obj, ckpt[key])
-            torch.set_rng_state(ckpt["rng"])  # rank 0's; other ranks re-key their dropout below
-            pos = {key: int(ckpt[key]) for key in pos}
-            tally = dict(ckpt["tally"])
-        except CheckpointError as e:
-            raise CheckpointError(f"{source}: {e}") from None
-        except (KeyError, TypeError, RuntimeError) as e:
-            raise CheckpointError(f"{source}: not a seedslot training checkpoint ({type(e).__name__}: {e})") from None
+        pos, tally = _restore(ckpt, source, cfg, dict(model=model, optimizer=optimizer, scheduler=scheduler),
+                              math.ceil(len(data.train) / cfg.batch_size))
     else:
         torch.manual_seed(_seed64(cfg.seed, _DROPOUT))
     if rank:  # each rank its own dropout masks
