@@ -23,7 +23,7 @@ from typing import Any, Sequence, Union
 
 import torch
 
-__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "load_state_into"]
+__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "load_state_into", "remove_stale_temporaries"]
 
 CHECKPOINT_MAGIC = b"SEEDSLOT"
 CHECKPOINT_VERSION = 1
@@ -111,6 +111,24 @@ def _atomic_write(path: str | os.PathLike, parts: Sequence[Buffer]) -> None:
             pass
         raise
     _fsync_dir(directory)
+
+
+def remove_stale_temporaries(path: str | os.PathLike) -> list[str]:
+    """Delete the temporary files that writes of ``path`` interrupted by a kill left in its
+    directory (``.NAME.XXXX.tmp``); returns their paths. Call it only where no other process is
+    writing ``path``."""
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    prefix = f".{os.path.basename(path)}."
+    removed = []
+    for name in os.listdir(directory):
+        if name.startswith(prefix) and name.endswith(_TMP_SUFFIX):
+            try:
+                os.unlink(os.path.join(directory, name))
+                removed.append(os.path.join(directory, name))
+            except FileNotFoundError:
+                pass
+    return removed
 
 
 def _fsync_dir(directory: str) -> None:

@@ -27,7 +27,13 @@ from tqdm import tqdm
 
 from . import data as _data
 from . import distributed as _distributed
-from .checkpoints import CheckpointError, load_checkpoint, load_state_into, save_checkpoint
+from .checkpoints import (
+    CheckpointError,
+    load_checkpoint,
+    load_state_into,
+    remove_stale_temporaries,
+    save_checkpoint,
+)
 from .convert import to_dense
 from .layers import _SlotBase
 from .memory import state_bytes
@@ -379,6 +385,27 @@ def _build_from(payload: dict, source: str) -> nn.Module:
         raise CheckpointError(f"{source}: build_args {payload['build_args']} cannot be built: {e}") from None
 
 
+def _check_outputs(cfg: TrainConfig) -> None:
+    """ValueError naming ``out`` or ``json`` when the run could not write its results there."""
+    if cfg.out is not None and os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
+        raise ValueError(f"out: {cfg.out} is not a directory")
+    if cfg.json is not None:
+        parent = os.path.dirname(os.path.abspath(cfg.json))
+        if os.path.isdir(cfg.json):
+            raise ValueError(f"json: {cfg.json} is a directory; pass a file path")
+        if not os.path.isdir(parent):
+            raise ValueError(f"json: directory {parent} does not exist")
+        if not os.access(parent, os.W_OK):
+            raise ValueError(f"json: directory {parent} is not writable")
+
+
+def _in_step_state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    """:func:`state_bytes` as during a step: a gradient counted for every trainable parameter,
+    also after a run (e.g. a resumed finished one) in which no step ran."""
+    missing = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad and p.grad is None)
+    return state_bytes(model, optimizer) + missing
+
+
 def _fmt(loss: float | None, accuracy: float | None) -> str:
     if loss is None or accuracy is None:
         return "loss n/a acc n/a"
@@ -410,8 +437,10 @@ def run(config: TrainConfig, *, progress: bool = True) -> dict:
     say = (lambda *a: print(*a, flush=True)) if main else (lambda *a: None)
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
+    _check_outputs(cfg)  # before anything is loaded, trained or written
     if cfg.out is not None and main:
         os.makedirs(cfg.out, exist_ok=True)
+        remove_stale_temporaries(os.path.join(cfg.out, CHECKPOINT))  # left by a kill during a save
 
     data = _data.load(cfg.dataset, cfg.data_dir, seed=cfg.seed, normalize=cfg.normalize, limit_train=cfg.limit_train)
     model = _make_model(cfg, data, ckpt)
@@ -559,7 +588,7 @@ def run(config: TrainConfig, *, progress: bool = True) -> dict:
         if not interrupted:
             log(dict(kind="test", test_loss=test_loss, test_accuracy=test_acc))
     connections = count_connections(model)
-    total_state = state_bytes(model, optimizer)
+    total_state = _in_step_state_bytes(model, optimizer)
     summary = dict(
         test_accuracy=test_acc, test_loss=test_loss,
         val_accuracy=dict(best=best_val, best_epoch=best_epoch, last=last_val),
