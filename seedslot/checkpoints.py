@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import math
 import os
 import struct
 import tempfile
@@ -22,7 +23,7 @@ from typing import Any, Sequence, Union
 
 import torch
 
-__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "load_state_into"]
+__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "load_state_into", "remove_stale_temporaries"]
 
 CHECKPOINT_MAGIC = b"SEEDSLOT"
 CHECKPOINT_VERSION = 1
@@ -37,7 +38,11 @@ Buffer = Union[bytes, bytearray, memoryview]
 
 class CheckpointError(Exception):
     """A checkpoint or export that cannot be used: truncated, corrupted or tampered, written by a
-    newer format version, not a seedslot file, or not fitting the model. The message says which."""
+    newer format version, not a seedslot file, or not fitting the model. The message says which,
+    on one line."""
+
+    def __init__(self, message: str = "") -> None:
+        super().__init__(" ".join(str(message).split()))
 
 
 # ---------------------------------------------------------------- framing (shared with export)
@@ -106,6 +111,24 @@ def _atomic_write(path: str | os.PathLike, parts: Sequence[Buffer]) -> None:
             pass
         raise
     _fsync_dir(directory)
+
+
+def remove_stale_temporaries(path: str | os.PathLike) -> list[str]:
+    """Delete the temporary files that writes of ``path`` interrupted by a kill left in its
+    directory (``.NAME.XXXX.tmp``); returns their paths. Call it only where no other process is
+    writing ``path``."""
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    prefix = f".{os.path.basename(path)}."
+    removed = []
+    for name in os.listdir(directory):
+        if name.startswith(prefix) and name.endswith(_TMP_SUFFIX):
+            try:
+                os.unlink(os.path.join(directory, name))
+                removed.append(os.path.join(directory, name))
+            except FileNotFoundError:
+                pass
+    return removed
 
 
 def _fsync_dir(directory: str) -> None:
@@ -184,6 +207,42 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
     return payload
 
 
+def _check_numbers(value: Any, where: str) -> None:
+    """CheckpointError naming the first float that is NaN or infinite (floating tensors included)."""
+    if isinstance(value, dict):
+        for key, v in value.items():
+            _check_numbers(v, f"{where}[{key!r}]")
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _check_numbers(v, f"{where}[{i}]")
+    elif isinstance(value, float) and not math.isfinite(value) or (
+            isinstance(value, torch.Tensor) and value.dtype.is_floating_point and not bool(torch.isfinite(value).all())):
+        raise CheckpointError(f"does not fit the model: state{where} must be finite")
+
+
+def _check_optimizer_state(opt: torch.optim.Optimizer, state_dict: dict) -> None:
+    """CheckpointError unless the saved groups match ``opt``'s and each saved per-parameter tensor
+    (momentum buffers, ...) has its parameter's shape."""
+    groups, state = state_dict.get("param_groups"), state_dict.get("state")
+    if not isinstance(groups, list) or not isinstance(state, dict) or len(groups) != len(opt.param_groups):
+        raise CheckpointError(f"does not fit the model: optimizer state must hold 'state' and "
+                              f"{len(opt.param_groups)} 'param_groups'")
+    for gi, (saved, group) in enumerate(zip(groups, opt.param_groups)):
+        ids = saved.get("params") if isinstance(saved, dict) else None
+        if not isinstance(ids, list) or len(ids) != len(group["params"]):
+            raise CheckpointError(f"does not fit the model: optimizer param group {gi} has another parameter count")
+        for pi, (pid, p) in enumerate(zip(ids, group["params"])):
+            entry = state.get(pid, {})
+            if not isinstance(entry, dict):
+                raise CheckpointError(f"does not fit the model: optimizer state of parameter {pi} of param group "
+                                      f"{gi} must be a dict; got {type(entry).__name__}")
+            for key, v in entry.items():
+                if isinstance(v, torch.Tensor) and v.dim() and v.shape != p.shape:
+                    raise CheckpointError(
+                        f"does not fit the model: optimizer {key} of parameter {pi} of param group {gi} has shape "
+                        f"{tuple(v.shape)}, the parameter {tuple(p.shape)}")
+
+
 def load_state_into(obj: Any, state_dict: dict, *, strict: bool = True) -> None:
     """``obj.load_state_dict(state_dict)`` for a module, optimizer or scheduler, turning a
     mismatch into ``CheckpointError("does not fit the model: ...")``.
@@ -201,6 +260,10 @@ def load_state_into(obj: Any, state_dict: dict, *, strict: bool = True) -> None:
                 raise CheckpointError(
                     f"does not fit the model: {key} is {value.dtype} in the checkpoint, {mine.dtype} in the model"
                 )
+    else:  # optimizer or scheduler: every number finite, every per-parameter tensor of its parameter's shape
+        _check_numbers(state_dict, "")
+        if isinstance(obj, torch.optim.Optimizer):
+            _check_optimizer_state(obj, state_dict)
     try:
         if isinstance(obj, torch.nn.Module):
             obj.load_state_dict(state_dict, strict=strict)

@@ -48,7 +48,9 @@ def slotify_(
     and seed always give the same network. With ``sharing="global"`` every layer draws its K unit
     candidates from ``seed`` itself: one set for the whole model. ``dense=True`` builds the
     paper's dense reference layers instead (``scores`` does not apply). ``filter_fn(module, fqn)``
-    picks the layers to convert. Nothing is changed if any argument or layer is invalid.
+    picks the layers to convert. A module used in several places becomes one slot layer used in
+    all of them (its seed and ``filter_fn`` follow its first name). Nothing is changed if any
+    argument or layer is invalid.
     """
     _nonneg_int("k", k, 1)
     _nonneg_int("seed", seed)
@@ -56,8 +58,16 @@ def slotify_(
     _choice("selection", selection, SELECTION)
     _choice("scores", scores, SCORES)
     new: dict[str, nn.Module] = {}
-    for fqn, m in model.named_modules():
-        if type(m) not in (nn.Linear, nn.Conv2d) or (filter_fn is not None and not filter_fn(m, fqn)):
+    converted: dict[int, nn.Module | None] = {}  # id(module) -> its slot layer (None: not converted)
+    for fqn, m in model.named_modules(remove_duplicate=False):
+        if type(m) not in (nn.Linear, nn.Conv2d):
+            continue
+        if id(m) in converted:  # a shared module: one slot layer, every place
+            if converted[id(m)] is not None:
+                new[fqn] = converted[id(m)]
+            continue
+        converted[id(m)] = None
+        if filter_fn is not None and not filter_fn(m, fqn):
             continue
         if not fqn:
             raise ValueError("slotify_ converts the layers inside a model; wrap a lone layer in nn.Sequential")
@@ -76,6 +86,7 @@ def slotify_(
             new[fqn] = cls(m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding, m.dilation,
                            m.groups, bias, **kw)
         new[fqn].train(m.training)
+        converted[id(m)] = new[fqn]
     for fqn, layer in new.items():
         _replace(model, fqn, layer)
     return model
@@ -86,8 +97,12 @@ def to_dense(model: nn.Module) -> nn.Module:
     """A copy of ``model`` with every slot layer replaced by ``nn.Linear``/``nn.Conv2d`` holding
     its selected (eval-mode) weights: the same outputs in eval mode, trainable by any optimizer."""
     out = copy.deepcopy(model)
-    for fqn, m in list(out.named_modules()):
+    done: dict[int, nn.Module] = {}  # id(slot layer) -> its plain layer: shared layers stay shared
+    for fqn, m in list(out.named_modules(remove_duplicate=False)):
         if not isinstance(m, _SlotBase):
+            continue
+        if id(m) in done:
+            _replace(out, fqn, done[id(m)])
             continue
         bias = "bias" in m.parts
         if isinstance(m, (SlotLinear, DenseSlotLinear)):
@@ -101,5 +116,6 @@ def to_dense(model: nn.Module) -> nn.Module:
         plain.train(m.training)
         if not fqn:
             return plain
+        done[id(m)] = plain
         _replace(out, fqn, plain)
     return out

@@ -144,9 +144,12 @@ def read_cifar_batch(path: str | os.PathLike) -> tuple[torch.Tensor, torch.Tenso
         raise DataError(f"{path}: expected 'data' to be a uint8 array of shape (N, 3072)")
     if not isinstance(labels, (list, np.ndarray)) or len(labels) != data.shape[0]:
         raise DataError(f"{path}: expected 'labels', a list of {data.shape[0]} ints")
-    try:
-        y = torch.as_tensor(np.asarray(labels, dtype=np.int64))
-    except (TypeError, ValueError):
+    try:  # ints only: no float truncated to a class, no int beyond int64
+        arr = np.asarray(labels)
+        if arr.dtype.kind not in "iu" or arr.ndim != 1:
+            raise ValueError
+        y = torch.as_tensor(arr.astype(np.int64))
+    except (TypeError, ValueError, OverflowError):
         raise DataError(f"{path}: expected 'labels', a list of {data.shape[0]} ints") from None
     x = torch.from_numpy(np.ascontiguousarray(data).reshape(-1, 3, 32, 32).copy())  # rows: R, G, B planes
     return x, y
@@ -168,6 +171,8 @@ def _find(name: str, data_dir: str, stem: str) -> str:
         path = os.path.join(data_dir, candidate)
         if os.path.isfile(path):
             return path
+        if os.path.exists(path):
+            raise DataError(f"{path}: is not a regular file; expected the IDX file {stem} (gzipped or not)")
     raise DataError(f"{name}: missing {os.path.join(data_dir, stem)}[.gz]: expected the IDX files "
                     f"{', '.join(s for pair in _IDX_FILES.values() for s in pair)} (gzipped or not); "
                     f"{_HOW_TO_GET[name]}")
@@ -178,6 +183,10 @@ def _read_idx_pair(name: str, data_dir: str, split: str) -> tuple[torch.Tensor, 
     images, labels = read_idx(images_path), read_idx(labels_path)
     if images.dim() != 3:
         raise DataError(f"{images_path}: expected images of shape (N, H, W), got {tuple(images.shape)}")
+    if images.shape[1] < 1 or images.shape[2] < 1:
+        raise DataError(f"{images_path}: images of {images.shape[1]}x{images.shape[2]} pixels; expected H, W >= 1")
+    if split == "train" and images.shape[0] < 2:
+        raise DataError(f"{images_path}: holds {images.shape[0]} images; training needs at least 2")
     if labels.dim() != 1 or labels.shape[0] != images.shape[0]:
         raise DataError(f"{labels_path}: expected {images.shape[0]} labels, got shape {tuple(labels.shape)}")
     return images.unsqueeze(1), labels.long()  # (N, 1, H, W), (N,)
@@ -194,6 +203,8 @@ def _read_cifar(data_dir: str) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple
                             f"(CIFAR-10 python version); {_HOW_TO_GET['cifar10']}")
     parts = [read_cifar_batch(p) for p in paths]
     train = (torch.cat([x for x, _ in parts[:5]]), torch.cat([y for _, y in parts[:5]]))
+    if train[1].shape[0] < 2:
+        raise DataError(f"cifar10: {', '.join(paths[:5])} hold {train[1].shape[0]} images; training needs at least 2")
     return train, parts[5]
 
 
@@ -315,6 +326,8 @@ def load(
             raise DataError(f"{name}: no default data directory; {_HOW_TO_GET[name]}")
         data_dir = DEFAULT_DIRS[name]
     data_dir = os.fspath(data_dir)
+    if os.path.exists(data_dir) and not os.path.isdir(data_dir):
+        raise DataError(f"{name}: data directory {data_dir} is not a directory; {_HOW_TO_GET[name]}")
     if not os.path.isdir(data_dir):
         raise DataError(f"{name}: data directory {data_dir} does not exist; {_HOW_TO_GET[name]}")
 

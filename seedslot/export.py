@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .candidates import CANDIDATES, grid_step, i32, row_chunks, selected_chunk, stream_keys
+from .candidates import CANDIDATES, SHARING, glorot_sigma, grid_step, i32, row_chunks, selected_chunk
 from .checkpoints import (
     CHECKPOINT_MAGIC,
     CheckpointError,
@@ -41,6 +41,7 @@ from .checkpoints import (
 )
 from .convert import to_dense
 from .layers import DenseSlotConv2d, DenseSlotLinear, SlotConv2d, SlotLinear, _SlotBase
+from .rng import key32
 
 __all__ = ["export", "load_exported", "size_report", "add_arguments", "run_cli"]
 
@@ -129,14 +130,17 @@ def _encode(model: nn.Module, build_args: dict | None) -> list[bytes]:
 
     layers = []
     slot_names = set()
-    for name, m in model.named_modules():
+    encoded: dict[int, dict] = {}  # a layer used in several places is stored once, named in each
+    for name, m in model.named_modules(remove_duplicate=False):
         if not isinstance(m, _SlotBase):
             continue
         if not name:
             raise ValueError("export takes a model holding slot layers; wrap a lone layer in nn.Sequential")
-        cfg = _layer_config(m)
-        cfg["name"] = name
-        cfg["sections"] = {part: add(_pack(m.selected_index(part), cfg["bits"])) for part in m.parts}
+        if id(m) not in encoded:
+            cfg = _layer_config(m)
+            cfg["sections"] = {part: add(_pack(m.selected_index(part), cfg["bits"])) for part in m.parts}
+            encoded[id(m)] = cfg
+        cfg = {**encoded[id(m)], "name": name}
         layers.append(cfg)
         slot_names.add(name)
 
@@ -207,12 +211,66 @@ def _regenerate(cfg: dict, part: str, idx: torch.Tensor) -> torch.Tensor:
     weight_count = math.prod(cfg["weight_shape"])
     offset = 0 if part == "weight" else weight_count
     per_conn = 1 if cfg["sharing"] == "none" else 0
-    key_a, keys_b = stream_keys(cfg["candidate_seed"], CANDIDATES, cfg["k"])
-    key_a, step = i32(key_a), grid_step(cfg["sigma"])
+    # Keys of the candidates in use only (candidate j's key does not depend on K): a file's K
+    # costs nothing, its connections bound the work.
+    used, idx = torch.unique(idx, return_inverse=True)
+    key_a = i32(key32(cfg["candidate_seed"], CANDIDATES, 0))
+    keys_b = torch.tensor([key32(cfg["candidate_seed"], CANDIDATES, 1, j) for j in used.tolist()], dtype=torch.int32)
+    step = grid_step(cfg["sigma"])
     out = torch.empty(idx.shape[0], dtype=torch.float32)
     for a, b in row_chunks(idx.shape[0], 1):
         out[a:b] = selected_chunk(idx[a:b], i32(offset + a), per_conn, key_a, keys_b, step)
     return out
+
+
+def _check_layer(cfg, source: str) -> None:
+    """CheckpointError naming the first field of an exported layer entry outside its accepted range."""
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{source}: tampered: a layer entry must be an object; got {type(cfg).__name__}")
+    name = cfg.get("name")
+
+    def bad(field: str, accepted: str):
+        value = cfg.get(field, "(missing)")
+        return CheckpointError(f"{source}: tampered: layer {name!r:.80} {field} must be {accepted}; got {value!r:.80}")
+
+    def ints(value, n: int, lo: int, hi: int = 2**31 - 1) -> bool:
+        return (isinstance(value, list) and len(value) == n
+                and all(isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi for v in value))
+
+    if not isinstance(name, str):
+        raise bad("name", "a string")
+    if cfg.get("kind") not in ("linear", "conv2d"):
+        raise bad("kind", "'linear' or 'conv2d'")
+    conv = cfg["kind"] == "conv2d"
+    shape = cfg.get("weight_shape")
+    if not ints(shape, 4 if conv else 2, 1) or math.prod(shape) + shape[0] > 2**31 - 1:
+        raise bad("weight_shape", f"{4 if conv else 2} ints >= 1 with at most 2**31 - 1 connections")
+    if not isinstance(cfg.get("bias"), bool):
+        raise bad("bias", "true or false")
+    for field in ("k", "bits", "seed", "candidate_seed"):
+        v = cfg.get(field)
+        if isinstance(v, bool) or not isinstance(v, int) or not (1 if field == "k" else 0) <= v < 2**63:
+            raise bad(field, "an int in [0, 2**63)" if field != "k" else "an int in [1, 2**63)")
+    if cfg["bits"] != index_bits(cfg["k"]):
+        raise bad("bits", f"ceil(log2 k) = {index_bits(cfg['k'])}")
+    if cfg.get("sharing") not in SHARING:
+        raise bad("sharing", f"one of {', '.join(map(repr, SHARING))}")
+    rf = shape[2] * shape[3] if conv else 1
+    sigma = glorot_sigma(shape[1] * rf, shape[0] * rf)
+    if cfg.get("sigma") != sigma:
+        raise bad("sigma", f"the Glorot bound of its shape, {sigma!r}")
+    if conv:
+        for field in ("stride", "dilation"):
+            if not ints(cfg.get(field), 2, 1):
+                raise bad(field, "2 ints >= 1")
+        padding = cfg.get("padding")
+        if padding not in ("valid", "same") and not ints(padding, 2, 0):
+            raise bad("padding", "'valid', 'same' or 2 ints >= 0")
+        groups = cfg.get("groups")
+        if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+            raise bad("groups", "an int >= 1")
+    if not isinstance(cfg.get("sections"), dict):
+        raise bad("sections", "an object")
 
 
 def _fits(cfg: dict, target: nn.Module) -> str | None:
@@ -232,14 +290,15 @@ def _fits(cfg: dict, target: nn.Module) -> str | None:
     return None
 
 
-def _skeleton(build_args: dict | None, model: nn.Module | None, source: str) -> nn.Module:
+def _skeleton(build_args: dict | None, model: nn.Module | None, source: str, available_bytes: int) -> nn.Module:
     """A plain module with the exported architecture (its weights are overwritten)."""
     if model is not None:
         return to_dense(model)
     from . import models  # only needed for exports that name their architecture
 
-    try:
-        return to_dense(models.build(**build_args))
+    models.check_build_args(build_args, source, available_bytes=available_bytes, export=True)
+    try:  # the learned mode builds the same plain layers without any slot state
+        return to_dense(models.build(**{**build_args, "mode": "learned"}))
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{source}: does not fit the model: build_args {build_args} cannot be built: {e}") from e
 
@@ -270,7 +329,7 @@ def load_exported(path: str | os.PathLike, model: nn.Module | None = None, map_l
         raise CheckpointError(f"{source}: tampered: malformed export header ({type(e).__name__}: {e})") from e
     if model is None and build_args is None:
         raise ValueError(f"{source} holds no build_args: pass model=, a module with the exported architecture")
-    plain = _skeleton(build_args, model, source)
+    plain = _skeleton(build_args, model, source, len(payload))
     try:
         plain = _decode(header, payload, plain, source)
     except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as e:
@@ -282,6 +341,7 @@ def _decode(header: dict, payload: memoryview, plain: nn.Module, source: str) ->
     """Fill ``plain`` with the regenerated selected weights and the stored tensors."""
     state: dict[str, torch.Tensor] = {}
     for cfg in header["layers"]:
+        _check_layer(cfg, source)
         name = cfg["name"]
         try:
             target = plain.get_submodule(name)
@@ -333,10 +393,13 @@ def run_cli(args: argparse.Namespace) -> int:
         missing = [key for key in ("model", "build_args") if key not in payload]
         if missing:
             raise CheckpointError(f"{args.checkpoint}: not a training checkpoint: it has no {', '.join(missing)}")
-        from . import models
+        from .train import _build_from
 
-        model = models.build(**payload["build_args"])
-        load_state_into(model, payload["model"])
+        model = _build_from(payload, args.checkpoint)
+        try:
+            load_state_into(model, payload["model"])
+        except CheckpointError as e:
+            raise CheckpointError(f"{args.checkpoint}: {e}") from None
         written = export(model, args.out, build_args=payload["build_args"])
     except CheckpointError as e:
         print(f"seedslot export: error: {e}", file=sys.stderr)

@@ -181,12 +181,22 @@ class _SlotBase(nn.Module):
                 "score_lambda": self.score_lambda}
 
     def set_extra_state(self, state: dict) -> None:
+        if not isinstance(state, dict):
+            raise RuntimeError(f"slot state (_extra_state) must be a dict of seeds; got {type(state).__name__}")
         if state.get("k") != self.k or state.get("sharing") != self.sharing:
             raise RuntimeError(
                 f"slot state has k={state.get('k')}, sharing={state.get('sharing')!r}; "
                 f"this layer has k={self.k}, sharing={self.sharing!r}"
             )
-        self._set_seeds(int(state["seed"]), int(state["candidate_seed"]), self._cand_step.device)
+        for key in ("seed", "candidate_seed"):
+            v = state.get(key)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise RuntimeError(f"slot state {key} must be an int >= 0; got {v!r:.80}")
+        lam = state.get("score_lambda")
+        if lam is not None and (isinstance(lam, bool) or not isinstance(lam, (int, float))
+                                or not (math.isfinite(lam) and lam > 0)):
+            raise RuntimeError(f"slot state score_lambda must be a finite number > 0; got {lam!r:.80}")
+        self._set_seeds(state["seed"], state["candidate_seed"], self._cand_step.device)
         if state.get("score_lambda") is not None:  # absent from checkpoints written before it was saved
             self.score_lambda = float(state["score_lambda"])
             if "_score_bound" in self._buffers:  # implicit scores
@@ -344,6 +354,15 @@ class _Seeded(_SlotBase):
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         proxies = {prefix + f"slot_{part}" for part in self.parts}
         state_dict = {k: v for k, v in state_dict.items() if k not in proxies}
+        for part in self.parts:  # values the update and selection rely on
+            implicit = getattr(self, "scores", None) == "implicit"  # its factor may decay to 0
+            for name, ok, accepted in (("scale", lambda t: ((t >= 0) if implicit else (t > 0)) & torch.isfinite(t),
+                                        "finite and >= 0" if implicit else "finite and > 0"),
+                                       ("scores", torch.isfinite, "finite"), ("drift", torch.isfinite, "finite")):
+                t = state_dict.get(f"{prefix}{part}_{name}")
+                if (isinstance(t, torch.Tensor) and t.dtype.is_floating_point and f"{part}_{name}" in self._buffers
+                        and not bool(ok(t).all())):
+                    error_msgs.append(f"{prefix}{part}_{name} must be {accepted}")
         before = len(missing_keys)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
         missing_keys[before:] = [k for k in missing_keys[before:] if k not in proxies]
@@ -460,6 +479,9 @@ class _Seeded(_SlotBase):
             return
         if weight_decay:
             scale.mul_(shrink)
+            if float(scale) < torch.finfo(torch.float32).tiny:  # scores below the normal fp32 range are 0
+                scores.zero_()
+                scale.fill_(self.score_lambda * self.sigma / 127.0)
         factor = _scores.coarsen_factor(lr, float(torch.linalg.vector_norm(d, math.inf)) if d.numel() else 0.0, self.sigma, float(scale))
         if factor != 1.0:
             inv = torch.tensor(1.0 / factor, dtype=torch.float32, device=d.device)
@@ -546,6 +568,15 @@ class _Linear:
         return f"in_features={self.in_features}, out_features={self.out_features}"
 
 
+def _int_pair(name: str, value, minimum: int) -> tuple[int, int]:
+    """An int or a pair of ints, each >= minimum, as a pair; ValueError naming ``name`` otherwise."""
+    pair = _pair(value)
+    if not (isinstance(pair, tuple) and len(pair) == 2
+            and all(isinstance(v, int) and not isinstance(v, bool) and v >= minimum for v in pair)):
+        raise ValueError(f"{name} must be an int >= {minimum} or a pair of them; got {value!r}")
+    return pair
+
+
 class _Conv:
     def _setup(self, base, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, kw):
         in_channels = _nonneg_int("in_channels", in_channels, 1)
@@ -553,13 +584,23 @@ class _Conv:
         groups = _nonneg_int("groups", groups, 1)
         if in_channels % groups or out_channels % groups:
             raise ValueError(f"groups={groups} must divide in_channels={in_channels} and out_channels={out_channels}")
-        kh, kw_ = _pair(kernel_size)
+        kh, kw_ = _int_pair("kernel_size", kernel_size, 1)
+        stride, dilation = _int_pair("stride", stride, 1), _int_pair("dilation", dilation, 1)
+        if isinstance(padding, str) and padding in ("valid", "same"):
+            if padding == "same" and stride != (1, 1):
+                raise ValueError(f"padding='same' needs stride 1 (as nn.Conv2d); got stride={stride}")
+        else:
+            try:
+                padding = _int_pair("padding", padding, 0)
+            except (ValueError, TypeError):
+                raise ValueError(f"padding must be 'valid', 'same', an int >= 0 or a pair of them; "
+                                 f"got {padding!r}") from None
         rf = kh * kw_
         shape = (out_channels, in_channels // groups, kh, kw_)
         base.__init__(self, shape, shape[1] * rf, out_channels * rf, bias, default_lambda=1.0, **kw)
         self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, (kh, kw_)
-        self.stride, self.dilation, self.groups = _pair(stride), _pair(dilation), groups
-        self.padding = padding if isinstance(padding, str) else _pair(padding)
+        self.stride, self.dilation, self.groups = stride, dilation, groups
+        self.padding = padding
 
     def _op(self, x, weight, bias):
         return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)

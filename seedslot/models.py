@@ -143,12 +143,7 @@ def build(
 
     # torch's default layer init draws from the global RNG; building must not shift a run's dropout.
     with torch.random.fork_rng(devices=[]):
-        if name == "lenet":
-            model = _lenet(in_channels, input_size, num_classes)
-        elif name == "vgg19":
-            model = _vgg19(in_channels, input_size, num_classes)
-        else:
-            model = _conv(name, in_channels, input_size, num_classes)
+        model = _architecture(name, in_channels, input_size, num_classes)
 
     if mode == "learned":
         g = torch.Generator().manual_seed(derive(seed, _INIT) & (2**63 - 1))
@@ -161,6 +156,80 @@ def build(
                  score_lambda=score_lambda)
     model.build_args = args
     return model
+
+
+def _architecture(name: str, c: int, s: int, num_classes: int) -> Net:
+    if name == "lenet":
+        return _lenet(c, s, num_classes)
+    if name == "vgg19":
+        return _vgg19(c, s, num_classes)
+    return _conv(name, c, s, num_classes)
+
+
+_MAX_LAYER = 2**31 - 1  # connections of one layer, as slot layers allow
+_BUILD_KEYS = ("name", "mode", "k", "seed", "sharing", "selection", "scores", "in_channels", "num_classes",
+               "input_size", "score_lambda")
+
+
+def check_build_args(args, source: str, *, available_bytes: int, export: bool = False) -> dict:
+    """``args`` (a file's ``build_args``) checked without building anything; CheckpointError naming
+    the first bad field otherwise. Besides types, names and ranges, the model must fit the file:
+    no layer above 2**31 - 1 connections, and the connections times the bytes each takes in the
+    file (a checkpoint's model state: K int8 or fp32 scores, a drift, K scores and candidates, or
+    a weight; an export: ceil(log2 K) bits) at most ``available_bytes``, what the file holds."""
+    from .checkpoints import CheckpointError
+
+    def bad(field: str, accepted: str):
+        value = args.get(field, "(missing)")
+        return CheckpointError(f"{source}: tampered: build_args.{field} must be {accepted}; got {value!r:.80}")
+
+    if not isinstance(args, dict):
+        raise CheckpointError(f"{source}: tampered: build_args must be a dict; got {type(args).__name__}")
+    for key in args:
+        if key not in _BUILD_KEYS:
+            raise CheckpointError(f"{source}: tampered: build_args has an unknown field {key!r:.80}; "
+                                  f"accepted: {', '.join(_BUILD_KEYS)}")
+    for field, accepted in (("name", MODELS), ("mode", MODES), ("sharing", SHARING), ("selection", SELECTION),
+                            ("scores", SCORES)):
+        if (field in ("name", "mode") or field in args) and args.get(field) not in accepted:
+            raise bad(field, f"one of {', '.join(map(repr, accepted))}")
+    for field in ("k", "in_channels", "input_size", "num_classes"):
+        v = args.get(field, 1)
+        if v is None and field in ("in_channels", "input_size"):  # the dataset's default
+            continue
+        if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= _MAX_LAYER:
+            raise bad(field, f"an int in [1, {_MAX_LAYER}]")
+    seed = args.get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
+        raise bad("seed", "an int in [0, 2**64)")
+    lam = args.get("score_lambda")
+    if lam is not None and (isinstance(lam, bool) or not isinstance(lam, (int, float))
+                            or not (math.isfinite(lam) and lam > 0)):
+        raise bad("score_lambda", "a finite number > 0 or null")
+    name = args["name"]
+    c = args.get("in_channels") or (1 if name == "lenet" else 3)
+    size = args.get("input_size") or (28 if name == "lenet" else 32)
+    if c * size * size > _MAX_LAYER:
+        raise bad("input_size", f"such that in_channels * input_size**2 <= {_MAX_LAYER}")
+    try:
+        with torch.device("meta"):
+            plain = _architecture(name, c, size, args.get("num_classes", 10))
+    except ValueError as e:
+        raise bad("input_size", f"large enough for {name} ({e})") from None
+    layers = [m.weight.numel() for m in plain.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    if max(layers) > _MAX_LAYER:
+        raise bad("input_size" if name == "lenet" else "num_classes", f"such that no layer exceeds {_MAX_LAYER} connections")
+    k, mode, scores = args.get("k", 8), args["mode"], args.get("scores", "int8")
+    if export:
+        bits = (k - 1).bit_length()  # export.index_bits
+    else:
+        bits = {"learned": 32, "dense": 64 * k}.get(mode) or {"int8": 8 * k, "fp32": 32 * k, "implicit": 32}[scores]
+    if sum(layers) * bits > 8 * available_bytes:
+        raise CheckpointError(
+            f"{source}: tampered: build_args (k={k}, input_size={size}, ...) describe {sum(layers)} connections of "
+            f"{bits / 8:g} bytes each; the file holds {available_bytes} bytes"
+        )
+    return args
 
 
 def count_connections(model: nn.Module) -> int:

@@ -14,6 +14,12 @@ is multiplied by ``1 - lr * weight_decay`` (for int8 scores, through the per-ten
 costs nothing). Without momentum this is exactly SGD's coupled decay; with momentum it differs from
 torch.optim.SGD, which would need K momentum values per connection. Greedy selection never sees it
 directly (a positive rescaling keeps the argmax); it makes later updates relatively larger.
+``lr * weight_decay`` must therefore stay below 1 (a factor <= 0 is no decay: it would zero or
+flip every score); SlotSGD refuses it at construction and, before changing anything, at any step
+whose hyper-parameters (e.g. set by a scheduler) break it.
+
+Like gradients, the update itself is checked before anything changes: a step whose update is not
+an fp32 number (e.g. lr 1e30 times gradients of 1e12) raises FloatingPointError.
 """
 
 from __future__ import annotations
@@ -37,6 +43,30 @@ def _check_float(name: str, value, lo: float, hi: float, *, lo_open: bool = Fals
     return float(value)
 
 
+_FP32_MAX = float(torch.finfo(torch.float32).max)
+
+
+def _check_group(group: dict, where: str = "", lr_min_open: bool = False) -> None:
+    """ValueError, naming the hyper-parameter (and ``where``), unless ``group``'s are usable."""
+    try:
+        lr = _check_float("lr", group["lr"], 0.0, math.inf, lo_open=lr_min_open)
+        _check_float("momentum", group["momentum"], 0.0, 1.0)
+        wd = _check_float("weight_decay", group["weight_decay"], 0.0, math.inf)
+        if not isinstance(group["nesterov"], bool):
+            raise ValueError(f"nesterov must be True or False; got {group['nesterov']!r}")
+        if group["nesterov"] and group["momentum"] == 0.0:
+            raise ValueError("nesterov=True needs momentum > 0")
+    except KeyError as e:
+        raise ValueError(f"hyper-parameter {e.args[0]} is missing") from None
+    except ValueError as e:
+        raise ValueError(f"{e}{where}") from None
+    if lr * wd >= 1.0:
+        raise ValueError(
+            f"lr * weight_decay must be < 1 (the decay multiplies every score by 1 - lr * weight_decay); "
+            f"got lr={lr:g}, weight_decay={wd:g}{where}"
+        )
+
+
 class SlotSGD(Optimizer):
     """SGD for seeded slot layers (straight-through score updates) and ordinary parameters."""
 
@@ -48,14 +78,39 @@ class SlotSGD(Optimizer):
         weight_decay: float = 0.0,
         nesterov: bool = False,
     ) -> None:
-        lr = _check_float("lr", lr, 0.0, math.inf, lo_open=True)
-        momentum = _check_float("momentum", momentum, 0.0, 1.0)
-        weight_decay = _check_float("weight_decay", weight_decay, 0.0, math.inf)
-        if not isinstance(nesterov, bool):
-            raise ValueError(f"nesterov must be True or False; got {nesterov!r}")
-        if nesterov and momentum == 0.0:
-            raise ValueError("nesterov=True needs momentum > 0")
-        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov))
+        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov)
+        _check_group(defaults, lr_min_open=True)
+        super().__init__(params, {key: v if isinstance(v, bool) else float(v) for key, v in defaults.items()})
+        for gi, group in enumerate(self.param_groups):
+            _check_group(group, f" in param group {gi}", lr_min_open=True)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """As torch's, after checking the saved hyper-parameters, counters and momentum buffers
+        (ValueError naming the first bad one; nothing is changed then)."""
+        groups = state_dict.get("param_groups") if isinstance(state_dict, dict) else None
+        state = state_dict.get("state") if isinstance(state_dict, dict) else None
+        if not isinstance(groups, list) or not isinstance(state, dict) or len(groups) != len(self.param_groups):
+            raise ValueError(f"optimizer state must hold 'state' and {len(self.param_groups)} 'param_groups'")
+        for gi, (saved, group) in enumerate(zip(groups, self.param_groups)):
+            if not isinstance(saved, dict) or not isinstance(saved.get("params"), list) \
+                    or len(saved["params"]) != len(group["params"]):
+                raise ValueError(f"optimizer param group {gi} does not match this optimizer's")
+            _check_group(saved, f" in param group {gi}")
+            for pi, (pid, p) in enumerate(zip(saved["params"], group["params"])):
+                entry = state.get(pid, {})
+                where = f"parameter {pi} of param group {gi}"
+                if not isinstance(entry, dict) or set(entry) - {"momentum_buffer", "step"}:
+                    raise ValueError(f"optimizer state of {where} must hold only momentum_buffer and step")
+                step = entry.get("step", 0)
+                if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+                    raise ValueError(f"optimizer step of {where} must be an int >= 0; got {step!r}")
+                buf = entry.get("momentum_buffer")
+                if buf is not None and not (isinstance(buf, torch.Tensor) and buf.shape == p.shape
+                                            and buf.dtype.is_floating_point and bool(torch.isfinite(buf).all())):
+                    got = f"{tuple(buf.shape)} {buf.dtype}" if isinstance(buf, torch.Tensor) else type(buf).__name__
+                    raise ValueError(f"momentum_buffer of {where} must be a finite float tensor of shape "
+                                     f"{tuple(p.shape)}; got {got}")
+        super().load_state_dict(state_dict)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -63,18 +118,14 @@ class SlotSGD(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        # Check every gradient before touching anything: a bad one leaves all scores unchanged.
-        # One fused max-norm over all of them (NaN and inf propagate), one sync; the slow search
-        # for the culprit runs only when it fails.
-        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
-        if grads and not bool(torch.isfinite(torch.nn.utils.get_total_norm(grads, math.inf, foreach=True))):
-            for gi, group in enumerate(self.param_groups):
-                for pi, p in enumerate(group["params"]):
-                    if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
-                        raise FloatingPointError(
-                            f"non-finite gradient in parameter {pi} of param group {gi}; "
-                            "no score or weight was changed"
-                        )
+        # Check hyper-parameters, every gradient and every update before touching anything: a bad
+        # one leaves all scores unchanged. One max-norm per tensor (NaN and inf propagate), one sync.
+        for gi, group in enumerate(self.param_groups):
+            _check_group(group, f" in param group {gi}")
+        entries = [(gi, pi, group, p) for gi, group in enumerate(self.param_groups)
+                   for pi, p in enumerate(group["params"]) if p.grad is not None]
+        if entries:
+            self._check_updates(entries)
         for group in self.param_groups:
             lr, mom, wd, nesterov = group["lr"], group["momentum"], group["weight_decay"], group["nesterov"]
             for p in group["params"]:
@@ -108,3 +159,39 @@ class SlotSGD(Optimizer):
                     layer._update_scores(part, d, lr, wd, step)
                     state["step"] = step + 1
         return loss
+
+    def _check_updates(self, entries: list) -> None:
+        """FloatingPointError unless every gradient is finite and every parameter's update (a bound
+        on ``lr * |direction| * max(1, |W|)``, momentum and coupled decay included) is an fp32 number."""
+        tensors = [p.grad for _, _, _, p in entries]
+        extra = {}  # entry index -> (index of its momentum buffer or None, index of the parameter or None)
+        for i, (_, _, group, p) in enumerate(entries):
+            buf = self.state.get(p, {}).get("momentum_buffer") if group["momentum"] else None
+            plain = slot_owner(p) is None
+            b = p_i = None
+            if buf is not None:
+                b = len(tensors)
+                tensors.append(buf)
+            if plain and group["weight_decay"]:
+                p_i = len(tensors)
+                tensors.append(p.detach())
+            extra[i] = (b, p_i)
+        maxes = torch.stack([t.to(device=tensors[0].device, dtype=torch.float64)
+                             for t in torch._foreach_norm(tensors, math.inf)]).tolist()
+        for i, (gi, pi, group, p) in enumerate(entries):
+            where = f"parameter {pi} of param group {gi}"
+            if not math.isfinite(maxes[i]):
+                raise FloatingPointError(f"non-finite gradient in {where}; no score or weight was changed")
+            b, p_i = extra[i]
+            g = maxes[i] + (group["weight_decay"] * maxes[p_i] if p_i is not None else 0.0)
+            mom, buf = group["momentum"], 0.0
+            if mom:  # buf = mom * buf + g; the direction is buf, or g + mom * buf with nesterov
+                buf = g if b is None else mom * maxes[b] + g
+            d = (g + mom * buf if group["nesterov"] else buf) if mom else g
+            owner = slot_owner(p)
+            update = group["lr"] * d * max(1.0, owner[0].sigma if owner is not None else 1.0)
+            if not (max(buf, d, update) < _FP32_MAX):
+                raise FloatingPointError(
+                    f"update of {where} is beyond the fp32 range (lr={group['lr']:g}, max |direction| "
+                    f"up to {d:g}); no score or weight was changed"
+                )

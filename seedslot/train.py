@@ -27,12 +27,18 @@ from tqdm import tqdm
 
 from . import data as _data
 from . import distributed as _distributed
-from .checkpoints import CheckpointError, load_checkpoint, load_state_into, save_checkpoint
+from .checkpoints import (
+    CheckpointError,
+    load_checkpoint,
+    load_state_into,
+    remove_stale_temporaries,
+    save_checkpoint,
+)
 from .convert import to_dense
 from .devices import resolve_device
 from .layers import _SlotBase
 from .memory import state_bytes
-from .models import MODELS, MODES, build, count_connections
+from .models import MODELS, MODES, build, check_build_args, count_connections
 from .optim import SlotSGD
 from .rng import compile_enabled, derive
 from .scores import SCORES
@@ -171,12 +177,18 @@ def resolve(config: TrainConfig) -> TrainConfig:
     _float("lr_gamma", out.lr_gamma, 0.0, lo_open=True)
     for m in out.lr_milestones:
         _int("lr_milestones", m, 1)
+    peak_lr = out.lr * max(1.0, out.lr_gamma ** len(out.lr_milestones))
+    if mode == "seeded" and peak_lr * out.weight_decay >= 1.0:  # SlotSGD would refuse it at that step
+        raise ValueError(f"lr * weight_decay must be < 1 for mode 'seeded' (the decay multiplies every score "
+                         f"by 1 - lr * weight_decay); got peak lr {peak_lr:g}, weight_decay {out.weight_decay:g}")
     if out.score_lambda is not None:
         _float("score_lambda", out.score_lambda, 0.0, lo_open=True)
     _int("seed", out.seed, 0)
     _choice("normalize", out.normalize, _data.NORMALIZE)
     _int("limit_train", out.limit_train, 2)
     _int("checkpoint_every_steps", out.checkpoint_every_steps, 1)
+    if out.checkpoint_every_steps is not None and out.out is None:
+        raise ValueError("checkpoint_every_steps saves into out: pass out (a directory) too")
     _int("threads", out.threads, 1)
     resolve_device(out.device)  # an unknown or absent device is an error before anything starts
     return out
@@ -188,6 +200,9 @@ def _resumed(config: TrainConfig, ckpt: dict, source: str) -> TrainConfig:
         saved = TrainConfig(**ckpt["config"])
     except (KeyError, TypeError) as e:
         raise CheckpointError(f"{source}: not a seedslot training checkpoint ({type(e).__name__}: {e})") from None
+    if config.out is not None and os.path.abspath(config.out) != os.path.abspath(config.resume):
+        raise ValueError(f"out={config.out!r}: a resumed run continues in its own directory {config.resume!r}; "
+                         "leave out unset or pass the same directory")
     defaults = TrainConfig()
     for f in dataclasses.fields(TrainConfig):
         given = getattr(config, f.name)
@@ -197,7 +212,54 @@ def _resumed(config: TrainConfig, ckpt: dict, source: str) -> TrainConfig:
             raise ValueError(f"resume continues the run as it was configured: {f.name}={given!r} differs from "
                              f"the checkpoint's {getattr(saved, f.name)!r}")
     changes = {name: getattr(config, name) for name in _RESUME_OVERRIDES if getattr(config, name) is not None}
-    return resolve(dataclasses.replace(saved, **changes, resume=config.resume, out=config.resume))
+    try:
+        cfg = resolve(dataclasses.replace(saved, **changes, resume=config.resume, out=config.resume))
+    except ValueError as e:
+        if "epochs" in changes or "checkpoint_every_steps" in changes:
+            raise
+        raise CheckpointError(f"{source}: tampered: its config does not resolve ({e})") from None
+    done = ckpt.get("epoch")
+    if "epochs" in changes and isinstance(done, int) and not isinstance(done, bool) and cfg.epochs < done:
+        raise ValueError(f"epochs must be >= the {done} epochs the checkpoint has done; got {cfg.epochs}")
+    return cfg
+
+
+_TALLY = dict(loss_sum=float, correct=int, seen=int, epoch_seconds=float, history=list)
+
+
+def _restore(ckpt: dict, source: str, cfg: TrainConfig, objects: dict, batches_per_epoch: int) -> tuple[dict, dict]:
+    """Load a training checkpoint's state into ``objects`` (model, optimizer, scheduler) and the
+    global RNG; returns ``(pos, tally)``. CheckpointError naming the first field out of range."""
+    try:
+        for key, obj in objects.items():
+            load_state_into(obj, ckpt[key])
+        rng = ckpt["rng"]
+        if not isinstance(rng, torch.Tensor) or rng.dtype != torch.uint8 or rng.shape != torch.get_rng_state().shape:
+            raise CheckpointError("rng must be a torch RNG state (uint8 tensor)")
+        limits = dict(epoch=cfg.epochs, step_in_epoch=batches_per_epoch, global_step=(cfg.epochs + 1) * batches_per_epoch)
+        pos = {}
+        for key, top in limits.items():
+            v = ckpt[key]
+            if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= top:
+                raise CheckpointError(f"{key} must be an int in [0, {top}]; got {v!r:.80}")
+            pos[key] = v
+        tally = ckpt["tally"]
+        if not isinstance(tally, dict) or set(tally) != set(_TALLY):
+            raise CheckpointError(f"tally must be a dict of {', '.join(_TALLY)}")
+        for key, kind in _TALLY.items():
+            v = tally[key]
+            ok = isinstance(v, kind) or (kind is float and isinstance(v, int))
+            if isinstance(v, bool) or not ok or (kind is not list and not (math.isfinite(v) and v >= 0)):
+                raise CheckpointError(f"tally[{key!r}] must be a {kind.__name__}"
+                                      + ("" if kind is list else " >= 0") + f"; got {v!r:.80}")
+        if not all(isinstance(r, dict) for r in tally["history"]):
+            raise CheckpointError("tally['history'] must be a list of epoch records")
+        torch.set_rng_state(rng)  # rank 0's; other ranks re-key their dropout
+        return pos, dict(tally)
+    except CheckpointError as e:
+        raise CheckpointError(f"{source}: {e}") from None
+    except (KeyError, TypeError, RuntimeError) as e:
+        raise CheckpointError(f"{source}: not a seedslot training checkpoint ({type(e).__name__}: {e})") from None
 
 
 # ---------------------------------------------------------------- helpers of the loop
@@ -291,7 +353,7 @@ def random_selection_(model: nn.Module, seed: int) -> nn.Module:
 def _make_model(cfg: TrainConfig, data: _data.Data, ckpt: dict | None) -> nn.Module:
     shape = dict(in_channels=data.in_channels, input_size=data.input_size, num_classes=data.num_classes)
     if ckpt is not None:
-        return _build_from(ckpt, cfg.resume)
+        return _build_from(ckpt, os.path.join(cfg.resume, CHECKPOINT))
     if cfg.finetune_from is None:
         return build(cfg.model, mode=cfg.mode, k=cfg.k or 8, seed=cfg.seed, sharing=cfg.sharing or "none",
                      selection=cfg.selection or "greedy", scores=cfg.scores or "int8",
@@ -316,6 +378,10 @@ def _build_from(payload: dict, source: str) -> nn.Module:
     """The model a checkpoint's ``build_args`` describe (its state is loaded separately)."""
     if "model" not in payload or "build_args" not in payload:
         raise CheckpointError(f"{source}: not a seedslot training checkpoint (no model or build_args)")
+    if not isinstance(payload["model"], dict):
+        raise CheckpointError(f"{source}: tampered: model must be a state_dict; got {type(payload['model']).__name__}")
+    held = sum(t.numel() * t.element_size() for t in payload["model"].values() if isinstance(t, torch.Tensor))
+    check_build_args(payload["build_args"], source, available_bytes=held)
     try:
         return build(**payload["build_args"])
     except (TypeError, ValueError) as e:
@@ -325,6 +391,27 @@ def _build_from(payload: dict, source: str) -> nn.Module:
 def _cuda_peak(device: torch.device) -> dict:
     """``{"cuda_max_allocated_bytes": ...}`` on a CUDA device, else nothing."""
     return {"cuda_max_allocated_bytes": torch.cuda.max_memory_allocated(device)} if device.type == "cuda" else {}
+
+
+def _check_outputs(cfg: TrainConfig) -> None:
+    """ValueError naming ``out`` or ``json`` when the run could not write its results there."""
+    if cfg.out is not None and os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
+        raise ValueError(f"out: {cfg.out} is not a directory")
+    if cfg.json is not None:
+        parent = os.path.dirname(os.path.abspath(cfg.json))
+        if os.path.isdir(cfg.json):
+            raise ValueError(f"json: {cfg.json} is a directory; pass a file path")
+        if not os.path.isdir(parent):
+            raise ValueError(f"json: directory {parent} does not exist")
+        if not os.access(parent, os.W_OK):
+            raise ValueError(f"json: directory {parent} is not writable")
+
+
+def _in_step_state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    """:func:`state_bytes` as during a step: a gradient counted for every trainable parameter,
+    also after a run (e.g. a resumed finished one) in which no step ran."""
+    missing = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad and p.grad is None)
+    return state_bytes(model, optimizer) + missing
 
 
 def _fmt(loss: float | None, accuracy: float | None) -> str:
@@ -359,8 +446,10 @@ def run(config: TrainConfig, *, progress: bool = True) -> dict:
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
+    _check_outputs(cfg)  # before anything is loaded, trained or written
     if cfg.out is not None and main:
         os.makedirs(cfg.out, exist_ok=True)
+        remove_stale_temporaries(os.path.join(cfg.out, CHECKPOINT))  # left by a kill during a save
 
     data = _data.load(cfg.dataset, cfg.data_dir, seed=cfg.seed, normalize=cfg.normalize, limit_train=cfg.limit_train)
     data = data.to(device)  # uint8 images move once: no per-batch host-to-device copy
@@ -376,18 +465,10 @@ def run(config: TrainConfig, *, progress: bool = True) -> dict:
     pos = dict(epoch=0, step_in_epoch=0, global_step=0)
     tally = dict(loss_sum=0.0, correct=0, seen=0, epoch_seconds=0.0, history=[])
     if ckpt is not None:
-        try:
-            for key, obj in (("model", model), ("optimizer", optimizer), ("scheduler", scheduler)):
-                load_state_into(obj, ckpt[key])
-            torch.set_rng_state(ckpt["rng"])  # rank 0's; other ranks re-key their dropout below
-            if device.type == "cuda" and "cuda_rng" in ckpt:  # dropout on CUDA draws from its own generator
-                torch.cuda.set_rng_state(ckpt["cuda_rng"], device)
-            pos = {key: int(ckpt[key]) for key in pos}
-            tally = dict(ckpt["tally"])
-        except CheckpointError as e:
-            raise CheckpointError(f"{source}: {e}") from None
-        except (KeyError, TypeError, RuntimeError) as e:
-            raise CheckpointError(f"{source}: not a seedslot training checkpoint ({type(e).__name__}: {e})") from None
+        pos, tally = _restore(ckpt, source, cfg, dict(model=model, optimizer=optimizer, scheduler=scheduler),
+                              math.ceil(len(data.train) / cfg.batch_size))
+        if device.type == "cuda" and isinstance(ckpt.get("cuda_rng"), torch.Tensor):
+            torch.cuda.set_rng_state(ckpt["cuda_rng"], device)  # dropout on CUDA draws from its own generator
     else:
         torch.manual_seed(_seed64(cfg.seed, _DROPOUT))
     if rank:  # each rank its own dropout masks
@@ -522,7 +603,7 @@ def run(config: TrainConfig, *, progress: bool = True) -> dict:
         if not interrupted:
             log(dict(kind="test", test_loss=test_loss, test_accuracy=test_acc))
     connections = count_connections(model)
-    total_state = state_bytes(model, optimizer)
+    total_state = _in_step_state_bytes(model, optimizer)
     summary = dict(
         test_accuracy=test_acc, test_loss=test_loss,
         val_accuracy=dict(best=best_val, best_epoch=best_epoch, last=last_val),

@@ -267,3 +267,95 @@ def test_sigkill_while_writing_leaves_a_readable_checkpoint(tmp_path):
             except CheckpointError as e:
                 assert "truncated" in str(e)
             os.unlink(tmp_path / name)
+
+
+# ---------------------------------------------------------------- hostile fields behind a valid hash
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    from test_data import write_mnist
+
+    d = tmp_path_factory.mktemp("run")
+    write_mnist(d / "mnist", n_train=40, n_test=10)
+    from seedslot.train import TrainConfig, run
+
+    run(TrainConfig(dataset="mnist", data_dir=str(d / "mnist"), epochs=1, batch_size=16, k=2, threads=1,
+                    out=str(d / "out")), progress=False)
+    return str(d / "mnist"), load_checkpoint(d / "out" / "last.ckpt")
+
+
+def _tampered(ckpt, path, value, tmp) -> str:
+    """A copy of the run's checkpoint in a fresh folder with the field at ``path`` set to ``value``
+    (save_checkpoint recomputes the hash)."""
+    import copy
+
+    payload = copy.deepcopy(ckpt)
+    node = payload
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = value
+    out = os.path.join(tmp, "run")
+    os.makedirs(out)
+    save_checkpoint(os.path.join(out, "last.ckpt"), payload)
+    return out
+
+
+def _resume(data_dir, out):
+    from seedslot.train import TrainConfig, run
+
+    return run(TrainConfig(resume=out, data_dir=data_dir, threads=1), progress=False)
+
+
+FIELDS = [
+    ("build_args", "k"), ("build_args", "input_size"), ("build_args", "in_channels"), ("build_args", "num_classes"),
+    ("build_args", "name"), ("build_args", "mode"), ("build_args", "scores"), ("build_args", "sharing"),
+    ("build_args", "seed"), ("build_args", "score_lambda"), ("build_args",),
+    ("optimizer", "param_groups", 0, "lr"), ("optimizer", "param_groups", 0, "momentum"),
+    ("optimizer", "param_groups", 0, "weight_decay"), ("optimizer", "state", 0, "momentum_buffer"),
+    ("optimizer", "state", 0, "step"), ("optimizer", "state", 0), ("optimizer", "param_groups"),
+    ("model", "classifier.0._extra_state"), ("model", "classifier.0.weight_scale"),
+    ("model", "classifier.0.weight_scores"), ("model", "classifier.2.draws"), ("model",),
+    ("scheduler", "gamma"), ("scheduler", "base_lrs"), ("epoch",), ("step_in_epoch",), ("global_step",),
+    ("tally", "loss_sum"), ("tally", "history"), ("tally",), ("rng",),
+]
+HOSTILE = st.one_of(
+    st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.sampled_from([0, -1, 2, 100000, 10**9, 2**31]),
+    st.floats(), st.text(max_size=4), st.just([]), st.just({}), st.just([1.0, float("nan")]),
+    st.sampled_from([torch.zeros(3), torch.tensor(float("nan")), torch.tensor(-1.0), torch.zeros(2, 2, dtype=torch.int8),
+                     torch.zeros(7, 1, dtype=torch.uint8)]),
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(field=st.sampled_from(FIELDS), value=HOSTILE)
+def test_fuzzed_fields_with_a_recomputed_hash_resume_or_raise_checkpoint_error(finished_run, field, value):
+    import tempfile
+
+    data_dir, ckpt = finished_run
+    with tempfile.TemporaryDirectory() as tmp:
+        out = _tampered(ckpt, field, value, tmp)
+        t0 = time.monotonic()
+        try:
+            _resume(data_dir, out)
+        except CheckpointError as e:
+            assert "\n" not in str(e) and "last.ckpt" in str(e)
+        assert time.monotonic() - t0 < 20
+
+
+@pytest.mark.parametrize("field, value, words", [
+    (("optimizer", "state", 0, "momentum_buffer"), torch.zeros(3), "momentum_buffer"),
+    (("model", "classifier.0._extra_state"), "seed", "_extra_state"),
+    (("optimizer", "param_groups", 0, "lr"), float("nan"), "lr"),
+    (("build_args", "input_size"), 100000, "input_size"),
+    (("build_args", "k"), 10**9, "k=1000000000"),
+    (("build_args", "sharing"), "bogus", "build_args.sharing"),
+    (("model", "classifier.0.weight_scale"), torch.tensor(-1.0), "weight_scale"),
+    (("epoch",), 5, "epoch must be"),
+])
+def test_tampered_fields_are_named(finished_run, tmp_path, field, value, words):
+    data_dir, ckpt = finished_run
+    t0 = time.monotonic()
+    with pytest.raises(CheckpointError, match=words):
+        _resume(data_dir, _tampered(ckpt, field, value, str(tmp_path)))
+    assert time.monotonic() - t0 < 20

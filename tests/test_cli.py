@@ -59,6 +59,13 @@ def test_train_on_tiny_idx_files(mnist_dir, tmp_path, capsys):
     (["frobnicate"], "invalid choice: 'frobnicate'"),
     (["export", "{tmp}/junk.ckpt", "--out", "{tmp}/m.slot"], "junk.ckpt"),
     (["bench", "nonsense"], "invalid choice: 'nonsense'"),
+    (["train", "--selection", "sample", "--weight-decay", "0.02", "--data-dir", "{data}"],
+     "lr * weight_decay must be < 1"),
+    (["train", "--dataset", "mnist", "--data-dir", "{data}", "--checkpoint-every-steps", "1"],
+     "checkpoint_every_steps saves into out"),
+    (["train", "--dataset", "mnist", "--data-dir", "{data}", "--json", "{tmp}/nowhere/s.json", "--out", "{tmp}/o"],
+     "json: directory {tmp}/nowhere does not exist"),
+    (["train", "--dataset", "mnist", "--data-dir", "{data}/train-images-idx3-ubyte.gz"], "is not a directory"),
 ])
 def test_bad_input_is_one_line_and_exit_2(argv, message, mnist_dir, tmp_path, capsys):
     (tmp_path / "junk.ckpt").write_bytes(b"not a checkpoint at all")

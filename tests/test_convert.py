@@ -65,3 +65,18 @@ def test_to_dense_gives_identical_eval_outputs(dense):
     x = torch.randn(3, 1, 8, 8)
     assert torch.equal(model(x), plain(x))
     assert isinstance(model[0], ss.layers._SlotBase)  # the original is left as it was
+
+
+@pytest.mark.parametrize("dense", [False, True])
+def test_shared_modules_stay_shared(dense):
+    lin, conv = nn.Linear(8, 8), nn.Conv2d(2, 2, 3, padding=1)
+    model = nn.Sequential(lin, nn.ReLU(), lin, nn.Sequential(conv, conv))
+    ss.slotify_(model, k=4, seed=1, dense=dense)
+    assert isinstance(model[0], ss.layers._SlotBase) and model[2] is model[0]
+    assert isinstance(model[3][0], ss.layers._SlotBase) and model[3][1] is model[3][0]
+    assert len(list(model.parameters())) == len({id(p) for p in model.parameters()}) == (4 if dense else 4)
+    plain = ss.to_dense(model.eval())
+    assert type(plain[0]) is nn.Linear and plain[2] is plain[0]
+    assert type(plain[3][0]) is nn.Conv2d and plain[3][1] is plain[3][0]
+    x = torch.randn(3, 8)
+    assert torch.equal(model[:3](x), plain[:3](x))

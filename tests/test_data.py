@@ -125,6 +125,37 @@ def test_missing_or_mismatched_files_name_the_file_and_how_to_get_it(tmp_path):
     assert issubclass(D.DataError, ValueError)
 
 
+@pytest.mark.parametrize("normalize", ["meanstd", "unit"])
+def test_empty_training_file_names_the_file(tmp_path, normalize):
+    write_mnist(tmp_path, n_train=0)
+    with pytest.raises(D.DataError, match="train-images-idx3-ubyte.gz: holds 0 images; training needs at least 2"):
+        D.load("mnist", tmp_path, normalize=normalize)
+
+
+def test_zero_pixel_images_name_the_file(tmp_path):
+    write_mnist(tmp_path, n_train=4, size=0)
+    with pytest.raises(D.DataError, match=r"train-images-idx3-ubyte.gz: images of 0x0 pixels"):
+        D.load("mnist", tmp_path)
+
+
+def test_directory_in_place_of_a_file_or_of_the_data_directory(tmp_path):
+    write_mnist(tmp_path, n_train=4)
+    os.remove(tmp_path / "t10k-images-idx3-ubyte.gz")
+    os.mkdir(tmp_path / "t10k-images-idx3-ubyte.gz")
+    with pytest.raises(D.DataError, match="t10k-images-idx3-ubyte.gz: is not a regular file"):
+        D.load("mnist", tmp_path)
+    with pytest.raises(D.DataError, match="is not a directory"):
+        D.load("mnist", tmp_path / "train-labels-idx1-ubyte.gz")
+
+
+@pytest.mark.parametrize("label", [2**70, 1.7, "3", -(2**70)])
+def test_cifar_labels_must_be_ints(tmp_path, label):
+    path = tmp_path / "b"
+    path.write_bytes(pickle.dumps({b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, label]}))
+    with pytest.raises(D.DataError, match="b: expected 'labels', a list of 2 ints"):
+        D.read_cifar_batch(path)
+
+
 def test_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match="name must be one of 'mnist', 'fashion-mnist', 'cifar10'"):
         D.load("svhn", tmp_path)

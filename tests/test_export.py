@@ -4,6 +4,7 @@ import argparse
 import copy
 import json
 import math
+import time
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import seedslot
+import seedslot.models
 from seedslot.candidates import SHARING
 from seedslot.checkpoints import CheckpointError, _frame, save_checkpoint
 from seedslot.export import (
@@ -248,3 +250,82 @@ def test_cli_turns_a_bad_checkpoint_into_one_line_and_status_2(tmp_path, capsys)
     assert run_cli(argparse.Namespace(checkpoint=str(ckpt), out=str(tmp_path / "m.slot"))) == 2
     assert "not a training checkpoint" in capsys.readouterr().err
     assert not (tmp_path / "m.slot").exists()
+
+
+def test_shared_layer_round_trip(tmp_path):
+    lin = nn.Linear(6, 6)
+    arch = nn.Sequential(lin, nn.ReLU(), lin)
+    model = seedslot.slotify_(copy.deepcopy(arch), k=4, seed=3).eval()
+    assert model[2] is model[0]
+    size = export(model, tmp_path / "m.slot")
+    loaded = load_exported(tmp_path / "m.slot", model=arch)
+    x = torch.randn(2, 6)
+    assert torch.equal(loaded(x), model(x))
+    assert size < 1000
+
+
+def _lenet_export(tmp_path) -> bytes:
+    model = seedslot.models.build("lenet", mode="seeded", k=4, input_size=6)
+    export(model, tmp_path / "l.slot")
+    return (tmp_path / "l.slot").read_bytes()
+
+
+def _set(header, path, value):
+    node = header
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = value
+    return header
+
+
+EXPORT_FIELDS = [("build_args", key) for key in ("k", "input_size", "in_channels", "num_classes", "name", "mode",
+                                                  "sharing", "seed", "score_lambda")] + [
+    ("build_args",), ("layers", 0, "k"), ("layers", 0, "bits"), ("layers", 0, "sigma"), ("layers", 0, "sharing"),
+    ("layers", 0, "seed"), ("layers", 0, "candidate_seed"), ("layers", 0, "weight_shape"), ("layers", 0, "kind"),
+    ("layers", 0, "bias"), ("layers", 0, "name"), ("layers", 0, "sections"), ("layers", 0), ("layers",),
+    ("tensors",),
+]
+JSON_HOSTILE = st.one_of(st.none(), st.booleans(), st.integers(-(2**70), 2**70),
+                         st.sampled_from([0, -1, 100000, 10**9, 2**31, 2**62, 1e30, "bogus", [3, 0], [10**6, 10**6]]),
+                         st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=4), st.just([]), st.just({}))
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(field=st.sampled_from(EXPORT_FIELDS), value=JSON_HOSTILE)
+def test_fuzzed_fields_with_a_recomputed_hash_load_or_raise_checkpoint_error(tmp_path, field, value):
+    good = _lenet_export(tmp_path)
+    path = tmp_path / "x.slot"
+    path.write_bytes(_reframe(good, lambda h: _set(h, field, value)))
+    t0 = time.monotonic()
+    try:
+        load_exported(path)
+    except CheckpointError as e:
+        assert "\n" not in str(e) and str(path) in str(e)
+    except ValueError as e:  # an export without build_args is valid: it needs model=
+        assert field == ("build_args",) and value is None and "pass model=" in str(e)
+    assert time.monotonic() - t0 < 10
+
+
+@pytest.mark.parametrize("field, value, words", [
+    (("layers", 0, "sigma"), 1e30, "sigma must be the Glorot bound"),
+    (("layers", 0, "sharing"), "bogus", "sharing must be one of"),
+    (("build_args", "k"), 10**9, "build_args"),
+    (("build_args", "input_size"), 100000, "build_args.input_size"),
+    (("layers", 0, "k"), 2**60, "bits must be"),
+])
+def test_tampered_export_fields_are_named(tmp_path, field, value, words):
+    path = tmp_path / "x.slot"
+    path.write_bytes(_reframe(_lenet_export(tmp_path), lambda h: _set(h, field, value)))
+    t0 = time.monotonic()
+    with pytest.raises(CheckpointError, match=words):
+        load_exported(path)
+    assert time.monotonic() - t0 < 10
+
+
+def test_cli_export_of_a_tampered_checkpoint_is_one_line(tmp_path, capsys):
+    model = seedslot.models.build("lenet", mode="seeded", k=2, input_size=6)
+    ckpt = tmp_path / "c.ckpt"
+    save_checkpoint(ckpt, {"model": model.state_dict(), "build_args": {**model.build_args, "k": 10**9}})
+    assert run_cli(argparse.Namespace(checkpoint=str(ckpt), out=str(tmp_path / "m.slot"))) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "build_args" in err and not (tmp_path / "m.slot").exists()

@@ -305,3 +305,26 @@ def test_bad_arguments_list_accepted_values():
 def test_large_fan_in_sigma_is_small_but_exact():
     layer = ss.SlotLinear(4096, 4096, k=2)
     assert layer.sigma == pytest.approx(math.sqrt(6 / 8192), rel=1e-7)
+
+
+@pytest.mark.parametrize("cls", [ss.SlotConv2d, ss.DenseSlotConv2d])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(padding="same", stride=2), "padding='same' needs stride 1"),
+        (dict(padding="bogus"), "padding must be 'valid', 'same'"),
+        (dict(padding=-1), "padding must be"),
+        (dict(padding=(1, -1)), "padding must be"),
+        (dict(stride=0), "stride must be"),
+        (dict(dilation=0), "dilation must be"),
+        (dict(kernel_size=0), "kernel_size must be"),
+        (dict(kernel_size=(3, 0)), "kernel_size must be"),
+        (dict(kernel_size=2.5), "kernel_size must be"),
+        (dict(stride=(1, 2, 3)), "stride must be"),
+    ],
+)
+def test_conv_refuses_bad_geometry_at_construction(cls, kwargs, message):
+    # nn.Conv2d refuses some of these at construction, the others at its first forward
+    kwargs = {"kernel_size": 3, **kwargs}
+    with pytest.raises(ValueError, match=message.replace("(", "\\(")):
+        cls(2, 2, **kwargs)

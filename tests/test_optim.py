@@ -222,3 +222,66 @@ def test_int8_and_implicit_learn_as_well_as_fp32():
     assert fp32 > 0.8  # the problem is learnable by a slot MLP (chance is 0.25)
     assert int8 >= fp32 - 0.02
     assert implicit >= fp32 - 0.02
+
+
+@pytest.mark.parametrize("lr, wd", [(3.0, 1.0), (1.0, 1.0), (50.0, 0.02), (50.0, 0.03)])
+def test_decay_that_would_not_shrink_is_refused_at_construction(lr, wd):
+    # The decay multiplies every score by 1 - lr * weight_decay; at or below 0 it is no decay at all
+    # (int8 scales would turn negative or zero), so it is refused.
+    with pytest.raises(ValueError, match="lr \\* weight_decay must be < 1"):
+        ss.SlotSGD(ss.SlotLinear(16, 4, k=8, seed=1).parameters(), lr=lr, weight_decay=wd)
+
+
+@pytest.mark.parametrize("scores", ["int8", "fp32", "implicit"])
+def test_decay_that_would_not_shrink_is_refused_at_step_and_changes_nothing(scores):
+    layer = ss.SlotLinear(16, 4, k=8, seed=1, scores=scores)
+    opt = ss.SlotSGD(layer.parameters(), lr=0.5, momentum=0.9, weight_decay=1.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda epoch: 1.0 if epoch == 0 else 6.0)
+    layer(torch.randn(8, 16)).sum().backward()
+    opt.step()
+    sched.step()  # lr 3: lr * weight_decay = 3
+    before = copy.deepcopy(layer.state_dict())
+    state = copy.deepcopy(opt.state_dict())
+    layer(torch.randn(8, 16)).sum().backward()
+    with pytest.raises(ValueError, match="lr \\* weight_decay must be < 1.*param group 0"):
+        opt.step()
+    assert all(torch.equal(before[k], v) for k, v in layer.state_dict().items() if isinstance(v, torch.Tensor))
+    assert str(opt.state_dict()) == str(state)
+
+
+@pytest.mark.parametrize("scores", ["int8", "fp32", "implicit"])
+def test_strong_decay_keeps_int8_selection_equal_to_its_scores(scores):
+    layer = ss.SlotLinear(16, 4, k=8, seed=1, scores=scores)
+    opt = ss.SlotSGD(layer.parameters(), lr=3.0, weight_decay=0.33)  # shrink 0.01 each step
+    for _ in range(200):  # without gradient signal the scale would underflow to 0
+        opt.zero_grad()
+        (layer(torch.randn(8, 16)).sum() * 0).backward()
+        opt.step()
+    assert scores != "int8" or float(layer.weight_scale) > 0
+    assert torch.equal(layer.selected_index(), layer.score_values().argmax(-1))
+
+
+@pytest.mark.parametrize("scores", ["int8", "fp32", "implicit"])
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_update_beyond_fp32_range_raises_and_changes_nothing(scores, momentum):
+    model = nn.Sequential(nn.Linear(4, 4), ss.SlotLinear(4, 3, k=4, scores=scores))
+    opt = ss.SlotSGD(model.parameters(), lr=1e30, momentum=momentum)
+    before = copy.deepcopy(model.state_dict())
+    model(torch.randn(2, 4)).sum().backward()
+    model[1].slot_weight.grad.fill_(1e12)  # finite, but lr * grad is not an fp32 number
+    with pytest.raises(FloatingPointError, match="update.*param group 0"):
+        opt.step()
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before if isinstance(before[k], torch.Tensor))
+    assert not opt.state_dict()["state"]
+
+
+def test_update_beyond_fp32_range_of_an_ordinary_parameter_raises():
+    model = nn.Sequential(nn.Linear(4, 4), ss.SlotLinear(4, 3, k=4))
+    opt = ss.SlotSGD(model.parameters(), lr=1e30)
+    model(torch.randn(2, 4)).sum().backward()
+    model[0].weight.grad.fill_(1e12)
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(FloatingPointError, match="update"):
+        opt.step()
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items() if isinstance(v, torch.Tensor))

@@ -43,6 +43,8 @@ def test_resolve_fills_in_the_papers_defaults():
     (dict(selection="best"), "selection must be one of 'greedy', 'sample'"),
     (dict(scores="int4"), "scores must be one of 'int8', 'fp32', 'implicit'"),
     (dict(scores="implicit", random_selection=True), "random_selection needs stored scores"),
+    (dict(selection="sample", weight_decay=0.02), "lr \\* weight_decay must be < 1 for mode 'seeded'"),
+    (dict(lr=0.5, weight_decay=1.0, lr_milestones=[2], lr_gamma=4.0), "peak lr 2,"),
 ])
 def test_resolve_rejects_bad_input(config, message):
     with pytest.raises(ValueError, match=message):
@@ -127,3 +129,55 @@ def test_finetune_starts_from_the_selected_network(tmp_path):
 
     with pytest.raises(ValueError, match="holds a lenet model"):
         run(TrainConfig(model="conv2", finetune_from=ckpt, epochs=1, limit_train=6000), progress=False)
+
+
+# ---------------------------------------------------------------- careless input around a run
+
+
+@pytest.fixture()
+def tiny(tmp_path):
+    from test_data import write_mnist
+
+    write_mnist(tmp_path / "mnist", n_train=40, n_test=10)
+    return dict(dataset="mnist", data_dir=str(tmp_path / "mnist"), batch_size=16, k=4, threads=1)
+
+
+def test_resumed_finished_run_reports_the_in_step_state_bytes(tiny, tmp_path):
+    out = str(tmp_path / "run")
+    first = run(TrainConfig(epochs=1, out=out, **tiny), progress=False)
+    again = run(TrainConfig(resume=out, data_dir=tiny["data_dir"], threads=1), progress=False)
+    assert again["state_bytes"] == first["state_bytes"]
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["state_bytes"] == first["state_bytes"]
+
+
+def test_resume_removes_a_temporary_checkpoint_left_by_a_kill(tiny, tmp_path):
+    out = tmp_path / "run"
+    run(TrainConfig(epochs=1, out=str(out), **tiny), progress=False)
+    stale = out / ".last.ckpt.abc123.tmp"
+    stale.write_bytes((out / "last.ckpt").read_bytes())  # as a kill during the write leaves it
+    run(TrainConfig(resume=str(out), data_dir=tiny["data_dir"], threads=1, epochs=2), progress=False)
+    assert not stale.exists() and sorted(os.listdir(out)) == ["last.ckpt", "metrics.jsonl", "summary.json"]
+
+
+def test_output_paths_are_checked_before_training(tiny, tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match=f"json: directory {tmp_path}/nowhere does not exist"):
+        run(TrainConfig(epochs=1, out=str(out), json=str(tmp_path / "nowhere" / "s.json"), **tiny), progress=False)
+    assert not out.exists()
+    with pytest.raises(ValueError, match="json: .* is a directory"):
+        run(TrainConfig(epochs=1, json=str(tmp_path), **tiny), progress=False)
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match="out: .*file is not a directory"):
+        run(TrainConfig(epochs=1, out=str(tmp_path / "file"), **tiny), progress=False)
+
+
+def test_resume_refuses_what_it_would_ignore(tiny, tmp_path):
+    out = str(tmp_path / "run")
+    with pytest.raises(ValueError, match="checkpoint_every_steps saves into out"):
+        run(TrainConfig(epochs=1, checkpoint_every_steps=2, **tiny), progress=False)
+    run(TrainConfig(epochs=2, out=out, **tiny), progress=False)
+    with pytest.raises(ValueError, match="out='.*other': a resumed run continues in its own directory"):
+        run(TrainConfig(resume=out, out=str(tmp_path / "other"), data_dir=tiny["data_dir"]), progress=False)
+    with pytest.raises(ValueError, match="epochs must be >= the 2 epochs the checkpoint has done; got 1"):
+        run(TrainConfig(resume=out, epochs=1, data_dir=tiny["data_dir"]), progress=False)
+    assert not (tmp_path / "other").exists()
