@@ -18,7 +18,7 @@ from typing import Iterator
 
 import torch
 
-from .rng import bits, compile_enabled, fused, key32, signed24, unit24
+from .rng import bits, compile_enabled, fused, key32, signed24, unit24, use_triton
 
 SHARING = ("none", "layer", "global")
 
@@ -48,8 +48,13 @@ def stream_keys(seed: int, tag: int, k: int, device=None) -> tuple[int, torch.Te
     return key32(seed, tag, 0), kb
 
 
-def row_chunks(rows: int, k: int) -> Iterator[tuple[int, int]]:
-    """``(start, stop)`` row ranges of at most CHUNK_VALUES (fused: FUSED_CHUNK_VALUES) values each."""
+def row_chunks(rows: int, k: int, like: torch.Tensor | None = None) -> Iterator[tuple[int, int]]:
+    """``(start, stop)`` row ranges of at most CHUNK_VALUES (fused: FUSED_CHUNK_VALUES) values each;
+    one range for all rows when the kernels run as Triton programs on ``like``'s device (a caller
+    passes ``like`` only where its kernel makes no (rows, K) temporary): fewer launches."""
+    if use_triton(like):
+        yield 0, rows
+        return
     step = max(1, (FUSED_CHUNK_VALUES if compile_enabled() else CHUNK_VALUES) // max(k, 1))
     for start in range(0, rows, step):
         yield start, min(rows, start + step)

@@ -225,7 +225,7 @@ class _SlotBase(nn.Module):
         idx = torch.empty(scores.shape[0], dtype=torch.int64, device=scores.device)
         key_a = self._sample_key(draw)
         scale_t = torch.as_tensor(scale, dtype=torch.float32, device=scores.device)
-        for a, b in row_chunks(scores.shape[0], self.k):
+        for a, b in row_chunks(scores.shape[0], self.k, scores):
             idx[a:b] = sample_chunk(scores[a:b], scale_t, i32(offset + a, scores.device), key_a, self._sample_keys)
         return idx
 
@@ -393,7 +393,7 @@ class _Seeded(_SlotBase):
         dev = drift.device
         idx = torch.empty(drift.shape[0], dtype=torch.int64, device=dev)
         values = torch.empty(drift.shape[0], device=dev) if draw is None else None
-        for a, b in row_chunks(drift.shape[0], self.k):
+        for a, b in row_chunks(drift.shape[0], self.k, drift if draw is None else None):  # sample: (n, K) scores
             start = i32(self.parts[part][1] + a, dev)
             args = self._implicit_args(part, start)
             if draw is None:
@@ -420,7 +420,7 @@ class _Seeded(_SlotBase):
     def _values(self, part, idx):
         offset = self.parts[part][1]
         out = torch.empty(idx.shape[0], dtype=torch.float32, device=idx.device)
-        for a, b in row_chunks(idx.shape[0], 1):
+        for a, b in row_chunks(idx.shape[0], 1, idx):
             out[a:b] = selected_chunk(
                 idx[a:b], i32(offset + a, idx.device), self._per_conn, self._cand_key, self._cand_keys, self._cand_step
             )
@@ -471,7 +471,7 @@ class _Seeded(_SlotBase):
             if weight_decay:
                 scores.mul_(shrink)
             neg_lr = torch.tensor(-lr, dtype=torch.float32, device=d.device)
-            for a, b in row_chunks(scores.shape[0], self.k):
+            for a, b in row_chunks(scores.shape[0], self.k, d):
                 scores[a:b] = _scores.fp32_update_chunk(
                     scores[a:b], d[a:b], neg_lr, i32(offset + a, d.device), self._per_conn,
                     self._cand_key, self._cand_keys, self._cand_step,
@@ -482,18 +482,21 @@ class _Seeded(_SlotBase):
             if float(scale) < torch.finfo(torch.float32).tiny:  # scores below the normal fp32 range are 0
                 scores.zero_()
                 scale.fill_(self.score_lambda * self.sigma / 127.0)
-        factor = _scores.coarsen_factor(lr, float(torch.linalg.vector_norm(d, math.inf)) if d.numel() else 0.0, self.sigma, float(scale))
+        # one host sync for both numbers the grid decision needs
+        d_max, scale_now = torch.stack([torch.linalg.vector_norm(d, math.inf) if d.numel() else d.new_zeros(()),
+                                        scale]).tolist()
+        factor = _scores.coarsen_factor(lr, d_max, self.sigma, scale_now)
         if factor != 1.0:
             inv = torch.tensor(1.0 / factor, dtype=torch.float32, device=d.device)
             key_a = i32(key32(self.seed, REQUANT, 2, step), d.device)
-            for a, b in row_chunks(scores.shape[0], self.k):
+            for a, b in row_chunks(scores.shape[0], self.k, d):
                 scores[a:b] = _scores.requantize_chunk(
                     scores[a:b], inv, i32(offset + a, d.device), key_a, self._round_keys
                 )
             scale.mul_(factor)
         coef = (-lr / scale).to(torch.float32)
         round_a = i32(key32(self.seed, ROUND, 2, step), d.device)
-        for a, b in row_chunks(scores.shape[0], self.k):
+        for a, b in row_chunks(scores.shape[0], self.k, d):
             scores[a:b] = _scores.int8_update_chunk(
                 scores[a:b], d[a:b], coef, i32(offset + a, d.device), self._per_conn, self._cand_key,
                 self._cand_keys, self._cand_step, round_a, self._round_keys,
