@@ -20,6 +20,10 @@ whose hyper-parameters (e.g. set by a scheduler) break it.
 
 Like gradients, the update itself is checked before anything changes: a step whose update is not
 an fp32 number (e.g. lr 1e30 times gradients of 1e12) raises FloatingPointError.
+
+Importing this module registers a global optimizer step pre-hook: any other optimizer (torch.optim.SGD,
+Adam, ...) that holds a seeded layer's proxy parameter raises TypeError naming it and SlotSGD at
+``step()``, before changing anything. Ordinary and dense reference parameters pass untouched.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from typing import Iterable
 
 import torch
 from torch.optim import Optimizer
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from .layers import slot_owner
 
@@ -195,3 +200,24 @@ class SlotSGD(Optimizer):
                     f"update of {where} is beyond the fp32 range (lr={group['lr']:g}, max |direction| "
                     f"up to {d:g}); no score or weight was changed"
                 )
+
+
+def _reject_slot_proxies(optimizer: Optimizer, args, kwargs) -> None:
+    """Global step pre-hook: only SlotSGD can step a seeded proxy (one stride lookup per parameter)."""
+    if isinstance(optimizer, SlotSGD):
+        return
+    for gi, group in enumerate(optimizer.param_groups):
+        for pi, p in enumerate(group["params"]):
+            owner = slot_owner(p) if 0 in p.stride() else None  # proxies are expanded 0-dim tensors
+            if owner is not None:
+                names = group.get("param_names")
+                name = f" {names[pi]!r}" if isinstance(names, (list, tuple)) and pi < len(names) else ""
+                raise TypeError(
+                    f"{type(optimizer).__name__} cannot train seeded slot layers: parameter {pi}{name} of param "
+                    f"group {gi} is slot_{owner[1]} of {type(owner[0]).__name__}({owner[0].extra_repr()}), a "
+                    f"gradient proxy only seedslot.SlotSGD can turn into score updates; use seedslot.SlotSGD"
+                )
+
+
+if "_STEP_PRE_HOOK" not in globals():  # once per process, also across importlib.reload
+    _STEP_PRE_HOOK = register_optimizer_step_pre_hook(_reject_slot_proxies)
