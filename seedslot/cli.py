@@ -103,6 +103,12 @@ def _train(args: argparse.Namespace, argv: list[str]) -> int:
             if args.resume is None:  # a bad argument is one error before any process starts
                 check_batch_size(resolve(TrainConfig(**fields)).batch_size, args.nproc)
             return launch(_without_nproc(argv), args.nproc)
+    if args.epochs is None and args.resume is None and not args.random_selection \
+            and os.environ.get("RANK", "0") == "0":  # one line, before anything else the run prints
+        cfg = resolve(TrainConfig(**fields))
+        print(f"seedslot train: no --epochs given: running the paper's full schedule, {cfg.epochs} epochs for "
+              f"{cfg.model}{f' with {cfg.selection} selection' if cfg.selection else ''}; "
+              "shorten it with --epochs N", flush=True)
     try:
         summary = run(TrainConfig(**fields), progress=not args.no_progress)
     except RuntimeError as e:  # a rank died or stalled: one line on the survivors, not a traceback
@@ -158,7 +164,10 @@ def _delegated(name: str) -> object | None:
 
 
 def _parser() -> _Parser:
+    from . import __version__
+
     parser = _Parser(prog="seedslot", description="Slot Machine networks with seeded candidate weights.")
+    parser.add_argument("--version", action="version", version=f"seedslot {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_Parser)
     _add_train_arguments(sub.add_parser("train", help="train a model (or evaluate a baseline)"))
     demo = sub.add_parser("demo", help="seeded int8 and implicit vs dense reference: 1 Lenet epoch on Fashion-MNIST")
