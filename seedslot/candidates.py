@@ -68,7 +68,9 @@ def connections(start, n: int, per_conn: int, device) -> torch.Tensor:
 
 def i32(value: int, device=None) -> torch.Tensor:
     """A 0-dim int32 tensor: how keys and offsets are passed to fused kernels."""
-    return torch.tensor(value, dtype=torch.int32, device=device)
+    # torch.full, not torch.tensor: on CUDA a fill kernel instead of a host-to-device copy, which
+    # would block the host until the device is idle
+    return torch.full((), value, dtype=torch.int32, device=device)
 
 
 @fused(triton="candidate_chunk")

@@ -470,7 +470,7 @@ class _Seeded(_SlotBase):
         if self.scores == "fp32":
             if weight_decay:
                 scores.mul_(shrink)
-            neg_lr = torch.tensor(-lr, dtype=torch.float32, device=d.device)
+            neg_lr = torch.full((), -lr, dtype=torch.float32, device=d.device)
             for a, b in row_chunks(scores.shape[0], self.k, d):
                 scores[a:b] = _scores.fp32_update_chunk(
                     scores[a:b], d[a:b], neg_lr, i32(offset + a, d.device), self._per_conn,
@@ -487,7 +487,7 @@ class _Seeded(_SlotBase):
                                         scale]).tolist()
         factor = _scores.coarsen_factor(lr, d_max, self.sigma, scale_now)
         if factor != 1.0:
-            inv = torch.tensor(1.0 / factor, dtype=torch.float32, device=d.device)
+            inv = torch.full((), 1.0 / factor, dtype=torch.float32, device=d.device)
             key_a = i32(key32(self.seed, REQUANT, 2, step), d.device)
             for a, b in row_chunks(scores.shape[0], self.k, d):
                 scores[a:b] = _scores.requantize_chunk(

@@ -370,7 +370,7 @@ def _scalar(x, dtype: torch.dtype, device) -> torch.Tensor:
         if x.dtype != dtype:
             x = x.to(dtype)
         return x.to(device) if x.device != device else x
-    return torch.tensor(x, dtype=dtype, device=device)
+    return torch.full((), x, dtype=dtype, device=device)  # a fill kernel on CUDA: no blocking copy
 
 
 def _launch(kernel, n: int, block_n: int, device, *args, **meta) -> None:
