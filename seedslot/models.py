@@ -15,7 +15,7 @@ from torch import nn
 
 from .candidates import SHARING
 from .convert import slotify_
-from .layers import _SlotBase
+from .layers import SlotLayer
 from .rng import derive
 from .scores import SCORES
 from .selection import SELECTION
@@ -236,7 +236,7 @@ def count_connections(model: nn.Module) -> int:
     """Weights (connections) of the slot, Linear and Conv2d layers: the same count in every mode."""
     n = 0
     for m in model.modules():
-        if isinstance(m, _SlotBase):
+        if isinstance(m, SlotLayer):
             n += sum(math.prod(shape) for shape, _ in m.parts.values())
         elif isinstance(m, (nn.Linear, nn.Conv2d)):
             n += m.weight.numel() + (m.bias.numel() if m.bias is not None else 0)

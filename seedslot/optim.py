@@ -30,7 +30,7 @@ from typing import Iterable
 import torch
 from torch.optim import Optimizer
 
-from .layers import slot_owner
+from .storages import slot_owner
 
 
 def _check_float(name: str, value, lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = True) -> float:
@@ -156,7 +156,7 @@ class SlotSGD(Optimizer):
                 else:
                     layer, part = owner
                     step = state.get("step", 0)
-                    layer._update_scores(part, d, lr, wd, step)
+                    layer.update_scores(part, d, lr, wd, step)  # its score storage's update
                     state["step"] = step + 1
         return loss
 

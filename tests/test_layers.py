@@ -261,16 +261,25 @@ def test_int8_scores_never_overflow(lr, scale, momentum, steps):
 
 
 def test_recentring_keeps_selection():
+    # A real SlotSGD step pushes levels past 127: the update kernel must shift all K levels of such
+    # a connection down together (its top lands on 127; argmax is invariant to the shift), so the
+    # selection is the argmax of the unclipped levels. Clipping alone would tie them at 127.
     layer = ss.SlotLinear(40, 30, k=8, seed=2)
-    before = layer.selected_index()
-    # Updates that push every score of a connection up by the same amount: a direction whose
-    # product with each candidate is positive cannot exist, so shift levels directly and check
-    # that the update kernel's re-centring (top level capped at 127) leaves argmax unchanged.
-    q = layer.weight_scores
-    q.copy_((q.to(torch.int16) - q.to(torch.int16).amax(-1, keepdim=True) + 127).clamp(-128, 127).to(torch.int8))
-    layer._update_scores("weight", torch.zeros(30 * 40), lr=0.1, weight_decay=0.0, step=0)
-    assert torch.equal(layer.selected_index(), before)
-    assert (layer.weight_scores.amax(-1) == 127).all()
+    lr = 0.04  # moves a level by up to lr * |G| * sigma / scale = 50.8 levels: no coarsening
+    q0, scale, w = layer.weight_scores.double(), layer.weight_scale.double(), layer.candidates().double()
+    opt = ss.SlotSGD(layer.parameters(), lr=lr)
+    (-layer(torch.ones(1, 40)).sum()).backward()  # G = -1 for every connection
+    assert torch.equal(layer.slot_weight.grad, torch.full((30, 40), -1.0))
+    opt.step()
+    levels = q0 + lr * w / scale  # the new levels before stochastic rounding (which moves each by < 1)
+    top2 = levels.topk(2, dim=-1).values
+    pushed = top2[..., 0] >= 128.0  # a level went past 127
+    clear = top2[..., 0] - top2[..., 1] >= 2.0  # a winner that rounding cannot change
+    assert pushed.float().mean() > 0.5 and (pushed & clear).float().mean() > 0.3
+    assert (layer.weight_scores.amax(-1)[pushed] == 127).all()
+    chosen = layer.selected_index()
+    assert torch.equal(chosen[pushed & clear], levels.argmax(-1)[pushed & clear])
+    assert torch.equal(chosen[clear], levels.argmax(-1)[clear])
 
 
 @pytest.mark.parametrize(
