@@ -16,7 +16,7 @@ import json
 import torch
 
 from seedslot.checkpoints import load_checkpoint, load_state_into
-from seedslot.layers import _SlotBase
+from seedslot.layers import SlotLayer
 from seedslot.models import build
 
 
@@ -28,7 +28,7 @@ def winners(path: str) -> dict:
     k = payload["build_args"]["k"]
     layers = []
     for name, m in model.named_modules():
-        if not isinstance(m, _SlotBase):
+        if not isinstance(m, SlotLayer):
             continue
         cand = m.candidates("weight").reshape(-1, m.k) / m.sigma  # (n, K) in [-1, 1)
         idx = m.selected_index("weight").reshape(-1)  # (n,)

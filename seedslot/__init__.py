@@ -1,12 +1,14 @@
 """seedslot: Slot Machine networks whose candidate weights are regenerated from seeds, with int8 scores."""
 
 from . import memory
+from .config import SlotConfig
 from .export import CheckpointError, load_exported
 from .convert import slotify_, to_dense
 from .layers import DenseSlotConv2d, DenseSlotLinear, SlotConv2d, SlotLinear
 from .optim import SlotSGD
 
 __all__ = [
+    "SlotConfig",
     "SlotLinear",
     "SlotConv2d",
     "DenseSlotLinear",

@@ -23,7 +23,7 @@ import torch
 
 from .benchmarks import budget_bench, memory_bench, speed_bench
 from .devices import resolve_device
-from .layers import _Seeded
+from .layers import SeededSlotLayer
 from .optim import SlotSGD
 
 __all__ = ["PARTS", "identities", "update_identities", "regeneration_rate", "gpu_acceptance", "report", "merge",
@@ -41,8 +41,8 @@ def _build_on(device, model: str, k: int, sharing: str, scores: str, seed: int =
         return build(model, mode="seeded", k=k, sharing=sharing, scores=scores, seed=seed).to(device)
 
 
-def _layers(model) -> list[tuple[str, _Seeded]]:
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, _Seeded)]
+def _layers(model) -> list[tuple[str, SeededSlotLayer]]:
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, SeededSlotLayer)]
 
 
 def _same(a: torch.Tensor, b: torch.Tensor) -> bool:

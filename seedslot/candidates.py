@@ -14,7 +14,7 @@ take the top 7 bits of the same draws, so they are the fp32 scores quantised to 
 from __future__ import annotations
 
 import math
-from typing import Iterator
+from typing import Callable, Iterator, NamedTuple
 
 import torch
 
@@ -58,6 +58,28 @@ def row_chunks(rows: int, k: int, like: torch.Tensor | None = None) -> Iterator[
     step = max(1, (FUSED_CHUNK_VALUES if compile_enabled() else CHUNK_VALUES) // max(k, 1))
     for start in range(0, rows, step):
         yield start, min(rows, start + step)
+
+
+def chunked(out, offset: int, k: int, like: torch.Tensor | None, fn: Callable) -> torch.Tensor | tuple:
+    """The chunk loop in front of every kernel: ``out[a:b] = fn(a, b, start)`` for each
+    :func:`row_chunks` range of ``out``'s rows, ``start`` the 0-dim int32 index of connection
+    ``offset + a`` on ``out``'s device. ``out`` may be a tuple of tensors with a tuple result.
+    ``k`` and ``like`` are :func:`row_chunks`'."""
+    outs = out if isinstance(out, tuple) else (out,)
+    for a, b in row_chunks(outs[0].shape[0], k, like):
+        got = fn(a, b, i32(offset + a, outs[0].device))
+        for o, g in zip(outs, got if isinstance(out, tuple) else (got,)):
+            o[a:b] = g
+    return out
+
+
+class CandidateKeys(NamedTuple):
+    """What regenerates a layer's candidates, in the order the kernels take it (after ``start``)."""
+
+    per_conn: int  # 1, or 0 when candidates are shared
+    key: torch.Tensor  # 0-dim int32 key_a of the candidate stream
+    keys: torch.Tensor  # (K,) int32 keys_b
+    step: torch.Tensor  # 0-dim fp32 grid step
 
 
 def connections(start, n: int, per_conn: int, device) -> torch.Tensor:
@@ -108,3 +130,15 @@ def init_scores(
             out[a:b] = unit24(r) * top.to(device)
     scale = bound / 127.0 if dtype == torch.int8 else 1.0
     return out, scale
+
+
+def candidate_values(rows: int, offset: int, ck: CandidateKeys) -> torch.Tensor:
+    """All K candidates of connections ``offset .. offset+rows-1``: (rows, K) float32."""
+    out = torch.empty(rows, ck.keys.shape[0], dtype=torch.float32, device=ck.keys.device)
+    return chunked(out, offset, ck.keys.shape[0], None, lambda a, b, start: candidate_chunk(start, b - a, *ck))
+
+
+def selected_values(idx: torch.Tensor, offset: int, ck: CandidateKeys) -> torch.Tensor:
+    """The candidates ``idx`` (rows,) of connections ``offset ..``: (rows,) float32."""
+    out = torch.empty(idx.shape[0], dtype=torch.float32, device=idx.device)
+    return chunked(out, offset, 1, idx, lambda a, b, start: selected_chunk(idx[a:b], start, *ck))

@@ -11,11 +11,9 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .candidates import SHARING
-from .layers import DenseSlotConv2d, DenseSlotLinear, SlotConv2d, SlotLinear, _choice, _nonneg_int, _SlotBase
+from .config import SlotConfig
+from .layers import DenseSlotConv2d, DenseSlotLinear, SlotConv2d, SlotLayer, SlotLinear
 from .rng import derive
-from .scores import SCORES
-from .selection import SELECTION
 
 FilterFn = Callable[[nn.Module, str], bool]
 
@@ -32,19 +30,22 @@ def _replace(model: nn.Module, fqn: str, new: nn.Module) -> None:
 
 def slotify_(
     model: nn.Module,
+    config: SlotConfig | None = None,
+    filter_fn: FilterFn | None = None,
     *,
+    dense: bool = False,
     k: int = 8,
     seed: int = 0,
     sharing: str = "none",
     selection: str = "greedy",
     scores: str = "int8",
-    dense: bool = False,
-    filter_fn: FilterFn | None = None,
     score_lambda: float | None = None,
 ) -> nn.Module:
     """Replace every ``nn.Linear`` and ``nn.Conv2d`` (exact types) of ``model`` by a slot layer.
 
-    Each layer's seed is :func:`layer_seed` of ``seed`` and its qualified name, so the same model
+    The settings come as ``config`` (a :class:`~seedslot.SlotConfig`, whose ``seed`` is the
+    model's) or as the keywords ``k``, ``seed``, ``sharing``, ``selection``, ``scores`` and
+    ``score_lambda``, not both. Each layer's seed is :func:`layer_seed` of ``seed`` and its qualified name, so the same model
     and seed always give the same network. With ``sharing="global"`` every layer draws its K unit
     candidates from ``seed`` itself: one set for the whole model. ``dense=True`` builds the
     paper's dense reference layers instead (``scores`` does not apply). ``filter_fn(module, fqn)``
@@ -52,11 +53,8 @@ def slotify_(
     all of them (its seed and ``filter_fn`` follow its first name). Nothing is changed if any
     argument or layer is invalid.
     """
-    _nonneg_int("k", k, 1)
-    _nonneg_int("seed", seed)
-    _choice("sharing", sharing, SHARING)
-    _choice("selection", selection, SELECTION)
-    _choice("scores", scores, SCORES)
+    config = SlotConfig.resolve(config, "slotify_", k=k, seed=seed, sharing=sharing, selection=selection,
+                                scores=scores, score_lambda=score_lambda)
     new: dict[str, nn.Module] = {}
     converted: dict[int, nn.Module | None] = {}  # id(module) -> its slot layer (None: not converted)
     for fqn, m in model.named_modules(remove_duplicate=False):
@@ -71,10 +69,8 @@ def slotify_(
             continue
         if not fqn:
             raise ValueError("slotify_ converts the layers inside a model; wrap a lone layer in nn.Sequential")
-        kw = dict(k=k, seed=layer_seed(seed, fqn), sharing=sharing, selection=selection, score_lambda=score_lambda,
-                  candidate_seed=seed if sharing == "global" else None, device=m.weight.device)
-        if not dense:
-            kw["scores"] = scores
+        kw = dict(config=config.replace(seed=layer_seed(config.seed, fqn)), device=m.weight.device,
+                  candidate_seed=config.seed if config.sharing == "global" else None)
         bias = m.bias is not None
         if isinstance(m, nn.Linear):
             cls = DenseSlotLinear if dense else SlotLinear
@@ -99,7 +95,7 @@ def to_dense(model: nn.Module) -> nn.Module:
     out = copy.deepcopy(model)
     done: dict[int, nn.Module] = {}  # id(slot layer) -> its plain layer: shared layers stay shared
     for fqn, m in list(out.named_modules(remove_duplicate=False)):
-        if not isinstance(m, _SlotBase):
+        if not isinstance(m, SlotLayer):
             continue
         if id(m) in done:
             _replace(out, fqn, done[id(m)])

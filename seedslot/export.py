@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .candidates import CANDIDATES, SHARING, glorot_sigma, grid_step, i32, row_chunks, selected_chunk
+from .candidates import CANDIDATES, SHARING, CandidateKeys, glorot_sigma, grid_step, i32, selected_values
 from .checkpoints import (
     CHECKPOINT_MAGIC,
     CheckpointError,
@@ -40,7 +40,7 @@ from .checkpoints import (
     load_state_into,
 )
 from .convert import to_dense
-from .layers import DenseSlotConv2d, DenseSlotLinear, SlotConv2d, SlotLinear, _SlotBase
+from .layers import DenseSlotConv2d, DenseSlotLinear, SlotConv2d, SlotLayer, SlotLinear
 from .rng import key32
 
 __all__ = ["export", "load_exported", "size_report", "add_arguments", "run_cli"]
@@ -96,7 +96,7 @@ def _unpack(buf: bytes, n: int, bits: int) -> torch.Tensor:
 # ---------------------------------------------------------------- encoding
 
 
-def _layer_config(m: _SlotBase) -> dict:
+def _layer_config(m: SlotLayer) -> dict:
     if isinstance(m, (SlotLinear, DenseSlotLinear)):
         cfg: dict[str, Any] = {"kind": "linear"}
     elif isinstance(m, (SlotConv2d, DenseSlotConv2d)):
@@ -132,7 +132,7 @@ def _encode(model: nn.Module, build_args: dict | None) -> list[bytes]:
     slot_names = set()
     encoded: dict[int, dict] = {}  # a layer used in several places is stored once, named in each
     for name, m in model.named_modules(remove_duplicate=False):
-        if not isinstance(m, _SlotBase):
+        if not isinstance(m, SlotLayer):
             continue
         if not name:
             raise ValueError("export takes a model holding slot layers; wrap a lone layer in nn.Sequential")
@@ -206,8 +206,8 @@ def _section(data: memoryview, section, source: str) -> memoryview:
 
 @torch.no_grad()
 def _regenerate(cfg: dict, part: str, idx: torch.Tensor) -> torch.Tensor:
-    """The values of candidates ``idx`` of one part, through the seeded layers' kernel
-    (``selected_chunk`` with the keys ``_SlotBase._set_seeds`` derives, as ``_Seeded._values`` does)."""
+    """The values of candidates ``idx`` of one part, as a seeded layer regenerates them
+    (``selected_values`` with the keys ``SlotLayer.candidate_keys`` holds)."""
     weight_count = math.prod(cfg["weight_shape"])
     offset = 0 if part == "weight" else weight_count
     per_conn = 1 if cfg["sharing"] == "none" else 0
@@ -216,11 +216,7 @@ def _regenerate(cfg: dict, part: str, idx: torch.Tensor) -> torch.Tensor:
     used, idx = torch.unique(idx, return_inverse=True)
     key_a = i32(key32(cfg["candidate_seed"], CANDIDATES, 0))
     keys_b = torch.tensor([key32(cfg["candidate_seed"], CANDIDATES, 1, j) for j in used.tolist()], dtype=torch.int32)
-    step = grid_step(cfg["sigma"])
-    out = torch.empty(idx.shape[0], dtype=torch.float32)
-    for a, b in row_chunks(idx.shape[0], 1):
-        out[a:b] = selected_chunk(idx[a:b], i32(offset + a), per_conn, key_a, keys_b, step)
-    return out
+    return selected_values(idx, offset, CandidateKeys(per_conn, key_a, keys_b, grid_step(cfg["sigma"])))
 
 
 def _check_layer(cfg, source: str) -> None:

@@ -22,61 +22,32 @@ training forwards with ``selection="sample"`` draw anew each time, keyed by the 
 from __future__ import annotations
 
 import math
-import weakref
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.utils import _pair
-from torch.utils.weak import WeakIdKeyDictionary
 
-from . import scores as _scores
 from .candidates import (
     CANDIDATES,
-    REQUANT,
     ROUND,
     SAMPLE,
-    SHARING,
-    SCORES as SCORE_STREAM,
-    candidate_chunk,
+    CandidateKeys,
+    candidate_values,
     glorot_sigma,
     grid_step,
     i32,
     init_scores,
-    row_chunks,
-    selected_chunk,
+    selected_values,
     stream_keys,
 )
+from .config import SlotConfig, check_int
 from .rng import key32
-from .scores import SCORES
-from .selection import SELECTION, greedy, sample_chunk
+from .selection import greedy, sample
+from .storages import ScoreStorage, register_proxy, slot_owner
 
-__all__ = ["SlotLinear", "SlotConv2d", "DenseSlotLinear", "DenseSlotConv2d", "slot_owner"]
-
-# proxy Parameter -> (layer, part), for SlotSGD. Weak both ways, so it never keeps a model alive.
-_OWNERS: WeakIdKeyDictionary = WeakIdKeyDictionary()
-
-
-def slot_owner(param: torch.Tensor):
-    """The seeded layer and part ("weight" or "bias") a proxy Parameter belongs to, or None."""
-    entry = _OWNERS.get(param)
-    if entry is None:
-        return None
-    layer = entry[0]()
-    return None if layer is None else (layer, entry[1])
-
-
-def _choice(name: str, value, accepted: Sequence[str]) -> str:
-    if value not in accepted:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, accepted))}; got {value!r}")
-    return value
-
-
-def _nonneg_int(name: str, value, minimum: int = 0) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}; got {value!r}")
-    return value
+__all__ = ["SlotLinear", "SlotConv2d", "DenseSlotLinear", "DenseSlotConv2d", "SlotLayer", "SeededSlotLayer",
+           "DenseSlotLayer", "slot_owner"]
 
 
 @torch.library.custom_op("seedslot::next_draw_key", mutates_args=("draws",))
@@ -97,8 +68,8 @@ def _(draws: torch.Tensor, seed: str) -> torch.Tensor:
     return draws.new_empty((), dtype=torch.int32)
 
 
-class _SlotBase(nn.Module):
-    """Arguments, Glorot bound and selection shared by every slot layer.
+class SlotLayer(nn.Module):
+    """What every slot layer shares: settings, Glorot bound, keys and selection.
 
     A layer has one or two *parts*, ``weight`` and optionally ``bias``; a part's connections are
     numbered after those of the parts before it, so the bias is a slot like any weight.
@@ -110,26 +81,16 @@ class _SlotBase(nn.Module):
         fan_in: int,
         fan_out: int,
         bias: bool,
+        config: SlotConfig,
         *,
-        k: int,
-        seed: int,
-        sharing: str,
-        selection: str,
-        score_lambda: float | None,
         default_lambda: float,
         candidate_seed: int | None,
         device=None,
     ) -> None:
         super().__init__()
-        self.k = _nonneg_int("k", k, 1)
-        self.seed = _nonneg_int("seed", seed)
-        self.sharing = _choice("sharing", sharing, SHARING)
-        self.selection = _choice("selection", selection, SELECTION)
-        self.candidate_seed = seed if candidate_seed is None else _nonneg_int("candidate_seed", candidate_seed)
-        lam = default_lambda if score_lambda is None else score_lambda
-        if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not (math.isfinite(lam) and lam > 0):
-            raise ValueError(f"score_lambda must be a finite float > 0 or None; got {score_lambda!r}")
-        self.score_lambda = float(lam)
+        self.k, self.seed, self.sharing, self.selection = config.k, config.seed, config.sharing, config.selection
+        self.candidate_seed = config.seed if candidate_seed is None else check_int("candidate_seed", candidate_seed)
+        self.score_lambda = float(default_lambda if config.score_lambda is None else config.score_lambda)
         self.sigma = glorot_sigma(fan_in, fan_out)
         self.weight_shape = tuple(weight_shape)
         self.parts: dict[str, tuple[tuple[int, ...], int]] = {"weight": (self.weight_shape, 0)}
@@ -137,7 +98,7 @@ class _SlotBase(nn.Module):
             self.parts["bias"] = ((weight_shape[0],), math.prod(weight_shape))
         if sum(math.prod(s) for s, _ in self.parts.values()) >= 2**31:
             raise ValueError("a slot layer holds at most 2**31 - 1 connections")
-        self._per_conn = 1 if sharing == "none" else 0
+        self._per_conn = 1 if self.sharing == "none" else 0
         self.register_buffer("_cand_step", grid_step(self.sigma).to(device), persistent=False)
         self._set_seeds(self.seed, self.candidate_seed, device)
         # Training forwards so far: keys the sampling noise of selection="sample".
@@ -151,6 +112,21 @@ class _SlotBase(nn.Module):
         self.register_buffer("_cand_keys", cand_keys, persistent=False)
         self.register_buffer("_sample_keys", stream_keys(seed, SAMPLE, self.k, device)[1], persistent=False)
         self.register_buffer("_round_keys", stream_keys(seed, ROUND, self.k, device)[1], persistent=False)
+
+    @property
+    def candidate_keys(self) -> CandidateKeys:
+        """The keys that regenerate this layer's candidates, as the kernels take them."""
+        return CandidateKeys(self._per_conn, self._cand_key, self._cand_keys, self._cand_step)
+
+    @property
+    def sample_keys(self) -> torch.Tensor:
+        """(K,) int32 keys_b of the sampling noise (selection="sample")."""
+        return self._sample_keys
+
+    @property
+    def round_keys(self) -> torch.Tensor:
+        """(K,) int32 keys_b of stochastic rounding (int8 score updates)."""
+        return self._round_keys
 
     def _apply(self, fn, recurse=True):
         # Every buffer of a slot layer defines its weights (keys, candidate grid step, scores and
@@ -196,17 +172,16 @@ class _SlotBase(nn.Module):
         if lam is not None and (isinstance(lam, bool) or not isinstance(lam, (int, float))
                                 or not (math.isfinite(lam) and lam > 0)):
             raise RuntimeError(f"slot state score_lambda must be a finite number > 0; got {lam!r:.80}")
-        self._set_seeds(state["seed"], state["candidate_seed"], self._cand_step.device)
         if state.get("score_lambda") is not None:  # absent from checkpoints written before it was saved
             self.score_lambda = float(state["score_lambda"])
-            if "_score_bound" in self._buffers:  # implicit scores
-                self._score_bound.fill_(self.score_lambda * self.sigma)
+        self._set_seeds(state["seed"], state["candidate_seed"], self._cand_step.device)
+
+    def state_categories(self) -> dict[str, str]:
+        """What each state tensor of the layer that is neither a plain weight nor a plain buffer is
+        (name -> "scores" or "candidates"), for memory accounting."""
+        return {}
 
     # -- what subclasses provide
-    def _scores(self, part: str) -> tuple[torch.Tensor, torch.Tensor | float]:
-        """(rows, K) scores of a part and the scale that turns them into real scores."""
-        raise NotImplementedError
-
     def _values(self, part: str, idx: torch.Tensor) -> torch.Tensor:
         """(rows,) fp32 selected candidate values for (rows,) indices."""
         raise NotImplementedError
@@ -218,16 +193,7 @@ class _SlotBase(nn.Module):
     def _select(self, part: str, draw: int | torch.Tensor | None) -> torch.Tensor:
         """(rows,) int64 index of the candidate each connection uses; ``draw`` None is greedy, else
         a draw counter value or its sampling key (see :meth:`_sample_key`)."""
-        scores, scale = self._scores(part)
-        if draw is None:
-            return greedy(scores)  # no float temporaries: one pass over the whole part
-        offset = self.parts[part][1]
-        idx = torch.empty(scores.shape[0], dtype=torch.int64, device=scores.device)
-        key_a = self._sample_key(draw)
-        scale_t = torch.as_tensor(scale, dtype=torch.float32, device=scores.device)
-        for a, b in row_chunks(scores.shape[0], self.k, scores):
-            idx[a:b] = sample_chunk(scores[a:b], scale_t, i32(offset + a, scores.device), key_a, self._sample_keys)
-        return idx
+        raise NotImplementedError
 
     def _sample_key(self, draw: int | torch.Tensor) -> torch.Tensor:
         """The 0-dim int32 key of the sampling noise of draw number ``draw`` (a key passes through)."""
@@ -280,39 +246,32 @@ class _SlotBase(nn.Module):
         return str(self.weight_shape)
 
 
-class _Seeded(_SlotBase):
-    """Scores only; candidates regenerated on demand. See the module docstring."""
+class SeededSlotLayer(SlotLayer):
+    """Scores only, kept by a :class:`~seedslot.storages.ScoreStorage`; candidates regenerated on
+    demand. See the module docstring."""
 
-    def __init__(self, *args, scores: str = "int8", **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.scores = _choice("scores", scores, SCORES)
+    def __init__(self, weight_shape, fan_in, fan_out, bias, config: SlotConfig, **kwargs) -> None:
+        super().__init__(weight_shape, fan_in, fan_out, bias, config, **kwargs)
+        self.storage: ScoreStorage = config.storage  # chosen once, from the config's name
         device = self._cand_keys.device
-        dtype = torch.int8 if scores == "int8" else torch.float32
-        bound = self.score_lambda * self.sigma
-        if scores == "implicit":  # the initial scores are regenerated at every selection
-            self.register_buffer("_score_bound", torch.tensor(bound, dtype=torch.float32, device=device),
-                                 persistent=False)
-            self._set_score_keys(device)
+        self.storage.register_layer(self)
         for part, (shape, offset) in self.parts.items():
-            if scores == "implicit":  # s = scale * s0 - drift * W, see seedslot.scores
-                self.register_buffer(f"{part}_drift", torch.zeros(shape, dtype=torch.float32, device=device))
-                self.register_buffer(f"{part}_scale", torch.ones((), dtype=torch.float32, device=device))
-            else:
-                init, scale = init_scores(math.prod(shape), self.k, self.seed, bound, offset, dtype, device)
-                self.register_buffer(f"{part}_scores", init.view(*shape, self.k))
-                self.register_buffer(f"{part}_scale", torch.tensor(scale, dtype=torch.float32, device=device))
+            self.storage.register(self, part, shape, offset)
             self.register_parameter(f"slot_{part}", nn.Parameter(self._zero_proxy(shape, device)))
-            _OWNERS[getattr(self, f"slot_{part}")] = (weakref.ref(self), part)
+            register_proxy(getattr(self, f"slot_{part}"), self, part)
+
+    @property
+    def scores(self) -> str:
+        """The name of the score storage: "int8", "fp32" or "implicit"."""
+        return self.storage.name
 
     def _set_seeds(self, seed: int, candidate_seed: int, device=None) -> None:
         super()._set_seeds(seed, candidate_seed, device)
-        if "_score_keys" in self._buffers:  # implicit scores: the initial scores' keys follow the seed
-            self._set_score_keys(device)
+        if "storage" in self.__dict__:  # not while SlotLayer.__init__ runs: the storage registers later
+            self.storage.reseed(self)
 
-    def _set_score_keys(self, device) -> None:
-        key, keys = stream_keys(self.seed, SCORE_STREAM, self.k, device)
-        self.register_buffer("_score_key", i32(key, device), persistent=False)
-        self.register_buffer("_score_keys", keys, persistent=False)
+    def state_categories(self) -> dict[str, str]:
+        return {name: what for part in self.parts for name, what in self.storage.state(part).items()}
 
     @staticmethod
     def _zero_proxy(shape, device, dtype=torch.float32) -> torch.Tensor:
@@ -324,14 +283,14 @@ class _Seeded(_SlotBase):
         if any(s != 0 for s in p.stride()) or p.device != self._cand_keys.device:
             self._reset_proxy(part)
         elif not torch.compiler.is_compiling():  # inside a graph: registered by __setstate__ / _apply
-            _OWNERS[p] = (weakref.ref(self), part)
+            register_proxy(p, self, part)
         return p
 
     @torch.compiler.disable
     def _reset_proxy(self, part: str) -> None:
         p = getattr(self, f"slot_{part}")
         p.data = self._zero_proxy(self.parts[part][0], self._cand_keys.device, p.dtype)
-        _OWNERS[p] = (weakref.ref(self), part)
+        register_proxy(p, self, part)
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
@@ -355,14 +314,11 @@ class _Seeded(_SlotBase):
         proxies = {prefix + f"slot_{part}" for part in self.parts}
         state_dict = {k: v for k, v in state_dict.items() if k not in proxies}
         for part in self.parts:  # values the update and selection rely on
-            implicit = getattr(self, "scores", None) == "implicit"  # its factor may decay to 0
-            for name, ok, accepted in (("scale", lambda t: ((t >= 0) if implicit else (t > 0)) & torch.isfinite(t),
-                                        "finite and >= 0" if implicit else "finite and > 0"),
-                                       ("scores", torch.isfinite, "finite"), ("drift", torch.isfinite, "finite")):
-                t = state_dict.get(f"{prefix}{part}_{name}")
-                if (isinstance(t, torch.Tensor) and t.dtype.is_floating_point and f"{part}_{name}" in self._buffers
+            for name, ok, accepted in self.storage.load_checks(part):
+                t = state_dict.get(prefix + name)
+                if (isinstance(t, torch.Tensor) and t.dtype.is_floating_point and name in self._buffers
                         and not bool(ok(t).all())):
-                    error_msgs.append(f"{prefix}{part}_{name} must be {accepted}")
+                    error_msgs.append(f"{prefix}{name} must be {accepted}")
         before = len(missing_keys)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
         missing_keys[before:] = [k for k in missing_keys[before:] if k not in proxies]
@@ -370,79 +326,33 @@ class _Seeded(_SlotBase):
     def _compute_dtype(self):
         return self.slot_weight.dtype
 
-    def _scores(self, part):
-        """(rows, K) stored scores and their scale; implicit: (rows,) drift and the factor on s0."""
-        if self.scores == "implicit":
-            return getattr(self, f"{part}_drift").view(-1), getattr(self, f"{part}_scale")
-        q = getattr(self, f"{part}_scores")
-        return q.view(-1, self.k), getattr(self, f"{part}_scale")
-
-    def _implicit_args(self, part: str, start: torch.Tensor) -> tuple:
-        """Arguments after ``drift`` of the implicit-score kernels from connection ``start``."""
-        return (getattr(self, f"{part}_scale"), start, self._per_conn, self._cand_key, self._cand_keys,
-                self._cand_step, self._score_key, self._score_keys, self._score_bound)
+    def _pick(self, part: str, draw: int | torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(index, selected value or None) per connection; the storage's greedy selection may hand
+        back the values it regenerated anyway."""
+        if draw is None:
+            return self.storage.greedy(self, part)
+        return self.storage.sample(self, part, self._sample_key(draw)), None
 
     def _select(self, part, draw):
-        if self.scores != "implicit":
-            return super()._select(part, draw)
-        return self._implicit_select(part, draw)[0]
-
-    def _implicit_select(self, part: str, draw: int | torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(index, selected value or None) per connection; greedy gets the values for free."""
-        drift, _ = self._scores(part)
-        dev = drift.device
-        idx = torch.empty(drift.shape[0], dtype=torch.int64, device=dev)
-        values = torch.empty(drift.shape[0], device=dev) if draw is None else None
-        for a, b in row_chunks(drift.shape[0], self.k, drift if draw is None else None):  # sample: (n, K) scores
-            start = i32(self.parts[part][1] + a, dev)
-            args = self._implicit_args(part, start)
-            if draw is None:
-                idx[a:b], values[a:b] = _scores.implicit_greedy_chunk(drift[a:b], *args)
-            else:  # a chunk of fp32 scores, then the same Gumbel-max draw as stored scores
-                key_a = self._sample_key(draw)
-                idx[a:b] = sample_chunk(_scores.implicit_chunk(drift[a:b], *args), torch.ones((), device=dev),
-                                        start, key_a, self._sample_keys)
-        return idx, values
+        return self._pick(part, draw)[0]
 
     @torch.no_grad()
     def score_values(self, part: str = "weight") -> torch.Tensor:
         """The real scores of a part, float32 (*shape, K): int8 levels times the scale, or the
         implicit scores computed from the drift (materialised on request only)."""
-        scores, scale = self._scores(part)
-        if self.scores != "implicit":
-            return (scores.to(torch.float32) * scale).view(*self.parts[part][0], self.k)
-        out = torch.empty(scores.shape[0], self.k, device=scores.device)
-        for a, b in row_chunks(scores.shape[0], self.k):
-            start = i32(self.parts[part][1] + a, scores.device)
-            out[a:b] = _scores.implicit_chunk(scores[a:b], *self._implicit_args(part, start))
-        return out.view(*self.parts[part][0], self.k)
+        return self.storage.scores(self, part).view(*self.parts[part][0], self.k)
 
     def _values(self, part, idx):
-        offset = self.parts[part][1]
-        out = torch.empty(idx.shape[0], dtype=torch.float32, device=idx.device)
-        for a, b in row_chunks(idx.shape[0], 1, idx):
-            out[a:b] = selected_chunk(
-                idx[a:b], i32(offset + a, idx.device), self._per_conn, self._cand_key, self._cand_keys, self._cand_step
-            )
-        return out
+        return selected_values(idx, self.parts[part][1], self.candidate_keys)
 
     def candidates(self, part: str = "weight") -> torch.Tensor:
         shape, offset = self.parts[part]
-        rows = math.prod(shape)
-        out = torch.empty(rows, self.k, dtype=torch.float32, device=self._cand_keys.device)
-        for a, b in row_chunks(rows, self.k):
-            out[a:b] = candidate_chunk(
-                i32(offset + a, out.device), b - a, self._per_conn, self._cand_key, self._cand_keys, self._cand_step
-            )
-        return out.view(*shape, self.k)
+        return candidate_values(math.prod(shape), offset, self.candidate_keys).view(*shape, self.k)
 
     def _effective(self, part, draw):
         proxy = self._proxy(part)
         with torch.no_grad():
-            if self.scores == "implicit":  # greedy selection hands back the values it regenerated
-                idx, w = self._implicit_select(part, draw)
-            else:
-                idx, w = self._select(part, draw), None
+            idx, w = self._pick(part, draw)
             if w is None:
                 w = self._values(part, idx)
             w = w.view(self.parts[part][0]).to(proxy.dtype)  # the module's dtype (fp32: no copy)
@@ -451,56 +361,16 @@ class _Seeded(_SlotBase):
         return w
 
     @torch.no_grad()
-    def _update_scores(self, part: str, direction: torch.Tensor, lr: float, weight_decay: float, step: int) -> None:
+    def update_scores(self, part: str, direction: torch.Tensor, lr: float, weight_decay: float, step: int) -> None:
         """``s_k -= lr * direction * W_k`` for every connection of a part (called by SlotSGD).
 
         ``weight_decay`` shrinks every score by ``(1 - lr * weight_decay)`` first (for int8, through
         the scale): SGD's decay without momentum, and invisible to greedy selection.
         """
-        scores, scale = self._scores(part)
-        d = direction.reshape(-1).to(torch.float32)
-        offset = self.parts[part][1]
-        shrink = 1.0 - lr * weight_decay
-        if self.scores == "implicit":  # s = c*s0 - A*W: shrinking scales c and A, the step adds to A
-            if weight_decay:
-                scores.mul_(shrink)
-                scale.mul_(shrink)
-            scores.add_(d, alpha=lr)
-            return
-        if self.scores == "fp32":
-            if weight_decay:
-                scores.mul_(shrink)
-            neg_lr = torch.full((), -lr, dtype=torch.float32, device=d.device)
-            for a, b in row_chunks(scores.shape[0], self.k, d):
-                scores[a:b] = _scores.fp32_update_chunk(
-                    scores[a:b], d[a:b], neg_lr, i32(offset + a, d.device), self._per_conn,
-                    self._cand_key, self._cand_keys, self._cand_step,
-                )
-            return
-        if weight_decay:
-            scale.mul_(shrink)
-            if float(scale) < torch.finfo(torch.float32).tiny:  # scores below the normal fp32 range are 0
-                scores.zero_()
-                scale.fill_(self.score_lambda * self.sigma / 127.0)
-        # one host sync for both numbers the grid decision needs
-        d_max, scale_now = torch.stack([torch.linalg.vector_norm(d, math.inf) if d.numel() else d.new_zeros(()),
-                                        scale]).tolist()
-        factor = _scores.coarsen_factor(lr, d_max, self.sigma, scale_now)
-        if factor != 1.0:
-            inv = torch.full((), 1.0 / factor, dtype=torch.float32, device=d.device)
-            key_a = i32(key32(self.seed, REQUANT, 2, step), d.device)
-            for a, b in row_chunks(scores.shape[0], self.k, d):
-                scores[a:b] = _scores.requantize_chunk(
-                    scores[a:b], inv, i32(offset + a, d.device), key_a, self._round_keys
-                )
-            scale.mul_(factor)
-        coef = (-lr / scale).to(torch.float32)
-        round_a = i32(key32(self.seed, ROUND, 2, step), d.device)
-        for a, b in row_chunks(scores.shape[0], self.k, d):
-            scores[a:b] = _scores.int8_update_chunk(
-                scores[a:b], d[a:b], coef, i32(offset + a, d.device), self._per_conn, self._cand_key,
-                self._cand_keys, self._cand_step, round_a, self._round_keys,
-            )
+        self.storage.update(self, part, direction, lr, weight_decay, step)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, scores={self.scores!r}"
 
 
 class _StraightThrough(torch.autograd.Function):
@@ -518,7 +388,7 @@ class _StraightThrough(torch.autograd.Function):
         return (grad.unsqueeze(-1) * candidates).to(ctx.dtype), None, None
 
 
-class _Dense(_SlotBase):
+class DenseSlotLayer(SlotLayer):
     """The paper's dense formulation, for side-by-side comparison. See the module docstring."""
 
     def __init__(self, *args, **kwargs) -> None:
@@ -526,20 +396,23 @@ class _Dense(_SlotBase):
         device = self._cand_keys.device
         for part, (shape, offset) in self.parts.items():
             rows = math.prod(shape)
-            cand = torch.empty(rows, self.k, dtype=torch.float32, device=device)
-            for a, b in row_chunks(rows, self.k):
-                cand[a:b] = candidate_chunk(
-                    i32(offset + a, device), b - a, self._per_conn, self._cand_key, self._cand_keys, self._cand_step
-                )
+            cand = candidate_values(rows, offset, self.candidate_keys)
             init, _ = init_scores(rows, self.k, self.seed, self.score_lambda * self.sigma, offset, torch.float32, device)
             self.register_buffer(f"{part}_candidates", cand.view(*shape, self.k))
             self.register_parameter(f"{part}_scores", nn.Parameter(init.view(*shape, self.k)))
 
+    def state_categories(self) -> dict[str, str]:
+        return {f"{part}_{name}": what for part in self.parts
+                for name, what in (("scores", "scores"), ("candidates", "candidates"))}
+
     def _compute_dtype(self):
         return self.weight_scores.dtype
 
-    def _scores(self, part):
-        return getattr(self, f"{part}_scores").detach().view(-1, self.k), 1.0
+    def _select(self, part, draw):
+        scores = getattr(self, f"{part}_scores").detach().view(-1, self.k)
+        if draw is None:
+            return greedy(scores)
+        return sample(scores, 1.0, self.parts[part][1], self._sample_key(draw), self._sample_keys)
 
     def _values(self, part, idx):
         cand = getattr(self, f"{part}_candidates").view(-1, self.k)
@@ -554,14 +427,16 @@ class _Dense(_SlotBase):
         return _StraightThrough.apply(getattr(self, f"{part}_scores"), getattr(self, f"{part}_candidates"), idx)
 
 
+
 # ---------------------------------------------------------------- shapes and ops
 
 
 class _Linear:
-    def _setup(self, base, in_features: int, out_features: int, bias: bool, kw: dict) -> None:
-        in_features = _nonneg_int("in_features", in_features, 1)
-        out_features = _nonneg_int("out_features", out_features, 1)
-        base.__init__(self, (out_features, in_features), in_features, out_features, bias, default_lambda=0.1, **kw)
+    def _setup(self, base, in_features: int, out_features: int, bias: bool, config: SlotConfig, kw: dict) -> None:
+        in_features = check_int("in_features", in_features, 1)
+        out_features = check_int("out_features", out_features, 1)
+        base.__init__(self, (out_features, in_features), in_features, out_features, bias, config, default_lambda=0.1,
+                      **kw)
         self.in_features, self.out_features = in_features, out_features
 
     def _op(self, x, weight, bias):
@@ -581,10 +456,10 @@ def _int_pair(name: str, value, minimum: int) -> tuple[int, int]:
 
 
 class _Conv:
-    def _setup(self, base, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, kw):
-        in_channels = _nonneg_int("in_channels", in_channels, 1)
-        out_channels = _nonneg_int("out_channels", out_channels, 1)
-        groups = _nonneg_int("groups", groups, 1)
+    def _setup(self, base, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, config, kw):
+        in_channels = check_int("in_channels", in_channels, 1)
+        out_channels = check_int("out_channels", out_channels, 1)
+        groups = check_int("groups", groups, 1)
         if in_channels % groups or out_channels % groups:
             raise ValueError(f"groups={groups} must divide in_channels={in_channels} and out_channels={out_channels}")
         kh, kw_ = _int_pair("kernel_size", kernel_size, 1)
@@ -600,7 +475,7 @@ class _Conv:
                                  f"got {padding!r}") from None
         rf = kh * kw_
         shape = (out_channels, in_channels // groups, kh, kw_)
-        base.__init__(self, shape, shape[1] * rf, out_channels * rf, bias, default_lambda=1.0, **kw)
+        base.__init__(self, shape, shape[1] * rf, out_channels * rf, bias, config, default_lambda=1.0, **kw)
         self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, (kh, kw_)
         self.stride, self.dilation, self.groups = stride, dilation, groups
         self.padding = padding
@@ -615,52 +490,60 @@ class _Conv:
         )
 
 
-class SlotLinear(_Linear, _Seeded):
+class SlotLinear(_Linear, SeededSlotLayer):
     """A Linear whose weights are chosen among K seeded candidates per connection.
 
     ``scores="int8"`` stores K int8 scores per connection (``"fp32"``: K fp32 scores, for
     ablations; ``"implicit"``: one fp32 drift, see :mod:`seedslot.scores`). ``score_lambda``
-    defaults to the paper's 0.1 for linear layers.
+    defaults to the paper's 0.1 for linear layers. The settings come as ``config`` (a
+    :class:`~seedslot.SlotConfig`) or as keywords, not both.
     """
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = False, *, k: int = 8, seed: int = 0,
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, *, config: SlotConfig | None = None,
+                 k: int = 8, seed: int = 0, sharing: str = "none", selection: str = "greedy", scores: str = "int8",
+                 score_lambda: float | None = None, candidate_seed: int | None = None, device=None) -> None:
+        config = SlotConfig.resolve(config, "SlotLinear", k=k, seed=seed, sharing=sharing, selection=selection,
+                                    scores=scores, score_lambda=score_lambda)
+        self._setup(SeededSlotLayer, in_features, out_features, bias, config,
+                    dict(candidate_seed=candidate_seed, device=device))
+
+
+class SlotConv2d(_Conv, SeededSlotLayer):
+    """A Conv2d whose weights are chosen among K seeded candidates per connection (lambda 1).
+    The settings come as ``config`` or as keywords, not both."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
+                 groups: int = 1, bias: bool = False, *, config: SlotConfig | None = None, k: int = 8, seed: int = 0,
                  sharing: str = "none", selection: str = "greedy", scores: str = "int8",
                  score_lambda: float | None = None, candidate_seed: int | None = None, device=None) -> None:
-        self._setup(_Seeded, in_features, out_features, bias, dict(
-            k=k, seed=seed, sharing=sharing, selection=selection, scores=scores,
-            score_lambda=score_lambda, candidate_seed=candidate_seed, device=device))
+        config = SlotConfig.resolve(config, "SlotConv2d", k=k, seed=seed, sharing=sharing, selection=selection,
+                                    scores=scores, score_lambda=score_lambda)
+        self._setup(SeededSlotLayer, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
+                    config, dict(candidate_seed=candidate_seed, device=device))
 
 
-class SlotConv2d(_Conv, _Seeded):
-    """A Conv2d whose weights are chosen among K seeded candidates per connection (lambda 1)."""
+class DenseSlotLinear(_Linear, DenseSlotLayer):
+    """The paper's dense slot Linear: stored candidates and fp32 score Parameter (a config's
+    ``scores`` does not apply)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, *, config: SlotConfig | None = None,
+                 k: int = 8, seed: int = 0, sharing: str = "none", selection: str = "greedy",
+                 score_lambda: float | None = None, candidate_seed: int | None = None, device=None) -> None:
+        config = SlotConfig.resolve(config, "DenseSlotLinear", k=k, seed=seed, sharing=sharing, selection=selection,
+                                    score_lambda=score_lambda)
+        self._setup(DenseSlotLayer, in_features, out_features, bias, config,
+                    dict(candidate_seed=candidate_seed, device=device))
+
+
+class DenseSlotConv2d(_Conv, DenseSlotLayer):
+    """The paper's dense slot Conv2d: stored candidates and fp32 score Parameter (a config's
+    ``scores`` does not apply)."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
-                 groups: int = 1, bias: bool = False, *, k: int = 8, seed: int = 0, sharing: str = "none",
-                 selection: str = "greedy", scores: str = "int8", score_lambda: float | None = None,
-                 candidate_seed: int | None = None, device=None) -> None:
-        self._setup(_Seeded, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, dict(
-            k=k, seed=seed, sharing=sharing, selection=selection, scores=scores,
-            score_lambda=score_lambda, candidate_seed=candidate_seed, device=device))
-
-
-class DenseSlotLinear(_Linear, _Dense):
-    """The paper's dense slot Linear: stored candidates and fp32 score Parameter."""
-
-    def __init__(self, in_features: int, out_features: int, bias: bool = False, *, k: int = 8, seed: int = 0,
+                 groups: int = 1, bias: bool = False, *, config: SlotConfig | None = None, k: int = 8, seed: int = 0,
                  sharing: str = "none", selection: str = "greedy", score_lambda: float | None = None,
                  candidate_seed: int | None = None, device=None) -> None:
-        self._setup(_Dense, in_features, out_features, bias, dict(
-            k=k, seed=seed, sharing=sharing, selection=selection,
-            score_lambda=score_lambda, candidate_seed=candidate_seed, device=device))
-
-
-class DenseSlotConv2d(_Conv, _Dense):
-    """The paper's dense slot Conv2d: stored candidates and fp32 score Parameter."""
-
-    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
-                 groups: int = 1, bias: bool = False, *, k: int = 8, seed: int = 0, sharing: str = "none",
-                 selection: str = "greedy", score_lambda: float | None = None,
-                 candidate_seed: int | None = None, device=None) -> None:
-        self._setup(_Dense, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, dict(
-            k=k, seed=seed, sharing=sharing, selection=selection,
-            score_lambda=score_lambda, candidate_seed=candidate_seed, device=device))
+        config = SlotConfig.resolve(config, "DenseSlotConv2d", k=k, seed=seed, sharing=sharing, selection=selection,
+                                    score_lambda=score_lambda)
+        self._setup(DenseSlotLayer, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
+                    config, dict(candidate_seed=candidate_seed, device=device))

@@ -26,7 +26,7 @@ import psutil
 import torch
 from torch import nn
 
-from .layers import _Dense, _Seeded, _SlotBase
+from .layers import SlotLayer
 
 __all__ = [
     "state_bytes",
@@ -83,12 +83,10 @@ ROOT_ROW = "(root)"  # tensors the top-level module owns directly
 
 
 def _category(module: nn.Module, name: str, is_param: bool) -> str:
-    if isinstance(module, _SlotBase):
-        parts = module.parts
-        if isinstance(module, (_Seeded, _Dense)) and name in {f"{p}_{s}" for p in parts for s in ("scores", "drift")}:
-            return "scores"
-        if isinstance(module, _Dense) and name in {f"{p}_candidates" for p in parts}:
-            return "candidates"
+    if isinstance(module, SlotLayer):  # the layer names its score (and candidate) state
+        what = module.state_categories().get(name)
+        if what in CATEGORIES:
+            return what
     return "weights" if is_param else "other"
 
 

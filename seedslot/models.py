@@ -14,8 +14,9 @@ import torch
 from torch import nn
 
 from .candidates import SHARING
+from .config import SlotConfig
 from .convert import slotify_
-from .layers import _SlotBase
+from .layers import SlotLayer
 from .rng import derive
 from .scores import SCORES
 from .selection import SELECTION
@@ -113,9 +114,12 @@ def build(
     num_classes: int = 10,
     input_size: int | None = None,
     score_lambda: float | None = None,
+    config: SlotConfig | None = None,
 ) -> nn.Module:
     """The model ``name`` in ``mode``; ``model.build_args`` holds every argument, so that
-    ``build(**model.build_args)`` rebuilds it identically.
+    ``build(**model.build_args)`` rebuilds it identically. The slot settings come as ``config``
+    (a :class:`~seedslot.SlotConfig`; ``build_args`` then hold its fields) or as the keywords
+    ``k``, ``seed``, ``sharing``, ``selection``, ``scores`` and ``score_lambda``, not both.
 
     ``in_channels``/``input_size`` default to the paper's dataset: 1x28x28 (MNIST) for lenet,
     3x32x32 (CIFAR-10) otherwise. ``k``, ``sharing``, ``selection`` and ``scores`` apply to the
@@ -127,19 +131,17 @@ def build(
         raise ValueError(f"name must be one of {', '.join(map(repr, MODELS))}; got {name!r}")
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(map(repr, MODES))}; got {mode!r}")
-    _positive_int("k", k)
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"seed must be an int >= 0; got {seed!r}")
+    # checked in every mode, so that build_args always mean something
+    config = SlotConfig.resolve(config, "build", k=k, seed=seed, sharing=sharing, selection=selection, scores=scores,
+                                score_lambda=score_lambda)
+    k, seed, sharing, selection = config.k, config.seed, config.sharing, config.selection
+    scores, score_lambda = config.scores, config.score_lambda
     in_channels = _positive_int("in_channels", (1 if name == "lenet" else 3) if in_channels is None else in_channels)
     input_size = _positive_int("input_size", (28 if name == "lenet" else 32) if input_size is None else input_size)
     _positive_int("num_classes", num_classes)
     args = dict(name=name, mode=mode, k=k, seed=seed, sharing=sharing, selection=selection, scores=scores,
                 in_channels=in_channels, num_classes=num_classes, input_size=input_size,
                 score_lambda=score_lambda)
-
-    for arg, accepted in (("sharing", SHARING), ("selection", SELECTION), ("scores", SCORES)):
-        if args[arg] not in accepted:  # checked in every mode, so that build_args always mean something
-            raise ValueError(f"{arg} must be one of {', '.join(map(repr, accepted))}; got {args[arg]!r}")
 
     # torch's default layer init draws from the global RNG; building must not shift a run's dropout.
     with torch.random.fork_rng(devices=[]):
@@ -152,8 +154,7 @@ def build(
                 if isinstance(m, (nn.Linear, nn.Conv2d)):
                     nn.init.xavier_uniform_(m.weight, generator=g)
     else:
-        slotify_(model, k=k, seed=seed, sharing=sharing, selection=selection, scores=scores, dense=mode == "dense",
-                 score_lambda=score_lambda)
+        slotify_(model, config, dense=mode == "dense")
     model.build_args = args
     return model
 
@@ -236,7 +237,7 @@ def count_connections(model: nn.Module) -> int:
     """Weights (connections) of the slot, Linear and Conv2d layers: the same count in every mode."""
     n = 0
     for m in model.modules():
-        if isinstance(m, _SlotBase):
+        if isinstance(m, SlotLayer):
             n += sum(math.prod(shape) for shape, _ in m.parts.values())
         elif isinstance(m, (nn.Linear, nn.Conv2d)):
             n += m.weight.numel() + (m.bias.numel() if m.bias is not None else 0)

@@ -35,7 +35,7 @@ import torch
 from torch.optim import Optimizer
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from .layers import slot_owner
+from .storages import slot_owner
 
 
 def _check_float(name: str, value, lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = True) -> float:
@@ -161,7 +161,7 @@ class SlotSGD(Optimizer):
                 else:
                     layer, part = owner
                     step = state.get("step", 0)
-                    layer._update_scores(part, d, lr, wd, step)
+                    layer.update_scores(part, d, lr, wd, step)  # its score storage's update
                     state["step"] = step + 1
         return loss
 

@@ -15,7 +15,7 @@ import sys
 
 import torch
 
-from .candidates import connections
+from .candidates import chunked, connections
 from . import rng as _rng
 from .rng import bits, compile_enabled, fused
 
@@ -73,3 +73,12 @@ def sample_chunk(
     u = (((bits(c, key_a, keys_b) >> 8) & 0xFFFFFF).to(torch.float32) + 0.5) * (2.0**-24)  # (0, 1)
     gumbel = -torch.log(-torch.log(u))
     return (scores.to(torch.float32) * scale + gumbel).argmax(dim=-1)
+
+
+def sample(scores: torch.Tensor, scale, offset: int, key_a: torch.Tensor, keys_b: torch.Tensor) -> torch.Tensor:
+    """(n, K) scores of connections ``offset..`` -> (n,) int64 draws from softmax(scores*scale),
+    chunk by chunk (:func:`sample_chunk`); ``scale`` a number or a 0-dim tensor."""
+    idx = torch.empty(scores.shape[0], dtype=torch.int64, device=scores.device)
+    scale_t = torch.as_tensor(scale, dtype=torch.float32, device=scores.device)
+    return chunked(idx, offset, scores.shape[1], scores,
+                   lambda a, b, start: sample_chunk(scores[a:b], scale_t, start, key_a, keys_b))

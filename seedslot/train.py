@@ -36,7 +36,7 @@ from .checkpoints import (
 )
 from .convert import to_dense
 from .devices import resolve_device
-from .layers import _SlotBase
+from .layers import SlotLayer
 from .memory import state_bytes
 from .models import MODELS, MODES, build, check_build_args, count_connections
 from .optim import SlotSGD
@@ -340,7 +340,7 @@ def random_selection_(model: nn.Module, seed: int) -> nn.Module:
     uniformly at random (seeded), by scores that are 1 for it and 0 for the others."""
     g = torch.Generator().manual_seed(_seed64(seed, _RANDOM_SELECTION))
     for m in model.modules():
-        if isinstance(m, _SlotBase):
+        if isinstance(m, SlotLayer):
             for part in m.parts:
                 if getattr(m, "scores", None) == "implicit":
                     raise ValueError("random_selection needs stored scores: use scores 'int8' or 'fp32'")

@@ -61,10 +61,10 @@ def test_bad_input_leaves_model_untouched():
 def test_to_dense_gives_identical_eval_outputs(dense):
     model = ss.slotify_(net(), k=4, seed=1, dense=dense).eval()
     plain = ss.to_dense(model)
-    assert not any(isinstance(m, ss.layers._SlotBase) for m in plain.modules())
+    assert not any(isinstance(m, ss.layers.SlotLayer) for m in plain.modules())
     x = torch.randn(3, 1, 8, 8)
     assert torch.equal(model(x), plain(x))
-    assert isinstance(model[0], ss.layers._SlotBase)  # the original is left as it was
+    assert isinstance(model[0], ss.layers.SlotLayer)  # the original is left as it was
 
 
 @pytest.mark.parametrize("dense", [False, True])
@@ -72,8 +72,8 @@ def test_shared_modules_stay_shared(dense):
     lin, conv = nn.Linear(8, 8), nn.Conv2d(2, 2, 3, padding=1)
     model = nn.Sequential(lin, nn.ReLU(), lin, nn.Sequential(conv, conv))
     ss.slotify_(model, k=4, seed=1, dense=dense)
-    assert isinstance(model[0], ss.layers._SlotBase) and model[2] is model[0]
-    assert isinstance(model[3][0], ss.layers._SlotBase) and model[3][1] is model[3][0]
+    assert isinstance(model[0], ss.layers.SlotLayer) and model[2] is model[0]
+    assert isinstance(model[3][0], ss.layers.SlotLayer) and model[3][1] is model[3][0]
     assert len(list(model.parameters())) == len({id(p) for p in model.parameters()}) == (4 if dense else 4)
     plain = ss.to_dense(model.eval())
     assert type(plain[0]) is nn.Linear and plain[2] is plain[0]

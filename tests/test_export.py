@@ -35,7 +35,7 @@ def _randomise_scores(model: nn.Module, gen: torch.Generator) -> None:
     """Scores as after training: arbitrary, so every candidate index can be selected."""
     with torch.no_grad():
         for m in model.modules():
-            if not isinstance(m, seedslot.layers._SlotBase):
+            if not isinstance(m, seedslot.layers.SlotLayer):
                 continue
             for part in m.parts:
                 if getattr(m, "scores", None) == "implicit":  # any drift: the scores move along -W
@@ -92,7 +92,7 @@ def test_round_trip_is_exact(tmp_path, conv, n_in, n_out, ksize, stride, bias, b
     path = tmp_path / "m.slot"
     export(model, path)
     loaded = load_exported(path, model=arch)
-    assert not any(isinstance(m, seedslot.layers._SlotBase) for m in loaded.modules())
+    assert not any(isinstance(m, seedslot.layers.SlotLayer) for m in loaded.modules())
     assert not loaded.training
     expected = seedslot.to_dense(model).state_dict()
     got = loaded.state_dict()

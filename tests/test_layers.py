@@ -1,6 +1,7 @@
 """Slot layers: selection, forward/backward against torch's ops, state, memory, bad input."""
 
 import copy
+import dataclasses
 import math
 
 import pytest
@@ -10,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import seedslot as ss
+from seedslot import models, storages
 
 CONV_CASES = [
     dict(stride=1, padding=0, dilation=1, groups=1),
@@ -261,16 +263,25 @@ def test_int8_scores_never_overflow(lr, scale, momentum, steps):
 
 
 def test_recentring_keeps_selection():
+    # A real SlotSGD step pushes levels past 127: the update kernel must shift all K levels of such
+    # a connection down together (its top lands on 127; argmax is invariant to the shift), so the
+    # selection is the argmax of the unclipped levels. Clipping alone would tie them at 127.
     layer = ss.SlotLinear(40, 30, k=8, seed=2)
-    before = layer.selected_index()
-    # Updates that push every score of a connection up by the same amount: a direction whose
-    # product with each candidate is positive cannot exist, so shift levels directly and check
-    # that the update kernel's re-centring (top level capped at 127) leaves argmax unchanged.
-    q = layer.weight_scores
-    q.copy_((q.to(torch.int16) - q.to(torch.int16).amax(-1, keepdim=True) + 127).clamp(-128, 127).to(torch.int8))
-    layer._update_scores("weight", torch.zeros(30 * 40), lr=0.1, weight_decay=0.0, step=0)
-    assert torch.equal(layer.selected_index(), before)
-    assert (layer.weight_scores.amax(-1) == 127).all()
+    lr = 0.04  # moves a level by up to lr * |G| * sigma / scale = 50.8 levels: no coarsening
+    q0, scale, w = layer.weight_scores.double(), layer.weight_scale.double(), layer.candidates().double()
+    opt = ss.SlotSGD(layer.parameters(), lr=lr)
+    (-layer(torch.ones(1, 40)).sum()).backward()  # G = -1 for every connection
+    assert torch.equal(layer.slot_weight.grad, torch.full((30, 40), -1.0))
+    opt.step()
+    levels = q0 + lr * w / scale  # the new levels before stochastic rounding (which moves each by < 1)
+    top2 = levels.topk(2, dim=-1).values
+    pushed = top2[..., 0] >= 128.0  # a level went past 127
+    clear = top2[..., 0] - top2[..., 1] >= 2.0  # a winner that rounding cannot change
+    assert pushed.float().mean() > 0.5 and (pushed & clear).float().mean() > 0.3
+    assert (layer.weight_scores.amax(-1)[pushed] == 127).all()
+    chosen = layer.selected_index()
+    assert torch.equal(chosen[pushed & clear], levels.argmax(-1)[pushed & clear])
+    assert torch.equal(chosen[clear], levels.argmax(-1)[clear])
 
 
 @pytest.mark.parametrize(
@@ -328,3 +339,40 @@ def test_conv_refuses_bad_geometry_at_construction(cls, kwargs, message):
     kwargs = {"kernel_size": 3, **kwargs}
     with pytest.raises(ValueError, match=message.replace("(", "\\(")):
         cls(2, 2, **kwargs)
+
+
+def test_slot_config_is_the_keywords_validated_once():
+    cfg = ss.SlotConfig(k=4, sharing="layer", selection="sample", scores="implicit", score_lambda=0.5, seed=3)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.k = 5
+    x = torch.randn(2, 6)
+    for cls, args in ((ss.SlotLinear, (6, 5)), (ss.SlotConv2d, (2, 3, 3))):
+        a, b = cls(*args, bias=True, config=cfg), cls(*args, bias=True, k=4, sharing="layer", selection="sample",
+                                                     scores="implicit", score_lambda=0.5, seed=3)
+        assert a.storage is b.storage is storages.STORAGES["implicit"] and a.scores == "implicit"
+        assert repr(a) == repr(b) and "scores='implicit'" in repr(a)
+        inp = x if cls is ss.SlotLinear else torch.randn(2, 2, 5, 5)
+        assert torch.equal(a(inp), b(inp))
+        with pytest.raises(ValueError, match="config or as keywords, not both"):
+            cls(*args, config=cfg, k=2)
+    dense = ss.DenseSlotLinear(6, 5, config=cfg)  # scores does not apply
+    assert (dense.k, dense.seed, dense.sharing, dense.score_lambda) == (4, 3, "layer", 0.5)
+    assert "scores" not in repr(dense) and "scores='int8'" in repr(ss.SlotLinear(2, 2))
+    m1 = ss.slotify_(torch.nn.Sequential(torch.nn.Linear(6, 5)), cfg)
+    m2 = ss.slotify_(torch.nn.Sequential(torch.nn.Linear(6, 5)), k=4, sharing="layer", selection="sample",
+                     scores="implicit", score_lambda=0.5, seed=3)
+    assert repr(m1) == repr(m2) and torch.equal(m1(x), m2(x))
+    built = models.build("lenet", mode="seeded", config=cfg)
+    assert built.build_args == models.build("lenet", mode="seeded", k=4, sharing="layer", selection="sample",
+                                               scores="implicit", score_lambda=0.5, seed=3).build_args
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(k=0), "k must be an int >= 1"), (dict(seed=-1), "seed must be an int >= 0"),
+    (dict(sharing="row"), "sharing must be one of 'none', 'layer', 'global'"),
+    (dict(selection="topk"), "selection must be one of"), (dict(scores="int4"), "scores must be one of"),
+    (dict(score_lambda=float("nan")), "score_lambda must be a finite float > 0 or None"),
+])
+def test_slot_config_refuses_bad_settings(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        ss.SlotConfig(**kwargs)

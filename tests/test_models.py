@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from seedslot import DenseSlotConv2d, DenseSlotLinear, SlotConv2d, SlotLinear
-from seedslot.layers import _SlotBase
+from seedslot.layers import SlotLayer
 from seedslot.models import MODELS, MODES, build, count_connections
 
 @pytest.mark.parametrize("name", MODELS)
@@ -79,7 +79,7 @@ def test_modes_use_the_right_layers_and_count_the_same_connections(name):
     assert any(isinstance(m, (DenseSlotLinear, DenseSlotConv2d)) for m in dense.modules())
     assert not any(isinstance(m, (nn.Linear, nn.Conv2d)) for m in seeded.modules())
     for model in (seeded, dense):  # no bias part: as the learned model, no biases
-        assert all(list(m.parts) == ["weight"] for m in model.modules() if isinstance(m, _SlotBase))
+        assert all(list(m.parts) == ["weight"] for m in model.modules() if isinstance(m, SlotLayer))
     assert count_connections(seeded) == count_connections(dense) == count_connections(learned)
 
 

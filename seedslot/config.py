@@ -1,0 +1,84 @@
+"""SlotConfig: the settings of a slot machine network, validated once, in the spirit of torchao's
+quantisation configs. Layers, :func:`seedslot.slotify_` and :func:`seedslot.models.build` take one
+(or the same settings as keywords)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+from .candidates import SHARING
+from .scores import SCORES
+from .selection import SELECTION
+from .storages import ScoreStorage, storage_for
+
+__all__ = ["SlotConfig", "check_choice", "check_int"]
+
+
+def check_choice(name: str, value, accepted) -> str:
+    """``value`` if it is one of ``accepted``; ValueError naming ``name`` and listing them otherwise."""
+    if value not in accepted:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, accepted))}; got {value!r}")
+    return value
+
+
+def check_int(name: str, value, minimum: int = 0) -> int:
+    """``value`` if it is an int (not a bool) >= ``minimum``; ValueError naming ``name`` otherwise."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}; got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class SlotConfig:
+    """How slot layers choose their weights.
+
+    ``k`` candidates per connection; ``sharing`` "none" (each connection its own), "layer" or
+    "global" (one set of K per layer / per model); ``selection`` "greedy" or "sample" (training
+    forwards draw from softmax(scores)); ``scores`` the storage of seeded layers, "int8", "fp32" or
+    "implicit" (see :mod:`seedslot.storages`; the dense reference always keeps fp32 scores);
+    ``score_lambda`` scales the initial scores U(0, lambda*sigma), None for the paper's value (0.1
+    for linear, 1 for conv layers); ``seed`` the seed of a layer (or of a model, from which
+    ``slotify_`` derives each layer's)."""
+
+    k: int = 8
+    sharing: str = "none"
+    selection: str = "greedy"
+    scores: str = "int8"
+    score_lambda: float | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_int("k", self.k, 1)
+        check_int("seed", self.seed)
+        check_choice("sharing", self.sharing, SHARING)
+        check_choice("selection", self.selection, SELECTION)
+        check_choice("scores", self.scores, SCORES)
+        lam = self.score_lambda
+        if lam is not None and (isinstance(lam, bool) or not isinstance(lam, (int, float))
+                                or not (math.isfinite(lam) and lam > 0)):
+            raise ValueError(f"score_lambda must be a finite float > 0 or None; got {lam!r}")
+
+    @property
+    def storage(self) -> ScoreStorage:
+        """The score storage ``scores`` names."""
+        return storage_for(self.scores)
+
+    def replace(self, **changes) -> "SlotConfig":
+        """A copy with ``changes`` (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def resolve(cls, config: "SlotConfig | None", where: str, **keywords) -> "SlotConfig":
+        """``config``, or a SlotConfig of the keyword settings; ValueError if both differ from the
+        defaults (``where`` names the caller in the message)."""
+        if config is None:
+            return cls(**keywords)
+        if not isinstance(config, SlotConfig):
+            raise ValueError(f"config must be a SlotConfig; got {type(config).__name__}")
+        given = sorted(key for key, v in keywords.items() if v != cls.__dataclass_fields__[key].default)
+        if given:
+            raise ValueError(f"{where} takes the slot settings as config or as keywords, not both; got config "
+                             f"and {', '.join(given)}")
+        return config

@@ -1,0 +1,273 @@
+"""Score storages: how a seeded slot layer keeps the scores of its connections.
+
+One class per storage, chosen once from its name (:func:`storage_for`) when a layer is built:
+
+- :class:`Int8Scores` (``"int8"``): K int8 levels per connection and one fp32 scale per part;
+- :class:`Fp32Scores` (``"fp32"``): K fp32 scores per connection (the scale stays 1);
+- :class:`ImplicitScores` (``"implicit"``): one fp32 drift per connection, scores ``c*s0 - A*W``.
+
+A storage holds no tensors itself: it registers its state as buffers of the layer (so state_dict
+keys, ``.to()`` and copies work as for any module) and reads them back by name. The interface,
+:class:`ScoreStorage`, is what a seeded layer and SlotSGD use: register the state, select greedily
+(with the selected values when they come for free), sample, materialise the scores, update them.
+What a storage reads from its layer: ``k``, ``seed``, ``sigma``, ``score_lambda``, ``parts`` and the
+keys ``candidate_keys``, ``sample_keys``, ``round_keys`` (see :mod:`seedslot.layers`).
+
+This module also keeps the registry from the layers' proxy Parameters to their layers
+(:func:`slot_owner`), so that the optimizer finds a layer's storage without importing the layers.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+
+import torch
+from torch import nn
+from torch.utils.weak import WeakIdKeyDictionary
+
+from . import scores as _kernels
+from .candidates import REQUANT, ROUND, SCORES as SCORE_STREAM, chunked, i32, init_scores, stream_keys
+from .rng import key32
+from .scores import SCORES
+from .selection import greedy, sample, sample_chunk
+
+__all__ = ["ScoreStorage", "Int8Scores", "Fp32Scores", "ImplicitScores", "STORAGES", "storage_for",
+           "register_proxy", "slot_owner"]
+
+# proxy Parameter -> (layer, part), for SlotSGD. Weak both ways, so it never keeps a model alive.
+_OWNERS: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def register_proxy(param: torch.Tensor, layer: nn.Module, part: str) -> None:
+    """Record that ``param`` is the proxy Parameter of ``layer``'s ``part``."""
+    _OWNERS[param] = (weakref.ref(layer), part)
+
+
+def slot_owner(param: torch.Tensor):
+    """The seeded layer and part ("weight" or "bias") a proxy Parameter belongs to, or None."""
+    entry = _OWNERS.get(param)
+    if entry is None:
+        return None
+    layer = entry[0]()
+    return None if layer is None else (layer, entry[1])
+
+
+class ScoreStorage:
+    """The scores of a seeded layer's parts. Stateless: every method takes the layer and reads the
+    buffers it registered there. ``rows`` below is the number of connections of a part."""
+
+    name = ""
+
+    def register_layer(self, layer: nn.Module) -> None:
+        """Register the layer-wide state (after the layer's keys, before any part)."""
+
+    def reseed(self, layer: nn.Module) -> None:
+        """Re-derive what follows the layer's seeds and ``score_lambda`` after they changed (load)."""
+
+    def register(self, layer: nn.Module, part: str, shape: tuple[int, ...], offset: int) -> None:
+        """Register the initial state of a part of ``shape``, its first connection ``offset``."""
+        raise NotImplementedError
+
+    def state(self, part: str) -> dict[str, str]:
+        """The part's state, as buffer name -> what it is (a memory category: "scores" or "other")."""
+        raise NotImplementedError
+
+    def load_checks(self, part: str) -> list[tuple[str, object, str]]:
+        """``(buffer name, predicate on a loaded float tensor, what it must be)`` for state_dict loads."""
+        raise NotImplementedError
+
+    def greedy(self, layer: nn.Module, part: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(rows,) int64 argmax index (lowest on ties), and the (rows,) fp32 selected values when
+        the selection regenerated them anyway (else None)."""
+        raise NotImplementedError
+
+    def sample(self, layer: nn.Module, part: str, key: torch.Tensor) -> torch.Tensor:
+        """(rows,) int64 Gumbel-max draw from softmax(scores), keyed by the 0-dim int32 ``key``."""
+        raise NotImplementedError
+
+    def scores(self, layer: nn.Module, part: str) -> torch.Tensor:
+        """The real scores, (rows, K) fp32: materialised on request only."""
+        raise NotImplementedError
+
+    def update(self, layer: nn.Module, part: str, direction: torch.Tensor, lr: float, weight_decay: float,
+               step: int) -> None:
+        """``s_k -= lr * direction * W_k`` for every connection of a part, after shrinking every score
+        by ``(1 - lr * weight_decay)``; ``step`` keys stochastic rounding."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+def _finite(t: torch.Tensor) -> torch.Tensor:
+    return torch.isfinite(t)
+
+
+class _Stored(ScoreStorage):
+    """K scores per connection held as ``{part}_scores`` (*shape, K) and ``{part}_scale``."""
+
+    dtype = torch.float32
+
+    def register(self, layer, part, shape, offset):
+        device = layer.candidate_keys.keys.device
+        init, scale = init_scores(math.prod(shape), layer.k, layer.seed, layer.score_lambda * layer.sigma, offset,
+                                  self.dtype, device)
+        layer.register_buffer(f"{part}_scores", init.view(*shape, layer.k))
+        layer.register_buffer(f"{part}_scale", torch.tensor(scale, dtype=torch.float32, device=device))
+
+    def state(self, part):
+        return {f"{part}_scores": "scores", f"{part}_scale": "other"}
+
+    def load_checks(self, part):
+        return [(f"{part}_scale", lambda t: (t > 0) & torch.isfinite(t), "finite and > 0"),
+                (f"{part}_scores", _finite, "finite")]
+
+    @staticmethod
+    def stored(layer, part) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rows, K) stored scores and the 0-dim scale that turns them into real scores."""
+        return getattr(layer, f"{part}_scores").view(-1, layer.k), getattr(layer, f"{part}_scale")
+
+    def greedy(self, layer, part):
+        return greedy(self.stored(layer, part)[0]), None  # no float temporaries: one pass over the part
+
+    def sample(self, layer, part, key):
+        scores, scale = self.stored(layer, part)
+        return sample(scores, scale, layer.parts[part][1], key, layer.sample_keys)
+
+    def scores(self, layer, part):
+        scores, scale = self.stored(layer, part)
+        return scores.to(torch.float32) * scale
+
+
+class Fp32Scores(_Stored):
+    """K fp32 scores per connection, for ablations."""
+
+    name = "fp32"
+
+    def update(self, layer, part, direction, lr, weight_decay, step):
+        scores, _ = self.stored(layer, part)
+        d = direction.reshape(-1).to(torch.float32)
+        if weight_decay:
+            scores.mul_(1.0 - lr * weight_decay)
+        neg_lr = torch.full((), -lr, dtype=torch.float32, device=d.device)
+        ck = layer.candidate_keys
+        chunked(scores, layer.parts[part][1], layer.k, d,
+                lambda a, b, start: _kernels.fp32_update_chunk(scores[a:b], d[a:b], neg_lr, start, *ck))
+
+
+class Int8Scores(_Stored):
+    """K int8 levels per connection and one fp32 scale per part (see :mod:`seedslot.scores`)."""
+
+    name = "int8"
+    dtype = torch.int8
+
+    def update(self, layer, part, direction, lr, weight_decay, step):
+        scores, scale = self.stored(layer, part)
+        d = direction.reshape(-1).to(torch.float32)
+        offset, k = layer.parts[part][1], layer.k
+        if weight_decay:  # through the scale: costs nothing
+            scale.mul_(1.0 - lr * weight_decay)
+            if float(scale) < torch.finfo(torch.float32).tiny:  # scores below the normal fp32 range are 0
+                scores.zero_()
+                scale.fill_(layer.score_lambda * layer.sigma / 127.0)
+        # one host sync for both numbers the grid decision needs
+        d_max, scale_now = torch.stack([torch.linalg.vector_norm(d, math.inf) if d.numel() else d.new_zeros(()),
+                                        scale]).tolist()
+        factor = _kernels.coarsen_factor(lr, d_max, layer.sigma, scale_now)
+        round_keys = layer.round_keys
+        if factor != 1.0:
+            inv = torch.full((), 1.0 / factor, dtype=torch.float32, device=d.device)
+            key_a = i32(key32(layer.seed, REQUANT, 2, step), d.device)
+            chunked(scores, offset, k, d,
+                    lambda a, b, start: _kernels.requantize_chunk(scores[a:b], inv, start, key_a, round_keys))
+            scale.mul_(factor)
+        coef = (-lr / scale).to(torch.float32)
+        round_a = i32(key32(layer.seed, ROUND, 2, step), d.device)
+        ck = layer.candidate_keys
+        chunked(scores, offset, k, d, lambda a, b, start: _kernels.int8_update_chunk(
+            scores[a:b], d[a:b], coef, start, *ck, round_a, round_keys))
+
+
+_BOUND, _SCORE_KEY, _SCORE_KEYS = "_score_bound", "_score_key", "_score_keys"
+
+
+class ImplicitScores(ScoreStorage):
+    """One fp32 drift per connection (``{part}_drift``) and a factor per part (``{part}_scale``):
+    the scores ``c * s0 - A * W`` are regenerated at every selection (see :mod:`seedslot.scores`)."""
+
+    name = "implicit"
+
+    def register_layer(self, layer):
+        device = layer.candidate_keys.keys.device
+        layer.register_buffer(_BOUND, torch.tensor(layer.score_lambda * layer.sigma, dtype=torch.float32,
+                                                   device=device), persistent=False)
+        self.reseed(layer)
+
+    def reseed(self, layer):  # the initial scores' keys follow the seed, their bound lambda
+        device = layer.candidate_keys.keys.device
+        key, keys = stream_keys(layer.seed, SCORE_STREAM, layer.k, device)
+        layer.register_buffer(_SCORE_KEY, i32(key, device), persistent=False)
+        layer.register_buffer(_SCORE_KEYS, keys, persistent=False)
+        getattr(layer, _BOUND).fill_(layer.score_lambda * layer.sigma)
+
+    def register(self, layer, part, shape, offset):
+        device = layer.candidate_keys.keys.device
+        layer.register_buffer(f"{part}_drift", torch.zeros(shape, dtype=torch.float32, device=device))
+        layer.register_buffer(f"{part}_scale", torch.ones((), dtype=torch.float32, device=device))
+
+    def state(self, part):
+        return {f"{part}_drift": "scores", f"{part}_scale": "other"}
+
+    def load_checks(self, part):  # the factor may decay to 0
+        return [(f"{part}_scale", lambda t: (t >= 0) & torch.isfinite(t), "finite and >= 0"),
+                (f"{part}_drift", _finite, "finite")]
+
+    @staticmethod
+    def _args(layer, part: str, start: torch.Tensor) -> tuple:
+        """Arguments after ``drift`` of the implicit-score kernels from connection ``start``."""
+        return (getattr(layer, f"{part}_scale"), start, *layer.candidate_keys, getattr(layer, _SCORE_KEY),
+                getattr(layer, _SCORE_KEYS), getattr(layer, _BOUND))
+
+    def greedy(self, layer, part):
+        drift = getattr(layer, f"{part}_drift").view(-1)
+        out = (torch.empty(drift.shape[0], dtype=torch.int64, device=drift.device),
+               torch.empty(drift.shape[0], device=drift.device))
+        return chunked(out, layer.parts[part][1], layer.k, drift, lambda a, b, start: _kernels.implicit_greedy_chunk(
+            drift[a:b], *self._args(layer, part, start)))
+
+    def sample(self, layer, part, key):
+        # a chunk of fp32 scores (an (n, K) temporary), then the same Gumbel-max draw as stored scores
+        drift = getattr(layer, f"{part}_drift").view(-1)
+        dev = drift.device
+        idx = torch.empty(drift.shape[0], dtype=torch.int64, device=dev)
+        return chunked(idx, layer.parts[part][1], layer.k, None, lambda a, b, start: sample_chunk(
+            _kernels.implicit_chunk(drift[a:b], *self._args(layer, part, start)), torch.ones((), device=dev),
+            start, key, layer.sample_keys))
+
+    def scores(self, layer, part):
+        drift = getattr(layer, f"{part}_drift").view(-1)
+        out = torch.empty(drift.shape[0], layer.k, device=drift.device)
+        return chunked(out, layer.parts[part][1], layer.k, None, lambda a, b, start: _kernels.implicit_chunk(
+            drift[a:b], *self._args(layer, part, start)))
+
+    def update(self, layer, part, direction, lr, weight_decay, step):
+        # s = c*s0 - A*W: shrinking scales c and A, the step adds to A
+        drift, factor = getattr(layer, f"{part}_drift").view(-1), getattr(layer, f"{part}_scale")
+        d = direction.reshape(-1).to(torch.float32)
+        if weight_decay:
+            shrink = 1.0 - lr * weight_decay
+            drift.mul_(shrink)
+            factor.mul_(shrink)
+        drift.add_(d, alpha=lr)
+
+
+STORAGES: dict[str, ScoreStorage] = {s.name: s for s in (Int8Scores(), Fp32Scores(), ImplicitScores())}
+assert tuple(STORAGES) == SCORES
+
+
+def storage_for(name) -> ScoreStorage:
+    """The storage called ``name`` (one of :data:`seedslot.scores.SCORES`); ValueError otherwise."""
+    if name not in SCORES:  # a tuple: also answers for unhashable values
+        raise ValueError(f"scores must be one of {', '.join(map(repr, SCORES))}; got {name!r}")
+    return STORAGES[name]
