@@ -83,15 +83,12 @@ def update_identities(device, model: str = "vgg19", k: int = 8, reference="cpu")
         for name, layer in _layers(nets[1]):
             for part in layer.parts:
                 grads[name, part] = torch.randn(layer.parts[part][0], generator=g) * 1e-2
-        opts = []
         for net in nets:
             for name, layer in _layers(net):
                 for part in layer.parts:
                     proxy = getattr(layer, f"slot_{part}")
                     proxy.grad = grads[name, part].to(proxy.device)
-            opt = SlotSGD(net.parameters(), lr=0.1, momentum=0.9)
-            opt.step()
-            opts.append(opt)
+            SlotSGD(net.parameters(), lr=0.1, momentum=0.9).step()
         state_equal, selection_equal, max_ulps = True, True, 0.0
         for (_, a), (_, b) in zip(_layers(nets[0]), _layers(nets[1])):
             for part in a.parts:
