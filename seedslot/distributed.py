@@ -46,7 +46,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 __all__ = ["DistributedError", "init_from_env", "rank_and_world", "wrap", "check_batch_size", "shard",
-           "loss_weight", "sum_over_ranks", "check_in_sync", "collective_failure", "shutdown", "launch", "ByteCounter",
+           "loss_weight", "sum_over_ranks", "check_in_sync", "Ranks", "collective_failure", "shutdown", "launch", "ByteCounter",
            "add_bench_arguments", "run_bench"]
 
 TIMEOUT_ENV = "SEEDSLOT_DIST_TIMEOUT"  # seconds a collective may wait for a missing rank
@@ -207,6 +207,69 @@ def sum_over_ranks(values: Sequence[float]) -> list[float]:
     t = torch.tensor([float(v) for v in values], dtype=torch.float64)
     dist.all_reduce(t)
     return t.tolist()
+
+
+class Ranks:
+    """The processes one training run spans, as its loop sees them: rank ``rank`` of ``world``.
+    A single process is a world of one, for which every method is a no-op or an identity, so the
+    loop never asks how many processes there are."""
+
+    def __init__(self, rank: int = 0, world: int = 1, joined: bool = False) -> None:
+        self.rank, self.world, self.joined = rank, world, joined
+
+    @classmethod
+    def join(cls) -> "Ranks":
+        """The ranks of the process group torchrun describes (joined here, see
+        :func:`init_from_env`), or a world of one."""
+        joined = init_from_env()
+        return cls(*rank_and_world(), joined)
+
+    @property
+    def main(self) -> bool:
+        """Whether this is rank 0, the one that prints and writes."""
+        return self.rank == 0
+
+    def say(self, *parts) -> None:
+        """``print`` (flushed) on rank 0 only."""
+        if self.main:
+            print(*parts, flush=True)
+
+    def check_batch_size(self, batch_size: int) -> None:
+        """ValueError unless every global batch splits evenly over the ranks."""
+        check_batch_size(batch_size, self.world)
+
+    def wrap(self, model: nn.Module, device: torch.device) -> nn.Module:
+        """The module the loop calls: ``model`` itself, or ``model`` in DDP (:func:`wrap`)."""
+        if self.world == 1:
+            return model
+        return wrap(model, device if device.type == "cuda" else None)
+
+    def whole_batches(self, batches: list[torch.Tensor]) -> list[torch.Tensor]:
+        """``batches`` without a last batch too small to give every rank one example."""
+        return batches[:-1] if batches and len(batches[-1]) < self.world else batches
+
+    def shard(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """This rank's share of a global batch ``(x, y)``, and the weight of its mean loss
+        (:func:`loss_weight`): ``(x, y, 1.0)`` in a world of one."""
+        if self.world == 1:
+            return x, y, 1.0
+        weight = loss_weight(len(y), self.rank, self.world)
+        return shard(x, self.rank, self.world), shard(y, self.rank, self.world), weight
+
+    def sum(self, values: Sequence[float]) -> list:
+        """Each of ``values`` summed over the ranks (:func:`sum_over_ranks`); in a world of one,
+        the values as they are."""
+        return list(values) if self.world == 1 else sum_over_ranks(values)
+
+    def check_in_sync(self, model: nn.Module) -> None:
+        """DistributedError unless every rank holds the same model (:func:`check_in_sync`)."""
+        if self.world > 1:
+            check_in_sync(model)
+
+    def close(self) -> None:
+        """Leave the process group this object joined (:func:`shutdown`); drop DDP wrappers first."""
+        if self.joined:
+            shutdown()
 
 
 def _free_port() -> int:

@@ -389,9 +389,9 @@ def run_cli(args: argparse.Namespace) -> int:
         missing = [key for key in ("model", "build_args") if key not in payload]
         if missing:
             raise CheckpointError(f"{args.checkpoint}: not a training checkpoint: it has no {', '.join(missing)}")
-        from .train import _build_from
+        from .models import build_from_checkpoint
 
-        model = _build_from(payload, args.checkpoint)
+        model = build_from_checkpoint(payload, args.checkpoint)
         try:
             load_state_into(model, payload["model"])
         except CheckpointError as e:

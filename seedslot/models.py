@@ -21,7 +21,7 @@ from .rng import derive
 from .scores import SCORES
 from .selection import SELECTION
 
-__all__ = ["MODELS", "MODES", "build", "count_connections"]
+__all__ = ["MODELS", "MODES", "build", "build_from_checkpoint", "check_build_args", "count_connections"]
 
 MODELS = ("lenet", "conv2", "conv4", "conv6", "vgg19")
 MODES = ("seeded", "dense", "learned")
@@ -231,6 +231,24 @@ def check_build_args(args, source: str, *, available_bytes: int, export: bool = 
             f"{bits / 8:g} bytes each; the file holds {available_bytes} bytes"
         )
     return args
+
+
+def build_from_checkpoint(payload: dict, source: str) -> nn.Module:
+    """The model a training checkpoint's ``build_args`` describe, checked first against what the
+    file holds (:func:`check_build_args`); its state is loaded separately. CheckpointError for a
+    payload that is not a training checkpoint or whose ``build_args`` cannot be built."""
+    from .checkpoints import CheckpointError
+
+    if "model" not in payload or "build_args" not in payload:
+        raise CheckpointError(f"{source}: not a seedslot training checkpoint (no model or build_args)")
+    if not isinstance(payload["model"], dict):
+        raise CheckpointError(f"{source}: tampered: model must be a state_dict; got {type(payload['model']).__name__}")
+    held = sum(t.numel() * t.element_size() for t in payload["model"].values() if isinstance(t, torch.Tensor))
+    check_build_args(payload["build_args"], source, available_bytes=held)
+    try:
+        return build(**payload["build_args"])
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{source}: build_args {payload['build_args']} cannot be built: {e}") from None
 
 
 def count_connections(model: nn.Module) -> int:
