@@ -36,6 +36,7 @@ from .devices import DEVICE_HELP, resolve_device
 from .memory import CATEGORIES, run_in_child, state_breakdown, state_bytes
 from .optim import SlotSGD
 from .rng import compile_enabled
+from .validate import check_int
 
 __all__ = ["MODES", "memory_bench", "budget_bench", "speed_bench", "parse_bytes", "add_arguments", "run_cli", "main"]
 
@@ -80,12 +81,6 @@ def _modes(modes: Sequence[str], allowed: Sequence[str] = MODES) -> tuple[str, .
     if not modes or bad or len(set(modes)) != len(modes):
         raise ValueError(f"modes must be distinct values among {', '.join(map(repr, allowed))}; got {modes!r}")
     return modes
-
-
-def _positive(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an int >= 1; got {value!r}")
-    return value
 
 
 # ---------------------------------------------------------------- one training workload
@@ -168,7 +163,8 @@ def _train(model: str, mode: str, k: int, batch_size: int, steps: int, device: s
 def memory_bench(model: str = "vgg19", k: int = 8, batch_size: int = 64, steps: int = 3,
                  modes: Sequence[str] = MODES, device: str | None = None) -> dict[str, Any]:
     """State bytes, peak process memory and step time of each mode, each in a fresh process."""
-    k, batch_size, steps = _positive("k", k), _positive("batch_size", batch_size), _positive("steps", steps)
+    k, batch_size = check_int("k", k, 1), check_int("batch_size", batch_size, 1)
+    steps = check_int("steps", steps, 1)
     modes, device = _modes(modes), _device(device)
     rows = []
     for mode in modes:
@@ -218,10 +214,10 @@ def budget_bench(model: str = "vgg19", budget_bytes: int = 2 * 2**30, batch_size
     search stops at the first K that fails. A mode with no K that fits gets ``None``.
     """
     budget_bytes = parse_bytes(budget_bytes)
-    ks = tuple(_positive("ks entry", k) for k in ks)
+    ks = tuple(check_int("ks entry", k, 1) for k in ks)
     if not ks or list(ks) != sorted(set(ks)):
         raise ValueError(f"ks must be a non-empty increasing sequence of ints >= 1; got {ks!r}")
-    batch_size, steps = _positive("batch_size", batch_size), _positive("steps", steps)
+    batch_size, steps = check_int("batch_size", batch_size, 1), check_int("steps", steps, 1)
     modes, device = _modes(modes), _device(device)
     cuda = device.startswith("cuda")
     out: dict[str, Any] = dict(bench="budget", model=model, compiled=compile_enabled(), budget_bytes=budget_bytes,
@@ -259,8 +255,8 @@ def speed_bench(model: str = "lenet", k: int = 8, batch_size: int = 64, repeats:
     Each measurement runs enough steps to last ``min_seconds`` (judged from the warm-up); the
     order of the modes rotates between repeats, and the report takes medians over ``repeats``.
     """
-    k, batch_size, repeats = _positive("k", k), _positive("batch_size", batch_size), _positive("repeats", repeats)
-    warmup = _positive("warmup", warmup)
+    k, batch_size = check_int("k", k, 1), check_int("batch_size", batch_size, 1)
+    repeats, warmup = check_int("repeats", repeats, 1), check_int("warmup", warmup, 1)
     if isinstance(min_seconds, bool) or not isinstance(min_seconds, (int, float)) or not min_seconds >= 0:
         raise ValueError(f"min_seconds must be a number >= 0; got {min_seconds!r}")
     modes, device = _modes(modes), _device(device)

@@ -19,6 +19,7 @@ from .devices import DEVICE_HELP
 from .memory import return_large_frees
 from .models import MODELS, MODES
 from .scores import SCORES
+from .validate import check_int
 
 __all__ = ["main"]
 
@@ -95,8 +96,7 @@ def _train(args: argparse.Namespace, argv: list[str]) -> int:
 
     fields = {f: getattr(args, f) for f in TrainConfig.__dataclass_fields__ if hasattr(args, f)}
     if args.nproc is not None:
-        if args.nproc < 1:
-            raise ValueError(f"nproc must be an int >= 1; got {args.nproc}")
+        check_int("nproc", args.nproc, 1)
         if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
             from .distributed import check_batch_size, launch
 

@@ -45,8 +45,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from .validate import check_int
+
 __all__ = ["DistributedError", "init_from_env", "rank_and_world", "wrap", "check_batch_size", "shard",
-           "loss_weight", "sum_over_ranks", "check_in_sync", "Ranks", "collective_failure", "shutdown", "launch", "ByteCounter",
+           "loss_weight", "sum_over_ranks", "check_in_sync", "Ranks", "collective_failure", "shutdown", "launch",
+           "ByteCounter",
            "add_bench_arguments", "run_bench"]
 
 TIMEOUT_ENV = "SEEDSLOT_DIST_TIMEOUT"  # seconds a collective may wait for a missing rank
@@ -281,8 +284,7 @@ def _free_port() -> int:
 def launch(argv: Sequence[str], nproc: int) -> int:
     """Run ``python -m seedslot *argv`` on ``nproc`` local processes through torchrun (which
     stops every rank when one fails); returns the exit status."""
-    if nproc < 1:
-        raise ValueError(f"nproc must be an int >= 1; got {nproc}")
+    check_int("nproc", nproc, 1)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
            "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), "-m", "seedslot", *argv]
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 from .devices import DEVICE_HELP, resolve_device
 from .train import CHECKPOINT, TrainConfig, run
+from .validate import check_choice, check_int
 
 __all__ = ["EXPERIMENTS", "Preset", "PRESETS", "plan", "sweep", "report", "add_arguments", "run_cli"]
 
@@ -54,11 +55,6 @@ _PAPER_EPOCHS = {"lenet": 120, "conv2": 140}
 # The paper's published test accuracies (greedy selection) by (model, dataset): K -> accuracy.
 PAPER = {("lenet", "mnist"): {2: 0.970, 8: 0.982}}
 _PAPER_EXPERIMENTS = ("headline", "k")  # the experiments whose series those numbers belong to
-
-
-def _choice(name: str, value, accepted) -> None:
-    if value not in accepted:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, accepted))}; got {value!r}")
 
 
 def run_id(spec: dict) -> str:
@@ -141,7 +137,7 @@ def _finetune(model: str, p: Preset, seed: int, select_epochs: int, total: int) 
 
 
 def _resolve_experiments(experiment: str) -> list[str]:
-    _choice("experiment", experiment, EXPERIMENTS + ("all",))
+    check_choice("experiment", experiment, EXPERIMENTS + ("all",))
     return list(EXPERIMENTS) if experiment == "all" else [experiment]
 
 
@@ -150,7 +146,7 @@ def plan(experiment: str, *, models=SWEEP_MODELS, seeds=(0, 1), presets: dict | 
     selection run)."""
     presets = PRESETS if presets is None else presets
     for m in models:
-        _choice("model", m, SWEEP_MODELS)
+        check_choice("model", m, SWEEP_MODELS)
     if not seeds:
         raise ValueError("seeds must name at least one seed")
     specs, seen = [], set()
@@ -288,7 +284,7 @@ def sweep(experiment: str, out: str, *, dataset: str = "fashion-mnist", data_dir
     write its tables and plots; returns the number of runs trained now."""
     from .data import DATASETS
 
-    _choice("dataset", dataset, DATASETS)
+    check_choice("dataset", dataset, DATASETS)
     specs = plan(experiment, models=models, seeds=seeds, presets=presets)
     os.makedirs(out, exist_ok=True)
     done = load_records(out)
@@ -551,8 +547,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def presets_for(epochs: int | None = None, limit_train: int | None = None, paper_epochs: bool = False) -> dict:
     """The presets after the command line's --epochs, --limit-train and --paper-epochs."""
-    if epochs is not None and (isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1):
-        raise ValueError(f"epochs must be an int >= 1; got {epochs!r}")
+    check_int("epochs", epochs, 1, optional=True)
     if paper_epochs and epochs is not None:
         raise ValueError("epochs and paper_epochs exclude each other")
     presets = {}

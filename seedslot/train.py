@@ -37,6 +37,7 @@ from .models import MODELS, MODES, build, build_from_checkpoint, count_connectio
 from .optim import SlotSGD
 from .rng import compile_enabled, derive
 from .scores import SCORES
+from .validate import check_choice, check_float, check_int
 
 __all__ = ["TrainConfig", "resolve", "run", "evaluate", "random_selection_", "make_model", "epoch_batches",
            "flip_generator"]
@@ -88,30 +89,14 @@ class TrainConfig:
 _RESUME_OVERRIDES = ("data_dir", "json", "threads", "checkpoint_every_steps", "epochs", "device")
 
 
-def _choice(name: str, value, accepted) -> None:
-    if value not in accepted:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, accepted))}; got {value!r}")
-
-
-def _int(name: str, value, minimum: int) -> None:
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < minimum):
-        raise ValueError(f"{name} must be an int >= {minimum}; got {value!r}")
-
-
-def _float(name: str, value, lo: float, hi: float = math.inf, lo_open: bool = False) -> None:
-    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
-    if not ok or value < lo or (lo_open and value == lo) or value >= hi:
-        raise ValueError(f"{name} must be a finite number in {'(' if lo_open else '['}{lo}, {hi}); got {value!r}")
-
-
 def resolve(config: TrainConfig) -> TrainConfig:
     """``config`` with every None default replaced by the paper's value; ValueError for values
     that are unknown or do not fit together (e.g. k with mode "learned")."""
     c = config
-    _choice("model", c.model, MODELS)
-    _choice("dataset", c.dataset, _data.DATASETS)
+    check_choice("model", c.model, MODELS)
+    check_choice("dataset", c.dataset, _data.DATASETS)
     mode = c.mode if c.mode is not None else ("learned" if c.finetune_from else "seeded")
-    _choice("mode", mode, MODES)
+    check_choice("mode", mode, MODES)
     if mode == "learned":
         for name in ("k", "selection", "sharing", "scores", "score_lambda"):
             if getattr(c, name) is not None:
@@ -129,19 +114,20 @@ def resolve(config: TrainConfig) -> TrainConfig:
             raise ValueError("random_selection does not train: epochs does not apply")
     slot = mode != "learned"
     k = (8 if c.k is None else c.k) if slot else None
-    _int("k", k, 1)
+    if slot:
+        check_int("k", k, 1)
     selection = (c.selection or "greedy") if slot else None
     sharing = (c.sharing or "none") if slot else None
     scores = (c.scores or "int8") if mode == "seeded" else None
     if slot:
-        _choice("selection", selection, ("greedy", "sample"))
-        _choice("sharing", sharing, ("none", "layer", "global"))
+        check_choice("selection", selection, ("greedy", "sample"))
+        check_choice("sharing", sharing, ("none", "layer", "global"))
     if scores is not None:
-        _choice("scores", scores, SCORES)
+        check_choice("scores", scores, SCORES)
         if c.random_selection and scores == "implicit":
             raise ValueError("random_selection needs stored scores: use scores 'int8' or 'fp32'")
 
-    _int("epochs", c.epochs, 1)
+    check_int("epochs", c.epochs, 1, optional=True)
     if c.random_selection:
         epochs = 0
     elif c.epochs is not None:
@@ -167,26 +153,26 @@ def resolve(config: TrainConfig) -> TrainConfig:
         momentum=0.9 if c.momentum is None else float(c.momentum), weight_decay=float(weight_decay),
         lr_milestones=milestones, normalize=c.normalize or _data.DEFAULT_NORMALIZE[c.dataset],
     )
-    _int("batch_size", out.batch_size, 1)
-    _float("lr", out.lr, 0.0, lo_open=True)
-    _float("momentum", out.momentum, 0.0, 1.0)
-    _float("weight_decay", out.weight_decay, 0.0)
-    _float("lr_gamma", out.lr_gamma, 0.0, lo_open=True)
+    check_int("batch_size", out.batch_size, 1)
+    check_float("lr", out.lr, 0.0, lo_open=True)
+    check_float("momentum", out.momentum, 0.0, 1.0)
+    check_float("weight_decay", out.weight_decay, 0.0)
+    check_float("lr_gamma", out.lr_gamma, 0.0, lo_open=True)
     for m in out.lr_milestones:
-        _int("lr_milestones", m, 1)
+        check_int("lr_milestones", m, 1)
     peak_lr = out.lr * max(1.0, out.lr_gamma ** len(out.lr_milestones))
     if mode == "seeded" and peak_lr * out.weight_decay >= 1.0:  # SlotSGD would refuse it at that step
         raise ValueError(f"lr * weight_decay must be < 1 for mode 'seeded' (the decay multiplies every score "
                          f"by 1 - lr * weight_decay); got peak lr {peak_lr:g}, weight_decay {out.weight_decay:g}")
     if out.score_lambda is not None:
-        _float("score_lambda", out.score_lambda, 0.0, lo_open=True)
-    _int("seed", out.seed, 0)
-    _choice("normalize", out.normalize, _data.NORMALIZE)
-    _int("limit_train", out.limit_train, 2)
-    _int("checkpoint_every_steps", out.checkpoint_every_steps, 1)
+        check_float("score_lambda", out.score_lambda, 0.0, lo_open=True)
+    check_int("seed", out.seed, 0)
+    check_choice("normalize", out.normalize, _data.NORMALIZE)
+    check_int("limit_train", out.limit_train, 2, optional=True)
+    check_int("checkpoint_every_steps", out.checkpoint_every_steps, 1, optional=True)
     if out.checkpoint_every_steps is not None and out.out is None:
         raise ValueError("checkpoint_every_steps saves into out: pass out (a directory) too")
-    _int("threads", out.threads, 1)
+    check_int("threads", out.threads, 1, optional=True)
     resolve_device(out.device)  # an unknown or absent device is an error before anything starts
     return out
 
