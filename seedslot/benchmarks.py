@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .devices import DEVICE_HELP, resolve_device
+from .files import atomic_write
 from .memory import CATEGORIES, run_in_child, state_breakdown, state_bytes
 from .optim import SlotSGD
 from .rng import compile_enabled
@@ -415,9 +416,7 @@ def run_cli(args: argparse.Namespace) -> int:
         raise ValueError(f"bench must be one of 'memory', 'budget', 'speed', 'ddp'; got {args.bench!r}")
     print(_report(result), flush=True)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
-            f.write("\n")
+        atomic_write(args.json, json.dumps(result, indent=2) + "\n")
     return 0
 
 

@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass
 
 from .devices import DEVICE_HELP, resolve_device
+from .files import atomic_write
 from .train import CHECKPOINT, TrainConfig, run
 from .validate import check_choice, check_int
 
@@ -504,23 +505,16 @@ def report(experiment: str, out: str, *, models=SWEEP_MODELS, seeds=(0, 1), pres
     for name in _resolve_experiments(experiment):
         table = _table(name, records, models, seeds, presets, dataset, out)
         tables.append(table)
-        for path, write in ((os.path.join(out, f"{name}.md"), lambda p: _write(p, table + "\n")),
+        for path, write in ((os.path.join(out, f"{name}.md"), lambda p: atomic_write(p, table + "\n")),
                             (os.path.join(out, f"{name}.png"),
                              lambda p: _plot(name, records, models, seeds, presets, p, dataset))):
             write(path)
             written.append(path)
     if experiment == "all":
         path = os.path.join(out, "results.md")
-        _write(path, "\n".join(tables) + "\n")
+        atomic_write(path, "\n".join(tables) + "\n")
         written.append(path)
     return written
-
-
-def _write(path: str, text: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------- command line
