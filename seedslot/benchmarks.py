@@ -18,7 +18,6 @@ compilation runs inside the child, not in worker processes. Step times exclude t
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import math
 import os
@@ -32,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import bench_ddp
 from .devices import DEVICE_HELP, resolve_device
 from .files import atomic_write
 from .memory import CATEGORIES, run_in_child, state_breakdown, state_bytes
@@ -336,15 +336,6 @@ def _report(result: dict[str, Any]) -> str:
     return text
 
 
-def _distributed():
-    """``seedslot.distributed`` if it provides a ddp bench, else None (it is optional)."""
-    try:
-        mod = importlib.import_module("seedslot.distributed")
-    except ImportError:
-        return None
-    return mod if hasattr(mod, "add_bench_arguments") and hasattr(mod, "run_bench") else None
-
-
 def _csv(kind):
     def parse(text: str):
         try:
@@ -355,7 +346,7 @@ def _csv(kind):
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the ``memory``, ``budget``, ``speed`` (and, when available, ``ddp``) sub-commands."""
+    """Add the ``memory``, ``budget``, ``speed``, ``ddp`` and ``gpu`` sub-commands."""
     sub = parser.add_subparsers(dest="bench", metavar="BENCH", required=True)
 
     def common(p: argparse.ArgumentParser, model: str | None, batch: int) -> None:
@@ -384,9 +375,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--min-seconds", type=float, default=0.5, help="shortest measurement")
     p.add_argument("--modes", type=_csv(str), default=MODES)
 
-    dist = _distributed()
-    if dist is not None:
-        dist.add_bench_arguments(sub.add_parser("ddp", help="multi-process training traffic and speed"))
+    bench_ddp.add_arguments(sub.add_parser("ddp", help="multi-process training traffic and speed"))
 
     from . import acceptance  # it measures with the benches above
 
@@ -401,10 +390,7 @@ def run_cli(args: argparse.Namespace) -> int:
 
         return acceptance.run_cli(args)
     if args.bench == "ddp":
-        dist = _distributed()
-        if dist is None:
-            raise ValueError("the ddp bench needs seedslot.distributed, which is not available")
-        return dist.run_bench(args)
+        return bench_ddp.run_cli(args)
     common = dict(model=args.model, batch_size=args.batch_size, modes=args.modes, device=args.device)
     if args.bench == "memory":
         result = memory_bench(k=args.k, steps=args.steps, **common)
