@@ -1,7 +1,10 @@
 """Training runs of the paper from one config: slot machines (seeded or dense), the learned and
 random-selection baselines, and fine-tuning of a selected network.
 
-``run`` is one flat loop. Everything random in it is keyed by the seed: the validation split, each
+``run`` is set-up by small named steps (``_configure`` the config or resume it, ``_Outputs``,
+``_load_data``, ``_build`` model, optimizer and scheduler, ``_start`` from a checkpoint or a seed),
+one flat loop, and ``_summary``. A single process is a world of one (:class:`~seedslot.distributed.Ranks`):
+the loop is the same under DDP. Everything random in it is keyed by the seed: the validation split, each
 epoch's shuffle (a generator seeded from (seed, epoch)), each batch's flips, and dropout (the global
 torch RNG, seeded once and saved in every checkpoint). A run killed mid-epoch and resumed from its
 ``last.ckpt`` therefore ends bit-identical to an uninterrupted one (same thread count assumed:
@@ -385,6 +388,7 @@ class _State:
                                                                  history=[]))
 
     def payload(self) -> dict:
+        """The checkpoint: state dicts, the RNG states (CUDA's on a CUDA device), pos, tally, config."""
         return dict(
             model=self.model.state_dict(), optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
             rng=torch.get_rng_state(), **self.pos, tally=self.tally, config=asdict(self.cfg),
@@ -442,6 +446,7 @@ class _Outputs:
             atomic_write(os.path.join(self.out, METRICS), "".join(json.dumps(r) + "\n" for r in history))
 
     def write_summary(self, summary: dict) -> None:
+        """Write the summary to ``json`` and ``out/summary.json``."""
         text = json.dumps(summary, indent=2) + "\n"
         for path in filter(None, [self.json, self.out and os.path.join(self.out, SUMMARY)]):
             atomic_write(path, text)  # never a half-written summary
@@ -457,6 +462,7 @@ def _configure(config: TrainConfig) -> tuple[TrainConfig, dict | None]:
 
 
 def _load_data(cfg: TrainConfig, device: torch.device) -> _data.Data:
+    """The run's dataset, split and on ``device``."""
     data = _data.load(cfg.dataset, cfg.data_dir, seed=cfg.seed, normalize=cfg.normalize, limit_train=cfg.limit_train)
     return data.to(device)  # uint8 images move once: no per-batch host-to-device copy
 
