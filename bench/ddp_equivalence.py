@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from seedslot import SlotSGD
 from seedslot.checkpoints import load_checkpoint
 from seedslot.distributed import loss_weight, shard
-from seedslot.train import CHECKPOINT, TrainConfig, _epoch_batches, _flip_generator, _make_model, resolve
+from seedslot.train import CHECKPOINT, TrainConfig, epoch_batches, flip_generator, make_model, resolve
 from seedslot import data as _data
 
 
@@ -41,17 +41,17 @@ def _halves(args: argparse.Namespace, world: int) -> dict:
     cfg = resolve(TrainConfig(model="lenet", dataset="fashion-mnist", data_dir=args.data_dir, k=args.k,
                               epochs=args.epochs, batch_size=args.batch_size, limit_train=args.limit_train))
     data = _data.load(cfg.dataset, cfg.data_dir, seed=cfg.seed, normalize=cfg.normalize, limit_train=cfg.limit_train)
-    model = _make_model(cfg, data, None)
+    model = make_model(cfg, data, None)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = SlotSGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, cfg.lr_milestones, cfg.lr_gamma)
     for epoch in range(cfg.epochs):
         model.train()
-        batches = _epoch_batches(len(data.train), cfg.batch_size, cfg.seed, epoch)
+        batches = epoch_batches(len(data.train), cfg.batch_size, cfg.seed, epoch)
         if len(batches[-1]) < world:
             batches = batches[:-1]
         for step, idx in enumerate(batches):
-            x = data.preprocess(data.train.images[idx], _flip_generator(cfg.seed, epoch, step))
+            x = data.preprocess(data.train.images[idx], flip_generator(cfg.seed, epoch, step))
             y = data.train.labels[idx]
             total = None
             for r in range(world):

@@ -17,6 +17,7 @@ import time
 import torch
 
 from seedslot import candidates as C
+from seedslot.files import atomic_write
 
 
 def rate(fn, rows: int, k: int, repeats: int) -> float:
@@ -59,8 +60,7 @@ def main(argv=None) -> dict:
     print(f"  compiled: {result['compiled_per_second'] / 1e6:8.0f} M candidates/s")
     print(f"  eager:    {result['eager_per_second'] / 1e6:8.0f} M candidates/s  (compiled is {result['speedup']:.1f}x)")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+        atomic_write(args.json, json.dumps(result, indent=2))
     return result
 
 

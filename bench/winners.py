@@ -16,6 +16,7 @@ import json
 import torch
 
 from seedslot.checkpoints import load_checkpoint, load_state_into
+from seedslot.files import atomic_write
 from seedslot.layers import SlotLayer
 from seedslot.models import build
 
@@ -93,8 +94,7 @@ def main(argv=None) -> None:
                   f"{layer['share_top_rank']:.1%}, smallest {layer['share_bottom_rank']:.1%} (uniform {1 / r['k']:.1%})")
     plot(results, args.out)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
+        atomic_write(args.json, json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":

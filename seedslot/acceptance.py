@@ -23,6 +23,7 @@ import torch
 
 from .benchmarks import budget_bench, memory_bench, speed_bench
 from .devices import resolve_device
+from .files import atomic_write
 from .layers import SeededSlotLayer
 from .optim import SlotSGD
 
@@ -298,7 +299,5 @@ def run_cli(args: argparse.Namespace) -> int:
                                 log=lambda s: print(s, file=sys.stderr, flush=True))
     print(report(result), flush=True)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
-            f.write("\n")
+        atomic_write(args.json, json.dumps(result, indent=2) + "\n")
     return 0 if result["ok"] else 1

@@ -18,7 +18,6 @@ compilation runs inside the child, not in worker processes. Step times exclude t
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import math
 import os
@@ -32,10 +31,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import bench_ddp
 from .devices import DEVICE_HELP, resolve_device
+from .files import atomic_write
 from .memory import CATEGORIES, run_in_child, state_breakdown, state_bytes
 from .optim import SlotSGD
 from .rng import compile_enabled
+from .validate import check_int
 
 __all__ = ["MODES", "memory_bench", "budget_bench", "speed_bench", "parse_bytes", "add_arguments", "run_cli", "main"]
 
@@ -80,12 +82,6 @@ def _modes(modes: Sequence[str], allowed: Sequence[str] = MODES) -> tuple[str, .
     if not modes or bad or len(set(modes)) != len(modes):
         raise ValueError(f"modes must be distinct values among {', '.join(map(repr, allowed))}; got {modes!r}")
     return modes
-
-
-def _positive(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an int >= 1; got {value!r}")
-    return value
 
 
 # ---------------------------------------------------------------- one training workload
@@ -168,7 +164,8 @@ def _train(model: str, mode: str, k: int, batch_size: int, steps: int, device: s
 def memory_bench(model: str = "vgg19", k: int = 8, batch_size: int = 64, steps: int = 3,
                  modes: Sequence[str] = MODES, device: str | None = None) -> dict[str, Any]:
     """State bytes, peak process memory and step time of each mode, each in a fresh process."""
-    k, batch_size, steps = _positive("k", k), _positive("batch_size", batch_size), _positive("steps", steps)
+    k, batch_size = check_int("k", k, 1), check_int("batch_size", batch_size, 1)
+    steps = check_int("steps", steps, 1)
     modes, device = _modes(modes), _device(device)
     rows = []
     for mode in modes:
@@ -218,10 +215,10 @@ def budget_bench(model: str = "vgg19", budget_bytes: int = 2 * 2**30, batch_size
     search stops at the first K that fails. A mode with no K that fits gets ``None``.
     """
     budget_bytes = parse_bytes(budget_bytes)
-    ks = tuple(_positive("ks entry", k) for k in ks)
+    ks = tuple(check_int("ks entry", k, 1) for k in ks)
     if not ks or list(ks) != sorted(set(ks)):
         raise ValueError(f"ks must be a non-empty increasing sequence of ints >= 1; got {ks!r}")
-    batch_size, steps = _positive("batch_size", batch_size), _positive("steps", steps)
+    batch_size, steps = check_int("batch_size", batch_size, 1), check_int("steps", steps, 1)
     modes, device = _modes(modes), _device(device)
     cuda = device.startswith("cuda")
     out: dict[str, Any] = dict(bench="budget", model=model, compiled=compile_enabled(), budget_bytes=budget_bytes,
@@ -259,8 +256,8 @@ def speed_bench(model: str = "lenet", k: int = 8, batch_size: int = 64, repeats:
     Each measurement runs enough steps to last ``min_seconds`` (judged from the warm-up); the
     order of the modes rotates between repeats, and the report takes medians over ``repeats``.
     """
-    k, batch_size, repeats = _positive("k", k), _positive("batch_size", batch_size), _positive("repeats", repeats)
-    warmup = _positive("warmup", warmup)
+    k, batch_size = check_int("k", k, 1), check_int("batch_size", batch_size, 1)
+    repeats, warmup = check_int("repeats", repeats, 1), check_int("warmup", warmup, 1)
     if isinstance(min_seconds, bool) or not isinstance(min_seconds, (int, float)) or not min_seconds >= 0:
         raise ValueError(f"min_seconds must be a number >= 0; got {min_seconds!r}")
     modes, device = _modes(modes), _device(device)
@@ -339,15 +336,6 @@ def _report(result: dict[str, Any]) -> str:
     return text
 
 
-def _distributed():
-    """``seedslot.distributed`` if it provides a ddp bench, else None (it is optional)."""
-    try:
-        mod = importlib.import_module("seedslot.distributed")
-    except ImportError:
-        return None
-    return mod if hasattr(mod, "add_bench_arguments") and hasattr(mod, "run_bench") else None
-
-
 def _csv(kind):
     def parse(text: str):
         try:
@@ -358,7 +346,7 @@ def _csv(kind):
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the ``memory``, ``budget``, ``speed`` (and, when available, ``ddp``) sub-commands."""
+    """Add the ``memory``, ``budget``, ``speed``, ``ddp`` and ``gpu`` sub-commands."""
     sub = parser.add_subparsers(dest="bench", metavar="BENCH", required=True)
 
     def common(p: argparse.ArgumentParser, model: str | None, batch: int) -> None:
@@ -387,9 +375,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--min-seconds", type=float, default=0.5, help="shortest measurement")
     p.add_argument("--modes", type=_csv(str), default=MODES)
 
-    dist = _distributed()
-    if dist is not None:
-        dist.add_bench_arguments(sub.add_parser("ddp", help="multi-process training traffic and speed"))
+    bench_ddp.add_arguments(sub.add_parser("ddp", help="multi-process training traffic and speed"))
 
     from . import acceptance  # it measures with the benches above
 
@@ -404,10 +390,7 @@ def run_cli(args: argparse.Namespace) -> int:
 
         return acceptance.run_cli(args)
     if args.bench == "ddp":
-        dist = _distributed()
-        if dist is None:
-            raise ValueError("the ddp bench needs seedslot.distributed, which is not available")
-        return dist.run_bench(args)
+        return bench_ddp.run_cli(args)
     common = dict(model=args.model, batch_size=args.batch_size, modes=args.modes, device=args.device)
     if args.bench == "memory":
         result = memory_bench(k=args.k, steps=args.steps, **common)
@@ -419,9 +402,7 @@ def run_cli(args: argparse.Namespace) -> int:
         raise ValueError(f"bench must be one of 'memory', 'budget', 'speed', 'ddp'; got {args.bench!r}")
     print(_report(result), flush=True)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
-            f.write("\n")
+        atomic_write(args.json, json.dumps(result, indent=2) + "\n")
     return 0
 
 

@@ -18,12 +18,14 @@ import io
 import math
 import os
 import struct
-import tempfile
 from typing import Any, Sequence, Union
 
 import torch
 
-__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "load_state_into", "remove_stale_temporaries"]
+from .files import atomic_write, remove_stale_temporaries
+
+__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "load_state_into", "remove_stale_temporaries",
+           "frame", "unframe", "read_bytes"]
 
 CHECKPOINT_MAGIC = b"SEEDSLOT"
 CHECKPOINT_VERSION = 1
@@ -31,7 +33,6 @@ CHECKPOINT_VERSION = 1
 _HEAD = struct.Struct("<8sIIQ")  # magic, version, flags, body length
 _DIGEST = 32
 HEADER_BYTES = _HEAD.size + _DIGEST
-_TMP_SUFFIX = ".tmp"
 
 Buffer = Union[bytes, bytearray, memoryview]
 
@@ -48,7 +49,7 @@ class CheckpointError(Exception):
 # ---------------------------------------------------------------- framing (shared with export)
 
 
-def _frame(magic: bytes, version: int, parts: Sequence[Buffer]) -> list[Buffer]:
+def frame(magic: bytes, version: int, parts: Sequence[Buffer]) -> list[Buffer]:
     """The header followed by ``parts`` (the body, in pieces, so large bodies are never copied)."""
     length = sum(memoryview(p).nbytes for p in parts)
     head = _HEAD.pack(magic, version, 0, length)
@@ -58,7 +59,7 @@ def _frame(magic: bytes, version: int, parts: Sequence[Buffer]) -> list[Buffer]:
     return [head + digest.digest(), *parts]
 
 
-def _unframe(data: bytes, magic: bytes, max_version: int, what: str, source: str) -> tuple[int, memoryview]:
+def unframe(data: bytes, magic: bytes, max_version: int, what: str, source: str) -> tuple[int, memoryview]:
     """``(version, body)`` of a framed file, after checking magic, version, length and hash."""
     if len(data) < len(magic) and magic.startswith(data):
         raise CheckpointError(f"{source}: truncated: {len(data)} bytes, shorter than the {what} header")
@@ -86,66 +87,8 @@ def _unframe(data: bytes, magic: bytes, max_version: int, what: str, source: str
     return version, memoryview(data)[HEADER_BYTES:]
 
 
-def _atomic_write(path: str | os.PathLike, parts: Sequence[Buffer]) -> None:
-    """Write ``parts`` to ``path`` so that readers see the old file or the complete new one."""
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    try:
-        mode = os.stat(path).st_mode & 0o777
-    except FileNotFoundError:
-        mode = 0o644
-    # A leading dot and the suffix keep a leftover temporary file from looking like a checkpoint.
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=_TMP_SUFFIX, dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            for p in parts:
-                f.write(p)
-            f.flush()
-            os.fchmod(f.fileno(), mode)
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_dir(directory)
-
-
-def remove_stale_temporaries(path: str | os.PathLike) -> list[str]:
-    """Delete the temporary files that writes of ``path`` interrupted by a kill left in its
-    directory (``.NAME.XXXX.tmp``); returns their paths. Call it only where no other process is
-    writing ``path``."""
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    prefix = f".{os.path.basename(path)}."
-    removed = []
-    for name in os.listdir(directory):
-        if name.startswith(prefix) and name.endswith(_TMP_SUFFIX):
-            try:
-                os.unlink(os.path.join(directory, name))
-                removed.append(os.path.join(directory, name))
-            except FileNotFoundError:
-                pass
-    return removed
-
-
-def _fsync_dir(directory: str) -> None:
-    """Make the rename durable; some platforms cannot open directories, which is then best effort."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _read(path: str | os.PathLike) -> bytes:
+def read_bytes(path: str | os.PathLike) -> bytes:
+    """The whole content of the file ``path``."""
     with open(path, "rb") as f:
         return f.read()
 
@@ -183,7 +126,7 @@ def save_checkpoint(path: str | os.PathLike, payload: dict) -> None:
     _check_payload(payload, "")
     buf = io.BytesIO()
     torch.save(payload, buf)
-    _atomic_write(path, _frame(CHECKPOINT_MAGIC, CHECKPOINT_VERSION, [buf.getbuffer()]))
+    atomic_write(path, frame(CHECKPOINT_MAGIC, CHECKPOINT_VERSION, [buf.getbuffer()]))
 
 
 def _safe_load(body: Buffer, map_location, source: str):
@@ -200,7 +143,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
     :class:`CheckpointError` for a truncated, corrupted, tampered, newer or foreign file.
     """
     source = os.fspath(path)
-    _, body = _unframe(_read(path), CHECKPOINT_MAGIC, CHECKPOINT_VERSION, "seedslot checkpoint", source)
+    _, body = unframe(read_bytes(path), CHECKPOINT_MAGIC, CHECKPOINT_VERSION, "seedslot checkpoint", source)
     payload = _safe_load(body, map_location, source)
     if not isinstance(payload, dict):
         raise CheckpointError(f"{source}: tampered: the body is a {type(payload).__name__}, not a dict")

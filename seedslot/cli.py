@@ -8,7 +8,6 @@ checkpoints) ends with one line ``seedslot: error: ...`` on stderr and exit stat
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import sys
 from typing import Sequence
@@ -19,14 +18,15 @@ from .devices import DEVICE_HELP
 from .memory import return_large_frees
 from .models import MODELS, MODES
 from .scores import SCORES
+from .validate import check_int
 
 __all__ = ["main"]
 
-# command -> (module providing add_arguments(parser) and run_cli(args), one-line help)
+# commands whose module provides add_arguments(parser) and run_cli(args) (see _delegated): one-line help
 _DELEGATED = {
-    "bench": ("seedslot.benchmarks", "memory, budget and speed benchmarks"),
-    "export": ("seedslot.export", "write a trained checkpoint as seeds plus packed indices"),
-    "sweep": ("seedslot.sweep", "run a grid of training runs"),
+    "bench": "memory, budget and speed benchmarks",
+    "export": "write a trained checkpoint as seeds plus packed indices",
+    "sweep": "run a grid of training runs",
 }
 
 
@@ -95,8 +95,7 @@ def _train(args: argparse.Namespace, argv: list[str]) -> int:
 
     fields = {f: getattr(args, f) for f in TrainConfig.__dataclass_fields__ if hasattr(args, f)}
     if args.nproc is not None:
-        if args.nproc < 1:
-            raise ValueError(f"nproc must be an int >= 1; got {args.nproc}")
+        check_int("nproc", args.nproc, 1)
         if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
             from .distributed import check_batch_size, launch
 
@@ -154,16 +153,15 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _delegated(name: str) -> object | None:
-    """The module behind a delegated command, or None when it is not available."""
-    module_name = _DELEGATED[name][0]
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as e:
-        if e.name != module_name:
-            raise
-        return None
-    return module if hasattr(module, "add_arguments") and hasattr(module, "run_cli") else None
+def _delegated(name: str):
+    """The module behind a delegated command, imported now (``seedslot train`` never needs them)."""
+    if name == "bench":
+        from . import benchmarks as module
+    elif name == "export":
+        from . import export as module
+    else:
+        from . import sweep as module
+    return module
 
 
 def _parser() -> _Parser:
@@ -181,7 +179,7 @@ def _parser() -> _Parser:
     demo.add_argument("--threads", type=int, metavar="N")
     demo.add_argument("--device", help=DEVICE_HELP)
     demo.add_argument("--no-progress", action="store_true")
-    for name, (_, help_text) in _DELEGATED.items():
+    for name, help_text in _DELEGATED.items():
         sub.add_parser(name, help=help_text, add_help=False)  # parsed by its module, see main()
     return parser
 
@@ -198,9 +196,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if argv and argv[0] in _DELEGATED:
             module = _delegated(argv[0])
-            if module is None:
-                return _error(f"`seedslot {argv[0]}` is unavailable: {_DELEGATED[argv[0]][0]} is not installed")
-            parser = _Parser(prog=f"seedslot {argv[0]}", description=_DELEGATED[argv[0]][1])
+            parser = _Parser(prog=f"seedslot {argv[0]}", description=_DELEGATED[argv[0]])
             module.add_arguments(parser)
             return int(module.run_cli(parser.parse_args(argv[1:])) or 0)
         args = _parser().parse_args(argv)

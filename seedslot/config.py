@@ -12,22 +12,9 @@ from .candidates import SHARING
 from .scores import SCORES
 from .selection import SELECTION
 from .storages import ScoreStorage, storage_for
+from .validate import check_choice, check_int
 
-__all__ = ["SlotConfig", "check_choice", "check_int"]
-
-
-def check_choice(name: str, value, accepted) -> str:
-    """``value`` if it is one of ``accepted``; ValueError naming ``name`` and listing them otherwise."""
-    if value not in accepted:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, accepted))}; got {value!r}")
-    return value
-
-
-def check_int(name: str, value, minimum: int = 0) -> int:
-    """``value`` if it is an int (not a bool) >= ``minimum``; ValueError naming ``name`` otherwise."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}; got {value!r}")
-    return value
+__all__ = ["SlotConfig"]
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from .rng import derive
+from .validate import check_choice, check_int
 
 __all__ = [
     "DATASETS",
@@ -280,12 +281,6 @@ class Data:
                 f"test {len(self.test)}; {how[self.normalize]}{flip}")
 
 
-def _choice(name: str, value, accepted) -> str:
-    if value not in accepted:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, accepted))}; got {value!r}")
-    return value
-
-
 def _channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Per-channel mean and standard deviation of ``images / 255``, exactly, from a histogram of
     the 256 byte values (no float copy of the dataset)."""
@@ -317,10 +312,9 @@ def load(
     paper's choice per dataset. ``limit_train`` keeps only the first N examples of the training
     file (before the split), for quick tests.
     """
-    _choice("name", name, DATASETS)
-    normalize = _choice("normalize", DEFAULT_NORMALIZE[name] if normalize is None else normalize, NORMALIZE)
-    if limit_train is not None and (isinstance(limit_train, bool) or not isinstance(limit_train, int) or limit_train < 2):
-        raise ValueError(f"limit_train must be an int >= 2 or None; got {limit_train!r}")
+    check_choice("name", name, DATASETS)
+    normalize = check_choice("normalize", DEFAULT_NORMALIZE[name] if normalize is None else normalize, NORMALIZE)
+    check_int("limit_train", limit_train, 2, optional=True)
     if data_dir is None:
         if name not in DEFAULT_DIRS:
             raise DataError(f"{name}: no default data directory; {_HOW_TO_GET[name]}")

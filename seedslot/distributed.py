@@ -22,7 +22,6 @@ runs drift apart like any two runs with different rounding.
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import gc
 import hashlib
@@ -31,23 +30,22 @@ import json
 import os
 import signal
 import socket
-import statistics
 import subprocess
 import sys
-import tempfile
 import threading
-import time
 from typing import Sequence
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from .validate import check_int
+
 __all__ = ["DistributedError", "init_from_env", "rank_and_world", "wrap", "check_batch_size", "shard",
-           "loss_weight", "sum_over_ranks", "check_in_sync", "collective_failure", "shutdown", "launch", "ByteCounter",
-           "add_bench_arguments", "run_bench"]
+           "loss_weight", "sum_over_ranks", "check_in_sync", "Ranks", "collective_failure", "shutdown", "launch",
+           "ByteCounter",
+           "free_port"]
 
 TIMEOUT_ENV = "SEEDSLOT_DIST_TIMEOUT"  # seconds a collective may wait for a missing rank
 _DEFAULT_TIMEOUT_S = 120.0
@@ -209,7 +207,71 @@ def sum_over_ranks(values: Sequence[float]) -> list[float]:
     return t.tolist()
 
 
-def _free_port() -> int:
+class Ranks:
+    """The processes one training run spans, as its loop sees them: rank ``rank`` of ``world``.
+    A single process is a world of one, for which every method is a no-op or an identity, so the
+    loop never asks how many processes there are."""
+
+    def __init__(self, rank: int = 0, world: int = 1, joined: bool = False) -> None:
+        self.rank, self.world, self.joined = rank, world, joined
+
+    @classmethod
+    def join(cls) -> "Ranks":
+        """The ranks of the process group torchrun describes (joined here, see
+        :func:`init_from_env`), or a world of one."""
+        joined = init_from_env()
+        return cls(*rank_and_world(), joined)
+
+    @property
+    def main(self) -> bool:
+        """Whether this is rank 0, the one that prints and writes."""
+        return self.rank == 0
+
+    def say(self, *parts) -> None:
+        """``print`` (flushed) on rank 0 only."""
+        if self.main:
+            print(*parts, flush=True)
+
+    def check_batch_size(self, batch_size: int) -> None:
+        """ValueError unless every global batch splits evenly over the ranks."""
+        check_batch_size(batch_size, self.world)
+
+    def wrap(self, model: nn.Module, device: torch.device) -> nn.Module:
+        """The module the loop calls: ``model`` itself, or ``model`` in DDP (:func:`wrap`)."""
+        if self.world == 1:
+            return model
+        return wrap(model, device if device.type == "cuda" else None)
+
+    def whole_batches(self, batches: list[torch.Tensor]) -> list[torch.Tensor]:
+        """``batches`` without a last batch too small to give every rank one example."""
+        return batches[:-1] if batches and len(batches[-1]) < self.world else batches
+
+    def shard(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """This rank's share of a global batch ``(x, y)``, and the weight of its mean loss
+        (:func:`loss_weight`): ``(x, y, 1.0)`` in a world of one."""
+        if self.world == 1:
+            return x, y, 1.0
+        weight = loss_weight(len(y), self.rank, self.world)
+        return shard(x, self.rank, self.world), shard(y, self.rank, self.world), weight
+
+    def sum(self, values: Sequence[float]) -> list:
+        """Each of ``values`` summed over the ranks (:func:`sum_over_ranks`); in a world of one,
+        the values as they are."""
+        return list(values) if self.world == 1 else sum_over_ranks(values)
+
+    def check_in_sync(self, model: nn.Module) -> None:
+        """DistributedError unless every rank holds the same model (:func:`check_in_sync`)."""
+        if self.world > 1:
+            check_in_sync(model)
+
+    def close(self) -> None:
+        """Leave the process group this object joined (:func:`shutdown`); drop DDP wrappers first."""
+        if self.joined:
+            shutdown()
+
+
+def free_port() -> int:
+    """A TCP port on the loopback interface that is free now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -218,10 +280,9 @@ def _free_port() -> int:
 def launch(argv: Sequence[str], nproc: int) -> int:
     """Run ``python -m seedslot *argv`` on ``nproc`` local processes through torchrun (which
     stops every rank when one fails); returns the exit status."""
-    if nproc < 1:
-        raise ValueError(f"nproc must be an int >= 1; got {nproc}")
+    check_int("nproc", nproc, 1)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-           "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), "-m", "seedslot", *argv]
+           "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "-m", "seedslot", *argv]
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     # Ctrl-C: torchrun (which sets its own handler) sends it once to every rank (each in a session
     # of its own, out of the terminal's reach); they agree on a step, rank 0 saves, all exit. This
@@ -250,94 +311,3 @@ class ByteCounter:
         from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
         return allreduce_hook(None, bucket)
-
-
-# ---------------------------------------------------------------- seedslot bench ddp
-
-
-def add_bench_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="lenet", help="model name (default lenet)")
-    p.add_argument("--k", type=int, default=8)
-    p.add_argument("--nproc", type=int, default=2, help="processes (gloo, loopback)")
-    p.add_argument("--batch-size", type=int, default=128, help="global batch")
-    p.add_argument("--steps", type=int, default=5, help="timed steps after one warm-up step")
-    p.add_argument("--json", metavar="PATH", help="also write the results as JSON here")
-
-
-def _bench_worker(rank: int, world: int, port: int, args: dict, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
-    torch.set_num_threads(1)
-    init_from_env()
-    from .models import build
-    from .optim import SlotSGD
-
-    result = {}
-    for mode in ("dense", "seeded"):
-        model = build(args["model"], mode=mode, k=args["k"])
-        ddp = wrap(model)
-        counter = ByteCounter()
-        ddp.register_comm_hook(counter, ByteCounter.hook)
-        params = [p for p in model.parameters() if p.requires_grad]
-        opt = (SlotSGD if mode == "seeded" else torch.optim.SGD)(params, lr=0.1, momentum=0.9)
-        a = model.build_args
-        g = torch.Generator().manual_seed(rank)
-        n = args["batch_size"] // world
-        x = torch.randn(n, a["in_channels"], a["input_size"], a["input_size"], generator=g)
-        y = torch.randint(0, a["num_classes"], (n,), generator=g)
-        times = []
-        for i in range(args["steps"] + 1):
-            t = time.perf_counter()
-            opt.zero_grad(set_to_none=True)
-            F.cross_entropy(ddp(x), y).backward()
-            opt.step()
-            dist.barrier()
-            if i:
-                times.append(time.perf_counter() - t)
-        per_step = counter.bytes // (args["steps"] + 1)
-        buffer, comm = torch.zeros(per_step // 4), []  # the same bytes, all-reduced alone
-        for i in range(args["steps"] + 1):
-            dist.barrier()
-            t = time.perf_counter()
-            dist.all_reduce(buffer)
-            if i:
-                comm.append(time.perf_counter() - t)
-        result[mode] = dict(bytes_per_step=per_step, step_seconds=statistics.median(times),
-                            allreduce_seconds=statistics.median(comm))
-        del ddp, model, opt
-    if rank == 0:
-        with open(out, "w") as f:
-            json.dump(result, f)
-    shutdown()
-
-
-def run_bench(args: argparse.Namespace) -> int:
-    """Bytes all-reduced per step and step time of dense and seeded under DDP, side by side, and
-    the time of an all-reduce of those bytes alone (the part of a step that traffic costs)."""
-    import torch.multiprocessing as mp
-
-    if args.nproc < 2:
-        raise ValueError(f"nproc must be an int >= 2 for the ddp bench; got {args.nproc}")
-    if args.batch_size % args.nproc:
-        raise ValueError(f"the world size {args.nproc} does not divide --batch-size {args.batch_size}")
-    spec = dict(model=args.model, k=args.k, batch_size=args.batch_size, steps=args.steps)
-    with tempfile.TemporaryDirectory() as tmp:
-        out = os.path.join(tmp, "result.json")
-        mp.spawn(_bench_worker, args=(args.nproc, _free_port(), spec, out), nprocs=args.nproc)
-        with open(out) as f:
-            rows = json.load(f)
-    result = dict(bench="ddp", **spec, nproc=args.nproc, backend="gloo",
-                  bytes_per_step={m: r["bytes_per_step"] for m, r in rows.items()},
-                  step_seconds={m: r["step_seconds"] for m, r in rows.items()},
-                  allreduce_seconds={m: r["allreduce_seconds"] for m, r in rows.items()})
-    result["ratio_seeded_over_dense_bytes"] = result["bytes_per_step"]["seeded"] / result["bytes_per_step"]["dense"]
-    print(f"ddp: {args.model}, K={args.k}, {args.nproc} processes (gloo), global batch {args.batch_size}")
-    print(f"{'mode':>7} {'bytes/step':>14} {'s/step':>8} {'s/all-reduce':>13}")
-    for m in ("dense", "seeded"):
-        print(f"{m:>7} {result['bytes_per_step'][m]:>14,} {result['step_seconds'][m]:>8.4f} "
-              f"{result['allreduce_seconds'][m]:>13.4f}")
-    print(f"seeded/dense bytes: {result['ratio_seeded_over_dense_bytes']:.4f} (1/K = {1 / args.k:.4f})")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
-            f.write("\n")
-    return 0

@@ -29,17 +29,9 @@ import torch
 from torch import nn
 
 from .candidates import CANDIDATES, SHARING, CandidateKeys, glorot_sigma, grid_step, i32, selected_values
-from .checkpoints import (
-    CHECKPOINT_MAGIC,
-    CheckpointError,
-    _atomic_write,
-    _frame,
-    _read,
-    _unframe,
-    load_checkpoint,
-    load_state_into,
-)
+from .checkpoints import CHECKPOINT_MAGIC, CheckpointError, frame, load_checkpoint, load_state_into, read_bytes, unframe
 from .convert import to_dense
+from .files import atomic_write
 from .layers import DenseSlotConv2d, DenseSlotLinear, SlotConv2d, SlotLayer, SlotLinear
 from .rng import key32
 
@@ -161,7 +153,7 @@ def _encode(model: nn.Module, build_args: dict | None) -> list[bytes]:
         head = json.dumps(header, separators=(",", ":"), allow_nan=False).encode()
     except (TypeError, ValueError) as e:
         raise ValueError(f"build_args must be JSON-serialisable: {e}") from e
-    return _frame(EXPORT_MAGIC, EXPORT_VERSION, [_JSON_LEN.pack(len(head)) + head, *chunks])
+    return frame(EXPORT_MAGIC, EXPORT_VERSION, [_JSON_LEN.pack(len(head)) + head, *chunks])
 
 
 def export(model: nn.Module, path: str | os.PathLike, *, build_args: dict | None = None) -> int:
@@ -177,7 +169,7 @@ def export(model: nn.Module, path: str | os.PathLike, *, build_args: dict | None
     if build_args is not None and not isinstance(build_args, dict):
         raise ValueError(f"build_args must be a dict or None; got {type(build_args).__name__}")
     parts = _encode(model, build_args)
-    _atomic_write(path, parts)
+    atomic_write(path, parts)
     return sum(len(p) for p in parts)
 
 
@@ -311,10 +303,10 @@ def load_exported(path: str | os.PathLike, model: nn.Module | None = None, map_l
     if model is not None and not isinstance(model, nn.Module):
         raise ValueError(f"model must be an nn.Module or None; got {type(model).__name__}")
     source = os.fspath(path)
-    data = _read(path)
+    data = read_bytes(path)
     if data.startswith(CHECKPOINT_MAGIC):
         raise CheckpointError(f"{source}: not a seedslot export: it is a training checkpoint (run `seedslot export`)")
-    _, body = _unframe(data, EXPORT_MAGIC, EXPORT_VERSION, "seedslot export", source)
+    _, body = unframe(data, EXPORT_MAGIC, EXPORT_VERSION, "seedslot export", source)
     # The hash matched, so a header that does not parse was written that way on purpose.
     try:
         (head_len,) = _JSON_LEN.unpack_from(body)
@@ -389,9 +381,9 @@ def run_cli(args: argparse.Namespace) -> int:
         missing = [key for key in ("model", "build_args") if key not in payload]
         if missing:
             raise CheckpointError(f"{args.checkpoint}: not a training checkpoint: it has no {', '.join(missing)}")
-        from .train import _build_from
+        from .models import build_from_checkpoint
 
-        model = _build_from(payload, args.checkpoint)
+        model = build_from_checkpoint(payload, args.checkpoint)
         try:
             load_state_into(model, payload["model"])
         except CheckpointError as e:

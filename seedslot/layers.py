@@ -41,10 +41,11 @@ from .candidates import (
     selected_values,
     stream_keys,
 )
-from .config import SlotConfig, check_int
+from .config import SlotConfig
 from .rng import key32
 from .selection import greedy, sample
 from .storages import ScoreStorage, register_proxy, slot_owner
+from .validate import check_int
 
 __all__ = ["SlotLinear", "SlotConv2d", "DenseSlotLinear", "DenseSlotConv2d", "SlotLayer", "SeededSlotLayer",
            "DenseSlotLayer", "slot_owner"]

@@ -20,8 +20,9 @@ from .layers import SlotLayer
 from .rng import derive
 from .scores import SCORES
 from .selection import SELECTION
+from .validate import check_choice, check_int
 
-__all__ = ["MODELS", "MODES", "build", "count_connections"]
+__all__ = ["MODELS", "MODES", "build", "build_from_checkpoint", "check_build_args", "count_connections"]
 
 MODELS = ("lenet", "conv2", "conv4", "conv6", "vgg19")
 MODES = ("seeded", "dense", "learned")
@@ -95,12 +96,6 @@ def _check_size(name: str, s: int) -> None:
         raise ValueError(f"input_size is too small for {name}: the feature map shrinks to nothing")
 
 
-def _positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an int >= 1; got {value!r}")
-    return value
-
-
 def build(
     name: str,
     *,
@@ -127,18 +122,16 @@ def build(
     ``seed``. ``score_lambda`` scales the score initialisation U(0, lambda*sigma); None is the
     paper's (1 for conv, 0.1 for linear layers; the authors' code uses 1 everywhere).
     """
-    if name not in MODELS:
-        raise ValueError(f"name must be one of {', '.join(map(repr, MODELS))}; got {name!r}")
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {', '.join(map(repr, MODES))}; got {mode!r}")
+    check_choice("name", name, MODELS)
+    check_choice("mode", mode, MODES)
     # checked in every mode, so that build_args always mean something
     config = SlotConfig.resolve(config, "build", k=k, seed=seed, sharing=sharing, selection=selection, scores=scores,
                                 score_lambda=score_lambda)
     k, seed, sharing, selection = config.k, config.seed, config.sharing, config.selection
     scores, score_lambda = config.scores, config.score_lambda
-    in_channels = _positive_int("in_channels", (1 if name == "lenet" else 3) if in_channels is None else in_channels)
-    input_size = _positive_int("input_size", (28 if name == "lenet" else 32) if input_size is None else input_size)
-    _positive_int("num_classes", num_classes)
+    in_channels = check_int("in_channels", (1 if name == "lenet" else 3) if in_channels is None else in_channels, 1)
+    input_size = check_int("input_size", (28 if name == "lenet" else 32) if input_size is None else input_size, 1)
+    check_int("num_classes", num_classes, 1)
     args = dict(name=name, mode=mode, k=k, seed=seed, sharing=sharing, selection=selection, scores=scores,
                 in_channels=in_channels, num_classes=num_classes, input_size=input_size,
                 score_lambda=score_lambda)
@@ -231,6 +224,24 @@ def check_build_args(args, source: str, *, available_bytes: int, export: bool = 
             f"{bits / 8:g} bytes each; the file holds {available_bytes} bytes"
         )
     return args
+
+
+def build_from_checkpoint(payload: dict, source: str) -> nn.Module:
+    """The model a training checkpoint's ``build_args`` describe, checked first against what the
+    file holds (:func:`check_build_args`); its state is loaded separately. CheckpointError for a
+    payload that is not a training checkpoint or whose ``build_args`` cannot be built."""
+    from .checkpoints import CheckpointError
+
+    if "model" not in payload or "build_args" not in payload:
+        raise CheckpointError(f"{source}: not a seedslot training checkpoint (no model or build_args)")
+    if not isinstance(payload["model"], dict):
+        raise CheckpointError(f"{source}: tampered: model must be a state_dict; got {type(payload['model']).__name__}")
+    held = sum(t.numel() * t.element_size() for t in payload["model"].values() if isinstance(t, torch.Tensor))
+    check_build_args(payload["build_args"], source, available_bytes=held)
+    try:
+        return build(**payload["build_args"])
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{source}: build_args {payload['build_args']} cannot be built: {e}") from None
 
 
 def count_connections(model: nn.Module) -> int:

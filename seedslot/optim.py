@@ -36,16 +36,7 @@ from torch.optim import Optimizer
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from .storages import slot_owner
-
-
-def _check_float(name: str, value, lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = True) -> float:
-    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
-    if ok:
-        ok = (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi)
-    if not ok:
-        lo_b, hi_b = "(" if lo_open else "[", ")" if hi_open else "]"
-        raise ValueError(f"{name} must be a finite number in {lo_b}{lo}, {hi}{hi_b}; got {value!r}")
-    return float(value)
+from .validate import check_float
 
 
 _FP32_MAX = float(torch.finfo(torch.float32).max)
@@ -54,9 +45,9 @@ _FP32_MAX = float(torch.finfo(torch.float32).max)
 def _check_group(group: dict, where: str = "", lr_min_open: bool = False) -> None:
     """ValueError, naming the hyper-parameter (and ``where``), unless ``group``'s are usable."""
     try:
-        lr = _check_float("lr", group["lr"], 0.0, math.inf, lo_open=lr_min_open)
-        _check_float("momentum", group["momentum"], 0.0, 1.0)
-        wd = _check_float("weight_decay", group["weight_decay"], 0.0, math.inf)
+        lr = check_float("lr", group["lr"], 0.0, math.inf, lo_open=lr_min_open)
+        check_float("momentum", group["momentum"], 0.0, 1.0)
+        wd = check_float("weight_decay", group["weight_decay"], 0.0, math.inf)
         if not isinstance(group["nesterov"], bool):
             raise ValueError(f"nesterov must be True or False; got {group['nesterov']!r}")
         if group["nesterov"] and group["momentum"] == 0.0:

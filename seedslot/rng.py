@@ -4,7 +4,8 @@
 of integers: any subset of values can be recomputed in any order, in any chunking, on any device,
 and always gives the same 32 bits. ``mix32`` is Chris Wellons' ``lowbias32`` integer hash. Three
 implementations agree bit for bit: eager torch, the same code fused by ``torch.compile`` (used
-automatically, disabled by ``SEEDSLOT_COMPILE=0``), and the numpy ``uint32`` reference below.
+automatically, disabled by ``SEEDSLOT_COMPILE=0``), and the numpy ``uint32`` reference the tests
+keep (``tests/reference.py``).
 
 Torch has no unsigned 32-bit arithmetic, so torch code works on int32 and relies on two's
 complement wrap-around: bitwise ops and the low 32 bits of a product are the same for int32 and
@@ -21,7 +22,6 @@ import os
 import warnings
 from typing import Callable, TypeVar
 
-import numpy as np
 import torch
 
 _M1 = 0x7FEB352D
@@ -91,36 +91,6 @@ def signed24(b: torch.Tensor) -> torch.Tensor:
 def unit24(b: torch.Tensor) -> torch.Tensor:
     """The top 24 bits as a uniform float32 in [0, 1) (exact: 24 bits fit the fp32 mantissa)."""
     return ((b >> 8) & 0xFFFFFF).to(torch.float32) * (2.0**-24)
-
-
-# ---------------------------------------------------------------- numpy reference (tests only)
-
-
-def np_mix32(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, dtype=np.uint32)
-    x = x ^ (x >> np.uint32(16))
-    x = x * np.uint32(_M1)
-    x = x ^ (x >> np.uint32(15))
-    x = x * np.uint32(_M2)
-    return x ^ (x >> np.uint32(16))
-
-
-def np_bits(conn: np.ndarray, key_a: int, keys_b: np.ndarray) -> np.ndarray:
-    """Reference for :func:`bits` in true uint32 arithmetic; returns uint32."""
-    with np.errstate(over="ignore"):
-        a = np.uint32(key_a & 0xFFFFFFFF)
-        kb = np.asarray(keys_b, dtype=np.int64).astype(np.uint32)
-        h = np_mix32(np.asarray(conn, dtype=np.int64).astype(np.uint32) ^ a)
-        return np_mix32(h[..., None] ^ kb)
-
-
-def np_noise_bits(conn: np.ndarray, key_a: int, keys_b: np.ndarray) -> np.ndarray:
-    """Reference for :func:`noise_bits`; returns uint32."""
-    with np.errstate(over="ignore"):
-        kb = np.asarray(keys_b, dtype=np.int64).astype(np.uint32)
-        h = np_mix32(np.asarray(conn, dtype=np.int64).astype(np.uint32) ^ np.uint32(key_a & 0xFFFFFFFF))
-        x = (h[..., None] ^ kb) * np.uint32(_M1)
-        return x ^ (x >> np.uint32(15))
 
 
 # ---------------------------------------------------------------- the fused path

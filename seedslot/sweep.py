@@ -21,7 +21,9 @@ import time
 from dataclasses import dataclass
 
 from .devices import DEVICE_HELP, resolve_device
+from .files import atomic_write
 from .train import CHECKPOINT, TrainConfig, run
+from .validate import check_choice, check_int
 
 __all__ = ["EXPERIMENTS", "Preset", "PRESETS", "plan", "sweep", "report", "add_arguments", "run_cli"]
 
@@ -54,11 +56,6 @@ _PAPER_EPOCHS = {"lenet": 120, "conv2": 140}
 # The paper's published test accuracies (greedy selection) by (model, dataset): K -> accuracy.
 PAPER = {("lenet", "mnist"): {2: 0.970, 8: 0.982}}
 _PAPER_EXPERIMENTS = ("headline", "k")  # the experiments whose series those numbers belong to
-
-
-def _choice(name: str, value, accepted) -> None:
-    if value not in accepted:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, accepted))}; got {value!r}")
 
 
 def run_id(spec: dict) -> str:
@@ -141,7 +138,7 @@ def _finetune(model: str, p: Preset, seed: int, select_epochs: int, total: int) 
 
 
 def _resolve_experiments(experiment: str) -> list[str]:
-    _choice("experiment", experiment, EXPERIMENTS + ("all",))
+    check_choice("experiment", experiment, EXPERIMENTS + ("all",))
     return list(EXPERIMENTS) if experiment == "all" else [experiment]
 
 
@@ -150,7 +147,7 @@ def plan(experiment: str, *, models=SWEEP_MODELS, seeds=(0, 1), presets: dict | 
     selection run)."""
     presets = PRESETS if presets is None else presets
     for m in models:
-        _choice("model", m, SWEEP_MODELS)
+        check_choice("model", m, SWEEP_MODELS)
     if not seeds:
         raise ValueError("seeds must name at least one seed")
     specs, seen = [], set()
@@ -288,7 +285,7 @@ def sweep(experiment: str, out: str, *, dataset: str = "fashion-mnist", data_dir
     write its tables and plots; returns the number of runs trained now."""
     from .data import DATASETS
 
-    _choice("dataset", dataset, DATASETS)
+    check_choice("dataset", dataset, DATASETS)
     specs = plan(experiment, models=models, seeds=seeds, presets=presets)
     os.makedirs(out, exist_ok=True)
     done = load_records(out)
@@ -508,23 +505,16 @@ def report(experiment: str, out: str, *, models=SWEEP_MODELS, seeds=(0, 1), pres
     for name in _resolve_experiments(experiment):
         table = _table(name, records, models, seeds, presets, dataset, out)
         tables.append(table)
-        for path, write in ((os.path.join(out, f"{name}.md"), lambda p: _write(p, table + "\n")),
+        for path, write in ((os.path.join(out, f"{name}.md"), lambda p: atomic_write(p, table + "\n")),
                             (os.path.join(out, f"{name}.png"),
                              lambda p: _plot(name, records, models, seeds, presets, p, dataset))):
             write(path)
             written.append(path)
     if experiment == "all":
         path = os.path.join(out, "results.md")
-        _write(path, "\n".join(tables) + "\n")
+        atomic_write(path, "\n".join(tables) + "\n")
         written.append(path)
     return written
-
-
-def _write(path: str, text: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------- command line
@@ -551,8 +541,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def presets_for(epochs: int | None = None, limit_train: int | None = None, paper_epochs: bool = False) -> dict:
     """The presets after the command line's --epochs, --limit-train and --paper-epochs."""
-    if epochs is not None and (isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1):
-        raise ValueError(f"epochs must be an int >= 1; got {epochs!r}")
+    check_int("epochs", epochs, 1, optional=True)
     if paper_epochs and epochs is not None:
         raise ValueError("epochs and paper_epochs exclude each other")
     presets = {}

@@ -1,7 +1,10 @@
 """Training runs of the paper from one config: slot machines (seeded or dense), the learned and
 random-selection baselines, and fine-tuning of a selected network.
 
-``run`` is one flat loop. Everything random in it is keyed by the seed: the validation split, each
+``run`` is set-up by small named steps (``_configure`` the config or resume it, ``_Outputs``,
+``_load_data``, ``_build`` model, optimizer and scheduler, ``_start`` from a checkpoint or a seed),
+one flat loop, and ``_summary``. A single process is a world of one (:class:`~seedslot.distributed.Ranks`):
+the loop is the same under DDP. Everything random in it is keyed by the seed: the validation split, each
 epoch's shuffle (a generator seeded from (seed, epoch)), each batch's flips, and dropout (the global
 torch RNG, seeded once and saved in every checkpoint). A run killed mid-epoch and resumed from its
 ``last.ckpt`` therefore ends bit-identical to an uninterrupted one (same thread count assumed:
@@ -26,24 +29,21 @@ from torch import nn
 from tqdm import tqdm
 
 from . import data as _data
-from . import distributed as _distributed
-from .checkpoints import (
-    CheckpointError,
-    load_checkpoint,
-    load_state_into,
-    remove_stale_temporaries,
-    save_checkpoint,
-)
+from .checkpoints import CheckpointError, load_checkpoint, load_state_into, save_checkpoint
 from .convert import to_dense
 from .devices import resolve_device
+from .distributed import Ranks
+from .files import atomic_write, remove_stale_temporaries
 from .layers import SlotLayer
 from .memory import state_bytes
-from .models import MODELS, MODES, build, check_build_args, count_connections
+from .models import MODELS, MODES, build, build_from_checkpoint, count_connections
 from .optim import SlotSGD
 from .rng import compile_enabled, derive
 from .scores import SCORES
+from .validate import check_choice, check_float, check_int
 
-__all__ = ["TrainConfig", "resolve", "run", "evaluate", "random_selection_"]
+__all__ = ["TrainConfig", "resolve", "run", "evaluate", "random_selection_", "make_model", "epoch_batches",
+           "flip_generator"]
 
 # stream tags of the training run's random numbers
 _SHUFFLE, _FLIP, _DROPOUT, _RANDOM_SELECTION = 0x5F01, 0x5F02, 0x5F03, 0x5F04
@@ -51,6 +51,7 @@ _BASE_EPOCHS = {"lenet": 120, "conv2": 140, "conv4": 140, "conv6": 140, "vgg19":
 _EVAL_BATCH = 1000
 CHECKPOINT = "last.ckpt"
 METRICS = "metrics.jsonl"
+SUMMARY = "summary.json"
 
 
 @dataclass
@@ -91,30 +92,14 @@ class TrainConfig:
 _RESUME_OVERRIDES = ("data_dir", "json", "threads", "checkpoint_every_steps", "epochs", "device")
 
 
-def _choice(name: str, value, accepted) -> None:
-    if value not in accepted:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, accepted))}; got {value!r}")
-
-
-def _int(name: str, value, minimum: int) -> None:
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < minimum):
-        raise ValueError(f"{name} must be an int >= {minimum}; got {value!r}")
-
-
-def _float(name: str, value, lo: float, hi: float = math.inf, lo_open: bool = False) -> None:
-    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
-    if not ok or value < lo or (lo_open and value == lo) or value >= hi:
-        raise ValueError(f"{name} must be a finite number in {'(' if lo_open else '['}{lo}, {hi}); got {value!r}")
-
-
 def resolve(config: TrainConfig) -> TrainConfig:
     """``config`` with every None default replaced by the paper's value; ValueError for values
     that are unknown or do not fit together (e.g. k with mode "learned")."""
     c = config
-    _choice("model", c.model, MODELS)
-    _choice("dataset", c.dataset, _data.DATASETS)
+    check_choice("model", c.model, MODELS)
+    check_choice("dataset", c.dataset, _data.DATASETS)
     mode = c.mode if c.mode is not None else ("learned" if c.finetune_from else "seeded")
-    _choice("mode", mode, MODES)
+    check_choice("mode", mode, MODES)
     if mode == "learned":
         for name in ("k", "selection", "sharing", "scores", "score_lambda"):
             if getattr(c, name) is not None:
@@ -132,19 +117,20 @@ def resolve(config: TrainConfig) -> TrainConfig:
             raise ValueError("random_selection does not train: epochs does not apply")
     slot = mode != "learned"
     k = (8 if c.k is None else c.k) if slot else None
-    _int("k", k, 1)
+    if slot:
+        check_int("k", k, 1)
     selection = (c.selection or "greedy") if slot else None
     sharing = (c.sharing or "none") if slot else None
     scores = (c.scores or "int8") if mode == "seeded" else None
     if slot:
-        _choice("selection", selection, ("greedy", "sample"))
-        _choice("sharing", sharing, ("none", "layer", "global"))
+        check_choice("selection", selection, ("greedy", "sample"))
+        check_choice("sharing", sharing, ("none", "layer", "global"))
     if scores is not None:
-        _choice("scores", scores, SCORES)
+        check_choice("scores", scores, SCORES)
         if c.random_selection and scores == "implicit":
             raise ValueError("random_selection needs stored scores: use scores 'int8' or 'fp32'")
 
-    _int("epochs", c.epochs, 1)
+    check_int("epochs", c.epochs, 1, optional=True)
     if c.random_selection:
         epochs = 0
     elif c.epochs is not None:
@@ -170,26 +156,26 @@ def resolve(config: TrainConfig) -> TrainConfig:
         momentum=0.9 if c.momentum is None else float(c.momentum), weight_decay=float(weight_decay),
         lr_milestones=milestones, normalize=c.normalize or _data.DEFAULT_NORMALIZE[c.dataset],
     )
-    _int("batch_size", out.batch_size, 1)
-    _float("lr", out.lr, 0.0, lo_open=True)
-    _float("momentum", out.momentum, 0.0, 1.0)
-    _float("weight_decay", out.weight_decay, 0.0)
-    _float("lr_gamma", out.lr_gamma, 0.0, lo_open=True)
+    check_int("batch_size", out.batch_size, 1)
+    check_float("lr", out.lr, 0.0, lo_open=True)
+    check_float("momentum", out.momentum, 0.0, 1.0)
+    check_float("weight_decay", out.weight_decay, 0.0)
+    check_float("lr_gamma", out.lr_gamma, 0.0, lo_open=True)
     for m in out.lr_milestones:
-        _int("lr_milestones", m, 1)
+        check_int("lr_milestones", m, 1)
     peak_lr = out.lr * max(1.0, out.lr_gamma ** len(out.lr_milestones))
     if mode == "seeded" and peak_lr * out.weight_decay >= 1.0:  # SlotSGD would refuse it at that step
         raise ValueError(f"lr * weight_decay must be < 1 for mode 'seeded' (the decay multiplies every score "
                          f"by 1 - lr * weight_decay); got peak lr {peak_lr:g}, weight_decay {out.weight_decay:g}")
     if out.score_lambda is not None:
-        _float("score_lambda", out.score_lambda, 0.0, lo_open=True)
-    _int("seed", out.seed, 0)
-    _choice("normalize", out.normalize, _data.NORMALIZE)
-    _int("limit_train", out.limit_train, 2)
-    _int("checkpoint_every_steps", out.checkpoint_every_steps, 1)
+        check_float("score_lambda", out.score_lambda, 0.0, lo_open=True)
+    check_int("seed", out.seed, 0)
+    check_choice("normalize", out.normalize, _data.NORMALIZE)
+    check_int("limit_train", out.limit_train, 2, optional=True)
+    check_int("checkpoint_every_steps", out.checkpoint_every_steps, 1, optional=True)
     if out.checkpoint_every_steps is not None and out.out is None:
         raise ValueError("checkpoint_every_steps saves into out: pass out (a directory) too")
-    _int("threads", out.threads, 1)
+    check_int("threads", out.threads, 1, optional=True)
     resolve_device(out.device)  # an unknown or absent device is an error before anything starts
     return out
 
@@ -262,20 +248,21 @@ def _restore(ckpt: dict, source: str, cfg: TrainConfig, objects: dict, batches_p
         raise CheckpointError(f"{source}: not a seedslot training checkpoint ({type(e).__name__}: {e})") from None
 
 
-# ---------------------------------------------------------------- helpers of the loop
+# ---------------------------------------------------------------- pieces of the loop
 
 
 def _seed64(*words: int) -> int:
     return derive(*words) & (2**63 - 1)
 
 
-def _epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[torch.Tensor]:
+def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[torch.Tensor]:
     """Index batches of the whole training split for ``epoch``: a shuffle fixed by (seed, epoch)."""
     order = torch.randperm(n, generator=torch.Generator().manual_seed(_seed64(seed, _SHUFFLE, epoch)))
     return list(order.split(batch_size))
 
 
-def _flip_generator(seed: int, epoch: int, step: int) -> torch.Generator:
+def flip_generator(seed: int, epoch: int, step: int) -> torch.Generator:
+    """The generator of the random flips of batch ``step`` of ``epoch``."""
     return torch.Generator().manual_seed(_seed64(seed, _FLIP, epoch, step))
 
 
@@ -294,7 +281,8 @@ def _peak_rss_bytes() -> int:
 class _StopOnCtrlC:
     """While active, the first Ctrl-C asks the loop to stop after the current step (so that what
     was done can be saved); a second one interrupts at once. With ``agree``, ``asked`` records it
-    and the loop sets ``requested`` once the ranks agree, so that all stop after the same step."""
+    and ``requested`` is set once the ranks agree (:meth:`agree`), so that all stop after the same
+    step; without, the Ctrl-C sets ``requested`` at once."""
 
     def __init__(self, agree: bool = False) -> None:
         self.requested = self.asked = False
@@ -312,6 +300,10 @@ class _StopOnCtrlC:
         self.asked = True
         self.requested = not self._agree
         print("\nseedslot: stopping after this step and saving (Ctrl-C again aborts)", file=sys.stderr, flush=True)
+
+    def agree(self, asked_anywhere: bool) -> None:
+        """Stop after this step when any rank was asked to (``asked`` summed over the ranks)."""
+        self.requested = self.requested or asked_anywhere
 
     def __exit__(self, *exc) -> None:
         if self._previous is not None:
@@ -350,47 +342,59 @@ def random_selection_(model: nn.Module, seed: int) -> nn.Module:
     return model
 
 
-def _make_model(cfg: TrainConfig, data: _data.Data, ckpt: dict | None) -> nn.Module:
-    shape = dict(in_channels=data.in_channels, input_size=data.input_size, num_classes=data.num_classes)
-    if ckpt is not None:
-        return _build_from(ckpt, os.path.join(cfg.resume, CHECKPOINT))
-    if cfg.finetune_from is None:
-        return build(cfg.model, mode=cfg.mode, k=cfg.k or 8, seed=cfg.seed, sharing=cfg.sharing or "none",
-                     selection=cfg.selection or "greedy", scores=cfg.scores or "int8",
-                     score_lambda=cfg.score_lambda, **shape)
-    payload = load_checkpoint(cfg.finetune_from)
-    slot = _build_from(payload, cfg.finetune_from)
-    args = slot.build_args
-    if args["mode"] == "learned":
-        raise ValueError(f"{cfg.finetune_from} holds an ordinary network; finetune_from takes a slot machine checkpoint")
-    if args["name"] != cfg.model:
-        raise ValueError(f"{cfg.finetune_from} holds a {args['name']} model; pass model={args['name']!r}")
-    if any(args[key] != value for key, value in shape.items()):
-        raise ValueError(f"{cfg.finetune_from} was trained on {args['in_channels']}x{args['input_size']}^2 inputs, "
-                         f"{cfg.dataset} has {data.in_channels}x{data.input_size}^2")
-    load_state_into(slot, payload["model"])
-    model = to_dense(slot)
-    model.build_args = {**args, "mode": "learned"}  # an ordinary model of the same architecture
-    return model
-
-
-def _build_from(payload: dict, source: str) -> nn.Module:
-    """The model a checkpoint's ``build_args`` describe (its state is loaded separately)."""
-    if "model" not in payload or "build_args" not in payload:
-        raise CheckpointError(f"{source}: not a seedslot training checkpoint (no model or build_args)")
-    if not isinstance(payload["model"], dict):
-        raise CheckpointError(f"{source}: tampered: model must be a state_dict; got {type(payload['model']).__name__}")
-    held = sum(t.numel() * t.element_size() for t in payload["model"].values() if isinstance(t, torch.Tensor))
-    check_build_args(payload["build_args"], source, available_bytes=held)
-    try:
-        return build(**payload["build_args"])
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{source}: build_args {payload['build_args']} cannot be built: {e}") from None
+def _epoch_record(epoch: int, pos: dict, tally: dict, val: tuple, lr: float, seconds: float,
+                  device: torch.device) -> dict:
+    """The metrics line of a finished epoch."""
+    seen = max(tally["seen"], 1)
+    return dict(kind="epoch", epoch=epoch + 1, global_step=pos["global_step"],
+                train_loss=tally["loss_sum"] / seen, train_accuracy=tally["correct"] / seen,
+                val_loss=val[0], val_accuracy=val[1], lr=lr, seconds=seconds,
+                peak_rss_bytes=_peak_rss_bytes(), **_cuda_peak(device))
 
 
 def _cuda_peak(device: torch.device) -> dict:
     """``{"cuda_max_allocated_bytes": ...}`` on a CUDA device, else nothing."""
     return {"cuda_max_allocated_bytes": torch.cuda.max_memory_allocated(device)} if device.type == "cuda" else {}
+
+
+def _in_step_state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    """:func:`state_bytes` as during a step: a gradient counted for every trainable parameter,
+    also after a run (e.g. a resumed finished one) in which no step ran."""
+    missing = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad and p.grad is None)
+    return state_bytes(model, optimizer) + missing
+
+
+def _fmt(loss: float | None, accuracy: float | None) -> str:
+    if loss is None or accuracy is None:
+        return "loss n/a acc n/a"
+    return f"loss {loss:.4f} acc {accuracy:.2%}"
+
+
+# ---------------------------------------------------------------- set-up
+
+
+@dataclass
+class _State:
+    """Everything a checkpoint holds: what is trained, and where the loop stands (``pos``) with
+    the running epoch's sums and the finished epochs' records (``tally``)."""
+
+    cfg: TrainConfig
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    device: torch.device
+    pos: dict = dataclasses.field(default_factory=lambda: dict(epoch=0, step_in_epoch=0, global_step=0))
+    tally: dict = dataclasses.field(default_factory=lambda: dict(loss_sum=0.0, correct=0, seen=0, epoch_seconds=0.0,
+                                                                 history=[]))
+
+    def payload(self) -> dict:
+        """The checkpoint: state dicts, the RNG states (CUDA's on a CUDA device), pos, tally, config."""
+        return dict(
+            model=self.model.state_dict(), optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
+            rng=torch.get_rng_state(), **self.pos, tally=self.tally, config=asdict(self.cfg),
+            build_args=self.model.build_args,
+            **({"cuda_rng": torch.cuda.get_rng_state(self.device)} if self.device.type == "cuda" else {}),
+        )
 
 
 def _check_outputs(cfg: TrainConfig) -> None:
@@ -407,17 +411,125 @@ def _check_outputs(cfg: TrainConfig) -> None:
             raise ValueError(f"json: directory {parent} is not writable")
 
 
-def _in_step_state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
-    """:func:`state_bytes` as during a step: a gradient counted for every trainable parameter,
-    also after a run (e.g. a resumed finished one) in which no step ran."""
-    missing = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad and p.grad is None)
-    return state_bytes(model, optimizer) + missing
+class _Outputs:
+    """The files of a run, written by rank 0 only: ``out/last.ckpt``, ``out/metrics.jsonl``,
+    ``out/summary.json`` and the ``json`` summary. Made before anything is loaded or trained:
+    ValueError (on every rank) when ``out`` or ``json`` could not be written."""
+
+    def __init__(self, cfg: TrainConfig, main: bool) -> None:
+        _check_outputs(cfg)
+        self.out = cfg.out if main else None
+        self.json = cfg.json if main else None
+        if self.out is not None:
+            os.makedirs(self.out, exist_ok=True)
+            for name in (CHECKPOINT, METRICS, SUMMARY):  # temporaries left by a kill during a write
+                remove_stale_temporaries(os.path.join(self.out, name))
+
+    def save(self, state: _State) -> str | None:
+        """Write ``out/last.ckpt``; its path, or None without ``out``."""
+        if self.out is None:
+            return None
+        path = os.path.join(self.out, CHECKPOINT)
+        save_checkpoint(path, state.payload())
+        return path
+
+    def log(self, record: dict) -> None:
+        """Append one line to ``out/metrics.jsonl``."""
+        if self.out is not None:
+            with open(os.path.join(self.out, METRICS), "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def rewrite_metrics(self, history: list[dict]) -> None:
+        """``out/metrics.jsonl`` as a resumed checkpoint knows it: a kill between an epoch's log
+        and its save leaves a record the checkpoint does not know, and its history is the truth."""
+        if self.out is not None:
+            atomic_write(os.path.join(self.out, METRICS), "".join(json.dumps(r) + "\n" for r in history))
+
+    def write_summary(self, summary: dict) -> None:
+        """Write the summary to ``json`` and ``out/summary.json``."""
+        text = json.dumps(summary, indent=2) + "\n"
+        for path in filter(None, [self.json, self.out and os.path.join(self.out, SUMMARY)]):
+            atomic_write(path, text)  # never a half-written summary
 
 
-def _fmt(loss: float | None, accuracy: float | None) -> str:
-    if loss is None or accuracy is None:
-        return "loss n/a acc n/a"
-    return f"loss {loss:.4f} acc {accuracy:.2%}"
+def _configure(config: TrainConfig) -> tuple[TrainConfig, dict | None]:
+    """The resolved config, and the checkpoint a resumed run continues (None for a new run)."""
+    if config.resume is None:
+        return resolve(config), None
+    source = os.path.join(config.resume, CHECKPOINT)
+    ckpt = load_checkpoint(source)
+    return _resumed(config, ckpt, source), ckpt
+
+
+def _load_data(cfg: TrainConfig, device: torch.device) -> _data.Data:
+    """The run's dataset, split and on ``device``."""
+    data = _data.load(cfg.dataset, cfg.data_dir, seed=cfg.seed, normalize=cfg.normalize, limit_train=cfg.limit_train)
+    return data.to(device)  # uint8 images move once: no per-batch host-to-device copy
+
+
+def make_model(cfg: TrainConfig, data: _data.Data, ckpt: dict | None) -> nn.Module:
+    """The model a run trains: rebuilt from a resumed checkpoint, the selected weights of
+    ``finetune_from`` as an ordinary network, or built fresh from ``cfg``."""
+    shape = dict(in_channels=data.in_channels, input_size=data.input_size, num_classes=data.num_classes)
+    if ckpt is not None:
+        return build_from_checkpoint(ckpt, os.path.join(cfg.resume, CHECKPOINT))
+    if cfg.finetune_from is None:
+        return build(cfg.model, mode=cfg.mode, k=cfg.k or 8, seed=cfg.seed, sharing=cfg.sharing or "none",
+                     selection=cfg.selection or "greedy", scores=cfg.scores or "int8",
+                     score_lambda=cfg.score_lambda, **shape)
+    payload = load_checkpoint(cfg.finetune_from)
+    slot = build_from_checkpoint(payload, cfg.finetune_from)
+    args = slot.build_args
+    if args["mode"] == "learned":
+        raise ValueError(f"{cfg.finetune_from} holds an ordinary network; finetune_from takes a slot machine checkpoint")
+    if args["name"] != cfg.model:
+        raise ValueError(f"{cfg.finetune_from} holds a {args['name']} model; pass model={args['name']!r}")
+    if any(args[key] != value for key, value in shape.items()):
+        raise ValueError(f"{cfg.finetune_from} was trained on {args['in_channels']}x{args['input_size']}^2 inputs, "
+                         f"{cfg.dataset} has {data.in_channels}x{data.input_size}^2")
+    load_state_into(slot, payload["model"])
+    model = to_dense(slot)
+    model.build_args = {**args, "mode": "learned"}  # an ordinary model of the same architecture
+    return model
+
+
+def _build(cfg: TrainConfig, data: _data.Data, ckpt: dict | None, device: torch.device,
+           ranks: Ranks) -> tuple[_State, nn.Module]:
+    """The model on ``device``, its optimizer and scheduler (at their start), and the module the
+    loop calls: the model itself, or its DDP wrapper."""
+    model = make_model(cfg, data, ckpt).to(device)
+    ranks.check_batch_size(cfg.batch_size)
+    net = ranks.wrap(model, device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    hyper = dict(lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    optimizer = SlotSGD(params, **hyper) if cfg.mode == "seeded" else torch.optim.SGD(params, **hyper)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, cfg.lr_milestones, cfg.lr_gamma)
+    return _State(cfg, model, optimizer, scheduler, device), net
+
+
+def _start(state: _State, ckpt: dict | None, batches_per_epoch: int, rank: int) -> None:
+    """Restore ``state`` and the RNGs from a resumed checkpoint, or seed dropout for a new run;
+    ranks other than 0 draw their own dropout masks."""
+    cfg, device = state.cfg, state.device
+    if ckpt is not None:
+        objects = dict(model=state.model, optimizer=state.optimizer, scheduler=state.scheduler)
+        state.pos, state.tally = _restore(ckpt, os.path.join(cfg.resume, CHECKPOINT), cfg, objects, batches_per_epoch)
+        if device.type == "cuda" and isinstance(ckpt.get("cuda_rng"), torch.Tensor):
+            torch.cuda.set_rng_state(ckpt["cuda_rng"], device)  # dropout on CUDA draws from its own generator
+    else:
+        torch.manual_seed(_seed64(cfg.seed, _DROPOUT))
+    if rank:
+        torch.manual_seed(_seed64(cfg.seed, _DROPOUT, rank, state.pos["global_step"]))
+
+
+def _announce(cfg: TrainConfig, resumed: bool, pos: dict, data: _data.Data, device: torch.device, say) -> None:
+    say(f"seedslot train: {cfg.model} on {cfg.dataset}, mode {cfg.mode}"
+        + (f", resumed from {cfg.resume} at epoch {pos['epoch'] + 1} step {pos['step_in_epoch']}" if resumed else ""))
+    say("config: " + json.dumps(asdict(cfg)))
+    say("data: " + data.describe())
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} CPU threads"
+    say(f"torch: {device} ({where}), torch.compile {'on' if compile_enabled() else 'off'} "
+        "(SEEDSLOT_COMPILE=0 turns it off)")
 
 
 # ---------------------------------------------------------------- the run
@@ -432,115 +544,45 @@ def run(config: TrainConfig, *, progress: bool = True) -> dict:
     saves, and returns a summary with ``interrupted`` true.
     """
     t_start = time.perf_counter()
-    ckpt = None
-    if config.resume is not None:
-        source = os.path.join(config.resume, CHECKPOINT)
-        ckpt = load_checkpoint(source)
-        cfg = _resumed(config, ckpt, source)
-    else:
-        cfg = resolve(config)
-    joined = _distributed.init_from_env()
-    rank, world = _distributed.rank_and_world()
-    main = rank == 0
-    say = (lambda *a: print(*a, flush=True)) if main else (lambda *a: None)
+    cfg, ckpt = _configure(config)
+    ranks = Ranks.join()  # torchrun's ranks, or a world of one
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
-    _check_outputs(cfg)  # before anything is loaded, trained or written
-    if cfg.out is not None and main:
-        os.makedirs(cfg.out, exist_ok=True)
-        remove_stale_temporaries(os.path.join(cfg.out, CHECKPOINT))  # left by a kill during a save
-
-    data = _data.load(cfg.dataset, cfg.data_dir, seed=cfg.seed, normalize=cfg.normalize, limit_train=cfg.limit_train)
-    data = data.to(device)  # uint8 images move once: no per-batch host-to-device copy
-    model = _make_model(cfg, data, ckpt).to(device)
-    if world > 1:
-        _distributed.check_batch_size(cfg.batch_size, world)
-    net = _distributed.wrap(model, device if device.type == "cuda" else None) if world > 1 else model
-    params = [p for p in model.parameters() if p.requires_grad]
-    hyper = dict(lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    optimizer = SlotSGD(params, **hyper) if cfg.mode == "seeded" else torch.optim.SGD(params, **hyper)
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, cfg.lr_milestones, cfg.lr_gamma)
-    # Where the loop stands; a checkpoint saves all of it.
-    pos = dict(epoch=0, step_in_epoch=0, global_step=0)
-    tally = dict(loss_sum=0.0, correct=0, seen=0, epoch_seconds=0.0, history=[])
+    outputs = _Outputs(cfg, ranks.main)  # before anything is loaded, trained or written
+    data = _load_data(cfg, device)
+    state, net = _build(cfg, data, ckpt, device, ranks)
+    _start(state, ckpt, math.ceil(len(data.train) / cfg.batch_size), ranks.rank)
+    model, optimizer, scheduler, pos, tally = state.model, state.optimizer, state.scheduler, state.pos, state.tally
+    _announce(cfg, ckpt is not None, pos, data, device, ranks.say)
     if ckpt is not None:
-        pos, tally = _restore(ckpt, source, cfg, dict(model=model, optimizer=optimizer, scheduler=scheduler),
-                              math.ceil(len(data.train) / cfg.batch_size))
-        if device.type == "cuda" and isinstance(ckpt.get("cuda_rng"), torch.Tensor):
-            torch.cuda.set_rng_state(ckpt["cuda_rng"], device)  # dropout on CUDA draws from its own generator
-    else:
-        torch.manual_seed(_seed64(cfg.seed, _DROPOUT))
-    if rank:  # each rank its own dropout masks
-        torch.manual_seed(_seed64(cfg.seed, _DROPOUT, rank, pos["global_step"]))
-
-    say(f"seedslot train: {cfg.model} on {cfg.dataset}, mode {cfg.mode}"
-        + (f", resumed from {cfg.resume} at epoch {pos['epoch'] + 1} step {pos['step_in_epoch']}" if ckpt else ""))
-    say("config: " + json.dumps(asdict(cfg)))
-    say("data: " + data.describe())
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} CPU threads"
-    say(f"torch: {device} ({where}), torch.compile {'on' if compile_enabled() else 'off'} "
-        "(SEEDSLOT_COMPILE=0 turns it off)")
-
-    def save() -> str | None:
-        if cfg.out is None or not main:
-            return None
-        path = os.path.join(cfg.out, CHECKPOINT)
-        save_checkpoint(path, dict(
-            model=model.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-            rng=torch.get_rng_state(), **pos, tally=tally, config=asdict(cfg), build_args=model.build_args,
-            **({"cuda_rng": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {}),
-        ))
-        return path
-
-    def log(record: dict) -> None:
-        if cfg.out is not None and main:
-            with open(os.path.join(cfg.out, METRICS), "a") as f:
-                f.write(json.dumps(record) + "\n")
-
-    if ckpt is not None and cfg.out is not None and main:
-        # A kill between an epoch's log and its save leaves a record the checkpoint does not know;
-        # the checkpoint's history is the truth.
-        path = os.path.join(cfg.out, METRICS)
-        with open(f"{path}.tmp{os.getpid()}", "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in tally["history"])
-        os.replace(f"{path}.tmp{os.getpid()}", path)
-
+        outputs.rewrite_metrics(tally["history"])
     if cfg.random_selection:
         random_selection_(model, cfg.seed)
     elif cfg.finetune_from is not None and ckpt is None:
-        val_loss, val_acc = evaluate(model, data.val, data.preprocess)
-        say(f"selected weights before fine-tuning: val {_fmt(val_loss, val_acc)}")
+        ranks.say(f"selected weights before fine-tuning: val {_fmt(*evaluate(model, data.val, data.preprocess))}")
 
     interrupted = False
-    with _StopOnCtrlC(agree=world > 1) as stop:
+    with _StopOnCtrlC(agree=ranks.world > 1) as stop:
         for epoch in range(pos["epoch"], cfg.epochs):
             t_epoch = time.perf_counter()
             model.train()
-            batches = _epoch_batches(len(data.train), cfg.batch_size, cfg.seed, epoch)
-            if world > 1 and len(batches[-1]) < world:  # a last batch too small to give every rank one
-                batches = batches[:-1]
+            batches = ranks.whole_batches(epoch_batches(len(data.train), cfg.batch_size, cfg.seed, epoch))
             bar = tqdm(total=len(batches), initial=pos["step_in_epoch"], desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                       unit="batch", leave=False, dynamic_ncols=True, disable=not (progress and main))
+                       unit="batch", leave=False, dynamic_ncols=True, disable=not (progress and ranks.main))
             for step in range(pos["step_in_epoch"], len(batches)):
-                idx = batches[step]
-                idx = idx.to(device)
-                x = data.preprocess(data.train.images[idx], _flip_generator(cfg.seed, epoch, step))
-                y = data.train.labels[idx]
-                weight = 1.0
-                if world > 1:  # flips drawn for the global batch, as in a single process
-                    weight = _distributed.loss_weight(len(y), rank, world)
-                    x, y = _distributed.shard(x, rank, world), _distributed.shard(y, rank, world)
+                idx = batches[step].to(device)
+                x = data.preprocess(data.train.images[idx], flip_generator(cfg.seed, epoch, step))
+                x, y, weight = ranks.shard(x, data.train.labels[idx])  # flips drawn for the global batch
                 optimizer.zero_grad(set_to_none=True)
                 logits = net(x)  # (B / world, classes)
                 loss = F.cross_entropy(logits, y)
                 (loss * weight).backward()  # weight 1 (exact) unless the last batch splits unevenly
                 optimizer.step()
 
-                done = [loss.item() * len(y), int((logits.argmax(dim=1) == y).sum()), len(y), stop.asked]
-                if world > 1:  # the global batch's tally, and whether any rank was asked to stop
-                    done = _distributed.sum_over_ranks(done)
-                    stop.requested = bool(done[3])
+                # the global batch's tally, and whether any rank was asked to stop
+                done = ranks.sum([loss.item() * len(y), int((logits.argmax(dim=1) == y).sum()), len(y), stop.asked])
+                stop.agree(bool(done[3]))
                 tally["loss_sum"] += done[0]
                 tally["correct"] += int(done[1])
                 tally["seen"] += int(done[2])
@@ -553,7 +595,7 @@ def run(config: TrainConfig, *, progress: bool = True) -> dict:
                 if cfg.checkpoint_every_steps and pos["global_step"] % cfg.checkpoint_every_steps == 0:
                     tally["epoch_seconds"] += time.perf_counter() - t_epoch
                     t_epoch = time.perf_counter()
-                    save()
+                    outputs.save(state)
             bar.close()
             tally["epoch_seconds"] += time.perf_counter() - t_epoch
             t_epoch = time.perf_counter()
@@ -561,32 +603,38 @@ def run(config: TrainConfig, *, progress: bool = True) -> dict:
                 interrupted = True
                 break
 
-            val_loss, val_acc = evaluate(model, data.val, data.preprocess)
+            val = evaluate(model, data.val, data.preprocess)
             lr = optimizer.param_groups[0]["lr"]
             scheduler.step()
-            seen = max(tally["seen"], 1)
-            record = dict(kind="epoch", epoch=epoch + 1, global_step=pos["global_step"],
-                          train_loss=tally["loss_sum"] / seen, train_accuracy=tally["correct"] / seen,
-                          val_loss=val_loss, val_accuracy=val_acc, lr=lr,
-                          seconds=tally["epoch_seconds"] + time.perf_counter() - t_epoch,
-                          peak_rss_bytes=_peak_rss_bytes(), **_cuda_peak(device))
-            say(f"epoch {epoch + 1}/{cfg.epochs}  train {_fmt(record['train_loss'], record['train_accuracy'])}  "
-                f"val {_fmt(val_loss, val_acc)}  lr {lr:g}  {record['seconds']:.1f} s  peak RSS {record['peak_rss_bytes'] / 2**20:.0f} MiB")
-            log(record)
+            record = _epoch_record(epoch, pos, tally, val, lr, tally["epoch_seconds"] + time.perf_counter() - t_epoch,
+                                   device)
+            ranks.say(f"epoch {epoch + 1}/{cfg.epochs}  train {_fmt(record['train_loss'], record['train_accuracy'])}  "
+                      f"val {_fmt(*val)}  lr {lr:g}  {record['seconds']:.1f} s  "
+                      f"peak RSS {record['peak_rss_bytes'] / 2**20:.0f} MiB")
+            outputs.log(record)
             pos.update(epoch=epoch + 1, step_in_epoch=0)
             tally.update(loss_sum=0.0, correct=0, seen=0, epoch_seconds=0.0, history=tally["history"] + [record])
-            if world > 1:  # scores are never sent: prove every rank still holds rank 0's before saving
-                _distributed.check_in_sync(model)
-            save()
+            ranks.check_in_sync(model)  # scores are never sent: prove every rank still holds rank 0's before saving
+            outputs.save(state)
             if stop.requested:
                 interrupted = pos["epoch"] < cfg.epochs
                 break
 
-    history = tally["history"]
+    summary = _summary(state, data, ranks, outputs, interrupted, t_start)
+    del net  # the DDP wrapper goes before the process group
+    ranks.close()
+    outputs.write_summary(summary)
+    return summary
+
+
+def _summary(state: _State, data: _data.Data, ranks: Ranks, outputs: _Outputs, interrupted: bool,
+             t_start: float) -> dict:
+    """Save an interrupted run, or evaluate a finished one on the test split; the run's summary."""
+    cfg, model, pos, history = state.cfg, state.model, state.pos, state.tally["history"]
     if interrupted:
-        path = save()
-        say(f"interrupted at epoch {pos['epoch'] + 1} step {pos['step_in_epoch']}; "
-            + (f"saved {path}; continue with --resume {cfg.out}" if path else "nothing saved (no --out)"))
+        path = outputs.save(state)
+        ranks.say(f"interrupted at epoch {pos['epoch'] + 1} step {pos['step_in_epoch']}; "
+                  + (f"saved {path}; continue with --resume {cfg.out}" if path else "nothing saved (no --out)"))
         test_loss = test_acc = None
     else:
         test_loss, test_acc = evaluate(model, data.test, data.preprocess)
@@ -594,39 +642,28 @@ def run(config: TrainConfig, *, progress: bool = True) -> dict:
     if cfg.random_selection:
         val_loss, last_val = evaluate(model, data.val, data.preprocess)
         best_val, best_epoch = last_val, 0
-        log(dict(kind="random_selection", val_loss=val_loss, val_accuracy=last_val,
-                 test_loss=test_loss, test_accuracy=test_acc))
+        outputs.log(dict(kind="random_selection", val_loss=val_loss, val_accuracy=last_val,
+                         test_loss=test_loss, test_accuracy=test_acc))
     else:
         last_val = history[-1]["val_accuracy"] if history else None
         best_val = max(vals) if vals else None
         best_epoch = next(r["epoch"] for r in history if r["val_accuracy"] == best_val) if vals else None
         if not interrupted:
-            log(dict(kind="test", test_loss=test_loss, test_accuracy=test_acc))
+            outputs.log(dict(kind="test", test_loss=test_loss, test_accuracy=test_acc))
     connections = count_connections(model)
-    total_state = _in_step_state_bytes(model, optimizer)
+    total_state = _in_step_state_bytes(model, state.optimizer)
     summary = dict(
         test_accuracy=test_acc, test_loss=test_loss,
         val_accuracy=dict(best=best_val, best_epoch=best_epoch, last=last_val),
         epochs=pos["epoch"], global_steps=pos["global_step"], interrupted=interrupted,
         seconds=time.perf_counter() - t_start, train_seconds=sum(r["seconds"] for r in history),
-        peak_rss_bytes=_peak_rss_bytes(), **_cuda_peak(device), state_bytes=total_state, connections=connections,
-        bytes_per_connection=total_state / connections, compile=compile_enabled(), threads=torch.get_num_threads(),
-        data=data.describe(), config=asdict(cfg), build_args=model.build_args, history=history,
-        checkpoint=os.path.join(cfg.out, CHECKPOINT) if cfg.out is not None and cfg.epochs else None,
+        peak_rss_bytes=_peak_rss_bytes(), **_cuda_peak(state.device), state_bytes=total_state,
+        connections=connections, bytes_per_connection=total_state / connections, compile=compile_enabled(),
+        threads=torch.get_num_threads(), data=data.describe(), config=asdict(cfg), build_args=model.build_args,
+        history=history, checkpoint=os.path.join(cfg.out, CHECKPOINT) if cfg.out is not None and cfg.epochs else None,
     )
     if test_acc is not None:
-        say(f"test loss {test_loss:.4f} acc {test_acc:.2%}  ({summary['seconds']:.1f} s, "
-            f"state {total_state / 2**20:.2f} MiB = {summary['bytes_per_connection']:.2f} B/connection)")
-    summary["world_size"] = world
-    if joined:
-        del net
-        _distributed.shutdown()
-    if main:
-        paths = [cfg.json] + ([os.path.join(cfg.out, "summary.json")] if cfg.out is not None else [])
-        for path in filter(None, paths):
-            tmp = f"{path}.tmp{os.getpid()}"  # never leave a half-written summary behind
-            with open(tmp, "w") as f:
-                json.dump(summary, f, indent=2)
-                f.write("\n")
-            os.replace(tmp, path)
+        ranks.say(f"test loss {test_loss:.4f} acc {test_acc:.2%}  ({summary['seconds']:.1f} s, "
+                  f"state {total_state / 2**20:.2f} MiB = {summary['bytes_per_connection']:.2f} B/connection)")
+    summary["world_size"] = ranks.world
     return summary

@@ -2,8 +2,6 @@
 
 import argparse
 import json
-import sys
-import types
 
 import pytest
 
@@ -88,12 +86,10 @@ def test_bad_arguments_raise_before_any_work(call):
         call()
 
 
-def test_ddp_bench_is_dispatched_when_provided(monkeypatch):
+def test_ddp_bench_is_dispatched(monkeypatch):
     calls = []
-    fake = types.ModuleType("seedslot.distributed")
-    fake.add_bench_arguments = lambda p: p.add_argument("--world-size", type=int, default=2)
-    fake.run_bench = lambda args: calls.append(args.world_size) or 7
-    monkeypatch.setitem(sys.modules, "seedslot.distributed", fake)
+    monkeypatch.setattr(B.bench_ddp, "add_arguments", lambda p: p.add_argument("--world-size", type=int, default=2))
+    monkeypatch.setattr(B.bench_ddp, "run_cli", lambda args: calls.append(args.world_size) or 7)
     assert B.main(["ddp", "--world-size", "3"]) == 7 and calls == [3]
 
 

@@ -20,7 +20,7 @@ from seedslot.checkpoints import (
     CHECKPOINT_MAGIC,
     CHECKPOINT_VERSION,
     CheckpointError,
-    _frame,
+    frame,
     load_checkpoint,
     load_state_into,
     save_checkpoint,
@@ -115,7 +115,7 @@ def test_loading_never_unpickles_objects(tmp_path, monkeypatch):
     buf = io.BytesIO()
     torch.save({"model": _Evil()}, buf)
     path = tmp_path / "evil.ckpt"
-    path.write_bytes(b"".join(_frame(CHECKPOINT_MAGIC, CHECKPOINT_VERSION, [buf.getvalue()])))
+    path.write_bytes(b"".join(frame(CHECKPOINT_MAGIC, CHECKPOINT_VERSION, [buf.getvalue()])))
     with pytest.raises(CheckpointError, match="tampered or unsafe"):
         load_checkpoint(path)
     assert not evil_dir.exists()

@@ -151,6 +151,21 @@ def test_shards_cover_the_batch_and_weights_make_the_global_mean(world, extra):
     assert all(distributed.loss_weight(n, r, world) == 1.0 for r in range(world)) == (n % world == 0)
 
 
+def test_a_world_of_one_leaves_the_loop_as_it_is():
+    one, x, y = distributed.Ranks(), torch.arange(6.0).reshape(3, 2), torch.arange(3)
+    sx, sy, weight = one.shard(x, y)
+    assert sx is x and sy is y and weight == 1.0 and type(weight) is float
+    batches = list(torch.arange(5).split(2))
+    assert one.whole_batches(batches) is batches and one.sum([1.5, 2, 3, True]) == [1.5, 2, 3, True]
+    model = torch.nn.Linear(2, 1)
+    assert one.main and one.wrap(model, torch.device("cpu")) is model
+    one.check_batch_size(7), one.check_in_sync(model), one.close()  # no process group needed
+    second = distributed.Ranks(rank=1, world=2)  # shards and weights need no process group either
+    sx, sy, weight = second.shard(torch.arange(5.0), torch.arange(5))
+    assert sy.tolist() == [3, 4] and weight == distributed.loss_weight(5, 1, 2) and not second.main
+    assert second.whole_batches(batches) == batches[:2]  # the last batch (1 example) cannot give each rank one
+
+
 @pytest.mark.parametrize("scores", ["int8", "implicit"])
 @pytest.mark.parametrize("other", [dict(seed=1), dict(k=16), dict(score_lambda=1.0), dict(sharing="layer")])
 def test_the_model_fingerprint_tells_any_slot_setting_apart(scores, other):

@@ -15,7 +15,7 @@ from torch import nn
 import seedslot
 import seedslot.models
 from seedslot.candidates import SHARING
-from seedslot.checkpoints import CheckpointError, _frame, save_checkpoint
+from seedslot.checkpoints import CheckpointError, frame, save_checkpoint
 from seedslot.export import (
     EXPORT_MAGIC,
     EXPORT_VERSION,
@@ -178,7 +178,7 @@ def _reframe(good: bytes, edit) -> bytes:
     n = int.from_bytes(body[:4], "little")
     header = edit(json.loads(body[4 : 4 + n]))
     head = json.dumps(header).encode() if not isinstance(header, bytes) else header
-    return b"".join(_frame(EXPORT_MAGIC, EXPORT_VERSION, [len(head).to_bytes(4, "little") + head, body[4 + n :]]))
+    return b"".join(frame(EXPORT_MAGIC, EXPORT_VERSION, [len(head).to_bytes(4, "little") + head, body[4 + n :]]))
 
 
 def test_error_messages_say_which_case(tmp_path):

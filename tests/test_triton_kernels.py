@@ -22,7 +22,8 @@ from seedslot import rng  # noqa: E402
 from seedslot import scores as S  # noqa: E402
 from seedslot import selection as Sel  # noqa: E402
 from seedslot import triton_kernels as TK  # noqa: E402
-from seedslot.rng import np_bits, np_noise_bits  # noqa: E402
+
+from reference import np_bits, np_noise_bits  # noqa: E402
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 if DEV.type == "cpu" and not TK.interpreted():
