@@ -110,7 +110,7 @@ def update_identities(device, model: str = "vgg19", k: int = 8, reference="cpu")
 
 def regeneration_rate(device, connections: int = 1 << 24, k: int = 8, repeats: int = 5) -> float:
     """Candidate values per second: every candidate of ``connections`` connections, one call."""
-    from .candidates import CANDIDATES, candidate_chunk, grid_step, i32, key32, stream_keys
+    from .candidates import CANDIDATES, candidate_chunk, grid_step, i32, stream_keys
 
     key_a, keys_b = stream_keys(1, CANDIDATES, k, device)
     key_a, step = i32(key_a, device), grid_step(0.01).to(device)
