@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from . import data as _data
 from .checkpoints import CheckpointError, load_checkpoint, load_state_into, save_checkpoint
+from .config import SlotConfig
 from .convert import to_dense
 from .devices import resolve_device
 from .distributed import Ranks
@@ -86,6 +87,11 @@ class TrainConfig:
     checkpoint_every_steps: int | None = None  # also save last.ckpt every N steps
     threads: int | None = None  # torch.set_num_threads
     device: str | None = None  # "auto" (CUDA when available), "cpu", "cuda" or "cuda:N"
+
+    def slot_config(self) -> SlotConfig:
+        """The slot layers' settings of this run (the library's defaults where a field is None)."""
+        return SlotConfig(k=self.k or 8, sharing=self.sharing or "none", selection=self.selection or "greedy",
+                          scores=self.scores or "int8", score_lambda=self.score_lambda, seed=self.seed)
 
 
 # Fields a resumed run may change; everything else comes from the checkpoint.
@@ -474,9 +480,7 @@ def make_model(cfg: TrainConfig, data: _data.Data, ckpt: dict | None) -> nn.Modu
     if ckpt is not None:
         return build_from_checkpoint(ckpt, os.path.join(cfg.resume, CHECKPOINT))
     if cfg.finetune_from is None:
-        return build(cfg.model, mode=cfg.mode, k=cfg.k or 8, seed=cfg.seed, sharing=cfg.sharing or "none",
-                     selection=cfg.selection or "greedy", scores=cfg.scores or "int8",
-                     score_lambda=cfg.score_lambda, **shape)
+        return build(cfg.model, mode=cfg.mode, config=cfg.slot_config(), **shape)
     payload = load_checkpoint(cfg.finetune_from)
     slot = build_from_checkpoint(payload, cfg.finetune_from)
     args = slot.build_args
