@@ -220,10 +220,18 @@ INCR_C_MIN, INCR_C_MAX, INCR_R_MAX = 2.0**-40, 2.0**40, 2.0**40
 
 
 @fused("drift", "lo", "hi")
+def incremental_slack(drift: torch.Tensor, factor: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """(n,) fp32 ``min(a - lo, hi - a)`` with ``a = drift / factor``: a connection is stale unless it
+    is > 0 (NaN propagates; the subtractions round, but a - lo > 0 exactly when a > lo in fp32, and
+    a subtraction of finite values that overflows stays > 0). A float result: inductor compiles a
+    bool one to a kernel ten times slower."""
+    a = drift / factor
+    return torch.minimum(a - lo, hi - a)
+
+
 def incremental_stale(drift: torch.Tensor, factor: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
     """(n,) bool: connections whose ratio ``a = drift / factor`` is not strictly inside (lo, hi)."""
-    a = drift / factor
-    return ~((a > lo) & (a < hi))
+    return ~(incremental_slack(drift, factor, lo, hi) > 0)
 
 
 @fused("drift", "conn")

@@ -267,11 +267,11 @@ class IncrementalImplicitScores(ImplicitScores):
     """:class:`ImplicitScores` whose greedy selection re-selects only the connections whose
     selection can have changed (``SlotConfig(scores="implicit", incremental=True)``).
 
-    Per connection it keeps the selected index (``{part}_sel``, uint8 up to K = 256) and an
-    interval (``{part}_lo``, ``{part}_hi``, fp32) of the ratio ``a = drift / factor`` over which that
-    index provably is what full recomputation selects (the argument is in :mod:`seedslot.scores`):
-    9 more bytes per connection, non-persistent buffers (a state_dict is the same as without the
-    cache). A selection checks every connection's ratio against its interval and re-selects those
+    Per connection it keeps the selected index (``{part}_sel``, uint8 up to K = 256), its candidate
+    (``{part}_val``, fp32) and an interval (``{part}_lo``, ``{part}_hi``, fp32) of the ratio
+    ``a = drift / factor`` over which that index provably is what full recomputation selects (the
+    argument is in :mod:`seedslot.scores`): 13 more bytes per connection, whatever K, in
+    non-persistent buffers (a state_dict is the same as without the cache). A selection checks every connection's ratio against its interval and re-selects those
     outside. The cache depends on nothing but the layer's keys, so the drift and the factor may
     change in any way (updates, weight decay, loads, a user's edits): they are read afresh at every
     selection. Only new keys (``set_extra_state``: seeds, score_lambda) empty the intervals.
@@ -288,11 +288,12 @@ class IncrementalImplicitScores(ImplicitScores):
         rows = math.prod(shape)
         sel = torch.uint8 if layer.k <= 256 else torch.int16 if layer.k <= 2**15 else torch.int32
         layer.register_buffer(f"{part}_sel", torch.zeros(rows, dtype=sel, device=device), persistent=False)
+        layer.register_buffer(f"{part}_val", torch.zeros(rows, device=device), persistent=False)
         layer.register_buffer(f"{part}_lo", torch.full((rows,), math.inf, device=device), persistent=False)
         layer.register_buffer(f"{part}_hi", torch.full((rows,), -math.inf, device=device), persistent=False)
 
     def state(self, part):
-        return {**super().state(part), f"{part}_sel": "scores", f"{part}_lo": "scores", f"{part}_hi": "scores"}
+        return {**super().state(part), f"{part}_sel": "scores", f"{part}_val": "scores", f"{part}_lo": "scores", f"{part}_hi": "scores"}
 
     def reseed(self, layer):
         super().reseed(layer)
@@ -311,22 +312,22 @@ class IncrementalImplicitScores(ImplicitScores):
         """Re-select ``rows`` (all when None) into the cache; False (nothing changed) when a drift
         there is not finite."""
         drift = getattr(layer, f"{part}_drift").view(-1)
-        sel, lo, hi = (getattr(layer, f"{part}_{n}") for n in ("sel", "lo", "hi"))
+        sel, val, lo, hi = (getattr(layer, f"{part}_{n}") for n in ("sel", "val", "lo", "hi"))
         offset = layer.parts[part][1]
         if rows is None:
             if not bool(torch.isfinite(drift).all()):
                 return False
             for a, b in row_chunks(drift.shape[0], layer.k):  # float64 (n, K) temporaries: chunked
                 conn = torch.arange(offset + a, offset + b, dtype=torch.int32, device=drift.device)
-                idx, _, l, h = _kernels.implicit_select_at(drift[a:b], conn, *self._at_args(layer, part))
-                sel[a:b], lo[a:b], hi[a:b] = idx, l, h
+                idx, v, l, h = _kernels.implicit_select_at(drift[a:b], conn, *self._at_args(layer, part))
+                sel[a:b], val[a:b], lo[a:b], hi[a:b] = idx, v, l, h
             return True
         d = drift[rows]
         if not bool(torch.isfinite(d).all()):
             return False
         conn = (rows + offset).to(torch.int32)
-        idx, _, l, h = _kernels.implicit_select_at(d, conn, *self._at_args(layer, part))
-        sel[rows], lo[rows], hi[rows] = idx.to(sel.dtype), l, h
+        idx, v, l, h = _kernels.implicit_select_at(d, conn, *self._at_args(layer, part))
+        sel[rows], val[rows], lo[rows], hi[rows] = idx.to(sel.dtype), v, l, h
         return True
 
     @staticmethod
@@ -342,11 +343,12 @@ class IncrementalImplicitScores(ImplicitScores):
         if not (_kernels.INCR_C_MIN <= c <= _kernels.INCR_C_MAX):
             return super().greedy(layer, part)
         lo, hi = getattr(layer, f"{part}_lo"), getattr(layer, f"{part}_hi")
-        rows = _kernels.incremental_stale(drift, factor, lo, hi).nonzero().squeeze(1)
+        (rows,) = torch.where(~(_kernels.incremental_slack(drift, factor, lo, hi) > 0))
         n = rows.shape[0]
         if n and not self._reselect(layer, part, None if n > self.REBUILD_SHARE * drift.shape[0] else rows):
             return super().greedy(layer, part)
-        return getattr(layer, f"{part}_sel").long(), None
+        # the cached values themselves (a forward adds the zero proxy or casts them: a new tensor)
+        return getattr(layer, f"{part}_sel").long(), getattr(layer, f"{part}_val")
 
 
 STORAGES: dict[str, ScoreStorage] = {s.name: s for s in (Int8Scores(), Fp32Scores(), ImplicitScores())}
