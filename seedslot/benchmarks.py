@@ -35,6 +35,7 @@ from . import bench_ddp
 from .devices import DEVICE_HELP, resolve_device
 from .files import atomic_write
 from .memory import CATEGORIES, run_in_child, state_breakdown, state_bytes
+from .config import SlotConfig
 from .optim import SlotSGD
 from .rng import compile_enabled
 from .validate import check_int
@@ -43,6 +44,7 @@ __all__ = ["MODES", "memory_bench", "budget_bench", "speed_bench", "parse_bytes"
 
 MODES = ("learned", "dense", "seeded", "implicit")  # seeded: int8 scores; implicit: scores="implicit"
 SLOT_SEEDED = ("seeded", "implicit")
+SPEED_MODES = (*MODES, "incremental")  # speed only: implicit with SlotConfig(incremental=True)
 BUDGET_MODES = ("dense", *SLOT_SEEDED)  # learned weights have no K
 BUDGET_KS = tuple(2**i for i in range(9))  # 1, 2, 4, ..., 256
 _MiB = 2**20
@@ -93,7 +95,10 @@ def _build(model: str, mode: str, k: int, device: str = "cpu") -> tuple[nn.Modul
     from .models import build  # imported late: models build on everything else
 
     with torch.device(device if mode != "learned" else "cpu"):  # learned: Glorot draws from a CPU generator
-        net = build(model, mode="seeded", k=k, scores="implicit") if mode == "implicit" else build(model, mode=mode, k=k)
+        if mode in ("implicit", "incremental"):
+            net = build(model, mode="seeded", config=SlotConfig(k=k, scores="implicit", incremental=mode == "incremental"))
+        else:
+            net = build(model, mode=mode, k=k)
     c, s = net.build_args["in_channels"], net.build_args["input_size"]
     return net, (c, s, s)
 
@@ -113,7 +118,7 @@ class _Trainer:
         self.model = net.to(device).train()
         # The paper's greedy learning rates; they do not change what a step costs.
         lr = 0.1 if k <= 8 else 0.01
-        if mode in SLOT_SEEDED:
+        if mode in (*SLOT_SEEDED, "incremental"):
             self.optimizer: torch.optim.Optimizer = SlotSGD(self.model.parameters(), lr=lr, momentum=0.9)
         else:
             self.optimizer = torch.optim.SGD(self.model.parameters(), lr=lr if mode == "dense" else 0.01, momentum=0.9)
@@ -260,7 +265,7 @@ def speed_bench(model: str = "lenet", k: int = 8, batch_size: int = 64, repeats:
     repeats, warmup = check_int("repeats", repeats, 1), check_int("warmup", warmup, 1)
     if isinstance(min_seconds, bool) or not isinstance(min_seconds, (int, float)) or not min_seconds >= 0:
         raise ValueError(f"min_seconds must be a number >= 0; got {min_seconds!r}")
-    modes, device = _modes(modes), _device(device)
+    modes, device = _modes(modes, SPEED_MODES), _device(device)
     trainers = {m: _Trainer(model, m, k, batch_size, device) for m in modes}
     n_steps = {}
     for m, t in trainers.items():
@@ -276,7 +281,7 @@ def speed_bench(model: str = "lenet", k: int = 8, batch_size: int = 64, repeats:
     out: dict[str, Any] = dict(bench="speed", model=model, compiled=compile_enabled(), k=k, batch_size=batch_size,
                                repeats=repeats, device=device, threads=torch.get_num_threads(), rows=rows, ratios={})
     med = {r["mode"]: r["step_seconds"] for r in rows}
-    for m in SLOT_SEEDED:
+    for m in (*SLOT_SEEDED, "incremental"):
         for other in ("dense", "learned"):
             if m in med and other in med:
                 out["ratios"][f"{m}_over_{other}"] = med[m] / med[other]

@@ -27,7 +27,10 @@ class SlotConfig:
     "implicit" (see :mod:`seedslot.storages`; the dense reference always keeps fp32 scores);
     ``score_lambda`` scales the initial scores U(0, lambda*sigma), None for the paper's value (0.1
     for linear, 1 for conv layers); ``seed`` the seed of a layer (or of a model, from which
-    ``slotify_`` derives each layer's)."""
+    ``slotify_`` derives each layer's); ``incremental`` (implicit scores only) re-selects only the
+    connections whose greedy selection can have changed since the last one: the same selections,
+    faster, for 13 more bytes per connection (see
+    :class:`~seedslot.storages.IncrementalImplicitScores`)."""
 
     k: int = 8
     sharing: str = "none"
@@ -35,6 +38,7 @@ class SlotConfig:
     scores: str = "int8"
     score_lambda: float | None = None
     seed: int = 0
+    incremental: bool = False
 
     def __post_init__(self) -> None:
         check_int("k", self.k, 1)
@@ -42,6 +46,9 @@ class SlotConfig:
         check_choice("sharing", self.sharing, SHARING)
         check_choice("selection", self.selection, SELECTION)
         check_choice("scores", self.scores, SCORES)
+        if not isinstance(self.incremental, bool):
+            raise ValueError(f"incremental must be a bool; got {self.incremental!r}")
+        storage_for(self.scores, self.incremental)  # incremental needs implicit scores
         lam = self.score_lambda
         if lam is not None and (isinstance(lam, bool) or not isinstance(lam, (int, float))
                                 or not (math.isfinite(lam) and lam > 0)):
@@ -50,7 +57,7 @@ class SlotConfig:
     @property
     def storage(self) -> ScoreStorage:
         """The score storage ``scores`` names."""
-        return storage_for(self.scores)
+        return storage_for(self.scores, self.incremental)
 
     def replace(self, **changes) -> "SlotConfig":
         """A copy with ``changes`` (validated again)."""

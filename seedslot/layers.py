@@ -371,7 +371,8 @@ class SeededSlotLayer(SlotLayer):
         self.storage.update(self, part, direction, lr, weight_decay, step)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, scores={self.scores!r}"
+        incremental = ", incremental=True" if getattr(self.storage, "incremental", False) else ""
+        return f"{super().extra_repr()}, scores={self.scores!r}{incremental}"
 
 
 class _StraightThrough(torch.autograd.Function):

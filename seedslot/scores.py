@@ -182,3 +182,92 @@ def implicit_greedy_unrolled(
             better = s > best  # strict: an equal later score never wins, as torch.argmax
             best, idx, value = torch.where(better, s, best), torch.where(better, j, idx), torch.where(better, w, value)
     return idx, value
+
+
+# ---------------------------------------------------------------- incremental implicit selection
+#
+# With a = A / c (c > 0) the implicit scores are c * (s0_k - a * W_k): the greedy index is a
+# piecewise constant function of the one number a. ``SlotConfig(scores="implicit",
+# incremental=True)`` keeps, per connection, the selected index i and an interval (lo, hi) of a
+# over which i provably stays what the fp32 kernels above select; a selection then only checks
+# lo < fl(A / c) < hi and re-selects the connections outside (see ImplicitScores in storages.py).
+#
+# Why the cached index equals the fp32 argmax (lowest index on ties) inside the interval. Let
+# u = 2**-24 and s0_k, W_k the fp32 values the kernels make (fixed for a connection, exact here),
+# with 0 <= s0_k <= B (B = lambda*sigma, ``bound``) and |W_k| <= sigma (the grid's top is exactly
+# sigma). The kernels compute s_k = fl(fl(c * s0_k) - fl(A * W_k)): three roundings, each with
+# relative error <= u, plus an absolute error < eta = 2**-126 when a result is subnormal or
+# flushed (FMA contraction would only remove roundings). So with T_k = c*s0_k - A*W_k,
+#     |s_k - T_k| <= 3u (c*B + |A|*sigma) + 3 eta            (u**2 terms folded in: 2u + u**2 <= 3u)
+# and if T_i - T_j > |s_i - T_i| + |s_j - T_j| for every j != i then s_i > s_j strictly for every
+# j, so the argmax is i whatever the tie rule. Divided by c, with the gap g_j(a) = (s0_i - s0_j) -
+# a (W_i - W_j), a sufficient condition is
+#     g_j(a) > 6u (B + |a| sigma) + 6 eta / c                     for all j != i.        (1)
+# The interval is built at a re-selection around a0 (the current ratio) inside the window
+# |a - a0| <= Wn = max(|a0|, B/sigma), so every a in it has |a| <= R = |a0| + Wn; it is the set
+# where g_j(a) > m for all j, m = 16u (B + R sigma) + 2**-80, solved per j in float64 and stored
+# in fp32 rounded inwards (lo up, hi down). The check uses a' = fl(A / c) (relative error <= 3u
+# even for a reciprocal-and-multiply), and g_j moves by |W_i - W_j| |a - a'| <= 2 sigma 3u R(1+3u)
+# between a' and the true a, so at the true a: g_j > m - 6.1u R sigma >= 6u (B + R(1+3u) sigma) +
+# (float64 error, < 2**-48 (B + R sigma)) + 2**-80, which is (1) because 6 eta / c < 2**-80 for
+# c >= C_MIN. Outside [C_MIN, C_MAX] for c, beyond R_MAX, or with a non-finite drift (comparisons
+# with NaN are false) the connection or the whole part is re-selected by full recomputation.
+
+INCR_U = 2.0**-24
+INCR_MARGIN = 16.0  # m = INCR_MARGIN * u * (B + R sigma) + INCR_ABS; (1) needs a bit over 12.1
+INCR_ABS = 2.0**-80
+INCR_C_MIN, INCR_C_MAX, INCR_R_MAX = 2.0**-40, 2.0**40, 2.0**40
+
+
+@fused("drift", "lo", "hi")
+def incremental_slack(drift: torch.Tensor, factor: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """(n,) fp32 ``min(a - lo, hi - a)`` with ``a = drift / factor``: a connection is stale unless it
+    is > 0 (NaN propagates; the subtractions round, but a - lo > 0 exactly when a > lo in fp32, and
+    a subtraction of finite values that overflows stays > 0). A float result: inductor compiles a
+    bool one to a kernel ten times slower."""
+    a = drift / factor
+    return torch.minimum(a - lo, hi - a)
+
+
+def incremental_stale(drift: torch.Tensor, factor: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """(n,) bool: connections whose ratio ``a = drift / factor`` is not strictly inside (lo, hi)."""
+    return ~(incremental_slack(drift, factor, lo, hi) > 0)
+
+
+@fused("drift", "conn")
+def implicit_select_at(
+    drift: torch.Tensor,  # (n,) fp32 A of the connections ``conn``
+    conn: torch.Tensor,  # (n,) int32 connection indices (the part's offset included)
+    factor: torch.Tensor, per_conn: int, cand_key: torch.Tensor, cand_keys: torch.Tensor, step: torch.Tensor,
+    score_key: torch.Tensor, score_keys: torch.Tensor, bound: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(index, value, lo, hi)`` of connections ``conn``: the greedy index and candidate of
+    :func:`implicit_greedy_chunk` (the same fp32 scores, argmax with the lowest index on ties) and
+    the interval (lo, hi) of ``a = A / c`` over which that index provably stays the fp32 argmax
+    (fp32, rounded inwards; empty, lo > hi, where nothing is proven). See the comment above."""
+    w = signed24(bits(conn * per_conn, cand_key, cand_keys)).to(torch.float32) * step
+    s0 = unit24(bits(conn, score_key, score_keys)) * bound  # as init_scores and implicit_chunk
+    idx = (factor * s0 - drift.unsqueeze(-1) * w).argmax(-1)  # implicit_chunk's scores, bit for bit
+    value = w.gather(-1, idx.unsqueeze(-1)).squeeze(-1)
+    # the interval, in float64 (exact differences of fp32 values up to 2**-53 relative)
+    s0d, wd = s0.to(torch.float64), w.to(torch.float64)
+    b, c = bound.to(torch.float64), factor.to(torch.float64)
+    sigma = step.to(torch.float64) * 2.0**23
+    a0 = drift.to(torch.float64) / c
+    win = torch.maximum(a0.abs(), b / sigma)
+    r = a0.abs() + win
+    m = (INCR_MARGIN * INCR_U) * (b + r * sigma) + INCR_ABS
+    ds = s0d.gather(-1, idx.unsqueeze(-1)) - s0d  # (n, K) s0_i - s0_j
+    dw = wd.gather(-1, idx.unsqueeze(-1)) - wd
+    t = (ds - m.unsqueeze(-1)) / dw  # g_j(t) = m; g_j > m above t where dw < 0, below it where dw > 0
+    other = torch.arange(w.shape[-1], device=w.device) != idx.unsqueeze(-1)
+    inf = torch.full_like(t, math.inf)
+    hi = torch.minimum(torch.where(other & (dw > 0), t, inf).amin(-1), a0 + win)
+    lo = torch.maximum(torch.where(other & (dw < 0), t, -inf).amax(-1), a0 - win)
+    flat = (other & (dw == 0) & ~(ds > m.unsqueeze(-1))).any(-1)  # a gap that no a can open
+    ok = ~flat & (r <= INCR_R_MAX) & (c >= INCR_C_MIN) & (c <= INCR_C_MAX) & torch.isfinite(a0)
+    lo32, hi32 = lo.to(torch.float32), hi.to(torch.float32)  # round inwards: lo up, hi down
+    lo32 = torch.where(lo32.to(torch.float64) < lo, torch.nextafter(lo32, torch.full_like(lo32, math.inf)), lo32)
+    hi32 = torch.where(hi32.to(torch.float64) > hi, torch.nextafter(hi32, torch.full_like(hi32, -math.inf)), hi32)
+    return (idx, value, torch.where(ok, lo32, torch.full_like(lo32, math.inf)),
+            torch.where(ok, hi32, torch.full_like(hi32, -math.inf)))

@@ -27,12 +27,13 @@ from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
 from . import scores as _kernels
-from .candidates import REQUANT, ROUND, SCORES as SCORE_STREAM, chunked, i32, init_scores, stream_keys
+from .candidates import REQUANT, ROUND, SCORES as SCORE_STREAM, chunked, i32, init_scores, row_chunks, stream_keys
 from .rng import key32
 from .scores import SCORES
 from .selection import greedy, sample, sample_chunk
 
-__all__ = ["ScoreStorage", "Int8Scores", "Fp32Scores", "ImplicitScores", "STORAGES", "storage_for",
+__all__ = ["ScoreStorage", "Int8Scores", "Fp32Scores", "ImplicitScores", "IncrementalImplicitScores", "STORAGES",
+           "INCREMENTAL", "storage_for",
            "register_proxy", "slot_owner"]
 
 # proxy Parameter -> (layer, part), for SlotSGD. Weak both ways, so it never keeps a model alive.
@@ -262,12 +263,106 @@ class ImplicitScores(ScoreStorage):
         drift.add_(d, alpha=lr)
 
 
+class IncrementalImplicitScores(ImplicitScores):
+    """:class:`ImplicitScores` whose greedy selection re-selects only the connections whose
+    selection can have changed (``SlotConfig(scores="implicit", incremental=True)``).
+
+    Per connection it keeps the selected index (``{part}_sel``, uint8 up to K = 256), its candidate
+    (``{part}_val``, fp32) and an interval (``{part}_lo``, ``{part}_hi``, fp32) of the ratio
+    ``a = drift / factor`` over which that index provably is what full recomputation selects (the
+    argument is in :mod:`seedslot.scores`): 13 more bytes per connection, whatever K, in
+    non-persistent buffers (a state_dict is the same as without the cache). A selection checks every connection's ratio against its interval and re-selects those
+    outside. The cache depends on nothing but the layer's keys, so the drift and the factor may
+    change in any way (updates, weight decay, loads, a user's edits): they are read afresh at every
+    selection. Only new keys (``set_extra_state``: seeds, score_lambda) empty the intervals.
+    Full recomputation (the cache untouched) inside a torch.compile'd model, on CUDA (no Triton
+    twin yet), for a factor outside [2**-40, 2**40], and when a re-selected drift is not finite.
+    """
+
+    incremental = True
+    REBUILD_SHARE = 0.25  # above this share of stale connections, re-select the part in chunks
+
+    def register(self, layer, part, shape, offset):
+        super().register(layer, part, shape, offset)
+        device = layer.candidate_keys.keys.device
+        rows = math.prod(shape)
+        sel = torch.uint8 if layer.k <= 256 else torch.int16 if layer.k <= 2**15 else torch.int32
+        layer.register_buffer(f"{part}_sel", torch.zeros(rows, dtype=sel, device=device), persistent=False)
+        layer.register_buffer(f"{part}_val", torch.zeros(rows, device=device), persistent=False)
+        layer.register_buffer(f"{part}_lo", torch.full((rows,), math.inf, device=device), persistent=False)
+        layer.register_buffer(f"{part}_hi", torch.full((rows,), -math.inf, device=device), persistent=False)
+
+    def state(self, part):
+        return {**super().state(part), f"{part}_sel": "scores", f"{part}_val": "scores", f"{part}_lo": "scores", f"{part}_hi": "scores"}
+
+    def reseed(self, layer):
+        super().reseed(layer)
+        self.invalidate(layer)
+
+    @staticmethod
+    def invalidate(layer) -> None:
+        """Empty every interval: the next selection re-selects every connection."""
+        for part in getattr(layer, "parts", {}):
+            lo = layer._buffers.get(f"{part}_lo")
+            if lo is not None:
+                lo.fill_(math.inf)
+                layer._buffers[f"{part}_hi"].fill_(-math.inf)
+
+    def _reselect(self, layer, part, rows: torch.Tensor | None) -> bool:
+        """Re-select ``rows`` (all when None) into the cache; False (nothing changed) when a drift
+        there is not finite."""
+        drift = getattr(layer, f"{part}_drift").view(-1)
+        sel, val, lo, hi = (getattr(layer, f"{part}_{n}") for n in ("sel", "val", "lo", "hi"))
+        offset = layer.parts[part][1]
+        if rows is None:
+            if not bool(torch.isfinite(drift).all()):
+                return False
+            for a, b in row_chunks(drift.shape[0], layer.k):  # float64 (n, K) temporaries: chunked
+                conn = torch.arange(offset + a, offset + b, dtype=torch.int32, device=drift.device)
+                idx, v, l, h = _kernels.implicit_select_at(drift[a:b], conn, *self._at_args(layer, part))
+                sel[a:b], val[a:b], lo[a:b], hi[a:b] = idx, v, l, h
+            return True
+        d = drift[rows]
+        if not bool(torch.isfinite(d).all()):
+            return False
+        conn = (rows + offset).to(torch.int32)
+        idx, v, l, h = _kernels.implicit_select_at(d, conn, *self._at_args(layer, part))
+        sel[rows], val[rows], lo[rows], hi[rows] = idx.to(sel.dtype), v, l, h
+        return True
+
+    @staticmethod
+    def _at_args(layer, part):
+        return (getattr(layer, f"{part}_scale"), *layer.candidate_keys, getattr(layer, _SCORE_KEY),
+                getattr(layer, _SCORE_KEYS), getattr(layer, _BOUND))
+
+    def greedy(self, layer, part):
+        drift, factor = getattr(layer, f"{part}_drift").view(-1), getattr(layer, f"{part}_scale")
+        if torch.compiler.is_compiling() or drift.device.type != "cpu":
+            return super().greedy(layer, part)
+        c = float(factor)
+        if not (_kernels.INCR_C_MIN <= c <= _kernels.INCR_C_MAX):
+            return super().greedy(layer, part)
+        lo, hi = getattr(layer, f"{part}_lo"), getattr(layer, f"{part}_hi")
+        (rows,) = torch.where(~(_kernels.incremental_slack(drift, factor, lo, hi) > 0))
+        n = rows.shape[0]
+        if n and not self._reselect(layer, part, None if n > self.REBUILD_SHARE * drift.shape[0] else rows):
+            return super().greedy(layer, part)
+        # the cached values themselves (a forward adds the zero proxy or casts them: a new tensor)
+        return getattr(layer, f"{part}_sel").long(), getattr(layer, f"{part}_val")
+
+
 STORAGES: dict[str, ScoreStorage] = {s.name: s for s in (Int8Scores(), Fp32Scores(), ImplicitScores())}
 assert tuple(STORAGES) == SCORES
+INCREMENTAL: dict[str, ScoreStorage] = {"implicit": IncrementalImplicitScores()}  # storages with incremental=True
 
 
-def storage_for(name) -> ScoreStorage:
-    """The storage called ``name`` (one of :data:`seedslot.scores.SCORES`); ValueError otherwise."""
+def storage_for(name, incremental: bool = False) -> ScoreStorage:
+    """The storage called ``name`` (one of :data:`seedslot.scores.SCORES`), its incremental
+    variant with ``incremental`` (implicit scores only); ValueError otherwise."""
     if name not in SCORES:  # a tuple: also answers for unhashable values
         raise ValueError(f"scores must be one of {', '.join(map(repr, SCORES))}; got {name!r}")
+    if incremental:
+        if name not in INCREMENTAL:
+            raise ValueError(f"incremental selection needs scores='implicit'; got scores={name!r}")
+        return INCREMENTAL[name]
     return STORAGES[name]
