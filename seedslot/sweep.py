@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import sys
+import textwrap
 import time
 from dataclasses import dataclass
 
@@ -489,7 +490,7 @@ def _plot(experiment: str, records: dict, models, seeds, presets: dict, path: st
             ax.legend(fontsize=8)
     how = ("one dot and line per seed" if experiment == "cost"
            else f"mean of seeds {', '.join(map(str, seeds))}, bars min–max")
-    fig.suptitle(f"{_TITLES[experiment]}\n{dataset}; {how}", fontsize=10)
+    fig.suptitle(textwrap.fill(_TITLES[experiment], 60 * len(models)) + f"\n{dataset}; {how}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
