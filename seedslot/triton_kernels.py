@@ -384,17 +384,21 @@ def _launch(kernel, n: int, block_n: int, device, *args, **meta) -> None:
         kernel[grid](*args, num_warps=NUM_WARPS, enable_fp_fusion=False, **meta)
 
 
-def candidate_chunk(start, n: int, per_conn: int, key_a, keys_b, step) -> torch.Tensor:
-    """:func:`seedslot.candidates.candidate_chunk` as a Triton kernel."""
+def _rows_out(kernel, n: int, k: int, dtype: torch.dtype, dev, *args) -> torch.Tensor:
+    """A new (n, k) ``dtype`` tensor filled by ``kernel(out, *args)`` over blocks of rows."""
     _need()
-    dev, k = keys_b.device, keys_b.shape[0]
-    out = torch.empty(n, k, dtype=torch.float32, device=dev)
+    out = torch.empty(n, k, dtype=dtype, device=dev)
     if n and k:
         bn, bk = _blocks(k)
-        _launch(_candidates_kernel, n, bn, dev, out, _scalar(start, torch.int32, dev), n, k, per_conn,
-                _scalar(key_a, torch.int32, dev), keys_b.contiguous(), _scalar(step, torch.float32, dev),
-                BLOCK_N=bn, BLOCK_K=bk)
+        _launch(kernel, n, bn, dev, out, *args, BLOCK_N=bn, BLOCK_K=bk)
     return out
+
+
+def candidate_chunk(start, n: int, per_conn: int, key_a, keys_b, step) -> torch.Tensor:
+    """:func:`seedslot.candidates.candidate_chunk` as a Triton kernel."""
+    dev, k = keys_b.device, keys_b.shape[0]
+    return _rows_out(_candidates_kernel, n, k, torch.float32, dev, _scalar(start, torch.int32, dev), n, k, per_conn,
+                     _scalar(key_a, torch.int32, dev), keys_b.contiguous(), _scalar(step, torch.float32, dev))
 
 
 def selected_chunk(idx, start, per_conn: int, key_a, keys_b, step) -> torch.Tensor:
@@ -412,61 +416,37 @@ def selected_chunk(idx, start, per_conn: int, key_a, keys_b, step) -> torch.Tens
 def int8_update(q, d, coef, start, per_conn: int, key_a, keys_b, step, round_a, round_b) -> torch.Tensor:
     """:func:`seedslot.scores.int8_update_rows` (and ``_unrolled``: the same bits) as one Triton
     kernel for any K."""
-    _need()
-    n, k = q.shape
-    dev = q.device
-    out = torch.empty(n, k, dtype=torch.int8, device=dev)
-    if n and k:
-        bn, bk = _blocks(k)
-        _launch(_int8_update_kernel, n, bn, dev, out, q, q.stride(0), q.stride(1), d.contiguous(),
-                _scalar(coef, torch.float32, dev), _scalar(start, torch.int32, dev), n, k, per_conn,
-                _scalar(key_a, torch.int32, dev), keys_b.contiguous(), _scalar(step, torch.float32, dev),
-                _scalar(round_a, torch.int32, dev), round_b.contiguous(), BLOCK_N=bn, BLOCK_K=bk)
-    return out
+    (n, k), dev = q.shape, q.device
+    return _rows_out(_int8_update_kernel, n, k, torch.int8, dev, q, q.stride(0), q.stride(1), d.contiguous(),
+                     _scalar(coef, torch.float32, dev), _scalar(start, torch.int32, dev), n, k, per_conn,
+                     _scalar(key_a, torch.int32, dev), keys_b.contiguous(), _scalar(step, torch.float32, dev),
+                     _scalar(round_a, torch.int32, dev), round_b.contiguous())
 
 
 def fp32_update_chunk(s, d, neg_lr, start, per_conn: int, key_a, keys_b, step) -> torch.Tensor:
     """:func:`seedslot.scores.fp32_update_chunk` as a Triton kernel."""
-    _need()
-    n, k = s.shape
-    dev = s.device
-    out = torch.empty(n, k, dtype=torch.float32, device=dev)
-    if n and k:
-        bn, bk = _blocks(k)
-        _launch(_fp32_update_kernel, n, bn, dev, out, s, s.stride(0), s.stride(1), d.contiguous(),
-                _scalar(neg_lr, torch.float32, dev), _scalar(start, torch.int32, dev), n, k, per_conn,
-                _scalar(key_a, torch.int32, dev), keys_b.contiguous(), _scalar(step, torch.float32, dev),
-                BLOCK_N=bn, BLOCK_K=bk)
-    return out
+    (n, k), dev = s.shape, s.device
+    return _rows_out(_fp32_update_kernel, n, k, torch.float32, dev, s, s.stride(0), s.stride(1), d.contiguous(),
+                     _scalar(neg_lr, torch.float32, dev), _scalar(start, torch.int32, dev), n, k, per_conn,
+                     _scalar(key_a, torch.int32, dev), keys_b.contiguous(), _scalar(step, torch.float32, dev))
 
 
 def requantize_chunk(q, inv_factor, start, round_a, round_b) -> torch.Tensor:
     """:func:`seedslot.scores.requantize_chunk` as a Triton kernel."""
-    _need()
-    n, k = q.shape
-    dev = q.device
-    out = torch.empty(n, k, dtype=torch.int8, device=dev)
-    if n and k:
-        bn, bk = _blocks(k)
-        _launch(_requantize_kernel, n, bn, dev, out, q, q.stride(0), q.stride(1),
-                _scalar(inv_factor, torch.float32, dev), _scalar(start, torch.int32, dev), n, k,
-                _scalar(round_a, torch.int32, dev), round_b.contiguous(), BLOCK_N=bn, BLOCK_K=bk)
-    return out
+    (n, k), dev = q.shape, q.device
+    return _rows_out(_requantize_kernel, n, k, torch.int8, dev, q, q.stride(0), q.stride(1),
+                     _scalar(inv_factor, torch.float32, dev), _scalar(start, torch.int32, dev), n, k,
+                     _scalar(round_a, torch.int32, dev), round_b.contiguous())
 
 
 def implicit_chunk(drift, factor, start, per_conn: int, cand_key, cand_keys, step, score_key, score_keys,
                    bound) -> torch.Tensor:
     """:func:`seedslot.scores.implicit_chunk` as a Triton kernel."""
-    _need()
     dev, n, k = drift.device, drift.shape[0], cand_keys.shape[0]
-    out = torch.empty(n, k, dtype=torch.float32, device=dev)
-    if n and k:
-        bn, bk = _blocks(k)
-        _launch(_implicit_kernel, n, bn, dev, out, drift.contiguous(), _scalar(factor, torch.float32, dev),
-                _scalar(start, torch.int32, dev), n, k, per_conn, _scalar(cand_key, torch.int32, dev),
-                cand_keys.contiguous(), _scalar(step, torch.float32, dev), _scalar(score_key, torch.int32, dev),
-                score_keys.contiguous(), _scalar(bound, torch.float32, dev), BLOCK_N=bn, BLOCK_K=bk)
-    return out
+    return _rows_out(_implicit_kernel, n, k, torch.float32, dev, drift.contiguous(), _scalar(factor, torch.float32, dev),
+                     _scalar(start, torch.int32, dev), n, k, per_conn, _scalar(cand_key, torch.int32, dev),
+                     cand_keys.contiguous(), _scalar(step, torch.float32, dev), _scalar(score_key, torch.int32, dev),
+                     score_keys.contiguous(), _scalar(bound, torch.float32, dev))
 
 
 def implicit_greedy(drift, factor, start, per_conn: int, cand_key, cand_keys, step, score_key, score_keys,
