@@ -267,17 +267,18 @@ def speed_bench(model: str = "lenet", k: int = 8, batch_size: int = 64, repeats:
         raise ValueError(f"min_seconds must be a number >= 0; got {min_seconds!r}")
     modes, device = _modes(modes, SPEED_MODES), _device(device)
     trainers = {m: _Trainer(model, m, k, batch_size, device) for m in modes}
-    n_steps = {}
+    n_steps, first = {}, {}
     for m, t in trainers.items():
-        last = min(t.step() for _ in range(warmup))
-        n_steps[m] = max(1, math.ceil(min_seconds / max(last, 1e-9)))
+        warm = [t.step() for _ in range(warmup)]  # the first compiles: reported apart, never timed
+        first[m] = warm[0]
+        n_steps[m] = max(1, math.ceil(min_seconds / max(min(warm), 1e-9)))
     per_step: dict[str, list[float]] = {m: [] for m in modes}
     for r in range(repeats):
         for m in modes[r % len(modes):] + modes[: r % len(modes)]:
             per_step[m].append(sum(trainers[m].step() for _ in range(n_steps[m])) / n_steps[m])
     rows = [dict(mode=m, k=None if m == "learned" else k, steps_per_measurement=n_steps[m],
                  step_seconds=statistics.median(per_step[m]), steps_per_second=1.0 / statistics.median(per_step[m]),
-                 step_seconds_all=per_step[m]) for m in modes]
+                 step_seconds_all=per_step[m], first_step_seconds=first[m]) for m in modes]
     out: dict[str, Any] = dict(bench="speed", model=model, compiled=compile_enabled(), k=k, batch_size=batch_size,
                                repeats=repeats, device=device, threads=torch.get_num_threads(), rows=rows, ratios={})
     med = {r["mode"]: r["step_seconds"] for r in rows}
@@ -285,7 +286,30 @@ def speed_bench(model: str = "lenet", k: int = 8, batch_size: int = 64, repeats:
         for other in ("dense", "learned"):
             if m in med and other in med:
                 out["ratios"][f"{m}_over_{other}"] = med[m] / med[other]
+    if "seeded" in trainers:
+        # the floor of an int8 step: its update regenerates the K candidates of every connection
+        out["regen_seconds"] = _regen_seconds(trainers["seeded"].model, repeats)
+        if "learned" in med:
+            out["int8_floor_seconds"] = med["learned"] + 1.2 * out["regen_seconds"]
     return out
+
+
+def _regen_seconds(model: nn.Module, repeats: int) -> float:
+    """Median seconds to regenerate all K candidates of every seeded connection of ``model`` once,
+    by the kernel the updates use (chunked, compiled where enabled; after one warm-up call)."""
+    from .layers import SeededSlotLayer
+
+    parts = [(m, p) for m in model.modules() if isinstance(m, SeededSlotLayer) for p in m.parts]
+    times = []
+    for r in range(repeats + 1):
+        t0 = time.perf_counter()
+        for m, p in parts:
+            m.candidates(p)
+        if parts and parts[0][0].candidate_keys.keys.is_cuda:
+            torch.cuda.synchronize()
+        if r:  # the first is the warm-up
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
 
 
 # ---------------------------------------------------------------- tables and the command line
@@ -333,12 +357,22 @@ def _report(result: dict[str, Any]) -> str:
         return head + "\n" + _table(["mode", "K", "fits", "peak MiB", "s"], rows) + "\n" + maxes
     head = (f"speed: {result['model']}, K={result['k']}, batch {result['batch_size']}, {result['device']}, "
             f"{result['threads']} threads, median of {result['repeats']}")
-    rows = [[r["mode"], r["k"] or "-", f"{r['step_seconds']:.4f}", f"{r['steps_per_second']:.2f}"]
-            for r in result["rows"]]
-    text = head + "\n" + _table(["mode", "K", "s/step", "steps/s"], rows)
+    rows = [[r["mode"], r["k"] or "-", f"{r['step_seconds']:.4f}", f"{r['steps_per_second']:.2f}",
+             f"{r['first_step_seconds']:.2f}" if "first_step_seconds" in r else "-"] for r in result["rows"]]
+    text = head + "\n" + _table(["mode", "K", "s/step", "steps/s", "first step s"], rows)
     if result["ratios"]:
         text += "\ntime ratios: " + ", ".join(f"{k} {v:.3f}" for k, v in result["ratios"].items())
+    if "regen_seconds" in result:
+        text += f"\nregenerating the K candidates of every connection once: {result['regen_seconds']:.4f} s"
+    if "int8_floor_seconds" in result:
+        text += (f"\nint8 step {_med_of(result, 'seeded'):.4f} s against learned + 1.2 x regeneration = "
+                 f"{result['int8_floor_seconds']:.4f} s")
     return text
+
+
+def _med_of(result: dict[str, Any], mode: str) -> float:
+    """The median step seconds of ``mode`` in a speed result."""
+    return next(r["step_seconds"] for r in result["rows"] if r["mode"] == mode)
 
 
 def _csv(kind):

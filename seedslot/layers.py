@@ -335,7 +335,7 @@ class SeededSlotLayer(SlotLayer):
         return self.storage.sample(self, part, self._sample_key(draw)), None
 
     def _select(self, part, draw):
-        return self._pick(part, draw)[0]
+        return self._pick(part, draw)[0].long()
 
     @torch.no_grad()
     def score_values(self, part: str = "weight") -> torch.Tensor:
@@ -358,7 +358,13 @@ class SeededSlotLayer(SlotLayer):
                 w = self._values(part, idx)
             w = w.view(self.parts[part][0]).to(proxy.dtype)  # the module's dtype (fp32: no copy)
         if torch.is_grad_enabled() and proxy.requires_grad:
-            w = w + proxy  # proxy is exactly zero: same values, and proxy.grad receives G
+            # proxy.grad receives G. A cache the storage writes in place later is copied (adding the
+            # zero proxy), so a graph never holds a tensor that changes before its backward; in a
+            # user's torch.compile graph the add is fused away (and gives eager's bits there).
+            if self.storage.caches_values or torch.compiler.is_compiling():
+                w = w + proxy
+            else:
+                w = _ToProxy.apply(w, proxy)
         return w
 
     @torch.no_grad()
@@ -373,6 +379,19 @@ class SeededSlotLayer(SlotLayer):
     def extra_repr(self) -> str:
         incremental = ", incremental=True" if getattr(self.storage, "incremental", False) else ""
         return f"{super().extra_repr()}, scores={self.scores!r}{incremental}"
+
+
+class _ToProxy(torch.autograd.Function):
+    """``w`` unchanged (a view, no copy); its gradient goes to the proxy Parameter: what adding the
+    zero proxy does, without a pass over the weights."""
+
+    @staticmethod
+    def forward(ctx, w, proxy):
+        return w.view_as(w)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return None, grad
 
 
 class _StraightThrough(torch.autograd.Function):

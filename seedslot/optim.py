@@ -35,6 +35,7 @@ import torch
 from torch.optim import Optimizer
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
+from .scores import max_abs
 from .storages import slot_owner
 from .validate import check_float
 
@@ -173,7 +174,7 @@ class SlotSGD(Optimizer):
                 tensors.append(p.detach())
             extra[i] = (b, p_i)
         maxes = torch.stack([t.to(device=tensors[0].device, dtype=torch.float64)
-                             for t in map(_max_abs, tensors)]).tolist()
+                             for t in map(max_abs, tensors)]).tolist()
         for i, (gi, pi, group, p) in enumerate(entries):
             where = f"parameter {pi} of param group {gi}"
             if not math.isfinite(maxes[i]):
@@ -191,15 +192,6 @@ class SlotSGD(Optimizer):
                     f"update of {where} is beyond the fp32 range (lr={group['lr']:g}, max |direction| "
                     f"up to {d:g}); no score or weight was changed"
                 )
-
-
-def _max_abs(t: torch.Tensor) -> torch.Tensor:
-    """The infinity norm of ``t`` (NaN if it holds a NaN), by one min-max pass: on the CPU about
-    ten times faster than ``torch.linalg.vector_norm(t, inf)``, which is the same value."""
-    if t.numel() == 0 or t.is_complex():
-        return torch.linalg.vector_norm(t, math.inf)
-    lo, hi = torch.aminmax(t)
-    return torch.maximum(lo.neg(), hi)
 
 
 def _reject_slot_proxies(optimizer: Optimizer, args, kwargs) -> None:

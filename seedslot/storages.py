@@ -59,6 +59,7 @@ class ScoreStorage:
     buffers it registered there. ``rows`` below is the number of connections of a part."""
 
     name = ""
+    caches_values = False  # whether greedy() hands back a buffer it later rewrites in place
 
     def register_layer(self, layer: nn.Module) -> None:
         """Register the layer-wide state (after the layer's keys, before any part)."""
@@ -79,8 +80,9 @@ class ScoreStorage:
         raise NotImplementedError
 
     def greedy(self, layer: nn.Module, part: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(rows,) int64 argmax index (lowest on ties), and the (rows,) fp32 selected values when
-        the selection regenerated them anyway (else None)."""
+        """(rows,) argmax index (lowest on ties), and the (rows,) fp32 selected values when the
+        selection regenerated them anyway (else None). The index is int64 when the values are None,
+        and may be a narrower integer dtype (a cache's) when they are given."""
         raise NotImplementedError
 
     def sample(self, layer: nn.Module, part: str, key: torch.Tensor) -> torch.Tensor:
@@ -173,7 +175,7 @@ class Int8Scores(_Stored):
                 scores.zero_()
                 scale.fill_(layer.score_lambda * layer.sigma / 127.0)
         # one host sync for both numbers the grid decision needs
-        d_max, scale_now = torch.stack([torch.linalg.vector_norm(d, math.inf) if d.numel() else d.new_zeros(()),
+        d_max, scale_now = torch.stack([_kernels.max_abs(d) if d.numel() else d.new_zeros(()),
                                         scale]).tolist()
         factor = _kernels.coarsen_factor(lr, d_max, layer.sigma, scale_now)
         round_keys = layer.round_keys
@@ -280,6 +282,7 @@ class IncrementalImplicitScores(ImplicitScores):
     """
 
     incremental = True
+    caches_values = True
     REBUILD_SHARE = 0.25  # above this share of stale connections, re-select the part in chunks
 
     def register(self, layer, part, shape, offset):
@@ -347,8 +350,9 @@ class IncrementalImplicitScores(ImplicitScores):
         n = rows.shape[0]
         if n and not self._reselect(layer, part, None if n > self.REBUILD_SHARE * drift.shape[0] else rows):
             return super().greedy(layer, part)
-        # the cached values themselves (a forward adds the zero proxy or casts them: a new tensor)
-        return getattr(layer, f"{part}_sel").long(), getattr(layer, f"{part}_val")
+        # the cache itself (a forward adds the zero proxy or casts the values: a new tensor; the
+        # index stays uint8, converted only where it is read)
+        return getattr(layer, f"{part}_sel"), getattr(layer, f"{part}_val")
 
 
 STORAGES: dict[str, ScoreStorage] = {s.name: s for s in (Int8Scores(), Fp32Scores(), ImplicitScores())}

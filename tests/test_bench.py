@@ -55,10 +55,15 @@ def test_speed_bench_ratios(tmp_path, capsys):
     assert out["ratios"]["seeded_over_learned"] == med["seeded"] / med["learned"]
     assert out["ratios"]["implicit_over_dense"] == med["implicit"] / med["dense"]
     assert all(len(r["step_seconds_all"]) == 2 for r in out["rows"])
+    assert all(r["first_step_seconds"] > 0 for r in out["rows"])  # the compiling step, apart
+    # the int8 floor: learned + 1.2 x regenerating every candidate once, both terms reported
+    assert out["regen_seconds"] > 0
+    assert out["int8_floor_seconds"] == med["learned"] + 1.2 * out["regen_seconds"]
     path = tmp_path / "speed.json"
     B.main(["speed", *TINY, "--repeats", "1", "--min-seconds", "0", "--modes", "seeded,dense", "--json", str(path)])
     assert set(json.loads(path.read_text())["ratios"]) == {"seeded_over_dense"}
-    assert "time ratios" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "time ratios" in printed and "regenerating the K candidates" in printed
 
 
 @pytest.mark.parametrize("text,value", [("2GiB", 2 * 2**30), ("1500MB", 1500 * 10**6), ("0.5KiB", 512),

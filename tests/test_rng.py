@@ -73,6 +73,8 @@ def _kernel_cases():
         (C.selected_chunk, (torch.randint(0, 8, (n,), generator=g), i32(17), 1, i32(123), kb, step)),
         (S.int8_update_rows, (q, d, torch.tensor(-250.0), i32(17), 1, i32(123), kb, step, i32(99), rb)),
         (S.int8_update_unrolled, (q, d, torch.tensor(-250.0), i32(17), 1, i32(123), kb, step, i32(99), rb)),
+        (S.int8_update_packed, (q.view(torch.int64).view(-1), d, torch.tensor(-250.0), i32(17), 1, i32(123), kb, step,
+                                i32(99), rb)),
         (S.fp32_update_chunk, (q.float(), d, torch.tensor(-0.1), i32(17), 0, i32(123), kb, step)),
         (S.requantize_chunk, (q, torch.tensor(0.25), i32(3), i32(4), rb)),
         (Sel.sample_chunk, (q, torch.tensor(0.01), i32(3), i32(4), rb)),
@@ -167,3 +169,19 @@ def test_unrolled_int8_update_equals_the_rows_form(seed, k, coef, per_conn):
     args = (q, torch.randn(n, generator=g), torch.tensor(coef), C.i32(seed % 1000), per_conn, C.i32(seed),
             C.stream_keys(seed, C.CANDIDATES, k)[1], C.grid_step(0.05), C.i32(seed ^ 3), C.stream_keys(seed, C.ROUND, k)[1])
     assert torch.equal(S.int8_update_unrolled.eager(*args), S.int8_update_rows.eager(*args))
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), k=st.sampled_from([2, 4, 8]), n=st.integers(1, 300),
+       coef=st.floats(-1e4, 1e4), per_conn=st.sampled_from([0, 1]), start=st.integers(0, 2**31 - 400))
+def test_packed_int8_update_equals_the_rows_form(seed, k, n, coef, per_conn, start):
+    # the packed words hold the same levels, re-centring and clipping included (levels up to +-128)
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=g)
+    args = (torch.randn(n, generator=g) * 10, torch.tensor(coef), C.i32(start), per_conn, C.i32(seed),
+            C.stream_keys(seed, C.CANDIDATES, k)[1], C.grid_step(0.05), C.i32(seed ^ 3), C.stream_keys(seed, C.ROUND, k)[1])
+    word = S.packed_word(q)
+    assert word is not None
+    packed = S.int8_update_packed.eager(q.view(word).view(-1), *args).view(torch.int8).view(n, k)
+    assert torch.equal(packed, S.int8_update_rows.eager(q, *args))
+    assert torch.equal(S.int8_update_chunk(q, *args), S.int8_update_rows.eager(q, *args))  # the dispatch
