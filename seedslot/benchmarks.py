@@ -296,16 +296,23 @@ def speed_bench(model: str = "lenet", k: int = 8, batch_size: int = 64, repeats:
 
 def _regen_seconds(model: nn.Module, repeats: int) -> float:
     """Median seconds to regenerate all K candidates of every seeded connection of ``model`` once,
-    by the kernel the updates use (chunked, compiled where enabled; after one warm-up call)."""
+    by the kernel the updates use, chunk by chunk into one preallocated buffer per part (as
+    bench/regen.py measures its rate: no page faults of fresh memory), after a warm-up call."""
+    from .candidates import candidate_chunk, chunked
     from .layers import SeededSlotLayer
 
-    parts = [(m, p) for m in model.modules() if isinstance(m, SeededSlotLayer) for p in m.parts]
+    parts = []
+    for m in model.modules():
+        if isinstance(m, SeededSlotLayer):
+            for shape, offset in m.parts.values():
+                out = torch.empty(math.prod(shape), m.k, device=m.candidate_keys.keys.device)
+                parts.append((out, offset, m.candidate_keys))
     times = []
     for r in range(repeats + 1):
         t0 = time.perf_counter()
-        for m, p in parts:
-            m.candidates(p)
-        if parts and parts[0][0].candidate_keys.keys.is_cuda:
+        for out, offset, ck in parts:
+            chunked(out, offset, out.shape[1], None, lambda a, b, start: candidate_chunk(start, b - a, *ck))
+        if parts and parts[0][0].is_cuda:
             torch.cuda.synchronize()
         if r:  # the first is the warm-up
             times.append(time.perf_counter() - t0)

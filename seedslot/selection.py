@@ -17,7 +17,7 @@ import torch
 
 from .candidates import chunked, connections
 from . import rng as _rng
-from .rng import bits, compile_enabled, fused
+from .rng import bits, compile_enabled, fused, mix32, signed24
 
 SELECTION = ("greedy", "sample")
 
@@ -62,6 +62,30 @@ def packed_argmax(words: torch.Tensor) -> torch.Tensor:
                 best = torch.where(better, v, best)
                 idx = torch.where(better, j * lanes + lane, idx)
     return idx
+
+
+def greedy_values(scores: torch.Tensor, offset: int, ck) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(n, K) int8 levels of connections ``offset..`` -> ``(index, value)``: :func:`greedy`'s index
+    and the selected candidate (``ck``: the layer's CandidateKeys), in one pass over packed words
+    (:func:`packed_greedy`); None where :func:`greedy` would not read packed words."""
+    k = scores.shape[-1]
+    if not (scores.dtype == torch.int8 and k in _WORDS and sys.byteorder == "little" and scores.dim() == 2
+            and scores.is_contiguous() and compile_enabled() and not _rng.use_triton(scores)):
+        return None
+    words = scores.view(_WORDS[k])
+    out = (torch.empty(scores.shape[0], dtype=torch.int64, device=scores.device),
+           torch.empty(scores.shape[0], device=scores.device))
+    return chunked(out, offset, k, None, lambda a, b, start: packed_greedy(words[a:b], start, *ck))
+
+
+@fused("words")
+def packed_greedy(words: torch.Tensor, start: torch.Tensor, per_conn: int, key_a: torch.Tensor,
+                  keys_b: torch.Tensor, step: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`packed_argmax` and the candidate it selects (as ``candidates.selected_chunk`` makes
+    it, bit for bit) in one kernel: one pass over the scores instead of two."""
+    idx = packed_argmax.eager(words)
+    c = connections(start, words.shape[0], per_conn, words.device)
+    return idx, signed24(mix32(mix32(c ^ key_a) ^ keys_b[idx])).to(torch.float32) * step
 
 
 @fused("scores", triton="sample_chunk")

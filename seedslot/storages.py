@@ -30,7 +30,7 @@ from . import scores as _kernels
 from .candidates import REQUANT, ROUND, SCORES as SCORE_STREAM, chunked, i32, init_scores, row_chunks, stream_keys
 from .rng import key32
 from .scores import SCORES
-from .selection import greedy, sample, sample_chunk
+from .selection import greedy, greedy_values, sample, sample_chunk
 
 __all__ = ["ScoreStorage", "Int8Scores", "Fp32Scores", "ImplicitScores", "IncrementalImplicitScores", "STORAGES",
            "INCREMENTAL", "storage_for",
@@ -164,6 +164,11 @@ class Int8Scores(_Stored):
 
     name = "int8"
     dtype = torch.int8
+
+    def greedy(self, layer, part):
+        scores, _ = self.stored(layer, part)
+        got = greedy_values(scores, layer.parts[part][1], layer.candidate_keys)  # index and value in one pass
+        return got if got is not None else super().greedy(layer, part)
 
     def update(self, layer, part, direction, lr, weight_decay, step):
         scores, scale = self.stored(layer, part)

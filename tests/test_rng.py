@@ -59,6 +59,29 @@ def test_derive_is_pure_and_separates_inputs():
         derive(-1)
 
 
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), k=st.sampled_from([2, 4, 8, 16]), n=st.integers(1, 200),
+       per_conn=st.sampled_from([0, 1]), offset=st.integers(0, 2**31 - 300), ties=st.booleans())
+def test_greedy_values_are_the_argmax_and_its_candidate(seed, k, n, per_conn, offset, ties):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(-3 if ties else -128, 3 if ties else 128, (n, k), dtype=torch.int8, generator=g)
+    ck = C.CandidateKeys(per_conn, C.i32(seed ^ 11), C.stream_keys(seed, C.CANDIDATES, k)[1], C.grid_step(0.05))
+    idx, value = Sel.packed_greedy.eager(q.view(Sel._WORDS[k]), C.i32(offset), *ck)
+    assert torch.equal(idx, q.argmax(-1))  # the lowest index on ties
+    assert torch.equal(value, C.selected_values(idx, offset, ck))
+
+
+def test_greedy_values_dispatch(monkeypatch):
+    # the packed pass where compiled kernels run (it is the compiled path's: eager argmax is faster)
+    q = torch.randint(-128, 128, (300, 8), dtype=torch.int8, generator=torch.Generator().manual_seed(1))
+    ck = C.CandidateKeys(1, C.i32(5), C.stream_keys(5, C.CANDIDATES, 8)[1], C.grid_step(0.05))
+    assert Sel.greedy_values(q, 7, ck) is None  # the suite runs eager (conftest)
+    assert Sel.greedy_values(q[:, :3].contiguous(), 7, ck) is None
+    monkeypatch.setenv("SEEDSLOT_COMPILE", "1")
+    idx, value = Sel.greedy_values(q, 7, ck)
+    assert torch.equal(idx, q.argmax(-1)) and torch.equal(value, C.selected_values(idx, 7, ck))
+
+
 def _kernel_cases():
     kb = C.stream_keys(5, C.CANDIDATES, 8)[1]
     rb = C.stream_keys(5, C.ROUND, 8)[1]
@@ -79,6 +102,7 @@ def _kernel_cases():
         (S.requantize_chunk, (q, torch.tensor(0.25), i32(3), i32(4), rb)),
         (Sel.sample_chunk, (q, torch.tensor(0.01), i32(3), i32(4), rb)),
         (Sel.packed_argmax, (q.view(torch.int64),)),
+        (Sel.packed_greedy, (q.view(torch.int64), i32(17), 1, i32(123), kb, step)),
         (S.implicit_chunk, (d, torch.tensor(0.9), i32(17), 1, i32(123), kb, step, i32(7), rb, torch.tensor(0.05))),
         (S.implicit_greedy_unrolled, (d, torch.tensor(0.9), i32(17), 0, i32(123), kb, step, i32(7), rb, torch.tensor(0.05))),
     ]
