@@ -169,6 +169,17 @@ def max_abs(t: torch.Tensor) -> torch.Tensor:
     return torch.maximum(lo.neg(), hi)
 
 
+def max_abs_all(tensors: list[torch.Tensor]) -> list[float]:
+    """:func:`max_abs` of every tensor (real, on one device), as Python floats: one min-max pass
+    each and a single host sync for all, with no other tensor op (a step checks them all)."""
+    ends = [end for t in tensors for end in (torch.aminmax(t) if t.numel() else (t.new_zeros(()),) * 2)]
+    if not ends:
+        return []
+    flat = torch.stack(ends).tolist() if len({e.dtype for e in ends}) == 1 else \
+        torch.stack([e.to(torch.float64) for e in ends]).tolist()
+    return [math.nan if math.isnan(lo) or math.isnan(hi) else max(-lo, hi) for lo, hi in zip(flat[::2], flat[1::2])]
+
+
 def coarsen_factor(lr: float, d_max: float, w_max: float, scale: float) -> float:
     """The power of two by which the int8 grid must coarsen so that one step moves a level by at
     most MAX_LEVELS (1.0 when it already does)."""
