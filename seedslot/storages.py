@@ -330,6 +330,8 @@ class IncrementalImplicitScores(ImplicitScores):
                 idx, v, l, h = _kernels.implicit_select_at(drift[a:b], conn, *self._at_args(layer, part))
                 sel[a:b], val[a:b], lo[a:b], hi[a:b] = idx, v, l, h
             return True
+        if rows.shape[0] == 1:  # as two equal rows: a compiled kernel for n = 1 would compile again
+            rows = rows.expand(2)
         d = drift[rows]
         if not bool(torch.isfinite(d).all()):
             return False

@@ -120,10 +120,12 @@ def _series(experiment: str, model: str, p: Preset, seeds: list[int]) -> list[tu
                 for sh in ("none", "layer", "global")]
     if experiment == "finetune":
         total = p.finetune_epochs
-        points = [(0, per_seed(lambda s: _learned(model, p, s, total)))]
+        # the end points are the k sweep's runs when ``total`` is what their epochs (None) mean
+        whole = None if p.epochs is None and total == _PAPER_EPOCHS.get(model) else total
+        points = [(0, per_seed(lambda s: _learned(model, p, s, whole)))]
         for e in _finetune_splits(total):
             points.append((e, per_seed(lambda s: _finetune(model, p, s, e, total))))
-        points.append((total, per_seed(lambda s: _slot(model, p, s, 8, epochs=total))))
+        points.append((total, per_seed(lambda s: _slot(model, p, s, 8, epochs=whole))))
         return [(f"selection (K=8) then weight training, {total} epochs in all", points)]
     if experiment == "cost":
         return [("seeded int8 K=8", [(None, per_seed(lambda s: _slot(model, p, s, 8)))]),
@@ -398,13 +400,14 @@ def _table(experiment: str, records: dict, models, seeds, presets: dict, dataset
                 lines.append(f"| {label} | " + " | ".join(cells) + " |")
             lines += [""] + [f"Reference: {note}." for note in notes]
             if out is not None:
-                lines += _unfinished(out, records, series)
+                lines += _unfinished(out, records, series, head)
         lines.append("")
     return "\n".join(lines)
 
 
-def _unfinished(out: str, records: dict, series) -> list[str]:
-    """One line per run of ``series`` that has not finished: how far it got, or that it has not started."""
+def _unfinished(out: str, records: dict, series, xname: str = "K") -> list[str]:
+    """One line per run of ``series`` that has not finished: how far it got, or that it has not
+    started (``xname``: what the series' x is)."""
     lines = []
     for label, points in series:
         for x, group in points:
@@ -418,7 +421,7 @@ def _unfinished(out: str, records: dict, series) -> list[str]:
                     got = f"stopped after epoch {epochs[-1]['epoch']} (val {100 * epochs[-1]['val_accuracy']:.2f}%)"
                 except (OSError, ValueError, KeyError, IndexError, TypeError):
                     got = "not started"
-                where = "" if x is None else f", K={x}"
+                where = "" if x is None else f", {xname} {x}"
                 lines.append(f"- not finished: {label}{where}, seed {spec['seed']}: {got}")
     return ([""] if lines else []) + lines
 
