@@ -25,11 +25,11 @@ regenerates the K candidates and initial scores of each connection. The scores a
 from __future__ import annotations
 
 import math
-import sys
 
 import torch
 
 from .candidates import connections, selected_chunk
+from .selection import packed_words
 from . import rng as _rng
 from .rng import bits, fused, mix32, noise_bits, noise_round, signed24, unit24
 
@@ -56,17 +56,12 @@ def int8_update_chunk(
     round_b: torch.Tensor,
 ) -> torch.Tensor:
     """The int8 levels after one update, re-centred so that each connection's top is <= 127."""
-    word = packed_word(q)
-    if word is not None:
-        words = int8_update_packed(q.view(word).view(-1), d, coef, start, per_conn, key_a, keys_b, step,
-                                   round_a, round_b)
+    words = packed_words(q) if q.shape[1] <= UNROLL_MAX_K else None  # one word per connection
+    if words is not None:
+        words = int8_update_packed(words.view(-1), d, coef, start, per_conn, key_a, keys_b, step, round_a, round_b)
         return words.view(torch.int8).view(q.shape)
     kernel = int8_update_unrolled if q.shape[1] <= UNROLL_MAX_K else int8_update_rows
     return kernel(q, d, coef, start, per_conn, key_a, keys_b, step, round_a, round_b)
-
-
-# K int8 levels of a connection as one little-endian machine word, for the packed update
-_PACKED = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 @fused("q", "d", triton="int8_update")
@@ -129,13 +124,6 @@ def int8_update_packed(words, d, coef, start, per_conn: int, key_a, keys_b, step
     return out.to(words.dtype)
 
 
-def packed_word(q: torch.Tensor) -> torch.dtype | None:
-    """The word dtype :func:`int8_update_packed` reads (n, K) int8 levels ``q`` as, or None where it
-    does not apply (K not 2, 4 or 8, a non-contiguous or big-endian layout, or CUDA with Triton)."""
-    ok = sys.byteorder == "little" and q.dim() == 2 and q.is_contiguous() and not _rng.use_triton(q)
-    return _PACKED.get(q.shape[1]) if ok else None
-
-
 @fused("s", "d", triton="fp32_update_chunk")
 def fp32_update_chunk(
     s: torch.Tensor,  # (n, K) fp32 scores
@@ -175,8 +163,9 @@ def max_abs_all(tensors: list[torch.Tensor]) -> list[float]:
     ends = [end for t in tensors for end in (torch.aminmax(t) if t.numel() else (t.new_zeros(()),) * 2)]
     if not ends:
         return []
-    flat = torch.stack(ends).tolist() if len({e.dtype for e in ends}) == 1 else \
-        torch.stack([e.to(torch.float64) for e in ends]).tolist()
+    if len({e.dtype for e in ends}) > 1:
+        ends = [e.to(torch.float64) for e in ends]
+    flat = torch.stack(ends).tolist()
     return [math.nan if math.isnan(lo) or math.isnan(hi) else max(-lo, hi) for lo, hi in zip(flat[::2], flat[1::2])]
 
 

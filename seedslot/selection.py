@@ -28,15 +28,24 @@ _WORDS = {2: torch.int16, 4: torch.int32}
 _WORDS.update({k: torch.int64 for k in range(8, 65, 8)})
 
 
+def packed_words(scores: torch.Tensor) -> torch.Tensor | None:
+    """(n, K) int8 levels as (n, W) little-endian machine words, each packing 2, 4 or 8 of a
+    connection's levels (K = 2, 4 or a multiple of 8 up to 64), or None where they cannot be read
+    so: another dtype or K, a non-contiguous or big-endian layout, or CUDA with Triton (which has
+    its own kernels)."""
+    k = scores.shape[-1]
+    if (scores.dtype == torch.int8 and scores.dim() == 2 and k in _WORDS and sys.byteorder == "little"
+            and scores.is_contiguous() and not _rng.use_triton(scores)):
+        return scores.view(_WORDS[k])
+    return None
+
+
 def greedy(scores: torch.Tensor) -> torch.Tensor:
     """(n, K) scores -> (n,) int64 index of the best score, the lowest index on ties."""
-    k = scores.shape[-1]
     if scores.dtype in (torch.int8, torch.float32) and scores.dim() == 2 and _rng.use_triton(scores):
         return argmax_rows(scores)  # CUDA: one Triton kernel, any K
-    if (scores.dtype == torch.int8 and k in _WORDS and sys.byteorder == "little"
-            and scores.is_contiguous() and compile_enabled()):
-        return packed_argmax(scores.view(_WORDS[k]))
-    return scores.argmax(dim=-1)
+    words = packed_words(scores) if compile_enabled() else None  # eager, argmax is the faster
+    return scores.argmax(dim=-1) if words is None else packed_argmax(words)
 
 
 @fused("scores", triton="greedy")
@@ -68,14 +77,12 @@ def greedy_values(scores: torch.Tensor, offset: int, ck) -> tuple[torch.Tensor, 
     """(n, K) int8 levels of connections ``offset..`` -> ``(index, value)``: :func:`greedy`'s index
     and the selected candidate (``ck``: the layer's CandidateKeys), in one pass over packed words
     (:func:`packed_greedy`); None where :func:`greedy` would not read packed words."""
-    k = scores.shape[-1]
-    if not (scores.dtype == torch.int8 and k in _WORDS and sys.byteorder == "little" and scores.dim() == 2
-            and scores.is_contiguous() and compile_enabled() and not _rng.use_triton(scores)):
+    words = packed_words(scores) if compile_enabled() else None
+    if words is None:
         return None
-    words = scores.view(_WORDS[k])
     out = (torch.empty(scores.shape[0], dtype=torch.int64, device=scores.device),
            torch.empty(scores.shape[0], device=scores.device))
-    return chunked(out, offset, k, None, lambda a, b, start: packed_greedy(words[a:b], start, *ck))
+    return chunked(out, offset, scores.shape[1], None, lambda a, b, start: packed_greedy(words[a:b], start, *ck))
 
 
 @fused("words")

@@ -204,8 +204,8 @@ def test_packed_int8_update_equals_the_rows_form(seed, k, n, coef, per_conn, sta
     q = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=g)
     args = (torch.randn(n, generator=g) * 10, torch.tensor(coef), C.i32(start), per_conn, C.i32(seed),
             C.stream_keys(seed, C.CANDIDATES, k)[1], C.grid_step(0.05), C.i32(seed ^ 3), C.stream_keys(seed, C.ROUND, k)[1])
-    word = S.packed_word(q)
-    assert word is not None
-    packed = S.int8_update_packed.eager(q.view(word).view(-1), *args).view(torch.int8).view(n, k)
+    words = Sel.packed_words(q)
+    assert words is not None and words.shape == (n, 1)
+    packed = S.int8_update_packed.eager(words.view(-1), *args).view(torch.int8).view(n, k)
     assert torch.equal(packed, S.int8_update_rows.eager(q, *args))
     assert torch.equal(S.int8_update_chunk(q, *args), S.int8_update_rows.eager(q, *args))  # the dispatch
