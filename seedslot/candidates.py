@@ -73,6 +73,16 @@ def chunked(out, offset: int, k: int, like: torch.Tensor | None, fn: Callable) -
     return out
 
 
+def chunked_new(make: Callable, rows: int, offset: int, k: int, like: torch.Tensor | None, device,
+                fn: Callable) -> torch.Tensor | tuple:
+    """:func:`chunked` into new tensors: ``make()`` allocates them, except when one chunk covers
+    all ``rows``: then the kernel's own result is returned (no copy, no second allocation)."""
+    ranges = list(row_chunks(rows, k, like))
+    if len(ranges) == 1:
+        return fn(0, rows, i32(offset, device))
+    return chunked(make(), offset, k, like, fn)
+
+
 class CandidateKeys(NamedTuple):
     """What regenerates a layer's candidates, in the order the kernels take it (after ``start``)."""
 
@@ -134,11 +144,13 @@ def init_scores(
 
 def candidate_values(rows: int, offset: int, ck: CandidateKeys) -> torch.Tensor:
     """All K candidates of connections ``offset .. offset+rows-1``: (rows, K) float32."""
-    out = torch.empty(rows, ck.keys.shape[0], dtype=torch.float32, device=ck.keys.device)
-    return chunked(out, offset, ck.keys.shape[0], None, lambda a, b, start: candidate_chunk(start, b - a, *ck))
+    k, dev = ck.keys.shape[0], ck.keys.device
+    return chunked_new(lambda: torch.empty(rows, k, dtype=torch.float32, device=dev), rows, offset, k, None, dev,
+                       lambda a, b, start: candidate_chunk(start, b - a, *ck))
 
 
 def selected_values(idx: torch.Tensor, offset: int, ck: CandidateKeys) -> torch.Tensor:
     """The candidates ``idx`` (rows,) of connections ``offset ..``: (rows,) float32."""
-    out = torch.empty(idx.shape[0], dtype=torch.float32, device=idx.device)
-    return chunked(out, offset, 1, idx, lambda a, b, start: selected_chunk(idx[a:b], start, *ck))
+    n, dev = idx.shape[0], idx.device
+    return chunked_new(lambda: torch.empty(n, dtype=torch.float32, device=dev), n, offset, 1, idx, dev,
+                       lambda a, b, start: selected_chunk(idx[a:b], start, *ck))

@@ -15,7 +15,7 @@ import sys
 
 import torch
 
-from .candidates import chunked, connections
+from .candidates import chunked, chunked_new, connections
 from . import rng as _rng
 from .rng import bits, compile_enabled, fused, mix32, signed24
 
@@ -80,9 +80,9 @@ def greedy_values(scores: torch.Tensor, offset: int, ck) -> tuple[torch.Tensor, 
     words = packed_words(scores) if compile_enabled() else None
     if words is None:
         return None
-    out = (torch.empty(scores.shape[0], dtype=torch.int64, device=scores.device),
-           torch.empty(scores.shape[0], device=scores.device))
-    return chunked(out, offset, scores.shape[1], None, lambda a, b, start: packed_greedy(words[a:b], start, *ck))
+    n, dev = scores.shape[0], scores.device
+    return chunked_new(lambda: (torch.empty(n, dtype=torch.int64, device=dev), torch.empty(n, device=dev)),
+                       n, offset, scores.shape[1], None, dev, lambda a, b, start: packed_greedy(words[a:b], start, *ck))
 
 
 @fused("words")

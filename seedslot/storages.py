@@ -27,7 +27,8 @@ from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
 from . import scores as _kernels
-from .candidates import REQUANT, ROUND, SCORES as SCORE_STREAM, chunked, i32, init_scores, row_chunks, stream_keys
+from .candidates import (REQUANT, ROUND, SCORES as SCORE_STREAM, chunked, chunked_new, i32, init_scores, row_chunks,
+                         stream_keys)
 from .rng import key32
 from .scores import SCORES
 from .selection import greedy, greedy_values, sample, sample_chunk
@@ -239,10 +240,10 @@ class ImplicitScores(ScoreStorage):
 
     def greedy(self, layer, part):
         drift = getattr(layer, f"{part}_drift").view(-1)
-        out = (torch.empty(drift.shape[0], dtype=torch.int64, device=drift.device),
-               torch.empty(drift.shape[0], device=drift.device))
-        return chunked(out, layer.parts[part][1], layer.k, drift, lambda a, b, start: _kernels.implicit_greedy_chunk(
-            drift[a:b], *self._args(layer, part, start)))
+        n, dev = drift.shape[0], drift.device
+        return chunked_new(lambda: (torch.empty(n, dtype=torch.int64, device=dev), torch.empty(n, device=dev)),
+                           n, layer.parts[part][1], layer.k, drift, dev,
+                           lambda a, b, start: _kernels.implicit_greedy_chunk(drift[a:b], *self._args(layer, part, start)))
 
     def sample(self, layer, part, key):
         # a chunk of fp32 scores (an (n, K) temporary), then the same Gumbel-max draw as stored scores
