@@ -76,8 +76,11 @@ def packed_argmax(words: torch.Tensor) -> torch.Tensor:
 def greedy_values(scores: torch.Tensor, offset: int, ck) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(n, K) int8 levels of connections ``offset..`` -> ``(index, value)``: :func:`greedy`'s index
     and the selected candidate (``ck``: the layer's CandidateKeys), in one pass over packed words
-    (:func:`packed_greedy`); None where :func:`greedy` would not read packed words."""
-    words = packed_words(scores) if compile_enabled() else None
+    (:func:`packed_greedy`); None where it does not apply (K > 8, or :func:`greedy` would not read
+    packed words)."""
+    # up to K = 8 (one word): above, the kernel unrolled over K lanes costs compile time and memory
+    # in proportion to K, for a pass that is small next to the update's
+    words = packed_words(scores) if compile_enabled() and scores.shape[-1] <= 8 else None
     if words is None:
         return None
     n, dev = scores.shape[0], scores.device

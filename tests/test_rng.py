@@ -60,7 +60,7 @@ def test_derive_is_pure_and_separates_inputs():
 
 
 @settings(max_examples=20, deadline=None)
-@given(seed=st.integers(0, 2**31 - 1), k=st.sampled_from([2, 4, 8, 16]), n=st.integers(1, 200),
+@given(seed=st.integers(0, 2**31 - 1), k=st.sampled_from([2, 4, 8]), n=st.integers(1, 200),
        per_conn=st.sampled_from([0, 1]), offset=st.integers(0, 2**31 - 300), ties=st.booleans())
 def test_greedy_values_are_the_argmax_and_its_candidate(seed, k, n, per_conn, offset, ties):
     g = torch.Generator().manual_seed(seed)
@@ -78,6 +78,7 @@ def test_greedy_values_dispatch(monkeypatch):
     assert Sel.greedy_values(q, 7, ck) is None  # the suite runs eager (conftest)
     assert Sel.greedy_values(q[:, :3].contiguous(), 7, ck) is None
     monkeypatch.setenv("SEEDSLOT_COMPILE", "1")
+    assert Sel.greedy_values(torch.zeros(5, 16, dtype=torch.int8), 7, ck) is None  # K > 8: two passes
     idx, value = Sel.greedy_values(q, 7, ck)
     assert torch.equal(idx, q.argmax(-1)) and torch.equal(value, C.selected_values(idx, 7, ck))
 
