@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from .candidates import connections, selected_chunk
@@ -274,19 +275,12 @@ INCR_ABS = 2.0**-80
 INCR_C_MIN, INCR_C_MAX, INCR_R_MAX = 2.0**-40, 2.0**40, 2.0**40
 
 
-@fused("drift", "lo", "hi")
-def incremental_slack(drift: torch.Tensor, factor: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
-    """(n,) fp32 ``min(a - lo, hi - a)`` with ``a = drift / factor``: a connection is stale unless it
-    is > 0 (NaN propagates; the subtractions round, but a - lo > 0 exactly when a > lo in fp32, and
-    a subtraction of finite values that overflows stays > 0). A float result: inductor compiles a
-    bool one to a kernel ten times slower."""
-    a = drift / factor
-    return torch.minimum(a - lo, hi - a)
-
-
-def incremental_stale(drift: torch.Tensor, factor: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
-    """(n,) bool: connections whose ratio ``a = drift / factor`` is not strictly inside (lo, hi)."""
-    return ~(incremental_slack(drift, factor, lo, hi) > 0)
+def incremental_stale_rows(drift: torch.Tensor, factor: float, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """(m,) int64 indices of the connections whose ratio ``a = fl(drift / factor)`` is not strictly
+    inside (lo, hi), a NaN included (its comparisons are false). CPU tensors only: numpy's
+    comparisons and flatnonzero, several times faster than torch's compare and nonzero here."""
+    a = drift.numpy() / np.float32(factor)  # ``factor`` is an fp32 value: the division is fp32
+    return torch.from_numpy(np.flatnonzero(~((a > lo.numpy()) & (a < hi.numpy()))))
 
 
 @fused("drift", "conn")

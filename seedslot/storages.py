@@ -354,7 +354,7 @@ class IncrementalImplicitScores(ImplicitScores):
         if not (_kernels.INCR_C_MIN <= c <= _kernels.INCR_C_MAX):
             return super().greedy(layer, part)
         lo, hi = getattr(layer, f"{part}_lo"), getattr(layer, f"{part}_hi")
-        (rows,) = torch.where(~(_kernels.incremental_slack(drift, factor, lo, hi) > 0))
+        rows = _kernels.incremental_stale_rows(drift, c, lo, hi)
         n = rows.shape[0]
         if n and not self._reselect(layer, part, None if n > self.REBUILD_SHARE * drift.shape[0] else rows):
             return super().greedy(layer, part)
