@@ -11,33 +11,28 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import statistics
-import time
 
 import torch
 
 from seedslot import candidates as C
+from seedslot.benchmarks import median_seconds
 from seedslot.files import atomic_write
 
 
 def rate(fn, rows: int, k: int, repeats: int) -> float:
+    """Candidates per second of ``fn`` (candidate_chunk's compiled or eager path), chunk by chunk
+    into one preallocated buffer."""
     keys = C.stream_keys(1, C.CANDIDATES, k)[1]
     key, step = C.i32(C.key32(1, C.CANDIDATES, 0)), C.grid_step(0.01)
-    chunk = max(1, C.FUSED_CHUNK_VALUES // k)
     out = torch.empty(rows, k)
+    chunk = max(1, C.FUSED_CHUNK_VALUES // k)
 
     def once():
         for a in range(0, rows, chunk):
             b = min(rows, a + chunk)
             out[a:b] = fn(C.i32(a), b - a, 1, key, keys, step)
 
-    once()  # warm-up (compiles)
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        once()
-        times.append(time.perf_counter() - t)
-    return rows * k / statistics.median(times)
+    return rows * k / median_seconds(once, repeats)
 
 
 def main(argv=None) -> dict:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -21,7 +20,7 @@ from typing import Any, Sequence
 
 import torch
 
-from .benchmarks import budget_bench, memory_bench, speed_bench
+from .benchmarks import budget_bench, median_seconds, memory_bench, speed_bench
 from .devices import resolve_device
 from .files import atomic_write
 from .layers import SeededSlotLayer
@@ -114,17 +113,9 @@ def regeneration_rate(device, connections: int = 1 << 24, k: int = 8, repeats: i
 
     key_a, keys_b = stream_keys(1, CANDIDATES, k, device)
     key_a, step = i32(key_a, device), grid_step(0.01).to(device)
-    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
-
-    def once() -> float:
-        sync()
-        t = time.perf_counter()
-        candidate_chunk(i32(0, device), connections, 1, key_a, keys_b, step)
-        sync()
-        return time.perf_counter() - t
-
-    once()  # compiles
-    return connections * k / statistics.median(once() for _ in range(repeats))
+    seconds = median_seconds(lambda: candidate_chunk(i32(0, device), connections, 1, key_a, keys_b, step), repeats,
+                             str(device))
+    return connections * k / seconds
 
 
 def _short_train(device: str, data_dir: str | None, epochs: int) -> dict[str, Any]:

@@ -40,7 +40,7 @@ from .optim import SlotSGD
 from .rng import compile_enabled
 from .validate import check_int
 
-__all__ = ["MODES", "memory_bench", "budget_bench", "speed_bench", "parse_bytes", "add_arguments", "run_cli", "main"]
+__all__ = ["MODES", "memory_bench", "budget_bench", "speed_bench", "median_seconds", "parse_bytes", "add_arguments", "run_cli", "main"]
 
 MODES = ("learned", "dense", "seeded", "implicit")  # seeded: int8 scores; implicit: scores="implicit"
 SLOT_SEEDED = ("seeded", "implicit")
@@ -294,29 +294,35 @@ def speed_bench(model: str = "lenet", k: int = 8, batch_size: int = 64, repeats:
     return out
 
 
+def median_seconds(fn, repeats: int, device: str = "cpu") -> float:
+    """Median wall-clock seconds of ``fn()`` over ``repeats`` calls, after one warm-up call (which
+    compiles), the device synchronised around each call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
 def _regen_seconds(model: nn.Module, repeats: int) -> float:
     """Median seconds to regenerate all K candidates of every seeded connection of ``model`` once,
     by the kernel the updates use, chunk by chunk into one preallocated buffer per part (as
-    bench/regen.py measures its rate: no page faults of fresh memory), after a warm-up call."""
+    bench/regen.py measures its rate: no page faults of fresh memory)."""
     from .candidates import candidate_chunk, chunked
     from .layers import SeededSlotLayer
 
-    parts = []
-    for m in model.modules():
-        if isinstance(m, SeededSlotLayer):
-            for shape, offset in m.parts.values():
-                out = torch.empty(math.prod(shape), m.k, device=m.candidate_keys.keys.device)
-                parts.append((out, offset, m.candidate_keys))
-    times = []
-    for r in range(repeats + 1):
-        t0 = time.perf_counter()
+    parts = [(torch.empty(math.prod(shape), m.k, device=m.candidate_keys.keys.device), offset, m.candidate_keys)
+             for m in model.modules() if isinstance(m, SeededSlotLayer) for shape, offset in m.parts.values()]
+
+    def once():
         for out, offset, ck in parts:
             chunked(out, offset, out.shape[1], None, lambda a, b, start: candidate_chunk(start, b - a, *ck))
-        if parts and parts[0][0].is_cuda:
-            torch.cuda.synchronize()
-        if r:  # the first is the warm-up
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+
+    return median_seconds(once, repeats, str(parts[0][0].device) if parts else "cpu")
 
 
 # ---------------------------------------------------------------- tables and the command line

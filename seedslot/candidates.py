@@ -61,10 +61,11 @@ def row_chunks(rows: int, k: int, like: torch.Tensor | None = None) -> Iterator[
 
 
 def chunked(out, offset: int, k: int, like: torch.Tensor | None, fn: Callable) -> torch.Tensor | tuple:
-    """The chunk loop in front of every kernel: ``out[a:b] = fn(a, b, start)`` for each
-    :func:`row_chunks` range of ``out``'s rows, ``start`` the 0-dim int32 index of connection
-    ``offset + a`` on ``out``'s device. ``out`` may be a tuple of tensors with a tuple result.
-    ``k`` and ``like`` are :func:`row_chunks`'."""
+    """The chunk loop in front of every kernel, writing into ``out`` (the updates write the
+    scores in place): ``out[a:b] = fn(a, b, start)`` for each :func:`row_chunks` range of
+    ``out``'s rows, ``start`` the 0-dim int32 index of connection ``offset + a`` on ``out``'s
+    device. ``out`` may be a tuple of tensors with a tuple result. ``k`` and ``like`` are
+    :func:`row_chunks`'. New results go through :func:`chunked_new`."""
     outs = out if isinstance(out, tuple) else (out,)
     for a, b in row_chunks(outs[0].shape[0], k, like):
         got = fn(a, b, i32(offset + a, outs[0].device))

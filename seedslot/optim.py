@@ -35,7 +35,7 @@ import torch
 from torch.optim import Optimizer
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from .scores import max_abs, max_abs_all
+from .scores import max_abs_all
 from .storages import slot_owner
 from .validate import check_float
 
@@ -173,10 +173,7 @@ class SlotSGD(Optimizer):
                 p_i = len(tensors)
                 tensors.append(p.detach())
             extra[i] = (b, p_i)
-        if any(t.is_complex() for t in tensors) or len({t.device for t in tensors}) > 1:
-            maxes = [float(max_abs(t)) for t in tensors]
-        else:
-            maxes = max_abs_all(tensors)
+        maxes = max_abs_all(tensors)
         for i, (gi, pi, group, p) in enumerate(entries):
             where = f"parameter {pi} of param group {gi}"
             if not math.isfinite(maxes[i]):

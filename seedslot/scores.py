@@ -159,8 +159,10 @@ def max_abs(t: torch.Tensor) -> torch.Tensor:
 
 
 def max_abs_all(tensors: list[torch.Tensor]) -> list[float]:
-    """:func:`max_abs` of every tensor (real, on one device), as Python floats: one min-max pass
-    each and a single host sync for all, with no other tensor op (a step checks them all)."""
+    """:func:`max_abs` of every tensor, as Python floats: one min-max pass each and, for real
+    tensors on one device, a single host sync for all (a step checks them all)."""
+    if any(t.is_complex() for t in tensors) or len({t.device for t in tensors}) > 1:
+        return [float(max_abs(t)) for t in tensors]
     ends = [end for t in tensors for end in (torch.aminmax(t) if t.numel() else (t.new_zeros(()),) * 2)]
     if not ends:
         return []

@@ -15,7 +15,7 @@ import sys
 
 import torch
 
-from .candidates import chunked, chunked_new, connections
+from .candidates import chunked_new, connections
 from . import rng as _rng
 from .rng import bits, compile_enabled, fused, mix32, signed24
 
@@ -112,7 +112,7 @@ def sample_chunk(
 def sample(scores: torch.Tensor, scale, offset: int, key_a: torch.Tensor, keys_b: torch.Tensor) -> torch.Tensor:
     """(n, K) scores of connections ``offset..`` -> (n,) int64 draws from softmax(scores*scale),
     chunk by chunk (:func:`sample_chunk`); ``scale`` a number or a 0-dim tensor."""
-    idx = torch.empty(scores.shape[0], dtype=torch.int64, device=scores.device)
-    scale_t = torch.as_tensor(scale, dtype=torch.float32, device=scores.device)
-    return chunked(idx, offset, scores.shape[1], scores,
-                   lambda a, b, start: sample_chunk(scores[a:b], scale_t, start, key_a, keys_b))
+    n, dev = scores.shape[0], scores.device
+    scale_t = torch.as_tensor(scale, dtype=torch.float32, device=dev)
+    return chunked_new(lambda: torch.empty(n, dtype=torch.int64, device=dev), n, offset, scores.shape[1], scores, dev,
+                       lambda a, b, start: sample_chunk(scores[a:b], scale_t, start, key_a, keys_b))

@@ -248,17 +248,18 @@ class ImplicitScores(ScoreStorage):
     def sample(self, layer, part, key):
         # a chunk of fp32 scores (an (n, K) temporary), then the same Gumbel-max draw as stored scores
         drift = getattr(layer, f"{part}_drift").view(-1)
-        dev = drift.device
-        idx = torch.empty(drift.shape[0], dtype=torch.int64, device=dev)
-        return chunked(idx, layer.parts[part][1], layer.k, None, lambda a, b, start: sample_chunk(
-            _kernels.implicit_chunk(drift[a:b], *self._args(layer, part, start)), torch.ones((), device=dev),
-            start, key, layer.sample_keys))
+        n, dev = drift.shape[0], drift.device
+        one = torch.ones((), device=dev)
+        return chunked_new(lambda: torch.empty(n, dtype=torch.int64, device=dev), n, layer.parts[part][1], layer.k,
+                           None, dev, lambda a, b, start: sample_chunk(
+                               _kernels.implicit_chunk(drift[a:b], *self._args(layer, part, start)), one, start, key,
+                               layer.sample_keys))
 
     def scores(self, layer, part):
         drift = getattr(layer, f"{part}_drift").view(-1)
-        out = torch.empty(drift.shape[0], layer.k, device=drift.device)
-        return chunked(out, layer.parts[part][1], layer.k, None, lambda a, b, start: _kernels.implicit_chunk(
-            drift[a:b], *self._args(layer, part, start)))
+        n, dev = drift.shape[0], drift.device
+        return chunked_new(lambda: torch.empty(n, layer.k, device=dev), n, layer.parts[part][1], layer.k, None, dev,
+                           lambda a, b, start: _kernels.implicit_chunk(drift[a:b], *self._args(layer, part, start)))
 
     def update(self, layer, part, direction, lr, weight_decay, step):
         # s = c*s0 - A*W: shrinking scales c and A, the step adds to A
