@@ -57,12 +57,16 @@ def int8_update_chunk(
     round_b: torch.Tensor,
 ) -> torch.Tensor:
     """The int8 levels after one update, re-centred so that each connection's top is <= 127."""
-    words = packed_words(q) if q.shape[1] <= UNROLL_MAX_K else None  # one word per connection
+    if q.shape[1] > UNROLL_MAX_K:
+        if _rng.use_triton(q):
+            return int8_update_rows(q, d, coef, start, per_conn, key_a, keys_b, step, round_a, round_b)
+        hc, hr, dc = connection_hashes(d, coef, start, per_conn, key_a, round_a)
+        return int8_update_hashed(q, hc, hr, dc, keys_b, step, round_b)
+    words = packed_words(q)  # one word per connection
     if words is not None:
         words = int8_update_packed(words.view(-1), d, coef, start, per_conn, key_a, keys_b, step, round_a, round_b)
         return words.view(torch.int8).view(q.shape)
-    kernel = int8_update_unrolled if q.shape[1] <= UNROLL_MAX_K else int8_update_rows
-    return kernel(q, d, coef, start, per_conn, key_a, keys_b, step, round_a, round_b)
+    return int8_update_unrolled(q, d, coef, start, per_conn, key_a, keys_b, step, round_a, round_b)
 
 
 @fused("q", "d", triton="int8_update")
@@ -73,6 +77,27 @@ def int8_update_rows(q, d, coef, start, per_conn: int, key_a, keys_b, step, roun
     r = unit24(noise_bits(connections(start, n, 1, q.device), round_a, round_b))  # (n, K) in [0, 1)
     t = torch.floor(q.to(torch.float32) + (d * coef).unsqueeze(-1) * w + r)
     shift = (t.amax(dim=-1, keepdim=True) - 127.0).clamp_min(0.0)  # re-centre: top level <= 127
+    return (t - shift).clamp(-128.0, 127.0).to(torch.int8)
+
+
+@fused("d")
+def connection_hashes(d, coef, start, per_conn: int, key_a, round_a) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The per-connection halves of :func:`bits` and :func:`noise_bits` (``mix32(conn ^ key)``) of
+    connections ``start..``, and ``d * coef``: made once, in a kernel of their own, for
+    :func:`int8_update_hashed` (fused into the (n, K) kernel they are recomputed for every vector
+    of K lanes, in each of its two loops: a third of its time at K = 64)."""
+    n = d.shape[0]
+    return (mix32(connections(start, n, per_conn, d.device) ^ key_a),
+            mix32(connections(start, n, 1, d.device) ^ round_a), d * coef)
+
+
+@fused("q", "hc", "hr", "dc")
+def int8_update_hashed(q, hc, hr, dc, keys_b, step, round_b) -> torch.Tensor:
+    """:func:`int8_update_rows` from :func:`connection_hashes`: the same bits."""
+    w = signed24(mix32(hc.unsqueeze(-1) ^ keys_b)).to(torch.float32) * step
+    r = unit24(noise_round(hr.unsqueeze(-1) ^ round_b))  # (n, K) in [0, 1)
+    t = torch.floor(q.to(torch.float32) + dc.unsqueeze(-1) * w + r)
+    shift = (t.amax(dim=-1, keepdim=True) - 127.0).clamp_min(0.0)
     return (t - shift).clamp(-128.0, 127.0).to(torch.int8)
 
 

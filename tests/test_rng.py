@@ -99,6 +99,9 @@ def _kernel_cases():
         (S.int8_update_unrolled, (q, d, torch.tensor(-250.0), i32(17), 1, i32(123), kb, step, i32(99), rb)),
         (S.int8_update_packed, (q.view(torch.int64).view(-1), d, torch.tensor(-250.0), i32(17), 1, i32(123), kb, step,
                                 i32(99), rb)),
+        (S.connection_hashes, (d, torch.tensor(-250.0), i32(17), 1, i32(123), i32(99))),
+        (S.int8_update_hashed, (q, *S.connection_hashes.eager(d, torch.tensor(-250.0), i32(17), 1, i32(123), i32(99)), kb,
+                                step, rb)),
         (S.fp32_update_chunk, (q.float(), d, torch.tensor(-0.1), i32(17), 0, i32(123), kb, step)),
         (S.requantize_chunk, (q, torch.tensor(0.25), i32(3), i32(4), rb)),
         (Sel.sample_chunk, (q, torch.tensor(0.01), i32(3), i32(4), rb)),
@@ -210,3 +213,29 @@ def test_packed_int8_update_equals_the_rows_form(seed, k, n, coef, per_conn, sta
     packed = S.int8_update_packed.eager(words.view(-1), *args).view(torch.int8).view(n, k)
     assert torch.equal(packed, S.int8_update_rows.eager(q, *args))
     assert torch.equal(S.int8_update_chunk(q, *args), S.int8_update_rows.eager(q, *args))  # the dispatch
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), k=st.sampled_from([9, 16, 64]), n=st.integers(1, 200),
+       coef=st.floats(-1e4, 1e4), per_conn=st.sampled_from([0, 1]), start=st.integers(0, 2**31 - 400))
+def test_hashed_int8_update_equals_the_rows_form(seed, k, n, coef, per_conn, start):
+    # K > 8: the per-connection hashes made apart give the same levels, re-centring and clipping included
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=g)
+    d, coef_t, start_t, key_a, round_a = torch.randn(n, generator=g) * 10, torch.tensor(coef), C.i32(start), C.i32(seed), C.i32(seed ^ 3)
+    keys_b, step, round_b = C.stream_keys(seed, C.CANDIDATES, k)[1], C.grid_step(0.05), C.stream_keys(seed, C.ROUND, k)[1]
+    want = S.int8_update_rows.eager(q, d, coef_t, start_t, per_conn, key_a, keys_b, step, round_a, round_b)
+    hashes = S.connection_hashes.eager(d, coef_t, start_t, per_conn, key_a, round_a)
+    assert torch.equal(S.int8_update_hashed.eager(q, *hashes, keys_b, step, round_b), want)
+
+
+def test_int8_update_dispatch_above_k8_is_the_hashed_form(monkeypatch):
+    monkeypatch.setenv("SEEDSLOT_COMPILE", "0")
+    n, k = 50, 24
+    q = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=torch.Generator().manual_seed(1))
+    args = (torch.randn(n) * 10, torch.tensor(-300.0), C.i32(5), 1, C.i32(7), C.stream_keys(2, C.CANDIDATES, k)[1],
+            C.grid_step(0.05), C.i32(9), C.stream_keys(2, C.ROUND, k)[1])
+    calls = []
+    monkeypatch.setattr(S, "int8_update_hashed", lambda *a: calls.append(1) or S.int8_update_rows.eager(q, *args))
+    S.int8_update_chunk(q, *args)
+    assert calls == [1]
