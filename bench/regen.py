@@ -24,8 +24,8 @@ def rate(fn, rows: int, k: int, repeats: int) -> float:
     into one preallocated buffer."""
     keys = C.stream_keys(1, C.CANDIDATES, k)[1]
     key, step = C.i32(C.key32(1, C.CANDIDATES, 0)), C.grid_step(0.01)
-    out = torch.empty(rows, k)
     chunk = max(1, C.FUSED_CHUNK_VALUES // k)
+    out = torch.empty(rows, k)
 
     def once():
         for a in range(0, rows, chunk):

@@ -71,7 +71,8 @@ def int8_update_chunk(
 
 @fused("q", "d", triton="int8_update")
 def int8_update_rows(q, d, coef, start, per_conn: int, key_a, keys_b, step, round_a, round_b) -> torch.Tensor:
-    """:func:`int8_update_chunk` on (n, K) tensors."""
+    """:func:`int8_update_chunk` on (n, K) tensors: what CUDA runs above K = 8 (as its Triton
+    twin), and the reference the CPU's hashed and packed forms equal bit for bit."""
     n = q.shape[0]
     w = signed24(bits(connections(start, n, per_conn, q.device), key_a, keys_b)).to(torch.float32) * step
     r = unit24(noise_bits(connections(start, n, 1, q.device), round_a, round_b))  # (n, K) in [0, 1)

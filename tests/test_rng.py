@@ -199,34 +199,27 @@ def test_unrolled_int8_update_equals_the_rows_form(seed, k, coef, per_conn):
     assert torch.equal(S.int8_update_unrolled.eager(*args), S.int8_update_rows.eager(*args))
 
 
-@settings(max_examples=30, deadline=None)
-@given(seed=st.integers(0, 2**31 - 1), k=st.sampled_from([2, 4, 8]), n=st.integers(1, 300),
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), k=st.sampled_from([2, 4, 8, 9, 16, 64]), n=st.integers(1, 300),
        coef=st.floats(-1e4, 1e4), per_conn=st.sampled_from([0, 1]), start=st.integers(0, 2**31 - 400))
-def test_packed_int8_update_equals_the_rows_form(seed, k, n, coef, per_conn, start):
-    # the packed words hold the same levels, re-centring and clipping included (levels up to +-128)
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=g)
-    args = (torch.randn(n, generator=g) * 10, torch.tensor(coef), C.i32(start), per_conn, C.i32(seed),
-            C.stream_keys(seed, C.CANDIDATES, k)[1], C.grid_step(0.05), C.i32(seed ^ 3), C.stream_keys(seed, C.ROUND, k)[1])
-    words = Sel.packed_words(q)
-    assert words is not None and words.shape == (n, 1)
-    packed = S.int8_update_packed.eager(words.view(-1), *args).view(torch.int8).view(n, k)
-    assert torch.equal(packed, S.int8_update_rows.eager(q, *args))
-    assert torch.equal(S.int8_update_chunk(q, *args), S.int8_update_rows.eager(q, *args))  # the dispatch
-
-
-@settings(max_examples=25, deadline=None)
-@given(seed=st.integers(0, 2**31 - 1), k=st.sampled_from([9, 16, 64]), n=st.integers(1, 200),
-       coef=st.floats(-1e4, 1e4), per_conn=st.sampled_from([0, 1]), start=st.integers(0, 2**31 - 400))
-def test_hashed_int8_update_equals_the_rows_form(seed, k, n, coef, per_conn, start):
-    # K > 8: the per-connection hashes made apart give the same levels, re-centring and clipping included
+def test_packed_and_hashed_int8_updates_equal_the_rows_form(seed, k, n, coef, per_conn, start):
+    # K <= 8: the levels packed in one word; above: the per-connection hashes made apart. The same
+    # levels, re-centring and clipping included (levels up to +-128)
     g = torch.Generator().manual_seed(seed)
     q = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=g)
     d, coef_t, start_t, key_a, round_a = torch.randn(n, generator=g) * 10, torch.tensor(coef), C.i32(start), C.i32(seed), C.i32(seed ^ 3)
     keys_b, step, round_b = C.stream_keys(seed, C.CANDIDATES, k)[1], C.grid_step(0.05), C.stream_keys(seed, C.ROUND, k)[1]
-    want = S.int8_update_rows.eager(q, d, coef_t, start_t, per_conn, key_a, keys_b, step, round_a, round_b)
-    hashes = S.connection_hashes.eager(d, coef_t, start_t, per_conn, key_a, round_a)
-    assert torch.equal(S.int8_update_hashed.eager(q, *hashes, keys_b, step, round_b), want)
+    args = (d, coef_t, start_t, per_conn, key_a, keys_b, step, round_a, round_b)
+    want = S.int8_update_rows.eager(q, *args)
+    if k <= 8:
+        words = Sel.packed_words(q)
+        assert words is not None and words.shape == (n, 1)
+        got = S.int8_update_packed.eager(words.view(-1), *args).view(torch.int8).view(n, k)
+    else:
+        hashes = S.connection_hashes.eager(d, coef_t, start_t, per_conn, key_a, round_a)
+        got = S.int8_update_hashed.eager(q, *hashes, keys_b, step, round_b)
+    assert torch.equal(got, want)
+    assert torch.equal(S.int8_update_chunk(q, *args), want)  # the dispatch
 
 
 def test_int8_update_dispatch_above_k8_is_the_hashed_form(monkeypatch):
