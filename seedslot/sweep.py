@@ -283,13 +283,19 @@ def _train(spec: dict, out: str, *, dataset: str, data_dir: str | None, threads:
 
 def sweep(experiment: str, out: str, *, dataset: str = "fashion-mnist", data_dir: str | None = None,
           models=SWEEP_MODELS, seeds=(0, 1), presets: dict | None = None, threads: int | None = None,
-          device: str | None = None, log=print, write_report: bool = True) -> int:
-    """Run what ``experiment`` needs and is not yet in ``out/runs.jsonl``, then (``write_report``)
-    write its tables and plots; returns the number of runs trained now."""
+          device: str | None = None, log=print, write_report: bool = True, ks=None) -> int:
+    """Run what ``experiment`` needs and is not yet in ``out/runs.jsonl`` (with ``ks``, only its
+    runs at those K values), then (``write_report``) write its tables and plots; returns the number
+    of runs trained now."""
     from .data import DATASETS
 
     check_choice("dataset", dataset, DATASETS)
     specs = plan(experiment, models=models, seeds=seeds, presets=presets)
+    if ks is not None:
+        grid = sorted({s["k"] for s in specs if "k" in s})
+        if not ks or any(k not in grid for k in ks):
+            raise ValueError(f"ks must be values of {experiment}'s K grid ({', '.join(map(str, grid))}); got {list(ks)}")
+        specs = [s for s in specs if s.get("k") in ks]
     os.makedirs(out, exist_ok=True)
     done = load_records(out)
     todo = [s for s in specs if run_id(_public(s)) not in done]
@@ -541,6 +547,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, metavar="N", help="torch CPU threads")
     parser.add_argument("--device", help=DEVICE_HELP)
     parser.add_argument("--report-only", action="store_true", help="only rewrite tables and plots from runs.jsonl")
+    parser.add_argument("--ks", nargs="+", type=int, metavar="K",
+                        help="train only the experiment's runs at these K values (the tables keep every column)")
 
 
 def presets_for(epochs: int | None = None, limit_train: int | None = None, paper_epochs: bool = False) -> dict:
@@ -572,7 +580,7 @@ def run_cli(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     resolve_device(args.device)  # before any run starts
     n = sweep(args.experiment, args.out, dataset=args.dataset, data_dir=args.data_dir, threads=args.threads,
-              device=args.device, log=lambda s: print(s, flush=True), **kwargs)
+              device=args.device, log=lambda s: print(s, flush=True), ks=args.ks, **kwargs)
     print(f"seedslot sweep {args.experiment}: trained {n} run(s) in {time.perf_counter() - t0:.0f} s; "
           f"tables and plots in {args.out}", file=sys.stderr)
     return 0

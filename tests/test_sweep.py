@@ -104,6 +104,7 @@ def test_plan_ids_are_stable_and_unique():
     (lambda: S.plan("k", seeds=()), "seeds"),
     (lambda: S.sweep("k", "unused", dataset="imagenet"), "dataset must be one of"),
     (lambda: S.presets_for(epochs=0), "epochs must be an int >= 1"),
+    (lambda: S.sweep("sharing", "unused", ks=(3,)), r"ks must be values of sharing's K grid \(2, 8, 64\); got \[3\]"),
 ])
 def test_bad_input_is_a_value_error(call, match):
     with pytest.raises(ValueError, match=match):
@@ -121,6 +122,15 @@ def test_cli(tiny, tmp_path, capsys):
                  "--out", out]) == 0
     assert "wrote" in capsys.readouterr().out
     assert os.path.exists(os.path.join(out, "k.png"))
+
+
+def test_ks_trains_only_those_runs_and_the_report_marks_the_rest(tiny, tmp_path):
+    kw, calls = tiny
+    out = str(tmp_path / "sweep")
+    assert S.sweep("k", out, models=("lenet",), seeds=(0,), ks=(2,), **kw) == 2  # seeded and random at K = 2
+    assert sorted(c.k for c in calls) == [2, 2]
+    table = open(os.path.join(out, "k.md")).read()
+    assert "not finished: seeded int8, greedy, K 1, seed 0: not started" in table
 
 
 def test_interrupted_run_continues_from_its_checkpoint(tiny, tmp_path, monkeypatch):
