@@ -71,8 +71,8 @@ def int8_update_chunk(
 
 @fused("q", "d", triton="int8_update")
 def int8_update_rows(q, d, coef, start, per_conn: int, key_a, keys_b, step, round_a, round_b) -> torch.Tensor:
-    """:func:`int8_update_chunk` on (n, K) tensors: what CUDA runs above K = 8 (as its Triton
-    twin), and the reference the CPU's hashed and packed forms equal bit for bit."""
+    """:func:`int8_update_chunk` on (n, K) tensors: what CUDA with Triton runs above K = 8 (as
+    its Triton twin), and the reference the hashed and packed forms equal bit for bit."""
     n = q.shape[0]
     w = signed24(bits(connections(start, n, per_conn, q.device), key_a, keys_b)).to(torch.float32) * step
     r = unit24(noise_bits(connections(start, n, 1, q.device), round_a, round_b))  # (n, K) in [0, 1)
@@ -307,8 +307,9 @@ def incremental_stale_rows(drift: torch.Tensor, factor: float, lo: torch.Tensor,
     """(m,) int64 indices of the connections whose ratio ``a = fl(drift / factor)`` is not strictly
     inside (lo, hi), a NaN included (its comparisons are false). CPU tensors only: numpy's
     comparisons and flatnonzero, several times faster than torch's compare and nonzero here."""
-    a = drift.numpy() / np.float32(factor)  # ``factor`` is an fp32 value: the division is fp32
-    return torch.from_numpy(np.flatnonzero(~((a > lo.numpy()) & (a < hi.numpy()))))
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflow to inf is stale, as it should be
+        a = drift.detach().numpy() / np.float32(factor)  # ``factor`` is an fp32 value: the division is fp32
+        return torch.from_numpy(np.flatnonzero(~((a > lo.numpy()) & (a < hi.numpy()))))
 
 
 @fused("drift", "conn")

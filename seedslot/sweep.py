@@ -285,8 +285,8 @@ def sweep(experiment: str, out: str, *, dataset: str = "fashion-mnist", data_dir
           models=SWEEP_MODELS, seeds=(0, 1), presets: dict | None = None, threads: int | None = None,
           device: str | None = None, log=print, write_report: bool = True, ks=None) -> int:
     """Run what ``experiment`` needs and is not yet in ``out/runs.jsonl`` (with ``ks``, only its
-    runs at those K values), then (``write_report``) write its tables and plots; returns the number
-    of runs trained now."""
+    slot runs at those K values: learned baselines and fine-tuning runs have no K and are skipped),
+    then (``write_report``) write its tables and plots; returns the number of runs trained now."""
     from .data import DATASETS
 
     check_choice("dataset", dataset, DATASETS)
@@ -548,7 +548,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", help=DEVICE_HELP)
     parser.add_argument("--report-only", action="store_true", help="only rewrite tables and plots from runs.jsonl")
     parser.add_argument("--ks", nargs="+", type=int, metavar="K",
-                        help="train only the experiment's runs at these K values (the tables keep every column)")
+                        help="train only the experiment's slot runs at these K values, no learned or fine-tuning "
+                             "runs (the tables keep every column)")
 
 
 def presets_for(epochs: int | None = None, limit_train: int | None = None, paper_epochs: bool = False) -> dict:

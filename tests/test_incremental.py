@@ -3,6 +3,7 @@ the same selections as full recomputation, exactly, whatever happened to the dri
 
 import copy
 import math
+import warnings
 
 import pytest
 import torch
@@ -147,6 +148,21 @@ def test_edits_of_the_drift_and_factor_deepcopy_and_to_need_no_invalidation():
         check(inc, ref)
     dup = copy.deepcopy(inc).to("cpu")
     check(dup, ref)
+
+
+def test_stale_rows_is_a_outside_the_open_interval():
+    # (drift, lo, hi) with c = 0.5: a = 2 * drift; stale unless lo < a < hi strictly
+    inf, nan = math.inf, math.nan
+    cases = [(0.5, 0.0, 2.0, False), (0.0, 0.0, 2.0, True), (1.0, 0.0, 2.0, True),  # a == lo, a == hi
+             (0.25, 0.6, 2.0, True), (nan, -inf, inf, True), (0.5, inf, -inf, True),  # NaN, an empty interval
+             (inf, 0.0, inf, True), (-inf, -inf, 0.0, True), (0.5, -inf, inf, False),
+             (3e38, 0.0, 3e38, True)]  # 2 * 3e38 overflows fp32 to inf: stale, and no numpy warning
+    drift, lo, hi, stale = (torch.tensor(col, dtype=torch.float32) if i < 3 else list(col)
+                            for i, col in enumerate(zip(*cases)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        rows = K.incremental_stale_rows(drift.requires_grad_(), 0.5, lo, hi)
+    assert rows.dtype == torch.int64 and rows.tolist() == [i for i, s in enumerate(stale) if s]
 
 
 def test_kernel_select_at_matches_the_greedy_kernels():

@@ -222,13 +222,28 @@ def test_packed_and_hashed_int8_updates_equal_the_rows_form(seed, k, n, coef, pe
     assert torch.equal(S.int8_update_chunk(q, *args), want)  # the dispatch
 
 
-def test_int8_update_dispatch_above_k8_is_the_hashed_form(monkeypatch):
-    monkeypatch.setenv("SEEDSLOT_COMPILE", "0")
+@pytest.mark.parametrize("triton, kernel", [(False, "int8_update_hashed"), (True, "int8_update_rows")])
+def test_int8_update_dispatch_above_k8(monkeypatch, triton, kernel):
+    # the CPU runs the hashed form; CUDA with Triton the rows form, whose Triton twin it has
     n, k = 50, 24
     q = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=torch.Generator().manual_seed(1))
     args = (torch.randn(n) * 10, torch.tensor(-300.0), C.i32(5), 1, C.i32(7), C.stream_keys(2, C.CANDIDATES, k)[1],
             C.grid_step(0.05), C.i32(9), C.stream_keys(2, C.ROUND, k)[1])
-    calls = []
-    monkeypatch.setattr(S, "int8_update_hashed", lambda *a: calls.append(1) or S.int8_update_rows.eager(q, *args))
+    calls, rows = [], S.int8_update_rows.eager
+    monkeypatch.setattr(S._rng, "use_triton", lambda t: triton)
+    monkeypatch.setattr(S, kernel, lambda *a: calls.append(kernel) or rows(q, *args))
     S.int8_update_chunk(q, *args)
-    assert calls == [1]
+    assert calls == [kernel]
+
+
+@pytest.mark.slow
+def test_compiled_hashed_int8_update_equals_the_rows_form_on_a_full_chunk():
+    # the size and K the CPU path runs at (one FUSED_CHUNK_VALUES chunk at K = 64), compiled
+    n, k = C.FUSED_CHUNK_VALUES // 64, 64
+    g = torch.Generator().manual_seed(4)
+    q = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=g)
+    d, coef, start, key_a, round_a = torch.randn(n, generator=g) * 10, torch.tensor(-300.0), C.i32(12345), C.i32(7), C.i32(9)
+    keys_b, step, round_b = C.stream_keys(2, C.CANDIDATES, k)[1], C.grid_step(0.05), C.stream_keys(2, C.ROUND, k)[1]
+    hashes = S.connection_hashes.compiled(d, coef, start, 1, key_a, round_a)
+    got = S.int8_update_hashed.compiled(q, *hashes, keys_b, step, round_b)
+    assert torch.equal(got, S.int8_update_rows.eager(q, d, coef, start, 1, key_a, keys_b, step, round_a, round_b))
