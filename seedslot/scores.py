@@ -76,8 +76,12 @@ def int8_update_rows(q, d, coef, start, per_conn: int, key_a, keys_b, step, roun
     n = q.shape[0]
     w = signed24(bits(connections(start, n, per_conn, q.device), key_a, keys_b)).to(torch.float32) * step
     r = unit24(noise_bits(connections(start, n, 1, q.device), round_a, round_b))  # (n, K) in [0, 1)
-    t = torch.floor(q.to(torch.float32) + (d * coef).unsqueeze(-1) * w + r)
-    shift = (t.amax(dim=-1, keepdim=True) - 127.0).clamp_min(0.0)  # re-centre: top level <= 127
+    return _recentred(torch.floor(q.to(torch.float32) + (d * coef).unsqueeze(-1) * w + r))
+
+
+def _recentred(t: torch.Tensor) -> torch.Tensor:
+    """(n, K) floored levels -> int8, shifted so that each connection's top level is <= 127."""
+    shift = (t.amax(dim=-1, keepdim=True) - 127.0).clamp_min(0.0)
     return (t - shift).clamp(-128.0, 127.0).to(torch.int8)
 
 
@@ -97,9 +101,7 @@ def int8_update_hashed(q, hc, hr, dc, keys_b, step, round_b) -> torch.Tensor:
     """:func:`int8_update_rows` from :func:`connection_hashes`: the same bits."""
     w = signed24(mix32(hc.unsqueeze(-1) ^ keys_b)).to(torch.float32) * step
     r = unit24(noise_round(hr.unsqueeze(-1) ^ round_b))  # (n, K) in [0, 1)
-    t = torch.floor(q.to(torch.float32) + dc.unsqueeze(-1) * w + r)
-    shift = (t.amax(dim=-1, keepdim=True) - 127.0).clamp_min(0.0)
-    return (t - shift).clamp(-128.0, 127.0).to(torch.int8)
+    return _recentred(torch.floor(q.to(torch.float32) + dc.unsqueeze(-1) * w + r))
 
 
 @fused("q", "d", triton="int8_update")
