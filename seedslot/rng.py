@@ -114,6 +114,22 @@ def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
+def numba_enabled() -> bool:
+    """``SEEDSLOT_NUMBA=0`` keeps the CPU on the torch path where :mod:`seedslot.cpu_kernels` has a twin."""
+    return os.environ.get("SEEDSLOT_NUMBA", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+@functools.cache
+def numba_available() -> bool:
+    """Whether the ``numba`` package is installed (checked once, without importing it)."""
+    return importlib.util.find_spec("numba") is not None
+
+
+def use_numba() -> bool:
+    """Whether CPU work with a numba twin runs it: numba installed and not disabled."""
+    return numba_enabled() and numba_available()
+
+
 def use_triton(t: torch.Tensor | None) -> bool:
     """Whether fused functions on ``t`` run as their Triton twins: ``t`` on CUDA, triton installed,
     not disabled, and not inside a user's torch.compile (which traces the eager body)."""

@@ -29,7 +29,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from . import scores as _kernels
 from .candidates import (REQUANT, ROUND, SCORES as SCORE_STREAM, chunked, chunked_new, i32, init_scores, row_chunks,
                          stream_keys)
-from .rng import key32
+from .rng import key32, use_numba
 from .scores import SCORES
 from .selection import greedy, greedy_values, sample, sample_chunk
 
@@ -201,6 +201,11 @@ class Int8Scores(_Stored):
 _BOUND, _SCORE_KEY, _SCORE_KEYS = "_score_bound", "_score_key", "_score_keys"
 
 
+def _initial_score_keys(layer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What regenerates implicit scores' initial scores s0: key_a, keys_b and their bound."""
+    return getattr(layer, _SCORE_KEY), getattr(layer, _SCORE_KEYS), getattr(layer, _BOUND)
+
+
 class ImplicitScores(ScoreStorage):
     """One fp32 drift per connection (``{part}_drift``) and a factor per part (``{part}_scale``):
     the scores ``c * s0 - A * W`` are regenerated at every selection (see :mod:`seedslot.scores`)."""
@@ -235,8 +240,7 @@ class ImplicitScores(ScoreStorage):
     @staticmethod
     def _args(layer, part: str, start: torch.Tensor) -> tuple:
         """Arguments after ``drift`` of the implicit-score kernels from connection ``start``."""
-        return (getattr(layer, f"{part}_scale"), start, *layer.candidate_keys, getattr(layer, _SCORE_KEY),
-                getattr(layer, _SCORE_KEYS), getattr(layer, _BOUND))
+        return (getattr(layer, f"{part}_scale"), start, *layer.candidate_keys, *_initial_score_keys(layer))
 
     def greedy(self, layer, part):
         drift = getattr(layer, f"{part}_drift").view(-1)
@@ -284,6 +288,8 @@ class IncrementalImplicitScores(ImplicitScores):
     outside. The cache depends on nothing but the layer's keys, so the drift and the factor may
     change in any way (updates, weight decay, loads, a user's edits): they are read afresh at every
     selection. Only new keys (``set_extra_state``: seeds, score_lambda) empty the intervals.
+    With numba installed, the check and the re-selection are one pass of a numba twin
+    (:mod:`seedslot.cpu_kernels`), else a numpy scan and a compiled re-selection of the stale rows.
     Full recomputation (the cache untouched) inside a torch.compile'd model, on CUDA (no Triton
     twin yet), for a factor outside [2**-40, 2**40], and when a re-selected drift is not finite.
     """
@@ -344,24 +350,31 @@ class IncrementalImplicitScores(ImplicitScores):
 
     @staticmethod
     def _at_args(layer, part):
-        return (getattr(layer, f"{part}_scale"), *layer.candidate_keys, getattr(layer, _SCORE_KEY),
-                getattr(layer, _SCORE_KEYS), getattr(layer, _BOUND))
+        return (getattr(layer, f"{part}_scale"), *layer.candidate_keys, *_initial_score_keys(layer))
 
     def greedy(self, layer, part):
-        drift, factor = getattr(layer, f"{part}_drift").view(-1), getattr(layer, f"{part}_scale")
+        drift, factor = getattr(layer, f"{part}_drift"), getattr(layer, f"{part}_scale")
         if torch.compiler.is_compiling() or drift.device.type != "cpu":
             return super().greedy(layer, part)
-        c = float(factor)
-        if not (_kernels.INCR_C_MIN <= c <= _kernels.INCR_C_MAX):
-            return super().greedy(layer, part)
-        lo, hi = getattr(layer, f"{part}_lo"), getattr(layer, f"{part}_hi")
-        rows = _kernels.incremental_stale_rows(drift, c, lo, hi)
-        n = rows.shape[0]
-        if n and not self._reselect(layer, part, None if n > self.REBUILD_SHARE * drift.shape[0] else rows):
-            return super().greedy(layer, part)
+        sel, val, lo, hi = (getattr(layer, f"{part}_{n}") for n in ("sel", "val", "lo", "hi"))
+        if use_numba():  # the scan and the re-selection in one pass, the same bits as below
+            from .cpu_kernels import incremental_greedy
+
+            ck = layer.candidate_keys
+            if incremental_greedy(drift, factor, lo, hi, sel, val, ck.key, ck.keys, ck.step, *_initial_score_keys(layer),
+                                  layer.parts[part][1], ck.per_conn) < 0:
+                return super().greedy(layer, part)
+        else:
+            c = float(factor)
+            if not (_kernels.INCR_C_MIN <= c <= _kernels.INCR_C_MAX):
+                return super().greedy(layer, part)
+            rows = _kernels.incremental_stale_rows(drift.view(-1), c, lo, hi)
+            n = rows.shape[0]
+            if n and not self._reselect(layer, part, None if n > self.REBUILD_SHARE * drift.numel() else rows):
+                return super().greedy(layer, part)
         # the cache itself (a forward adds the zero proxy or casts the values: a new tensor; the
         # index stays uint8, converted only where it is read)
-        return getattr(layer, f"{part}_sel"), getattr(layer, f"{part}_val")
+        return sel, val
 
 
 STORAGES: dict[str, ScoreStorage] = {s.name: s for s in (Int8Scores(), Fp32Scores(), ImplicitScores())}

@@ -2,6 +2,7 @@
 the same selections as full recomputation, exactly, whatever happened to the drift and factor."""
 
 import copy
+import importlib.util
 import math
 import warnings
 
@@ -16,6 +17,16 @@ from seedslot import SlotConfig, scores as K
 from seedslot.memory import state_bytes
 
 SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
+HAS_NUMBA = importlib.util.find_spec("numba") is not None
+
+
+@pytest.fixture(autouse=True, params=["numba", "torch"])
+def path(request, monkeypatch):
+    """Every test on both CPU paths: the numba twin (one pass) and torch's scan and re-selection."""
+    if request.param == "numba" and not HAS_NUMBA:
+        pytest.skip("numba is not installed")
+    monkeypatch.setenv("SEEDSLOT_NUMBA", "1" if request.param == "numba" else "0")
+    return request.param
 
 
 def pair(kind="linear", k=8, sharing="none", selection="greedy", seed=3, bias=True):
@@ -230,3 +241,4 @@ def test_training_run_is_bit_identical_to_full_recomputation():
             opt.step()
     for (n1, t1), (n2, t2) in zip(a.state_dict().items(), b.state_dict().items()):
         assert n1 == n2 and (torch.equal(t1, t2) if isinstance(t1, torch.Tensor) else t1 == t2), n1
+
