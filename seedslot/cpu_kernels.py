@@ -122,17 +122,18 @@ def _reselect_block(drift, start, end, inv, c, lo, hi, sel, val, offset, per_con
     return stale
 
 
-# drift tensor -> (the tensors of a call, their data pointers, their numpy views): views made once
+# drift tensor -> (the call's other tensors, the data pointers of all, their numpy views): the views
+# are made once. Not the drift itself in the value: it would keep its own key alive.
 _VIEWS: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
 def _views(tensors: tuple) -> tuple:
     got = _VIEWS.get(tensors[0])
-    if got is not None and all(a is b for a, b in zip(got[0], tensors)) \
-            and got[1] == tuple(t.data_ptr() for t in tensors):
+    ptrs = tuple(t.data_ptr() for t in tensors)
+    if got is not None and got[1] == ptrs and all(a is b for a, b in zip(got[0], tensors[1:])):
         return got[2]
     arrays = tuple(t.detach().numpy().reshape(-1) if t.dim() else t.detach().numpy() for t in tensors)
-    _VIEWS[tensors[0]] = (tensors, tuple(t.data_ptr() for t in tensors), arrays)
+    _VIEWS[tensors[0]] = (tensors[1:], ptrs, arrays)
     return arrays
 
 

@@ -1,7 +1,9 @@
 """The numba twins of :mod:`seedslot.cpu_kernels` against the torch kernels they replace (the
 incremental selection's behaviour on both paths is tests/test_incremental.py's)."""
 
+import gc
 import math
+import weakref
 
 import pytest
 import torch
@@ -57,3 +59,12 @@ def test_numba_twin_refuses_what_needs_full_recomputation():
         layer.weight_scale.fill_(1.0)
         layer.weight_lo.data = torch.full_like(layer.weight_lo, math.inf)  # new memory under the same tensor
         assert incremental_greedy(*args()) == 63
+
+
+def test_the_view_cache_keeps_no_layer_alive():
+    layer, _ = pair("linear", 8)
+    layer(torch.randn(2, 9))  # the numba twin ran and cached its views of the layer's buffers
+    drift, lo = weakref.ref(layer.weight_drift), weakref.ref(layer.weight_lo)
+    del layer
+    gc.collect()
+    assert drift() is None and lo() is None
