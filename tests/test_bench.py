@@ -105,3 +105,21 @@ def test_cli_parser_shape():
     assert (args.model, args.budget, args.batch_size, args.ks) == ("vgg19", 2 * 2**30, 32, B.BUDGET_KS)
     with pytest.raises(SystemExit):
         parser.parse_args(["speed"])  # --model is required
+
+
+def test_step_breakdown_script_runs_and_restores_what_it_ablates(capsys):
+    import importlib.util
+    import pathlib
+
+    from seedslot import optim, storages
+
+    before = storages.IncrementalImplicitScores.greedy, optim.SlotSGD._check_updates
+    path = pathlib.Path(__file__).parent.parent / "bench" / "step_breakdown.py"
+    spec = importlib.util.spec_from_file_location("step_breakdown", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    script.main(["--k", "2", "--batch-size", "2", "--repeats", "1", "--steps", "1"])
+    printed = capsys.readouterr().out
+    for name in ("learned", "incremental", "no selection", "no selection, no check"):
+        assert f"{name}  " in printed
+    assert (storages.IncrementalImplicitScores.greedy, optim.SlotSGD._check_updates) == before
