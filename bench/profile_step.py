@@ -12,7 +12,7 @@ import argparse
 
 from torch.profiler import ProfilerActivity, profile
 
-from seedslot.benchmarks import _Trainer
+from seedslot.benchmarks import Trainer
 
 
 def main(argv=None) -> None:
@@ -26,7 +26,7 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device.startswith("cuda") else [])
     for mode in args.modes.split(","):
-        trainer = _Trainer(args.model, mode, args.k, args.batch_size, args.device)
+        trainer = Trainer(args.model, mode, args.k, args.batch_size, args.device)
         for _ in range(3):  # compile and warm up
             trainer.step()
         with profile(activities=activities) as prof:

@@ -37,7 +37,7 @@ from .files import atomic_write
 from .memory import CATEGORIES, run_in_child, state_breakdown, state_bytes
 from .config import SlotConfig
 from .optim import SlotSGD
-from .rng import compile_enabled
+from .rng import compile_enabled, cpu_twins
 from .validate import check_int
 
 __all__ = ["MODES", "memory_bench", "budget_bench", "speed_bench", "median_seconds", "parse_bytes", "add_arguments", "run_cli", "main"]
@@ -108,7 +108,7 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize(device)
 
 
-class _Trainer:
+class Trainer:
     """A model of one mode, its optimizer and a fixed random batch; ``step()`` trains once."""
 
     def __init__(self, model: str, mode: str, k: int, batch_size: int, device: str, seed: int = 0) -> None:
@@ -147,7 +147,7 @@ def _train(model: str, mode: str, k: int, batch_size: int, steps: int, device: s
         torch.cuda.set_per_process_memory_fraction(min(1.0, cuda_budget_bytes / total), device)
     from .models import count_connections
 
-    trainer = _Trainer(model, mode, k, batch_size, device)
+    trainer = Trainer(model, mode, k, batch_size, device)
     warmup = trainer.step()
     times = [trainer.step() for _ in range(steps)]
     by_category: dict[str, int] = {}
@@ -266,7 +266,7 @@ def speed_bench(model: str = "lenet", k: int = 8, batch_size: int = 64, repeats:
     if isinstance(min_seconds, bool) or not isinstance(min_seconds, (int, float)) or not min_seconds >= 0:
         raise ValueError(f"min_seconds must be a number >= 0; got {min_seconds!r}")
     modes, device = _modes(modes, SPEED_MODES), _device(device)
-    trainers = {m: _Trainer(model, m, k, batch_size, device) for m in modes}
+    trainers = {m: Trainer(model, m, k, batch_size, device) for m in modes}
     n_steps, first = {}, {}
     for m, t in trainers.items():
         warm = [t.step() for _ in range(warmup)]  # the first compiles: reported apart, never timed
@@ -279,8 +279,9 @@ def speed_bench(model: str = "lenet", k: int = 8, batch_size: int = 64, repeats:
     rows = [dict(mode=m, k=None if m == "learned" else k, steps_per_measurement=n_steps[m],
                  step_seconds=statistics.median(per_step[m]), steps_per_second=1.0 / statistics.median(per_step[m]),
                  step_seconds_all=per_step[m], first_step_seconds=first[m]) for m in modes]
-    out: dict[str, Any] = dict(bench="speed", model=model, compiled=compile_enabled(), k=k, batch_size=batch_size,
-                               repeats=repeats, device=device, threads=torch.get_num_threads(), rows=rows, ratios={})
+    out: dict[str, Any] = dict(bench="speed", model=model, compiled=compile_enabled(), numba=cpu_twins() is not None,
+                               k=k, batch_size=batch_size, repeats=repeats, device=device,
+                               threads=torch.get_num_threads(), rows=rows, ratios={})
     med = {r["mode"]: r["step_seconds"] for r in rows}
     for m in (*SLOT_SEEDED, "incremental"):
         for other in ("dense", "learned"):

@@ -7,8 +7,8 @@ cache in place. The torch path (:func:`seedslot.scores.incremental_stale_rows`, 
 call per part, a few tenths of a millisecond each: as much as a small network's whole step. The
 twin computes the same fp32 scores and float64 intervals, operation for operation (LLVM contracts
 nothing into FMAs without fast-math), so a re-selected row gets the same bits; the tests check it
-against the torch path. Importing this module imports numba: :func:`seedslot.rng.use_numba`
-says whether to (numba installed, ``SEEDSLOT_NUMBA`` not 0).
+against the torch path. Importing this module imports numba: :func:`seedslot.rng.cpu_twins` gives
+it where numba is installed, imports and is not disabled (``SEEDSLOT_NUMBA=0``).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 from numba import njit
+from torch.autograd.graph import increment_version
 from torch.utils.weak import WeakIdKeyDictionary
 
 from .scores import INCR_ABS, INCR_C_MAX, INCR_C_MIN, INCR_MARGIN, INCR_R_MAX, INCR_U
@@ -23,8 +24,10 @@ from .scores import INCR_ABS, INCR_C_MAX, INCR_C_MIN, INCR_MARGIN, INCR_R_MAX, I
 __all__ = ["incremental_greedy"]
 
 _MASK, _M1, _M2 = 0xFFFFFFFF, 0x7FEB352D, 0x846CA68B
-_MARGIN = INCR_MARGIN * INCR_U
 _BLOCK = 256  # connections checked per vectorised pass before any is re-selected
+# The proof's constants, passed as arguments: numba's disk cache freezes the globals a kernel reads
+# and is invalidated only by this file's own source, not by seedslot.scores'.
+_LIMITS = (INCR_MARGIN * INCR_U, INCR_ABS, INCR_C_MIN, INCR_C_MAX, INCR_R_MAX)
 
 
 @njit(inline="always")
@@ -38,11 +41,11 @@ def _mix32(x):
     return x ^ (x >> 16)
 
 
-@njit(cache=True, nogil=True, boundscheck=False)
+@njit(cache=True, nogil=True, boundscheck=False, error_model="numpy")
 def _incremental_greedy(drift, factor, lo, hi, sel, val, cand_key, cand_keys, step, score_key, score_keys, bound,
-                        offset, per_conn):
+                        offset, per_conn, limits):
     c = factor[()]
-    if not (INCR_C_MIN <= c <= INCR_C_MAX):
+    if not (limits[2] <= c <= limits[3]):
         return -2
     w = np.empty(cand_keys.shape[0], np.float32)
     s0 = np.empty(cand_keys.shape[0], np.float32)
@@ -58,16 +61,16 @@ def _incremental_greedy(drift, factor, lo, hi, sel, val, cand_key, cand_keys, st
             out += 1 - ((lo[i] < a) & (a < hi[i]))  # NaN: 1, stale
         if out:
             got = _reselect_block(drift, start, end, inv, c, lo, hi, sel, val, offset, per_conn, cand_key[()],
-                                  cand_keys, step[()], score_key[()], score_keys, bound[()], w, s0, sigma)
+                                  cand_keys, step[()], score_key[()], score_keys, bound[()], w, s0, sigma, limits)
             if got < 0:
                 return -1
             stale += got
     return stale
 
 
-@njit(nogil=True, boundscheck=False)
+@njit(nogil=True, boundscheck=False, error_model="numpy")
 def _reselect_block(drift, start, end, inv, c, lo, hi, sel, val, offset, per_conn, cand_key, cand_keys, step,
-                    score_key, score_keys, bound, w, s0, sigma):
+                    score_key, score_keys, bound, w, s0, sigma, limits):
     """Re-select the stale connections of drift[start:end] (see seedslot.scores' proof): how many,
     or -1 at a non-finite drift."""
     k = cand_keys.shape[0]
@@ -96,7 +99,7 @@ def _reselect_block(drift, start, end, inv, c, lo, hi, sel, val, offset, per_con
         a0 = np.float64(d) / cd
         win = max(abs(a0), b / sigma)
         r = abs(a0) + win
-        m = _MARGIN * (b + r * sigma) + INCR_ABS
+        m = limits[0] * (b + r * sigma) + limits[1]
         up, down, flat = np.inf, -np.inf, False
         si, wi = np.float64(s0[best_j]), np.float64(w[best_j])
         for j in range(k):
@@ -110,7 +113,7 @@ def _reselect_block(drift, start, end, inv, c, lo, hi, sel, val, offset, per_con
                     flat = True  # a gap that no a can open
         up, down = min(up, a0 + win), max(down, a0 - win)
         sel[i], val[i] = best_j, w[best_j]
-        if flat or not r <= INCR_R_MAX:
+        if flat or not r <= limits[4]:
             lo[i], hi[i] = np.float32(np.inf), np.float32(-np.inf)
             continue
         lo32, hi32 = np.float32(down), np.float32(up)  # rounded inwards: lo up, hi down
@@ -127,12 +130,16 @@ def _reselect_block(drift, start, end, inv, c, lo, hi, sel, val, offset, per_con
 _VIEWS: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
-def _views(tensors: tuple) -> tuple:
+def _views(tensors: tuple) -> tuple | None:
+    """numpy views of ``tensors`` (made once per drift and reused while no tensor was replaced), or
+    None when one is not contiguous (a view would be a copy)."""
     got = _VIEWS.get(tensors[0])
     ptrs = tuple(t.data_ptr() for t in tensors)
     if got is not None and got[1] == ptrs and all(a is b for a, b in zip(got[0], tensors[1:])):
         return got[2]
-    arrays = tuple(t.detach().numpy().reshape(-1) if t.dim() else t.detach().numpy() for t in tensors)
+    if not all(t.is_contiguous() for t in tensors):
+        return None
+    arrays = tuple(t.detach().view(-1).numpy() if t.dim() else t.detach().numpy() for t in tensors)
     _VIEWS[tensors[0]] = (tensors[1:], ptrs, arrays)
     return arrays
 
@@ -144,7 +151,12 @@ def incremental_greedy(drift: torch.Tensor, factor: torch.Tensor, lo: torch.Tens
     """Re-select, into ``sel``, ``val``, ``lo`` and ``hi`` (in place), every connection of a part
     whose ratio ``drift / factor`` is not strictly inside its interval: how many were, or < 0 when
     the part must be recomputed in full instead (-1: a drift to re-select is not finite; -2: the
-    factor is outside [INCR_C_MIN, INCR_C_MAX]). Contiguous CPU tensors; keys, step and bound as
-    :mod:`seedslot.scores`' kernels take them (0-dim int32 and fp32 tensors, (K,) int32 keys)."""
-    return int(_incremental_greedy(*_views((drift, factor, lo, hi, sel, val, cand_key, cand_keys, step, score_key,
-                                            score_keys, bound)), offset, per_conn))
+    factor is outside [INCR_C_MIN, INCR_C_MAX]; -3: a tensor is not contiguous). CPU tensors; keys,
+    step and bound as :mod:`seedslot.scores`' kernels take them (0-dim int32 and fp32, (K,) int32)."""
+    arrays = _views((drift, factor, lo, hi, sel, val, cand_key, cand_keys, step, score_key, score_keys, bound))
+    if arrays is None:
+        return -3
+    got = int(_incremental_greedy(*arrays, offset, per_conn, _LIMITS))
+    if got:  # writes through numpy bump no version counter: autograd must see them as torch's would
+        increment_version((sel, val, lo, hi))
+    return got

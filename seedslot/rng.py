@@ -120,14 +120,23 @@ def numba_enabled() -> bool:
 
 
 @functools.cache
-def numba_available() -> bool:
-    """Whether the ``numba`` package is installed (checked once, without importing it)."""
-    return importlib.util.find_spec("numba") is not None
+def _cpu_kernels():
+    """:mod:`seedslot.cpu_kernels`, or None where numba is not installed or does not import (one
+    warning then: e.g. a numba too old for the installed numpy)."""
+    if importlib.util.find_spec("numba") is None:
+        return None
+    try:
+        return importlib.import_module("seedslot.cpu_kernels")
+    except Exception as e:  # noqa: BLE001 - a broken numba: the torch path
+        warnings.warn(f"seedslot: numba is installed but does not import ({type(e).__name__}: {e}); using torch "
+                      "(set SEEDSLOT_NUMBA=0 to silence this)", RuntimeWarning, stacklevel=3)
+        return None
 
 
-def use_numba() -> bool:
-    """Whether CPU work with a numba twin runs it: numba installed and not disabled."""
-    return numba_enabled() and numba_available()
+def cpu_twins():
+    """:mod:`seedslot.cpu_kernels` (numba twins of CPU kernels) when numba imports and
+    ``SEEDSLOT_NUMBA`` is not 0, else None."""
+    return _cpu_kernels() if numba_enabled() else None
 
 
 def use_triton(t: torch.Tensor | None) -> bool:

@@ -29,7 +29,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from . import scores as _kernels
 from .candidates import (REQUANT, ROUND, SCORES as SCORE_STREAM, chunked, chunked_new, i32, init_scores, row_chunks,
                          stream_keys)
-from .rng import key32, use_numba
+from .rng import cpu_twins, key32
 from .scores import SCORES
 from .selection import greedy, greedy_values, sample, sample_chunk
 
@@ -357,12 +357,11 @@ class IncrementalImplicitScores(ImplicitScores):
         if torch.compiler.is_compiling() or drift.device.type != "cpu":
             return super().greedy(layer, part)
         sel, val, lo, hi = (getattr(layer, f"{part}_{n}") for n in ("sel", "val", "lo", "hi"))
-        if use_numba():  # the scan and the re-selection in one pass, the same bits as below
-            from .cpu_kernels import incremental_greedy
-
+        twins = cpu_twins()
+        if twins is not None:  # the scan and the re-selection in one pass, the same bits as below
             ck = layer.candidate_keys
-            if incremental_greedy(drift, factor, lo, hi, sel, val, ck.key, ck.keys, ck.step, *_initial_score_keys(layer),
-                                  layer.parts[part][1], ck.per_conn) < 0:
+            if twins.incremental_greedy(drift, factor, lo, hi, sel, val, ck.key, ck.keys, ck.step,
+                                        *_initial_score_keys(layer), layer.parts[part][1], ck.per_conn) < 0:
                 return super().greedy(layer, part)
         else:
             c = float(factor)

@@ -20,13 +20,16 @@ SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=list(H
 HAS_NUMBA = importlib.util.find_spec("numba") is not None
 
 
-@pytest.fixture(autouse=True, params=["numba", "torch"])
+@pytest.fixture(params=["numba", "torch"])
 def path(request, monkeypatch):
-    """Every test on both CPU paths: the numba twin (one pass) and torch's scan and re-selection."""
+    """A test on both CPU paths: the numba twin (one pass) and torch's scan and re-selection."""
     if request.param == "numba" and not HAS_NUMBA:
         pytest.skip("numba is not installed")
     monkeypatch.setenv("SEEDSLOT_NUMBA", "1" if request.param == "numba" else "0")
     return request.param
+
+
+both_paths = pytest.mark.usefixtures("path")
 
 
 def pair(kind="linear", k=8, sharing="none", selection="greedy", seed=3, bias=True):
@@ -78,6 +81,7 @@ def at_breakpoints(layer, part, gen, ulps):
     drift.copy_(torch.where(pick, new, drift))
 
 
+@both_paths
 @SETTINGS
 @given(kind=st.sampled_from(["linear", "conv"]), k=st.sampled_from([1, 2, 3, 8, 9]),
        sharing=st.sampled_from(["none", "layer"]), seed=st.integers(0, 2**20),
@@ -95,6 +99,7 @@ def test_random_trajectories_select_as_full_recomputation(kind, k, sharing, seed
         check(inc, ref)
 
 
+@both_paths
 @SETTINGS
 @given(seed=st.integers(0, 2**20), k=st.sampled_from([2, 8, 16]))
 def test_ties_and_near_ties_at_every_breakpoint_ulp(seed, k):
@@ -106,6 +111,7 @@ def test_ties_and_near_ties_at_every_breakpoint_ulp(seed, k):
         check(inc, ref)
 
 
+@both_paths
 def test_sample_selection_bypasses_the_cache_and_greedy_stays_exact():
     inc, ref = pair("linear", 8, selection="sample")
     opt_i, opt_r = ss.SlotSGD(inc.parameters(), lr=0.5, momentum=0.9), ss.SlotSGD(ref.parameters(), lr=0.5, momentum=0.9)
@@ -121,6 +127,7 @@ def test_sample_selection_bypasses_the_cache_and_greedy_stays_exact():
         check(inc, ref)
 
 
+@both_paths
 def test_state_dict_round_trips_mid_run_and_new_seeds_empty_the_cache():
     inc, ref = pair("conv", 8)
     gen = torch.Generator().manual_seed(1)
@@ -142,6 +149,7 @@ def test_state_dict_round_trips_mid_run_and_new_seeds_empty_the_cache():
     check(inc)
 
 
+@both_paths
 def test_edits_of_the_drift_and_factor_deepcopy_and_to_need_no_invalidation():
     inc, ref = pair("linear", 8)
     check(inc, ref)
@@ -227,6 +235,7 @@ def test_config_state_bytes_and_repr():
     assert big.weight_sel.dtype == torch.int16
 
 
+@both_paths
 def test_training_run_is_bit_identical_to_full_recomputation():
     torch.manual_seed(0)
     a = ss.models.build("lenet", mode="seeded", config=SlotConfig(k=8, scores="implicit", incremental=True),
@@ -241,4 +250,3 @@ def test_training_run_is_bit_identical_to_full_recomputation():
             opt.step()
     for (n1, t1), (n2, t2) in zip(a.state_dict().items(), b.state_dict().items()):
         assert n1 == n2 and (torch.equal(t1, t2) if isinstance(t1, torch.Tensor) else t1 == t2), n1
-
