@@ -250,3 +250,29 @@ def test_training_run_is_bit_identical_to_full_recomputation():
             opt.step()
     for (n1, t1), (n2, t2) in zip(a.state_dict().items(), b.state_dict().items()):
         assert n1 == n2 and (torch.equal(t1, t2) if isinstance(t1, torch.Tensor) else t1 == t2), n1
+
+
+def test_a_numba_that_does_not_import_falls_back_to_torch_with_a_warning(monkeypatch):
+    from seedslot import rng
+
+    real_import, real_spec = importlib.import_module, importlib.util.find_spec
+
+    def broken(name, *args, **kwargs):
+        if name == "seedslot.cpu_kernels":
+            raise ImportError("numba needs an older numpy")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(importlib, "import_module", broken)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "numba" else real_spec(name, *a))
+    monkeypatch.setenv("SEEDSLOT_NUMBA", "1")
+    rng._cpu_kernels.cache_clear()
+    try:
+        inc, ref = pair("linear", 8)
+        with pytest.warns(RuntimeWarning, match="numba is installed but does not import.*older numpy"):
+            check(inc, ref)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            check(inc, ref)  # the torch path from then on, without another warning
+        assert rng.cpu_twins() is None
+    finally:
+        rng._cpu_kernels.cache_clear()
