@@ -291,7 +291,8 @@ class IncrementalImplicitScores(ImplicitScores):
     With numba installed, the check and the re-selection are one pass of a numba twin
     (:mod:`seedslot.cpu_kernels`), else a numpy scan and a compiled re-selection of the stale rows.
     Full recomputation (the cache untouched) inside a torch.compile'd model, on CUDA (no Triton
-    twin yet), for a factor outside [2**-40, 2**40], and when a re-selected drift is not finite.
+    twin yet), for a factor outside [2**-40, 2**40], when a re-selected drift is not finite, and
+    (numba path) when a buffer was replaced by a non-contiguous tensor.
     """
 
     incremental = True
