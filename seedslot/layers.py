@@ -117,7 +117,8 @@ class SlotLayer(nn.Module):
     @property
     def candidate_keys(self) -> CandidateKeys:
         """The keys that regenerate this layer's candidates, as the kernels take them."""
-        return CandidateKeys(self._per_conn, self._cand_key, self._cand_keys, self._cand_step)
+        b = self._buffers  # not Module.__getattr__: this is read at every selection
+        return CandidateKeys(self._per_conn, b["_cand_key"], b["_cand_keys"], b["_cand_step"])
 
     @property
     def sample_keys(self) -> torch.Tensor:
@@ -358,13 +359,13 @@ class SeededSlotLayer(SlotLayer):
                 w = self._values(part, idx)
             w = w.view(self.parts[part][0]).to(proxy.dtype)  # the module's dtype (fp32: no copy)
         if torch.is_grad_enabled() and proxy.requires_grad:
-            # proxy.grad receives G. A cache the storage writes in place later is copied (adding the
-            # zero proxy), so a graph never holds a tensor that changes before its backward; in a
-            # user's torch.compile graph the add is fused away (and gives eager's bits there).
-            if self.storage.caches_values or torch.compiler.is_compiling():
+            # proxy.grad receives G; w is not copied (in a user's torch.compile graph, adding the
+            # zero proxy is fused away and gives eager's bits). A cache the storage rewrites in
+            # place is lent to the graph until its backward (copy-on-write, see storage.lend).
+            if torch.compiler.is_compiling():
                 w = w + proxy
             else:
-                w = _ToProxy.apply(w, proxy)
+                w = _ToProxy.apply(w, proxy, self.storage.lend(self, part))
         return w
 
     @torch.no_grad()
@@ -383,15 +384,20 @@ class SeededSlotLayer(SlotLayer):
 
 class _ToProxy(torch.autograd.Function):
     """``w`` unchanged (a view, no copy); its gradient goes to the proxy Parameter: what adding the
-    zero proxy does, without a pass over the weights."""
+    zero proxy does, without a pass over the weights. ``returned`` (None or a callable) is called
+    at the backward, when the graph no longer needs ``w``."""
 
     @staticmethod
-    def forward(ctx, w, proxy):
+    def forward(ctx, w, proxy, returned):
+        ctx.returned = returned
         return w.view_as(w)
 
     @staticmethod
     def backward(ctx, grad):
-        return None, grad
+        if ctx.returned is not None:
+            ctx.returned()
+            ctx.returned = None  # once, also when a retained graph runs backward again
+        return None, grad, None
 
 
 class _StraightThrough(torch.autograd.Function):

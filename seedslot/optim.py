@@ -119,52 +119,48 @@ class SlotSGD(Optimizer):
         # one leaves all scores unchanged. One max-norm per tensor (NaN and inf propagate), one sync.
         for gi, group in enumerate(self.param_groups):
             _check_group(group, f" in param group {gi}")
-        entries = [(gi, pi, group, p) for gi, group in enumerate(self.param_groups)
+        entries = [(gi, pi, group, p, slot_owner(p)) for gi, group in enumerate(self.param_groups)
                    for pi, p in enumerate(group["params"]) if p.grad is not None]
         if entries:
             self._check_updates(entries)
-        for group in self.param_groups:
+        for _, _, group, p, owner in entries:
             lr, mom, wd, nesterov = group["lr"], group["momentum"], group["weight_decay"], group["nesterov"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                owner = slot_owner(p)
-                g = p.grad
-                if owner is None:
-                    if p.numel() > 1 and 0 in p.stride():
-                        raise RuntimeError(
-                            "SlotSGD got a slot proxy parameter whose layer is gone or was copied "
-                            "without a forward pass; run a forward pass before step()"
-                        )
-                    if wd:
-                        g = g.add(p, alpha=wd)
-                state = self.state[p]
-                if mom:
-                    buf = state.get("momentum_buffer")
-                    if buf is None:
-                        buf = state["momentum_buffer"] = torch.clone(g).detach()
-                    else:
-                        buf.mul_(mom).add_(g)
-                    d = g.add(buf, alpha=mom) if nesterov else buf
+            g = p.grad
+            if owner is None:
+                if p.numel() > 1 and 0 in p.stride():
+                    raise RuntimeError(
+                        "SlotSGD got a slot proxy parameter whose layer is gone or was copied "
+                        "without a forward pass; run a forward pass before step()"
+                    )
+                if wd:
+                    g = g.add(p, alpha=wd)
+            state = self.state[p]
+            if mom:
+                buf = state.get("momentum_buffer")
+                if buf is None:
+                    buf = state["momentum_buffer"] = torch.clone(g).detach()
                 else:
-                    d = g
-                if owner is None:
-                    p.add_(d, alpha=-lr)
-                else:
-                    layer, part = owner
-                    step = state.get("step", 0)
-                    layer.update_scores(part, d, lr, wd, step)  # its score storage's update
-                    state["step"] = step + 1
+                    buf.mul_(mom).add_(g)
+                d = g.add(buf, alpha=mom) if nesterov else buf
+            else:
+                d = g
+            if owner is None:
+                p.add_(d, alpha=-lr)
+            else:
+                layer, part = owner
+                step = state.get("step", 0)
+                layer.update_scores(part, d, lr, wd, step)  # its score storage's update
+                state["step"] = step + 1
         return loss
 
     def _check_updates(self, entries: list) -> None:
         """FloatingPointError unless every gradient is finite and every parameter's update (a bound
         on ``lr * |direction| * max(1, |W|)``, momentum and coupled decay included) is an fp32 number."""
-        tensors = [p.grad for _, _, _, p in entries]
+        tensors = [p.grad for _, _, _, p, _ in entries]
         extra = {}  # entry index -> (index of its momentum buffer or None, index of the parameter or None)
-        for i, (_, _, group, p) in enumerate(entries):
+        for i, (_, _, group, p, owner) in enumerate(entries):
             buf = self.state.get(p, {}).get("momentum_buffer") if group["momentum"] else None
-            plain = slot_owner(p) is None
+            plain = owner is None
             b = p_i = None
             if buf is not None:
                 b = len(tensors)
@@ -174,7 +170,7 @@ class SlotSGD(Optimizer):
                 tensors.append(p.detach())
             extra[i] = (b, p_i)
         maxes = max_abs_all(tensors)
-        for i, (gi, pi, group, p) in enumerate(entries):
+        for i, (gi, pi, group, p, owner) in enumerate(entries):
             where = f"parameter {pi} of param group {gi}"
             if not math.isfinite(maxes[i]):
                 raise FloatingPointError(f"non-finite gradient in {where}; no score or weight was changed")
@@ -184,7 +180,6 @@ class SlotSGD(Optimizer):
             if mom:  # buf = mom * buf + g; the direction is buf, or g + mom * buf with nesterov
                 buf = g if b is None else mom * maxes[b] + g
             d = (g + mom * buf if group["nesterov"] else buf) if mom else g
-            owner = slot_owner(p)
             update = group["lr"] * d * max(1.0, owner[0].sigma if owner is not None else 1.0)
             if not (max(buf, d, update) < _FP32_MAX):
                 raise FloatingPointError(

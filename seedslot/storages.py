@@ -19,6 +19,7 @@ This module also keeps the registry from the layers' proxy Parameters to their l
 
 from __future__ import annotations
 
+import functools
 import math
 import weakref
 
@@ -60,7 +61,6 @@ class ScoreStorage:
     buffers it registered there. ``rows`` below is the number of connections of a part."""
 
     name = ""
-    caches_values = False  # whether greedy() hands back a buffer it later rewrites in place
 
     def register_layer(self, layer: nn.Module) -> None:
         """Register the layer-wide state (after the layer's keys, before any part)."""
@@ -85,6 +85,11 @@ class ScoreStorage:
         selection regenerated them anyway (else None). The index is int64 when the values are None,
         and may be a narrower integer dtype (a cache's) when they are given."""
         raise NotImplementedError
+
+    def lend(self, layer: nn.Module, part: str):
+        """Before an autograd graph keeps greedy()'s values: None, or (storages that hand back a
+        cache they rewrite in place) what the graph's backward calls once it no longer needs them."""
+        return None
 
     def sample(self, layer: nn.Module, part: str, key: torch.Tensor) -> torch.Tensor:
         """(rows,) int64 Gumbel-max draw from softmax(scores), keyed by the 0-dim int32 ``key``."""
@@ -276,6 +281,16 @@ class ImplicitScores(ScoreStorage):
         drift.add_(d, alpha=lr)
 
 
+# values cache -> [autograd graphs that hold it and have not run their backward]
+_LOANS: WeakIdKeyDictionary = WeakIdKeyDictionary()
+_NONE = (0,)
+_CACHE_NAMES = {part: tuple(f"{part}_{n}" for n in ("drift", "scale", "sel", "val", "lo", "hi")) for part in ("weight", "bias")}
+
+
+def _return(count: list) -> None:
+    count[0] -= 1
+
+
 class IncrementalImplicitScores(ImplicitScores):
     """:class:`ImplicitScores` whose greedy selection re-selects only the connections whose
     selection can have changed (``SlotConfig(scores="implicit", incremental=True)``).
@@ -293,10 +308,12 @@ class IncrementalImplicitScores(ImplicitScores):
     Full recomputation (the cache untouched) inside a torch.compile'd model, on CUDA (no Triton
     twin yet), for a factor outside [2**-40, 2**40], when a re-selected drift is not finite, and
     (numba path) when a buffer was replaced by a non-contiguous tensor.
+    The values cache goes into a forward's graph as it is, not copied: a selection that finds it
+    lent to a graph whose backward has not run yet continues in a copy (copy-on-write), so a graph
+    keeps the weights of its forward.
     """
 
     incremental = True
-    caches_values = True
     REBUILD_SHARE = 0.25  # above this share of stale connections, re-select the part in chunks
 
     def register(self, layer, part, shape, offset):
@@ -324,6 +341,11 @@ class IncrementalImplicitScores(ImplicitScores):
             if lo is not None:
                 lo.fill_(math.inf)
                 layer._buffers[f"{part}_hi"].fill_(-math.inf)
+
+    def lend(self, layer, part):
+        count = _LOANS.setdefault(getattr(layer, f"{part}_val"), [0])
+        count[0] += 1
+        return functools.partial(_return, count)
 
     def _reselect(self, layer, part, rows: torch.Tensor | None) -> bool:
         """Re-select ``rows`` (all when None) into the cache; False (nothing changed) when a drift
@@ -354,15 +376,17 @@ class IncrementalImplicitScores(ImplicitScores):
         return (getattr(layer, f"{part}_scale"), *layer.candidate_keys, *_initial_score_keys(layer))
 
     def greedy(self, layer, part):
-        drift, factor = getattr(layer, f"{part}_drift"), getattr(layer, f"{part}_scale")
+        b = layer._buffers  # the buffers this storage registered; not Module.__getattr__ (per selection)
+        drift, factor, sel, val, lo, hi = map(b.__getitem__, _CACHE_NAMES[part])
         if torch.compiler.is_compiling() or drift.device.type != "cpu":
             return super().greedy(layer, part)
-        sel, val, lo, hi = (getattr(layer, f"{part}_{n}") for n in ("sel", "val", "lo", "hi"))
+        if _LOANS.get(val, _NONE)[0] > 0:  # copy-on-write: a graph that still holds val keeps it
+            val = b[f"{part}_val"] = val.clone()
         twins = cpu_twins()
         if twins is not None:  # the scan and the re-selection in one pass, the same bits as below
             ck = layer.candidate_keys
-            if twins.incremental_greedy(drift, factor, lo, hi, sel, val, ck.key, ck.keys, ck.step,
-                                        *_initial_score_keys(layer), layer.parts[part][1], ck.per_conn) < 0:
+            if twins.incremental_greedy(drift, factor, lo, hi, sel, val, ck.key, ck.keys, ck.step, b[_SCORE_KEY],
+                                        b[_SCORE_KEYS], b[_BOUND], layer.parts[part][1], ck.per_conn) < 0:
                 return super().greedy(layer, part)
         else:
             c = float(factor)
@@ -372,8 +396,8 @@ class IncrementalImplicitScores(ImplicitScores):
             n = rows.shape[0]
             if n and not self._reselect(layer, part, None if n > self.REBUILD_SHARE * drift.numel() else rows):
                 return super().greedy(layer, part)
-        # the cache itself (a forward adds the zero proxy or casts the values: a new tensor; the
-        # index stays uint8, converted only where it is read)
+        # the cache itself, lent to a training forward's graph (see lend); the index stays uint8,
+        # converted only where it is read
         return sel, val
 
 

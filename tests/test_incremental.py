@@ -276,3 +276,30 @@ def test_a_numba_that_does_not_import_falls_back_to_torch_with_a_warning(monkeyp
         assert rng.cpu_twins() is None
     finally:
         rng._cpu_kernels.cache_clear()
+
+
+@both_paths
+def test_a_graph_keeps_the_weights_it_was_given_until_its_backward_and_training_copies_nothing():
+    inc, ref = pair("linear", 8)
+    x = torch.randn(5, 9, requires_grad=True)
+    inc(x).sum().backward()  # a training step's forward and backward: the cache is back
+    cache = inc.weight_val
+    with torch.no_grad():
+        inc.weight_drift.add_(torch.randn(inc.weight_drift.shape) * 0.05)
+    held = inc(x)  # lends the cache to this graph
+    assert inc.weight_val is cache  # not copied while nothing wrote to it
+    w_held = inc.selected_weight().clone()
+    with torch.no_grad():  # re-selections while the graph waits: they write into a copy
+        inc.weight_drift.add_(torch.randn(inc.weight_drift.shape) * 0.05)
+        assert not torch.equal(inc.selected_weight(), w_held)
+        check(inc, ref)
+    x.grad = None
+    held.sum().backward()
+    assert torch.equal(x.grad, torch.ones(5, 7) @ w_held)  # the weights of the graph's forward
+    cache = inc.weight_val
+    for _ in range(3):  # a training loop: forward, backward, change the scores
+        inc(x).sum().backward()
+        with torch.no_grad():
+            inc.weight_drift.add_(torch.randn(inc.weight_drift.shape) * 0.05)
+    check(inc, ref)
+    assert inc.weight_val is cache
