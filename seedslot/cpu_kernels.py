@@ -55,10 +55,11 @@ def _incremental_greedy(drift, factor, lo, hi, sel, val, cand_key, cand_keys, st
     stale, n = 0, drift.shape[0]
     for start in range(0, n, _BLOCK):
         end = min(start + _BLOCK, n)
+        x, l, h = drift[start:end], lo[start:end], hi[start:end]
         out = 0
-        for i in range(start, end):  # branch-free: LLVM vectorises it
-            a = drift[i] * inv
-            out += 1 - ((lo[i] < a) & (a < hi[i]))  # NaN: 1, stale
+        for i in range(end - start):  # branch-free, over slices from 0: LLVM vectorises it
+            a = x[i] * inv
+            out += 1 - ((l[i] < a) & (a < h[i]))  # NaN: 1, stale
         if out:
             got = _reselect_block(drift, start, end, inv, c, lo, hi, sel, val, offset, per_conn, cand_key[()],
                                   cand_keys, step[()], score_key[()], score_keys, bound[()], w, s0, sigma, limits)

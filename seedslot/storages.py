@@ -291,6 +291,26 @@ def _return(count: list) -> None:
     count[0] -= 1
 
 
+# drift -> the stamp of the state its cache was last brought up to date with (see _stamp): an eval
+# loop's selections scan nothing. Not the drift itself in the value: it would keep its own key alive.
+_CURRENT: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def _stamp(drift, factor, lo, hi) -> tuple:
+    """What a cache brought up to date depends on: the drift's and factor's values (version
+    counters, and the drift's memory, which ``.data =`` replaces without a new version) and the
+    intervals (which new keys empty, in place)."""
+    return (drift._version, drift.data_ptr(), factor._version, lo._version, hi._version), (factor, lo, hi)
+
+
+def _is_current(drift, factor, lo, hi) -> bool:
+    got = _CURRENT.get(drift)
+    if got is None:
+        return False
+    versions, tensors = _stamp(drift, factor, lo, hi)
+    return got[0] == versions and all(a is b for a, b in zip(got[1], tensors))
+
+
 class IncrementalImplicitScores(ImplicitScores):
     """:class:`ImplicitScores` whose greedy selection re-selects only the connections whose
     selection can have changed (``SlotConfig(scores="implicit", incremental=True)``).
@@ -302,7 +322,10 @@ class IncrementalImplicitScores(ImplicitScores):
     non-persistent buffers (a state_dict is the same as without the cache). A selection checks every connection's ratio against its interval and re-selects those
     outside. The cache depends on nothing but the layer's keys, so the drift and the factor may
     change in any way (updates, weight decay, loads, a user's edits): they are read afresh at every
-    selection. Only new keys (``set_extra_state``: seeds, score_lambda) empty the intervals.
+    selection, except that one which finds their version counters, the drift's memory and the
+    intervals as the previous one left them returns the cache without a scan (an eval loop's;
+    writes through a numpy view of the drift bump no version counter: call ``invalidate`` after
+    them). Only new keys (``set_extra_state``: seeds, score_lambda) empty the intervals.
     With numba installed, the check and the re-selection are one pass of a numba twin
     (:mod:`seedslot.cpu_kernels`), else a numpy scan and a compiled re-selection of the stale rows.
     Full recomputation (the cache untouched) inside a torch.compile'd model, on CUDA (no Triton
@@ -380,6 +403,8 @@ class IncrementalImplicitScores(ImplicitScores):
         drift, factor, sel, val, lo, hi = map(b.__getitem__, _CACHE_NAMES[part])
         if torch.compiler.is_compiling() or drift.device.type != "cpu":
             return super().greedy(layer, part)
+        if _is_current(drift, factor, lo, hi):  # nothing changed since the cache was brought up to date
+            return sel, val
         if _LOANS.get(val, _NONE)[0] > 0:  # copy-on-write: a graph that still holds val keeps it
             val = b[f"{part}_val"] = val.clone()
         twins = cpu_twins()
@@ -396,6 +421,7 @@ class IncrementalImplicitScores(ImplicitScores):
             n = rows.shape[0]
             if n and not self._reselect(layer, part, None if n > self.REBUILD_SHARE * drift.numel() else rows):
                 return super().greedy(layer, part)
+        _CURRENT[drift] = _stamp(drift, factor, lo, hi)
         # the cache itself, lent to a training forward's graph (see lend); the index stays uint8,
         # converted only where it is read
         return sel, val

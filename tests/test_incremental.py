@@ -303,3 +303,39 @@ def test_a_graph_keeps_the_weights_it_was_given_until_its_backward_and_training_
             inc.weight_drift.add_(torch.randn(inc.weight_drift.shape) * 0.05)
     check(inc, ref)
     assert inc.weight_val is cache
+
+
+@both_paths
+def test_selections_with_nothing_changed_reuse_the_cache_until_an_edit(monkeypatch, path):
+    """An eval loop's selections after one step scan nothing: the cache is stamped with the drift's,
+    factor's and intervals' versions (and the drift's memory), and any change is seen."""
+    calls = []
+    if path == "numba":
+        from seedslot import cpu_kernels
+        real = cpu_kernels.incremental_greedy
+        monkeypatch.setattr(cpu_kernels, "incremental_greedy", lambda *a: calls.append(1) or real(*a))
+    else:
+        real_rows = K.incremental_stale_rows
+        monkeypatch.setattr(K, "incremental_stale_rows", lambda *a: calls.append(1) or real_rows(*a))
+    inc, ref = pair("linear", 8)
+    opt = ss.SlotSGD(inc.parameters(), lr=0.3, momentum=0.9)
+    x = torch.randn(4, 9)
+    for _ in range(3):
+        opt.zero_grad()
+        inc(x).square().sum().backward()
+        opt.step()
+        check(inc, ref)
+        calls.clear()
+        check(inc, ref)
+        inc.eval()(x), inc.train()
+        assert not calls  # nothing changed since the last selection: nothing scanned
+    for edit in (lambda: inc.weight_drift.mul_(1.5), lambda: inc.weight_scale.fill_(0.7),
+                 lambda: setattr(inc.weight_drift, "data", torch.randn(7, 9) * 0.1),  # new memory, same tensor
+                 lambda: inc.load_state_dict(ref.state_dict()),
+                 lambda: inc.set_extra_state({**inc.get_extra_state(), "score_lambda": 0.5})):
+        check(inc, ref)
+        with torch.no_grad():
+            edit()
+        calls.clear()
+        check(inc, ref)
+        assert calls  # the edit was seen
