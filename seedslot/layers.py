@@ -361,11 +361,11 @@ class SeededSlotLayer(SlotLayer):
         if torch.is_grad_enabled() and proxy.requires_grad:
             # proxy.grad receives G; w is not copied (in a user's torch.compile graph, adding the
             # zero proxy is fused away and gives eager's bits). A cache the storage rewrites in
-            # place is lent to the graph until its backward (copy-on-write, see storage.lend).
+            # place is lent to the graph while it may read it (copy-on-write, see storage.lend).
             if torch.compiler.is_compiling():
                 w = w + proxy
             else:
-                w = _ToProxy.apply(w, proxy, self.storage.lend(self, part))
+                w = _ToProxy.apply(w, proxy, self.storage.lend(self, part, w))
         return w
 
     @torch.no_grad()
@@ -384,19 +384,22 @@ class SeededSlotLayer(SlotLayer):
 
 class _ToProxy(torch.autograd.Function):
     """``w`` unchanged (a view, no copy); its gradient goes to the proxy Parameter: what adding the
-    zero proxy does, without a pass over the weights. ``returned`` (None or a callable) is called
-    at the backward, when the graph no longer needs ``w``."""
+    zero proxy does, without a pass over the weights. The graph saves ``token`` (None or a tensor
+    from the storage's ``lend``): it lives as long as the graph may still read ``w``."""
+
+    generate_vmap_rule = True  # torch.func transforms
 
     @staticmethod
-    def forward(ctx, w, proxy, returned):
-        ctx.returned = returned
+    def forward(w, proxy, token):
         return w.view_as(w)
 
     @staticmethod
+    def setup_context(ctx, inputs, output):
+        if inputs[2] is not None:
+            ctx.save_for_backward(inputs[2])
+
+    @staticmethod
     def backward(ctx, grad):
-        if ctx.returned is not None:
-            ctx.returned()
-            ctx.returned = None  # once, also when a retained graph runs backward again
         return None, grad, None
 
 

@@ -19,7 +19,6 @@ This module also keeps the registry from the layers' proxy Parameters to their l
 
 from __future__ import annotations
 
-import functools
 import math
 import weakref
 
@@ -86,9 +85,10 @@ class ScoreStorage:
         and may be a narrower integer dtype (a cache's) when they are given."""
         raise NotImplementedError
 
-    def lend(self, layer: nn.Module, part: str):
-        """Before an autograd graph keeps greedy()'s values: None, or (storages that hand back a
-        cache they rewrite in place) what the graph's backward calls once it no longer needs them."""
+    def lend(self, layer: nn.Module, part: str, w: torch.Tensor) -> torch.Tensor | None:
+        """Before an autograd graph keeps ``w`` (greedy()'s values, maybe viewed): None, or, where
+        ``w`` is a cache the storage rewrites in place, a token for the graph to save with it: while
+        the token lives, the cache is written in a copy."""
         return None
 
     def sample(self, layer: nn.Module, part: str, key: torch.Tensor) -> torch.Tensor:
@@ -281,34 +281,14 @@ class ImplicitScores(ScoreStorage):
         drift.add_(d, alpha=lr)
 
 
-# values cache -> [autograd graphs that hold it and have not run their backward]
+# values cache -> the tokens of the autograd graphs that saved it (see lend): a token dies with its
+# graph's saved tensors, after the backward (unless the graph is retained) or with the graph
 _LOANS: WeakIdKeyDictionary = WeakIdKeyDictionary()
-_NONE = (0,)
-_CACHE_NAMES = {part: tuple(f"{part}_{n}" for n in ("drift", "scale", "sel", "val", "lo", "hi")) for part in ("weight", "bias")}
 
 
-def _return(count: list) -> None:
-    count[0] -= 1
-
-
-# drift -> the stamp of the state its cache was last brought up to date with (see _stamp): an eval
-# loop's selections scan nothing. Not the drift itself in the value: it would keep its own key alive.
-_CURRENT: WeakIdKeyDictionary = WeakIdKeyDictionary()
-
-
-def _stamp(drift, factor, lo, hi) -> tuple:
-    """What a cache brought up to date depends on: the drift's and factor's values (version
-    counters, and the drift's memory, which ``.data =`` replaces without a new version) and the
-    intervals (which new keys empty, in place)."""
-    return (drift._version, drift.data_ptr(), factor._version, lo._version, hi._version), (factor, lo, hi)
-
-
-def _is_current(drift, factor, lo, hi) -> bool:
-    got = _CURRENT.get(drift)
-    if got is None:
-        return False
-    versions, tensors = _stamp(drift, factor, lo, hi)
-    return got[0] == versions and all(a is b for a, b in zip(got[1], tensors))
+def _lent(val: torch.Tensor) -> bool:
+    tokens = _LOANS.get(val)
+    return tokens is not None and len(tokens) > 0
 
 
 class IncrementalImplicitScores(ImplicitScores):
@@ -322,18 +302,15 @@ class IncrementalImplicitScores(ImplicitScores):
     non-persistent buffers (a state_dict is the same as without the cache). A selection checks every connection's ratio against its interval and re-selects those
     outside. The cache depends on nothing but the layer's keys, so the drift and the factor may
     change in any way (updates, weight decay, loads, a user's edits): they are read afresh at every
-    selection, except that one which finds their version counters, the drift's memory and the
-    intervals as the previous one left them returns the cache without a scan (an eval loop's;
-    writes through a numpy view of the drift bump no version counter: call ``invalidate`` after
-    them). Only new keys (``set_extra_state``: seeds, score_lambda) empty the intervals.
+    selection. Only new keys (``set_extra_state``: seeds, score_lambda) empty the intervals.
     With numba installed, the check and the re-selection are one pass of a numba twin
     (:mod:`seedslot.cpu_kernels`), else a numpy scan and a compiled re-selection of the stale rows.
     Full recomputation (the cache untouched) inside a torch.compile'd model, on CUDA (no Triton
     twin yet), for a factor outside [2**-40, 2**40], when a re-selected drift is not finite, and
     (numba path) when a buffer was replaced by a non-contiguous tensor.
     The values cache goes into a forward's graph as it is, not copied: a selection that finds it
-    lent to a graph whose backward has not run yet continues in a copy (copy-on-write), so a graph
-    keeps the weights of its forward.
+    held by a graph that may still read it (its backward not run, or the graph retained) continues
+    in a copy (copy-on-write), so a graph keeps the weights of its forward.
     """
 
     incremental = True
@@ -365,10 +342,12 @@ class IncrementalImplicitScores(ImplicitScores):
                 lo.fill_(math.inf)
                 layer._buffers[f"{part}_hi"].fill_(-math.inf)
 
-    def lend(self, layer, part):
-        count = _LOANS.setdefault(getattr(layer, f"{part}_val"), [0])
-        count[0] += 1
-        return functools.partial(_return, count)
+    def lend(self, layer, part, w):
+        if w._base is not layer._buffers[f"{part}_val"]:  # not a view of the cache (a fallback's, a cast's, ...)
+            return None
+        token = torch.empty(0)
+        _LOANS.setdefault(w._base, weakref.WeakSet()).add(token)
+        return token
 
     def _reselect(self, layer, part, rows: torch.Tensor | None) -> bool:
         """Re-select ``rows`` (all when None) into the cache; False (nothing changed) when a drift
@@ -400,12 +379,10 @@ class IncrementalImplicitScores(ImplicitScores):
 
     def greedy(self, layer, part):
         b = layer._buffers  # the buffers this storage registered; not Module.__getattr__ (per selection)
-        drift, factor, sel, val, lo, hi = map(b.__getitem__, _CACHE_NAMES[part])
+        drift, factor, sel, val, lo, hi = (b[f"{part}_{n}"] for n in ("drift", "scale", "sel", "val", "lo", "hi"))
         if torch.compiler.is_compiling() or drift.device.type != "cpu":
             return super().greedy(layer, part)
-        if _is_current(drift, factor, lo, hi):  # nothing changed since the cache was brought up to date
-            return sel, val
-        if _LOANS.get(val, _NONE)[0] > 0:  # copy-on-write: a graph that still holds val keeps it
+        if _lent(val):  # copy-on-write: a graph that still holds val keeps it
             val = b[f"{part}_val"] = val.clone()
         twins = cpu_twins()
         if twins is not None:  # the scan and the re-selection in one pass, the same bits as below
@@ -421,7 +398,6 @@ class IncrementalImplicitScores(ImplicitScores):
             n = rows.shape[0]
             if n and not self._reselect(layer, part, None if n > self.REBUILD_SHARE * drift.numel() else rows):
                 return super().greedy(layer, part)
-        _CURRENT[drift] = _stamp(drift, factor, lo, hi)
         # the cache itself, lent to a training forward's graph (see lend); the index stays uint8,
         # converted only where it is read
         return sel, val

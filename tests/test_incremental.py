@@ -305,37 +305,36 @@ def test_a_graph_keeps_the_weights_it_was_given_until_its_backward_and_training_
     assert inc.weight_val is cache
 
 
+
 @both_paths
-def test_selections_with_nothing_changed_reuse_the_cache_until_an_edit(monkeypatch, path):
-    """An eval loop's selections after one step scan nothing: the cache is stamped with the drift's,
-    factor's and intervals' versions (and the drift's memory), and any change is seen."""
-    calls = []
-    if path == "numba":
-        from seedslot import cpu_kernels
-        real = cpu_kernels.incremental_greedy
-        monkeypatch.setattr(cpu_kernels, "incremental_greedy", lambda *a: calls.append(1) or real(*a))
-    else:
-        real_rows = K.incremental_stale_rows
-        monkeypatch.setattr(K, "incremental_stale_rows", lambda *a: calls.append(1) or real_rows(*a))
-    inc, ref = pair("linear", 8)
-    opt = ss.SlotSGD(inc.parameters(), lr=0.3, momentum=0.9)
-    x = torch.randn(4, 9)
-    for _ in range(3):
-        opt.zero_grad()
-        inc(x).square().sum().backward()
-        opt.step()
-        check(inc, ref)
-        calls.clear()
-        check(inc, ref)
-        inc.eval()(x), inc.train()
-        assert not calls  # nothing changed since the last selection: nothing scanned
-    for edit in (lambda: inc.weight_drift.mul_(1.5), lambda: inc.weight_scale.fill_(0.7),
-                 lambda: setattr(inc.weight_drift, "data", torch.randn(7, 9) * 0.1),  # new memory, same tensor
-                 lambda: inc.load_state_dict(ref.state_dict()),
-                 lambda: inc.set_extra_state({**inc.get_extra_state(), "score_lambda": 0.5})):
-        check(inc, ref)
-        with torch.no_grad():
-            edit()
-        calls.clear()
-        check(inc, ref)
-        assert calls  # the edit was seen
+def test_a_retained_graph_keeps_its_weights_across_a_step_and_a_selection():
+    inc, _ = pair("linear", 8)
+    opt = ss.SlotSGD(inc.parameters(), lr=0.5)
+    x = torch.randn(5, 9, requires_grad=True)
+    inc(x).square().sum().backward()
+    opt.step()
+    out = inc(x)
+    w0, b0 = inc.selected_weight().clone(), inc.selected_bias().clone()
+    first, second = out.sum(), out.square().sum()  # two losses of one forward
+    first.backward(retain_graph=True)
+    opt.step()
+    with torch.no_grad():
+        inc.eval()(x), inc.train()  # a selection re-selects before the second backward
+    assert not torch.equal(inc.selected_weight(), w0)
+    x.grad = None
+    second.backward()
+    assert torch.allclose(x.grad, (2 * (x.detach() @ w0.T + b0)) @ w0, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("scores", ["int8", "implicit", "incremental"])
+def test_torch_func_transforms_see_the_selected_weights(scores):
+    cfg = SlotConfig(k=8, scores="implicit" if scores == "incremental" else scores, incremental=scores == "incremental")
+    layer = ss.SlotLinear(9, 7, config=cfg)
+    x = torch.randn(5, 9)
+    assert torch.allclose(torch.func.vmap(lambda xi: layer(xi[None])[0])(x), layer(x), atol=1e-6)
+    assert torch.allclose(torch.func.grad(lambda xi: layer(xi[None]).sum())(x[0]), layer.selected_weight().sum(0))
+    params = dict(layer.named_parameters())
+    per_sample = torch.func.vmap(torch.func.grad(
+        lambda p, xi: torch.func.functional_call(layer, p, (xi[None],)).square().sum()), in_dims=(None, 0))(params, x)
+    layer(x).square().sum().backward()
+    assert torch.allclose(per_sample["slot_weight"].sum(0), layer.slot_weight.grad, rtol=1e-5, atol=1e-5)
