@@ -360,9 +360,10 @@ class SeededSlotLayer(SlotLayer):
             w = w.view(self.parts[part][0]).to(proxy.dtype)  # the module's dtype (fp32: no copy)
         if torch.is_grad_enabled() and proxy.requires_grad:
             # proxy.grad receives G; w is not copied (in a user's torch.compile graph, adding the
-            # zero proxy is fused away and gives eager's bits). A cache the storage rewrites in
-            # place is lent to the graph while it may read it (copy-on-write, see storage.lend).
-            if torch.compiler.is_compiling():
+            # zero proxy is fused away and gives eager's bits; torch.func transforms need a plain
+            # op). A cache the storage rewrites in place is lent to the graph while it may read it
+            # (copy-on-write, see storage.lend).
+            if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
                 w = w + proxy
             else:
                 w = _ToProxy.apply(w, proxy, self.storage.lend(self, part, w))
@@ -385,18 +386,15 @@ class SeededSlotLayer(SlotLayer):
 class _ToProxy(torch.autograd.Function):
     """``w`` unchanged (a view, no copy); its gradient goes to the proxy Parameter: what adding the
     zero proxy does, without a pass over the weights. The graph saves ``token`` (None or a tensor
-    from the storage's ``lend``): it lives as long as the graph may still read ``w``."""
-
-    generate_vmap_rule = True  # torch.func transforms
+    from the storage's ``lend``): it lives as long as the graph may still read ``w``. (The old
+    ctx-in-forward style: ``setup_context`` would make every call several times dearer; torch.func
+    transforms take the zero proxy's add instead.)"""
 
     @staticmethod
-    def forward(w, proxy, token):
+    def forward(ctx, w, proxy, token):
+        if token is not None:
+            ctx.save_for_backward(token)
         return w.view_as(w)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        if inputs[2] is not None:
-            ctx.save_for_backward(inputs[2])
 
     @staticmethod
     def backward(ctx, grad):
