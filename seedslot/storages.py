@@ -286,11 +286,6 @@ class ImplicitScores(ScoreStorage):
 _LOANS: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
-def _lent(val: torch.Tensor) -> bool:
-    tokens = _LOANS.get(val)
-    return tokens is not None and len(tokens) > 0
-
-
 class IncrementalImplicitScores(ImplicitScores):
     """:class:`ImplicitScores` whose greedy selection re-selects only the connections whose
     selection can have changed (``SlotConfig(scores="implicit", incremental=True)``).
@@ -382,7 +377,7 @@ class IncrementalImplicitScores(ImplicitScores):
         drift, factor, sel, val, lo, hi = (b[f"{part}_{n}"] for n in ("drift", "scale", "sel", "val", "lo", "hi"))
         if torch.compiler.is_compiling() or drift.device.type != "cpu":
             return super().greedy(layer, part)
-        if _lent(val):  # copy-on-write: a graph that still holds val keeps it
+        if _LOANS.get(val):  # a live token (a non-empty WeakSet): copy-on-write, the graph keeps val
             val = b[f"{part}_val"] = val.clone()
         twins = cpu_twins()
         if twins is not None:  # the scan and the re-selection in one pass, the same bits as below
