@@ -45,6 +45,7 @@ __all__ = ["MODES", "memory_bench", "budget_bench", "speed_bench", "median_secon
 MODES = ("learned", "dense", "seeded", "implicit")  # seeded: int8 scores; implicit: scores="implicit"
 SLOT_SEEDED = ("seeded", "implicit")
 SPEED_MODES = (*MODES, "incremental")  # speed only: implicit with SlotConfig(incremental=True)
+SEGMENTS = ("zero_grad", "forward", "backward", "step")  # of a training step (forward includes the loss)
 BUDGET_MODES = ("dense", *SLOT_SEEDED)  # learned weights have no K
 BUDGET_KS = tuple(2**i for i in range(9))  # 1, 2, 4, ..., 256
 _MiB = 2**20
@@ -108,6 +109,11 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize(device)
 
 
+def _now(device: str) -> float:
+    _sync(device)
+    return time.perf_counter()
+
+
 class Trainer:
     """A model of one mode, its optimizer and a fixed random batch; ``step()`` trains once."""
 
@@ -135,6 +141,20 @@ class Trainer:
         self.optimizer.step()
         _sync(self.device)
         return time.perf_counter() - t0
+
+    def step_segments(self) -> tuple[float, ...]:
+        """One training step; the wall-clock seconds of each of :data:`SEGMENTS`, the device
+        synchronised at every boundary (which :meth:`step` does not pay)."""
+        marks = [_now(self.device)]
+        self.optimizer.zero_grad(set_to_none=True)
+        marks.append(_now(self.device))
+        loss = F.cross_entropy(self.model(self.x), self.y)
+        marks.append(_now(self.device))
+        loss.backward()
+        marks.append(_now(self.device))
+        self.optimizer.step()
+        marks.append(_now(self.device))
+        return tuple(b - a for a, b in zip(marks, marks[1:]))
 
 
 def _train(model: str, mode: str, k: int, batch_size: int, steps: int, device: str,
@@ -255,11 +275,13 @@ def budget_bench(model: str = "vgg19", budget_bytes: int = 2 * 2**30, batch_size
 
 def speed_bench(model: str = "lenet", k: int = 8, batch_size: int = 64, repeats: int = 5,
                 min_seconds: float = 0.5, warmup: int = 2, modes: Sequence[str] = MODES,
-                device: str | None = None) -> dict[str, Any]:
+                device: str | None = None, profile: bool = False) -> dict[str, Any]:
     """Steps per second of each mode, measured round robin in one process.
 
     Each measurement runs enough steps to last ``min_seconds`` (judged from the warm-up); the
     order of the modes rotates between repeats, and the report takes medians over ``repeats``.
+    With ``profile``, also where each mode's step goes (``result["profile"]``, see :func:`_profile`),
+    measured after the timing.
     """
     k, batch_size = check_int("k", k, 1), check_int("batch_size", batch_size, 1)
     repeats, warmup = check_int("repeats", repeats, 1), check_int("warmup", warmup, 1)
@@ -287,11 +309,43 @@ def speed_bench(model: str = "lenet", k: int = 8, batch_size: int = 64, repeats:
         for other in ("dense", "learned"):
             if m in med and other in med:
                 out["ratios"][f"{m}_over_{other}"] = med[m] / med[other]
+    if profile:
+        out["profile"] = _profile(trainers, repeats, n_steps, device)
     if "seeded" in trainers:
         # the floor of an int8 step: its update regenerates the K candidates of every connection
         out["regen_seconds"] = _regen_seconds(trainers["seeded"].model, repeats)
         if "learned" in med:
             out["int8_floor_seconds"] = med["learned"] + 1.2 * out["regen_seconds"]
+    return out
+
+
+def _profile(trainers: dict[str, Trainer], repeats: int, n_steps: dict[str, int], device: str) -> dict[str, Any]:
+    """Per mode: the median seconds of each of :data:`SEGMENTS` (the modes interleaved as in the
+    timing), and torch.profiler's operators by self time over one measurement's steps, with the
+    time they cover (the rest of a step is Python outside operators, and numba, which the profiler
+    does not see)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    seconds: dict[str, list[tuple[float, ...]]] = {m: [] for m in trainers}
+    for _ in range(repeats):
+        for m, t in trainers.items():
+            steps = [t.step_segments() for _ in range(n_steps[m])]
+            seconds[m].append(tuple(map(statistics.median, zip(*steps))))
+    cuda = device.startswith("cuda")
+    out = {}
+    for m, t in trainers.items():
+        n = n_steps[m]
+        with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+            wall = sum(t.step() for _ in range(n)) / n
+        events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+        out[m] = dict(
+            segments=dict(zip(SEGMENTS, map(statistics.median, zip(*seconds[m])))),
+            profiled_step_seconds=wall,
+            op_self_seconds=sum(e.self_cpu_time_total for e in events) * 1e-6 / n,
+            top_ops=[dict(name=e.key, self_seconds=e.self_cpu_time_total * 1e-6 / n, calls=e.count / n,
+                          **({"device_seconds": e.self_device_time_total * 1e-6 / n} if cuda else {}))
+                     for e in events[:8]],
+        )
     return out
 
 
@@ -381,6 +435,26 @@ def _report(result: dict[str, Any]) -> str:
     if "int8_floor_seconds" in result:
         text += (f"\nint8 step {_med_of(result, 'seeded'):.4f} s against learned + 1.2 x regeneration = "
                  f"{result['int8_floor_seconds']:.4f} s")
+    if "profile" in result:
+        text += "\n" + _profile_report(result["profile"])
+    return text
+
+
+def _profile_report(prof: dict[str, Any]) -> str:
+    base = prof.get("learned", {}).get("segments")
+
+    def cell(seg: dict, s: str) -> str:
+        v = sum(seg.values()) if s == "total" else seg[s]
+        ref = (sum(base.values()) if s == "total" else base[s]) if base else None
+        return f"{v * 1e3:.3f}" + (f" ({v / ref:.2f}x)" if ref else "")
+
+    cols = (*SEGMENTS, "total")
+    text = ("where a step goes: median ms of each part" + (" (x learned)" if base else "") + "\n"
+            + _table(["mode", *cols], [[m, *(cell(p["segments"], s) for s in cols)] for m, p in prof.items()]))
+    for m, p in prof.items():
+        ops = ", ".join(f"{o['name']} {o['self_seconds'] * 1e3:.3f} ms ({o['calls']:g} calls)" for o in p["top_ops"][:5])
+        text += (f"\n{m}, torch.profiler per step: operators {p['op_self_seconds'] * 1e3:.3f} ms of "
+                 f"{p['profiled_step_seconds'] * 1e3:.3f} ms (the rest: Python outside operators, numba); {ops}")
     return text
 
 
@@ -427,6 +501,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--min-seconds", type=float, default=0.5, help="shortest measurement")
     p.add_argument("--modes", type=_csv(str), default=MODES)
+    p.add_argument("--profile", action="store_true",
+                   help="also time each part of a step (zero_grad, forward, backward, optimizer step) and list "
+                        "torch.profiler's busiest operators, per mode")
 
     bench_ddp.add_arguments(sub.add_parser("ddp", help="multi-process training traffic and speed"))
 
@@ -450,7 +527,8 @@ def run_cli(args: argparse.Namespace) -> int:
     elif args.bench == "budget":
         result = budget_bench(budget_bytes=args.budget, ks=args.ks, steps=args.steps, **common)
     elif args.bench == "speed":
-        result = speed_bench(k=args.k, repeats=args.repeats, min_seconds=args.min_seconds, **common)
+        result = speed_bench(k=args.k, repeats=args.repeats, min_seconds=args.min_seconds, profile=args.profile,
+                             **common)
     else:
         raise ValueError(f"bench must be one of 'memory', 'budget', 'speed', 'ddp'; got {args.bench!r}")
     print(_report(result), flush=True)

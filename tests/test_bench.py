@@ -66,6 +66,34 @@ def test_speed_bench_ratios(tmp_path, capsys):
     assert "time ratios" in printed and "regenerating the K candidates" in printed
 
 
+def test_speed_bench_profile(capsys):
+    B.main(["speed", *TINY, "--repeats", "1", "--min-seconds", "0", "--modes", "learned,incremental", "--profile",
+            "--device", "cpu"])
+    printed = capsys.readouterr().out
+    assert "where a step goes" in printed and "torch.profiler per step" in printed
+    out = B.speed_bench("lenet", k=2, batch_size=2, repeats=2, min_seconds=0.0, warmup=1, device="cpu",
+                        modes=("learned", "incremental"), profile=True)
+    for mode, p in out["profile"].items():
+        assert set(p["segments"]) == set(B.SEGMENTS) and all(v > 0 for v in p["segments"].values())
+        assert 0 < p["op_self_seconds"] and p["top_ops"]
+        assert any("mm" in o["name"] for o in p["top_ops"])  # the three linear layers' matmuls
+
+
+def test_step_segments_is_a_training_step():
+    """The profiled step trains exactly as the timed one does (same bits after three steps)."""
+    import torch
+
+    a, b = (B.Trainer("lenet", "incremental", 2, 2, "cpu") for _ in range(2))
+    for _ in range(3):
+        a.step()
+        assert len(b.step_segments()) == len(B.SEGMENTS)
+    sa, sb = a.model.state_dict(), b.model.state_dict()
+    assert sa.keys() == sb.keys()
+    assert all(torch.equal(sa[k], sb[k]) if isinstance(sa[k], torch.Tensor) else sa[k] == sb[k] for k in sa)
+    assert not torch.equal(sa["classifier.0.weight_drift"], B.Trainer("lenet", "incremental", 2, 2, "cpu")
+                           .model.state_dict()["classifier.0.weight_drift"])  # it did train
+
+
 @pytest.mark.parametrize("text,value", [("2GiB", 2 * 2**30), ("1500MB", 1500 * 10**6), ("0.5KiB", 512),
                                         ("123", 123), (" 3 mib ", 3 * 2**20)])
 def test_parse_bytes(text, value):
