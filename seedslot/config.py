@@ -29,7 +29,7 @@ class SlotConfig:
     for linear, 1 for conv layers); ``seed`` the seed of a layer (or of a model, from which
     ``slotify_`` derives each layer's); ``incremental`` (implicit scores only) re-selects only the
     connections whose greedy selection can have changed since the last one: the same selections,
-    faster, for 9 more bytes per connection (see
+    faster, for 13 more bytes per connection (see
     :class:`~seedslot.storages.IncrementalImplicitScores`)."""
 
     k: int = 8

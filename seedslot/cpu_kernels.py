@@ -25,7 +25,6 @@ __all__ = ["incremental_greedy"]
 
 _MASK, _M1, _M2 = 0xFFFFFFFF, 0x7FEB352D, 0x846CA68B
 _BLOCK = 256  # connections checked per vectorised pass before any is re-selected
-_BF16_INF, _BF16_NEG_INF = 0x7F80, 0xFF80  # bfloat16 bit patterns: an empty interval
 # The proof's constants, passed as arguments: numba's disk cache freezes the globals a kernel reads
 # and is invalidated only by this file's own source, not by seedslot.scores'.
 _LIMITS = (INCR_MARGIN * INCR_U, INCR_ABS, INCR_C_MIN, INCR_C_MAX, INCR_R_MAX)
@@ -42,16 +41,6 @@ def _mix32(x):
     return x ^ (x >> 16)
 
 
-@njit(inline="always")
-def _bf16_inward(u, up):
-    """scores.bf16_inward on the bits ``u`` of an fp32 value (a uint32 in an int64): the 16-bit
-    pattern of the bfloat16 towards +inf (``up``) or towards -inf."""
-    top = u >> 16
-    if (u & 0xFFFF) != 0 and (u >> 31 == 0) == up:  # truncation went the wrong way: one step out
-        top += 1
-    return top
-
-
 @njit(cache=True, nogil=True, boundscheck=False, error_model="numpy")
 def _incremental_greedy(drift, factor, lo, hi, sel, val, cand_key, cand_keys, step, score_key, score_keys, bound,
                         offset, per_conn, limits):
@@ -63,19 +52,14 @@ def _incremental_greedy(drift, factor, lo, hi, sel, val, cand_key, cand_keys, st
     # a' = A * fl(1/c): two roundings, within the 3u the proof in seedslot.scores allows for fl(A / c)
     inv = np.float32(1.0) / c
     sigma = np.float64(step[()]) * 2.0**23
-    # lo and hi hold bfloat16 bit patterns (uint16): widened to fp32 a block at a time, exactly
-    lb, hb = np.empty(_BLOCK, np.uint32), np.empty(_BLOCK, np.uint32)
-    lf, hf = lb.view(np.float32), hb.view(np.float32)
     stale, n = 0, drift.shape[0]
     for start in range(0, n, _BLOCK):
         end = min(start + _BLOCK, n)
         x, l, h = drift[start:end], lo[start:end], hi[start:end]
-        for i in range(end - start):
-            lb[i], hb[i] = np.uint32(l[i]) << 16, np.uint32(h[i]) << 16
         out = 0
         for i in range(end - start):  # branch-free, over slices from 0: LLVM vectorises it
             a = x[i] * inv
-            out += 1 - ((lf[i] < a) & (a < hf[i]))  # NaN: 1, stale
+            out += 1 - ((l[i] < a) & (a < h[i]))  # NaN: 1, stale
         if out:
             got = _reselect_block(drift, start, end, inv, c, lo, hi, sel, val, offset, per_conn, cand_key[()],
                                   cand_keys, step[()], score_key[()], score_keys, bound[()], w, s0, sigma, limits)
@@ -93,13 +77,10 @@ def _reselect_block(drift, start, end, inv, c, lo, hi, sel, val, offset, per_con
     k = cand_keys.shape[0]
     b, cd = np.float64(bound), np.float64(c)
     cand_key, score_key = np.int64(cand_key) & _MASK, np.int64(score_key) & _MASK
-    bits = np.empty(2, np.uint32)  # fp32 <-> bits, for the bfloat16 bounds
-    f = bits.view(np.float32)
     stale = 0
     for i in range(start, end):
         a = drift[i] * inv
-        bits[0], bits[1] = np.uint32(lo[i]) << 16, np.uint32(hi[i]) << 16
-        if f[0] < a and a < f[1]:
+        if lo[i] < a and a < hi[i]:
             continue
         d = drift[i]
         if not np.isfinite(d):
@@ -134,15 +115,14 @@ def _reselect_block(drift, start, end, inv, c, lo, hi, sel, val, offset, per_con
         up, down = min(up, a0 + win), max(down, a0 - win)
         sel[i], val[i] = best_j, w[best_j]
         if flat or not r <= limits[4]:
-            lo[i], hi[i] = _BF16_INF, _BF16_NEG_INF
+            lo[i], hi[i] = np.float32(np.inf), np.float32(-np.inf)
             continue
         lo32, hi32 = np.float32(down), np.float32(up)  # rounded inwards: lo up, hi down
         if np.float64(lo32) < down:
             lo32 = np.nextafter(lo32, np.float32(np.inf))
         if np.float64(hi32) > up:
             hi32 = np.nextafter(hi32, np.float32(-np.inf))
-        f[0], f[1] = lo32, hi32  # then to bfloat16, inwards again
-        lo[i], hi[i] = _bf16_inward(np.int64(bits[0]), True), _bf16_inward(np.int64(bits[1]), False)
+        lo[i], hi[i] = lo32, hi32
     return stale
 
 
@@ -160,17 +140,9 @@ def _views(tensors: tuple) -> tuple | None:
         return got[2]
     if not all(t.is_contiguous() for t in tensors):
         return None
-    arrays = tuple(_numpy(t.detach()) for t in tensors)
+    arrays = tuple(t.detach().view(-1).numpy() if t.dim() else t.detach().numpy() for t in tensors)
     _VIEWS[tensors[0]] = (tensors[1:], ptrs, arrays)
     return arrays
-
-
-def _numpy(t: torch.Tensor) -> np.ndarray:
-    """A numpy view of a contiguous tensor, flat unless 0-dim; bfloat16 (which numpy lacks) as its
-    uint16 bit patterns."""
-    if t.dtype == torch.bfloat16:
-        return t.view(-1).view(torch.int16).numpy().view(np.uint16)
-    return t.view(-1).numpy() if t.dim() else t.numpy()
 
 
 def incremental_greedy(drift: torch.Tensor, factor: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
@@ -180,11 +152,10 @@ def incremental_greedy(drift: torch.Tensor, factor: torch.Tensor, lo: torch.Tens
     """Re-select, into ``sel``, ``val``, ``lo`` and ``hi`` (in place), every connection of a part
     whose ratio ``drift / factor`` is not strictly inside its interval: how many were, or < 0 when
     the part must be recomputed in full instead (-1: a drift to re-select is not finite; -2: the
-    factor is outside [INCR_C_MIN, INCR_C_MAX]; -3: a tensor is not contiguous, or a bound not
-    bfloat16). CPU tensors; keys, step and bound as :mod:`seedslot.scores`' kernels take them
-    (0-dim int32 and fp32, (K,) int32)."""
+    factor is outside [INCR_C_MIN, INCR_C_MAX]; -3: a tensor is not contiguous). CPU tensors; keys,
+    step and bound as :mod:`seedslot.scores`' kernels take them (0-dim int32 and fp32, (K,) int32)."""
     arrays = _views((drift, factor, lo, hi, sel, val, cand_key, cand_keys, step, score_key, score_keys, bound))
-    if arrays is None or lo.dtype != torch.bfloat16 or hi.dtype != torch.bfloat16:
+    if arrays is None:
         return -3
     got = int(_incremental_greedy(*arrays, offset, per_conn, _LIMITS))
     if got:  # writes through numpy bump no version counter: autograd must see them as torch's would

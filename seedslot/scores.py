@@ -291,9 +291,8 @@ def implicit_greedy_unrolled(
 #     g_j(a) > 6u (B + |a| sigma) + 6 eta / c                     for all j != i.        (1)
 # The interval is built at a re-selection around a0 (the current ratio) inside the window
 # |a - a0| <= Wn = max(|a0|, B/sigma), so every a in it has |a| <= R = |a0| + Wn; it is the set
-# where g_j(a) > m for all j, m = 16u (B + R sigma) + 2**-80, solved per j in float64, rounded
-# inwards (lo up, hi down) to fp32 and then to bfloat16 for storage (a smaller interval is only
-# checked more often; see bf16_inward). The check uses a' = fl(A / c) (relative error <= 3u
+# where g_j(a) > m for all j, m = 16u (B + R sigma) + 2**-80, solved per j in float64 and stored
+# in fp32 rounded inwards (lo up, hi down). The check uses a' = fl(A / c) (relative error <= 3u
 # even for a reciprocal-and-multiply), and g_j moves by |W_i - W_j| |a - a'| <= 2 sigma 3u R(1+3u)
 # between a' and the true a, so at the true a: g_j > m - 6.1u R sigma >= 6u (B + R(1+3u) sigma) +
 # (float64 error, < 2**-48 (B + R sigma)) + 2**-80, which is (1) because 6 eta / c < 2**-80 for
@@ -306,26 +305,13 @@ INCR_ABS = 2.0**-80
 INCR_C_MIN, INCR_C_MAX, INCR_R_MAX = 2.0**-40, 2.0**40, 2.0**40
 
 
-def bf16_inward(x: torch.Tensor, up: bool) -> torch.Tensor:
-    """fp32 ``x`` as bfloat16, rounded towards +inf (``up``: a lower bound) or towards -inf (an
-    upper bound), so that a stored interval is never larger than the fp32 one. bfloat16 is fp32's
-    top 16 bits: truncation rounds towards zero, and one step of the 16-bit pattern away from zero
-    corrects it where that is the wrong way (the step from the largest finite value is infinity,
-    an empty bound: still inwards). Infinities are exact; NaN is never stored."""
-    u = x.to(torch.float32).view(torch.int32)
-    wrong_way = (u >= 0) if up else (u < 0)  # truncation moves a positive value down, a negative one up
-    top = (u >> 16) + (((u & 0xFFFF) != 0) & wrong_way).to(torch.int32)
-    return top.to(torch.int16).view(torch.bfloat16)  # the low 16 bits: the pattern, sign included
-
-
 def incremental_stale_rows(drift: torch.Tensor, factor: float, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
     """(m,) int64 indices of the connections whose ratio ``a = fl(drift / factor)`` is not strictly
     inside (lo, hi), a NaN included (its comparisons are false). CPU tensors only: numpy's
     comparisons and flatnonzero, several times faster than torch's compare and nonzero here."""
     with np.errstate(over="ignore", invalid="ignore"):  # an overflow to inf is stale, as it should be
         a = drift.detach().numpy() / np.float32(factor)  # ``factor`` is an fp32 value: the division is fp32
-        lo, hi = (t.to(torch.float32).numpy() for t in (lo, hi))  # exact: bfloat16 widens to fp32
-        return torch.from_numpy(np.flatnonzero(~((a > lo) & (a < hi))))
+        return torch.from_numpy(np.flatnonzero(~((a > lo.numpy()) & (a < hi.numpy()))))
 
 
 @fused("drift", "conn")

@@ -30,7 +30,7 @@ from . import scores as _kernels
 from .candidates import (REQUANT, ROUND, SCORES as SCORE_STREAM, chunked, chunked_new, i32, init_scores, row_chunks,
                          stream_keys)
 from .rng import cpu_twins, key32
-from .scores import SCORES, bf16_inward
+from .scores import SCORES
 from .selection import greedy, greedy_values, sample, sample_chunk
 
 __all__ = ["ScoreStorage", "Int8Scores", "Fp32Scores", "ImplicitScores", "IncrementalImplicitScores", "STORAGES",
@@ -291,10 +291,9 @@ class IncrementalImplicitScores(ImplicitScores):
     selection can have changed (``SlotConfig(scores="implicit", incremental=True)``).
 
     Per connection it keeps the selected index (``{part}_sel``, uint8 up to K = 256), its candidate
-    (``{part}_val``, fp32) and an interval (``{part}_lo``, ``{part}_hi``, bfloat16, rounded
-    inwards) of the ratio ``a = drift / factor`` over which that index provably is what full
-    recomputation selects (the argument is in :mod:`seedslot.scores`): 9 more bytes per
-    connection, whatever K, in
+    (``{part}_val``, fp32) and an interval (``{part}_lo``, ``{part}_hi``, fp32) of the ratio
+    ``a = drift / factor`` over which that index provably is what full recomputation selects (the
+    argument is in :mod:`seedslot.scores`): 13 more bytes per connection, whatever K, in
     non-persistent buffers (a state_dict is the same as without the cache). A selection checks every connection's ratio against its interval and re-selects those
     outside. The cache depends on nothing but the layer's keys, so the drift and the factor may
     change in any way (updates, weight decay, loads, a user's edits): they are read afresh at every
@@ -319,9 +318,8 @@ class IncrementalImplicitScores(ImplicitScores):
         sel = torch.uint8 if layer.k <= 256 else torch.int16 if layer.k <= 2**15 else torch.int32
         layer.register_buffer(f"{part}_sel", torch.zeros(rows, dtype=sel, device=device), persistent=False)
         layer.register_buffer(f"{part}_val", torch.zeros(rows, device=device), persistent=False)
-        for name, empty in (("lo", math.inf), ("hi", -math.inf)):  # an empty interval: stale
-            layer.register_buffer(f"{part}_{name}", torch.full((rows,), empty, dtype=torch.bfloat16, device=device),
-                                  persistent=False)
+        layer.register_buffer(f"{part}_lo", torch.full((rows,), math.inf, device=device), persistent=False)
+        layer.register_buffer(f"{part}_hi", torch.full((rows,), -math.inf, device=device), persistent=False)
 
     def state(self, part):
         return {**super().state(part), f"{part}_sel": "scores", f"{part}_val": "scores", f"{part}_lo": "scores", f"{part}_hi": "scores"}
@@ -358,7 +356,7 @@ class IncrementalImplicitScores(ImplicitScores):
             for a, b in row_chunks(drift.shape[0], layer.k):  # float64 (n, K) temporaries: chunked
                 conn = torch.arange(offset + a, offset + b, dtype=torch.int32, device=drift.device)
                 idx, v, l, h = _kernels.implicit_select_at(drift[a:b], conn, *self._at_args(layer, part))
-                sel[a:b], val[a:b], lo[a:b], hi[a:b] = idx, v, bf16_inward(l, True), bf16_inward(h, False)
+                sel[a:b], val[a:b], lo[a:b], hi[a:b] = idx, v, l, h
             return True
         if rows.shape[0] == 1:  # as two equal rows: a compiled kernel for n = 1 would compile again
             rows = rows.expand(2)
@@ -367,7 +365,7 @@ class IncrementalImplicitScores(ImplicitScores):
             return False
         conn = (rows + offset).to(torch.int32)
         idx, v, l, h = _kernels.implicit_select_at(d, conn, *self._at_args(layer, part))
-        sel[rows], val[rows], lo[rows], hi[rows] = idx.to(sel.dtype), v, bf16_inward(l, True), bf16_inward(h, False)
+        sel[rows], val[rows], lo[rows], hi[rows] = idx.to(sel.dtype), v, l, h
         return True
 
     @staticmethod
