@@ -3,8 +3,7 @@
     python bench/regen.py [--layer 512,512,3,3] [--k 8] [--repeats 5] [--json PATH]
 
 Materialises every candidate of one layer (as ``layer.candidates()`` does, chunk by chunk) and reports
-the best rate over repeats (the fastest call: on a shared machine calls of one kernel can take
-twice as long at times), after a warm-up call that compiles the kernel.
+the median rate over repeats, after a warm-up call that compiles the kernel.
 """
 
 from __future__ import annotations
@@ -16,7 +15,7 @@ import math
 import torch
 
 from seedslot import candidates as C
-from seedslot.benchmarks import call_seconds
+from seedslot.benchmarks import median_seconds
 from seedslot.files import atomic_write
 
 
@@ -33,7 +32,7 @@ def rate(fn, rows: int, k: int, repeats: int) -> float:
             b = min(rows, a + chunk)
             out[a:b] = fn(C.i32(a), b - a, 1, key, keys, step)
 
-    return rows * k / min(call_seconds(once, repeats))
+    return rows * k / median_seconds(once, repeats)
 
 
 def main(argv=None) -> dict:

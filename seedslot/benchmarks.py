@@ -34,13 +34,13 @@ from torch import nn
 from . import bench_ddp
 from .devices import DEVICE_HELP, resolve_device
 from .files import atomic_write
-from .memory import CATEGORIES, run_in_child, state_breakdown, state_bytes
+from .memory import CATEGORIES, heap_reused, run_in_child, state_breakdown, state_bytes
 from .config import SlotConfig
 from .optim import SlotSGD
 from .rng import compile_enabled, cpu_twins
 from .validate import check_int
 
-__all__ = ["MODES", "memory_bench", "budget_bench", "speed_bench", "call_seconds", "median_seconds", "parse_bytes", "add_arguments", "run_cli", "main"]
+__all__ = ["MODES", "memory_bench", "budget_bench", "speed_bench", "median_seconds", "parse_bytes", "add_arguments", "run_cli", "main"]
 
 MODES = ("learned", "dense", "seeded", "implicit")  # seeded: int8 scores; implicit: scores="implicit"
 SLOT_SEEDED = ("seeded", "implicit")
@@ -134,13 +134,11 @@ class Trainer:
 
     def step(self) -> float:
         """One training step; returns its wall-clock seconds."""
-        _sync(self.device)
-        t0 = time.perf_counter()
+        t0 = _now(self.device)
         self.optimizer.zero_grad(set_to_none=True)
         F.cross_entropy(self.model(self.x), self.y).backward()
         self.optimizer.step()
-        _sync(self.device)
-        return time.perf_counter() - t0
+        return _now(self.device) - t0
 
     def step_segments(self) -> tuple[float, ...]:
         """One training step; the wall-clock seconds of each of :data:`SEGMENTS`, the device
@@ -294,10 +292,7 @@ def speed_bench(model: str = "lenet", k: int = 8, batch_size: int = 64, repeats:
         warm = [t.step() for _ in range(warmup)]  # the first compiles: reported apart, never timed
         first[m] = warm[0]
         n_steps[m] = max(1, math.ceil(min_seconds / max(min(warm), 1e-9)))
-    per_step: dict[str, list[float]] = {m: [] for m in modes}
-    for r in range(repeats):
-        for m in modes[r % len(modes):] + modes[: r % len(modes)]:
-            per_step[m].append(sum(trainers[m].step() for _ in range(n_steps[m])) / n_steps[m])
+    per_step = _rounds(trainers, repeats, n_steps, lambda t, n: sum(t.step() for _ in range(n)) / n)
     rows = [dict(mode=m, k=None if m == "learned" else k, steps_per_measurement=n_steps[m],
                  step_seconds=statistics.median(per_step[m]), steps_per_second=1.0 / statistics.median(per_step[m]),
                  step_seconds_all=per_step[m], first_step_seconds=first[m]) for m in modes]
@@ -319,18 +314,29 @@ def speed_bench(model: str = "lenet", k: int = 8, batch_size: int = 64, repeats:
     return out
 
 
+def _rounds(trainers: dict[str, Trainer], repeats: int, n_steps: dict[str, int], measure) -> dict[str, list]:
+    """``repeats`` rounds over the modes, their order rotating from round to round; per mode, the
+    list of ``measure(trainer, n)`` over its rounds, ``n`` its steps per measurement."""
+    modes = list(trainers)
+    out: dict[str, list] = {m: [] for m in modes}
+    for r in range(repeats):
+        for m in modes[r % len(modes):] + modes[: r % len(modes)]:
+            out[m].append(measure(trainers[m], n_steps[m]))
+    return out
+
+
 def _profile(trainers: dict[str, Trainer], repeats: int, n_steps: dict[str, int], device: str) -> dict[str, Any]:
-    """Per mode: the median seconds of each of :data:`SEGMENTS` (the modes interleaved as in the
-    timing), and torch.profiler's operators by self time over one measurement's steps, with the
-    time they cover (the rest of a step is Python outside operators, and numba, which the profiler
-    does not see)."""
+    """Per mode: the seconds of each of :data:`SEGMENTS` (per round the median over its steps, then
+    the median over rounds, interleaved as in the timing), and torch.profiler's events by self time
+    over one measurement's steps, with the self time of all of them: operators, and annotated
+    regions such as ``Optimizer.step`` whose self time is the Python inside them (what is left of a
+    step is Python outside any event, and numba, which the profiler does not see)."""
     from torch.profiler import ProfilerActivity, profile
 
-    seconds: dict[str, list[tuple[float, ...]]] = {m: [] for m in trainers}
-    for _ in range(repeats):
-        for m, t in trainers.items():
-            steps = [t.step_segments() for _ in range(n_steps[m])]
-            seconds[m].append(tuple(map(statistics.median, zip(*steps))))
+    def segments(t: Trainer, n: int) -> tuple[float, ...]:
+        return tuple(map(statistics.median, zip(*(t.step_segments() for _ in range(n)))))
+
+    seconds = _rounds(trainers, repeats, n_steps, segments)
     cuda = device.startswith("cuda")
     out = {}
     for m, t in trainers.items():
@@ -341,7 +347,7 @@ def _profile(trainers: dict[str, Trainer], repeats: int, n_steps: dict[str, int]
         out[m] = dict(
             segments=dict(zip(SEGMENTS, map(statistics.median, zip(*seconds[m])))),
             profiled_step_seconds=wall,
-            op_self_seconds=sum(e.self_cpu_time_total for e in events) * 1e-6 / n,
+            event_self_seconds=sum(e.self_cpu_time_total for e in events) * 1e-6 / n,
             top_ops=[dict(name=e.key, self_seconds=e.self_cpu_time_total * 1e-6 / n, calls=e.count / n,
                           **({"device_seconds": e.self_device_time_total * 1e-6 / n} if cuda else {}))
                      for e in events[:8]],
@@ -349,8 +355,8 @@ def _profile(trainers: dict[str, Trainer], repeats: int, n_steps: dict[str, int]
     return out
 
 
-def call_seconds(fn, repeats: int, device: str = "cpu") -> list[float]:
-    """Wall-clock seconds of each of ``repeats`` calls of ``fn()``, after one warm-up call (which
+def median_seconds(fn, repeats: int, device: str = "cpu") -> float:
+    """Median wall-clock seconds of ``fn()`` over ``repeats`` calls, after one warm-up call (which
     compiles), the device synchronised around each call."""
     fn()
     times = []
@@ -358,20 +364,16 @@ def call_seconds(fn, repeats: int, device: str = "cpu") -> list[float]:
         t0 = _now(device)
         fn()
         times.append(_now(device) - t0)
-    return times
-
-
-def median_seconds(fn, repeats: int, device: str = "cpu") -> float:
-    """The median of :func:`call_seconds`."""
-    return statistics.median(call_seconds(fn, repeats, device))
+    return statistics.median(times)
 
 
 def _regen_seconds(model: nn.Module, repeats: int) -> float:
-    """The fastest of ``repeats`` regenerations of all K candidates of every seeded connection of
-    ``model``, by the kernel the updates use, chunk by chunk into one preallocated buffer per part
-    (as bench/regen.py measures its rate: no page faults of fresh memory). The fastest, not the
-    median: the same calls of this kernel on a shared machine can alternate between one time and
-    twice it, and the floor this sets must not be the slow one."""
+    """Median seconds to regenerate all K candidates of every seeded connection of ``model`` once,
+    by the kernel the updates use, chunk by chunk into one preallocated buffer per part: the
+    kernel's rate as bench/regen.py measures it. Each chunk's kernel output is a fresh tensor
+    (copied into the buffer); under the CLI's 1 MiB mmap threshold (``return_large_frees``) every
+    one would be mapped and faulted in afresh, which doubles a Lenet layer's time, so the heap
+    serves them here (``heap_reused``), as it does by default."""
     from .candidates import candidate_chunk, chunked
     from .layers import SeededSlotLayer
 
@@ -382,7 +384,9 @@ def _regen_seconds(model: nn.Module, repeats: int) -> float:
         for out, offset, ck in parts:
             chunked(out, offset, out.shape[1], None, lambda a, b, start: candidate_chunk(start, b - a, *ck))
 
-    return min(call_seconds(once, repeats, str(parts[0][0].device) if parts else "cpu"))
+    with heap_reused():
+        once()  # the heap grows to its working size (median_seconds warms up once more)
+        return median_seconds(once, repeats, str(parts[0][0].device) if parts else "cpu")
 
 
 # ---------------------------------------------------------------- tables and the command line
@@ -436,8 +440,7 @@ def _report(result: dict[str, Any]) -> str:
     if result["ratios"]:
         text += "\ntime ratios: " + ", ".join(f"{k} {v:.3f}" for k, v in result["ratios"].items())
     if "regen_seconds" in result:
-        text += (f"\nregenerating the K candidates of every connection once: {result['regen_seconds']:.4f} s "
-                 f"(fastest of {result['repeats']})")
+        text += f"\nregenerating the K candidates of every connection once: {result['regen_seconds']:.4f} s"
     if "int8_floor_seconds" in result:
         text += (f"\nint8 step {_med_of(result, 'seeded'):.4f} s against learned + 1.2 x regeneration = "
                  f"{result['int8_floor_seconds']:.4f} s")
@@ -447,6 +450,8 @@ def _report(result: dict[str, Any]) -> str:
 
 
 def _profile_report(prof: dict[str, Any]) -> str:
+    """The profile's table of step parts (each against learned's where learned ran) and, per mode,
+    the profiler's busiest events."""
     base = prof.get("learned", {}).get("segments")
 
     def cell(seg: dict, s: str) -> str:
@@ -455,12 +460,12 @@ def _profile_report(prof: dict[str, Any]) -> str:
         return f"{v * 1e3:.3f}" + (f" ({v / ref:.2f}x)" if ref else "")
 
     cols = (*SEGMENTS, "total")
-    text = ("where a step goes: median ms of each part" + (" (x learned)" if base else "") + "\n"
+    text = ("where a step goes: ms of each part, medians (total: their sum)" + (" (x learned)" if base else "") + "\n"
             + _table(["mode", *cols], [[m, *(cell(p["segments"], s) for s in cols)] for m, p in prof.items()]))
     for m, p in prof.items():
         ops = ", ".join(f"{o['name']} {o['self_seconds'] * 1e3:.3f} ms ({o['calls']:g} calls)" for o in p["top_ops"][:5])
-        text += (f"\n{m}, torch.profiler per step: operators {p['op_self_seconds'] * 1e3:.3f} ms of "
-                 f"{p['profiled_step_seconds'] * 1e3:.3f} ms (the rest: Python outside operators, numba); {ops}")
+        text += (f"\n{m}, torch.profiler per step: events' self time {p['event_self_seconds'] * 1e3:.3f} ms of "
+                 f"{p['profiled_step_seconds'] * 1e3:.3f} ms (the rest: Python outside events, numba); {ops}")
     return text
 
 

@@ -12,6 +12,7 @@ parent's peak (a 1.5 GB parent gives a fresh child a 1.5 GB ``ru_maxrss``). Else
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import resource
@@ -315,6 +316,7 @@ class ChildRun:
 
 
 _M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
+_threshold: int | None = None  # what return_large_frees set last; None: glibc's own (dynamic) threshold
 
 
 def return_large_frees(threshold_bytes: int = 1 << 20) -> bool:
@@ -332,9 +334,29 @@ def return_large_frees(threshold_bytes: int = 1 << 20) -> bool:
         import ctypes
 
         libc = ctypes.CDLL("libc.so.6")
-        return bool(libc.mallopt(_M_MMAP_THRESHOLD, int(threshold_bytes)))
+        if not libc.mallopt(_M_MMAP_THRESHOLD, int(threshold_bytes)):
+            return False
     except (OSError, AttributeError):
         return False
+    global _threshold
+    _threshold = int(threshold_bytes)
+    return True
+
+
+@contextlib.contextmanager
+def heap_reused(threshold_bytes: int = 1 << 30):
+    """Within the block, allocations below ``threshold_bytes`` come from glibc's heap even where
+    :func:`return_large_frees` lowered the threshold, so a freed temporary's memory is reused by the
+    next instead of mapped and faulted in afresh, page by page; the threshold is restored after. For
+    timing a kernel as it runs without that setting. A no-op where the threshold was never set."""
+    before = _threshold
+    if before is not None:
+        return_large_frees(threshold_bytes)
+    try:
+        yield
+    finally:
+        if before is not None:
+            return_large_frees(before)
 
 
 def _child_main(conn, fn: Callable, args: tuple, kwargs: dict, interval_s: float) -> None:

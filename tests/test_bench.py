@@ -66,17 +66,39 @@ def test_speed_bench_ratios(tmp_path, capsys):
     assert "time ratios" in printed and "regenerating the K candidates" in printed
 
 
-def test_speed_bench_profile(capsys):
-    B.main(["speed", *TINY, "--repeats", "1", "--min-seconds", "0", "--modes", "learned,incremental", "--profile",
-            "--device", "cpu"])
+def test_speed_bench_profile(tmp_path, capsys):
+    path = tmp_path / "speed.json"
+    B.main(["speed", *TINY, "--repeats", "2", "--min-seconds", "0", "--modes", "learned,incremental", "--profile",
+            "--device", "cpu", "--json", str(path)])
     printed = capsys.readouterr().out
     assert "where a step goes" in printed and "torch.profiler per step" in printed
-    out = B.speed_bench("lenet", k=2, batch_size=2, repeats=2, min_seconds=0.0, warmup=1, device="cpu",
-                        modes=("learned", "incremental"), profile=True)
-    for mode, p in out["profile"].items():
-        assert set(p["segments"]) == set(B.SEGMENTS) and all(v > 0 for v in p["segments"].values())
-        assert 0 < p["op_self_seconds"] and p["top_ops"]
+    out = json.loads(path.read_text())
+    assert list(out["profile"]) == ["learned", "incremental"]
+    for p in out["profile"].values():
+        assert list(p["segments"]) == list(B.SEGMENTS) and all(v > 0 for v in p["segments"].values())
+        assert 0 < p["event_self_seconds"] and p["top_ops"]
         assert any("mm" in o["name"] for o in p["top_ops"])  # the three linear layers' matmuls
+    # the optimizer's own region is where SlotSGD's and SGD's Python shows
+    assert any(o["name"].startswith("Optimizer.step#SlotSGD") for o in out["profile"]["incremental"]["top_ops"])
+
+
+def test_rounds_rotate_the_modes():
+    order = []
+    got = B._rounds({"a": "A", "b": "B", "c": "C"}, 3, {"a": 1, "b": 2, "c": 3},
+                    lambda t, n: order.append(t) or n)
+    assert order == list("ABCBCACAB") and got == {"a": [1] * 3, "b": [2] * 3, "c": [3] * 3}
+
+
+def test_heap_reused_restores_the_threshold(monkeypatch):
+    from seedslot import memory
+
+    monkeypatch.setattr(memory, "_threshold", None)
+    with memory.heap_reused():  # never lowered: untouched
+        assert memory._threshold is None
+    if memory.return_large_frees(1 << 20):  # glibc
+        with memory.heap_reused():
+            assert memory._threshold == 1 << 30
+        assert memory._threshold == 1 << 20
 
 
 def test_step_segments_is_a_training_step():
