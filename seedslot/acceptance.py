@@ -21,17 +21,15 @@ from typing import Any, Sequence
 import torch
 
 from .benchmarks import budget_bench, median_seconds, memory_bench, speed_bench
+from .candidates import SHARING
 from .devices import resolve_device
 from .files import atomic_write
 from .layers import SeededSlotLayer
 from .optim import SlotSGD
+from .scores import SCORES
 
 __all__ = ["PARTS", "identities", "update_identities", "regeneration_rate", "gpu_acceptance", "report", "merge",
            "add_arguments", "run_cli"]
-
-STORAGES = ("int8", "fp32", "implicit")
-SHARINGS = ("none", "layer", "global")
-
 
 def _build_on(device, model: str, k: int, sharing: str, scores: str, seed: int = 0):
     """A seeded model whose buffers are computed on ``device`` (not computed on the CPU and moved)."""
@@ -50,8 +48,8 @@ def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 @torch.no_grad()
-def identities(device, model: str = "vgg19", k: int = 8, sharings: Sequence[str] = SHARINGS,
-               storages: Sequence[str] = STORAGES, reference="cpu") -> list[dict[str, Any]]:
+def identities(device, model: str = "vgg19", k: int = 8, sharings: Sequence[str] = SHARING,
+               storages: Sequence[str] = SCORES, reference="cpu") -> list[dict[str, Any]]:
     """For each sharing mode and score storage: whether every layer's candidates, stored initial
     state (int8 levels, fp32 scores, implicit drift and its scores) and greedy selection computed
     on ``device`` equal those computed on ``reference``, bit for bit."""

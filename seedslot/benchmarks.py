@@ -514,7 +514,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--modes", type=_csv(str), default=MODES)
     p.add_argument("--profile", action="store_true",
                    help="also time each part of a step (zero_grad, forward, backward, optimizer step) and list "
-                        "torch.profiler's busiest operators, per mode")
+                        "torch.profiler's busiest events, per mode")
 
     bench_ddp.add_arguments(sub.add_parser("ddp", help="multi-process training traffic and speed"))
 

@@ -22,10 +22,10 @@ from typing import Any, Sequence, Union
 
 import torch
 
-from .files import atomic_write, remove_stale_temporaries
+from .files import atomic_write
 
-__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "load_state_into", "remove_stale_temporaries",
-           "frame", "unframe", "read_bytes"]
+__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "load_state_into", "frame", "unframe",
+           "read_bytes"]
 
 CHECKPOINT_MAGIC = b"SEEDSLOT"
 CHECKPOINT_VERSION = 1

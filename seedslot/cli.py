@@ -12,12 +12,14 @@ import os
 import sys
 from typing import Sequence
 
+from .candidates import SHARING
 from .checkpoints import CheckpointError
 from .data import DATASETS, NORMALIZE
 from .devices import DEVICE_HELP
 from .memory import return_large_frees
 from .models import MODELS, MODES
 from .scores import SCORES
+from .selection import SELECTION
 from .validate import check_int
 
 __all__ = ["main"]
@@ -48,8 +50,8 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
                    "/usr/share/datasets/fashion-mnist)")
     p.add_argument("--mode", choices=MODES, help="seeded (default), dense (paper's reference) or learned (baseline)")
     p.add_argument("--k", type=int, help="candidates per connection (default 8; slot modes)")
-    p.add_argument("--selection", choices=("greedy", "sample"), help="default greedy")
-    p.add_argument("--sharing", choices=("none", "layer", "global"), help="candidate sharing (default none)")
+    p.add_argument("--selection", choices=SELECTION, help="default greedy")
+    p.add_argument("--sharing", choices=SHARING, help="candidate sharing (default none)")
     p.add_argument("--scores", choices=SCORES,
                    help="score storage of mode seeded: int8 (default), fp32, or implicit (4 bytes per connection)")
     p.add_argument("--score-lambda", type=float, metavar="LAMBDA",

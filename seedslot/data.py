@@ -20,7 +20,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from .rng import derive
+from .rng import torch_seed
 from .validate import check_choice, check_int
 
 __all__ = [
@@ -337,7 +337,7 @@ def load(
     if limit_train is not None:
         x, y = x[:limit_train], y[:limit_train]
 
-    g = torch.Generator().manual_seed(derive(seed, _SPLIT) & (2**63 - 1))
+    g = torch.Generator().manual_seed(torch_seed(seed, _SPLIT))
     order = torch.randperm(len(y), generator=g)
     n_val = round(_VAL_FRACTION[name] * len(y))
     val_idx, train_idx = order[:n_val].sort().values, order[n_val:].sort().values

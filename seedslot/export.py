@@ -344,7 +344,7 @@ def _decode(header: dict, payload: memoryview, plain: nn.Module, source: str) ->
         for part, section in cfg["sections"].items():
             n = math.prod(shapes[part])
             buf = _section(payload, section, source)
-            if len(buf) != (n * cfg["bits"] + 7) // 8 or cfg["bits"] != index_bits(cfg["k"]):
+            if len(buf) != (n * cfg["bits"] + 7) // 8:  # bits == index_bits(k): _check_layer
                 raise CheckpointError(f"{source}: tampered: layer {name!r} {part} has the wrong number of bytes")
             idx = _unpack(buf, n, cfg["bits"])
             if n and int(idx.max()) >= cfg["k"]:

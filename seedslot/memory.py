@@ -157,7 +157,8 @@ def _reset_hwm() -> bool:
         return False
 
 
-def _ru_maxrss() -> int:
+def peak_rss_bytes() -> int:
+    """The process's peak resident set so far, in bytes (the kernel's high-water mark)."""
     r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return r if sys.platform == "darwin" else r * 1024  # Linux reports KiB
 
@@ -236,7 +237,7 @@ class MemoryTracker:
             if _cuda_active():
                 torch.cuda.reset_peak_memory_stats()
             _ACTIVE.append(self)
-        self._ru_before = _ru_maxrss()
+        self._ru_before = peak_rss_bytes()
         self._t0 = time.perf_counter()
         self.baseline_rss_bytes = self._sampled = self._process.memory_info().rss
         self._thread = threading.Thread(target=self._run, name="seedslot-memory-sampler", daemon=True)
@@ -255,7 +256,7 @@ class MemoryTracker:
             if self._hwm_reset:
                 kernel = max(_read_hwm() or 0, self._kernel_folded)
             else:
-                ru = _ru_maxrss()
+                ru = peak_rss_bytes()
                 if ru > self._ru_before:  # the lifetime maximum rose inside the block
                     kernel = ru
         cuda_alloc = cuda_res = None

@@ -17,7 +17,7 @@ from .candidates import SHARING
 from .config import SlotConfig
 from .convert import slotify_
 from .layers import SlotLayer
-from .rng import derive
+from .rng import torch_seed
 from .scores import SCORES
 from .selection import SELECTION
 from .validate import check_choice, check_int
@@ -141,7 +141,7 @@ def build(
         model = _architecture(name, in_channels, input_size, num_classes)
 
     if mode == "learned":
-        g = torch.Generator().manual_seed(derive(seed, _INIT) & (2**63 - 1))
+        g = torch.Generator().manual_seed(torch_seed(seed, _INIT))
         with torch.no_grad():
             for m in model.modules():
                 if isinstance(m, (nn.Linear, nn.Conv2d)):

@@ -51,6 +51,11 @@ def derive(*words: int) -> int:
     return h
 
 
+def torch_seed(*words: int) -> int:
+    """:func:`derive`'s value as a seed torch takes (``manual_seed`` wants one below 2**63)."""
+    return derive(*words) & (2**63 - 1)
+
+
 def key32(*words: int) -> int:
     """A 32-bit key as a signed int32 value (what torch int32 tensors hold)."""
     k = derive(*words) & 0xFFFFFFFF

@@ -21,6 +21,7 @@ import textwrap
 import time
 from dataclasses import dataclass
 
+from .candidates import SHARING
 from .devices import DEVICE_HELP, resolve_device
 from .files import atomic_write
 from .train import CHECKPOINT, TrainConfig, run
@@ -60,8 +61,8 @@ _PAPER_EXPERIMENTS = ("headline", "k")  # the experiments whose series those num
 
 
 def run_id(spec: dict) -> str:
-    """The stable id of a run: its non-None spec fields as key=value, sorted."""
-    return ",".join(f"{key}={spec[key]}" for key in sorted(spec) if spec[key] is not None)
+    """The stable id of a run: its public (no leading "_") non-None spec fields as key=value, sorted."""
+    return ",".join(f"{key}={spec[key]}" for key in sorted(spec) if spec[key] is not None and not key.startswith("_"))
 
 
 # ---------------------------------------------------------------- the experiments
@@ -117,7 +118,7 @@ def _series(experiment: str, model: str, p: Preset, seeds: list[int]) -> list[tu
     if experiment == "sharing":
         ks = GRIDS["sharing"]
         return [(f"sharing {sh}", [(k, per_seed(lambda s: _slot(model, p, s, k, sharing=sh))) for k in ks])
-                for sh in ("none", "layer", "global")]
+                for sh in SHARING]
     if experiment == "finetune":
         total = p.finetune_epochs
         # the end points are the k sweep's runs when ``total`` is what their epochs (None) mean
@@ -158,7 +159,7 @@ def plan(experiment: str, *, models=SWEEP_MODELS, seeds=(0, 1), presets: dict | 
     def add(spec: dict) -> None:
         if "_select" in spec:
             add(spec["_select"])
-        key = run_id(_public(spec))
+        key = run_id(spec)
         if key not in seen:
             seen.add(key)
             specs.append(spec)
@@ -257,7 +258,7 @@ def _alive(pid: int) -> bool:
 def _train(spec: dict, out: str, *, dataset: str, data_dir: str | None, threads: int | None,
            device: str | None = None) -> dict:
     fields = {key: value for key, value in _public(spec).items() if key not in ("save", "finetune_after")}
-    rid = run_id(_public(spec))
+    rid = run_id(spec)
     run_dir = _checkpoint_dir(out, rid)
     if os.path.exists(os.path.join(run_dir, CHECKPOINT)):  # interrupted earlier: continue it
         cfg = TrainConfig(resume=run_dir, data_dir=data_dir, threads=threads, epochs=fields.get("epochs"),
@@ -298,12 +299,12 @@ def sweep(experiment: str, out: str, *, dataset: str = "fashion-mnist", data_dir
         specs = [s for s in specs if s.get("k") in ks]
     os.makedirs(out, exist_ok=True)
     done = load_records(out)
-    todo = [s for s in specs if run_id(_public(s)) not in done]
+    todo = [s for s in specs if run_id(s) not in done]
     log(f"seedslot sweep {experiment}: {len(specs)} runs, {len(specs) - len(todo)} already in {os.path.join(out, RUNS)}")
     trained = 0
     for i, spec in enumerate(specs):
-        rid = run_id(_public(spec))
-        needed_later = spec.get("save") and any(s.get("finetune_after") == rid and run_id(_public(s)) not in done
+        rid = run_id(spec)
+        needed_later = spec.get("save") and any(s.get("finetune_after") == rid and run_id(s) not in done
                                                 for s in specs)
         ckpt_missing = not os.path.exists(os.path.join(_checkpoint_dir(out, rid), CHECKPOINT))
         if rid in done and not (needed_later and ckpt_missing):
@@ -340,7 +341,7 @@ def _stats(records: dict, group: list[dict], key="test_accuracy") -> tuple | Non
     """(mean, min, max, n) of ``key`` (a record field or a function of the record) over the
     finished runs of ``group``; None if none finished."""
     get = key if callable(key) else (lambda r: r[key])
-    values = [get(records[run_id(_public(s))]) for s in group if run_id(_public(s)) in records]
+    values = [get(records[run_id(s)]) for s in group if run_id(s) in records]
     values = [v for v in values if v is not None]
     return (sum(values) / len(values), min(values), max(values), len(values)) if values else None
 
@@ -418,7 +419,7 @@ def _unfinished(out: str, records: dict, series, xname: str = "K") -> list[str]:
     for label, points in series:
         for x, group in points:
             for spec in group:
-                rid = run_id(_public(spec))
+                rid = run_id(spec)
                 if rid in records:
                     continue
                 try:
@@ -445,7 +446,7 @@ def _plot(experiment: str, records: dict, models, seeds, presets: dict, path: st
             for j, (label, [(_, group)]) in enumerate(series):
                 color, labelled = f"C{j}", False
                 for s in group:
-                    r = records.get(run_id(_public(s)))
+                    r = records.get(run_id(s))
                     if r is None:
                         continue
                     t = [0.0]

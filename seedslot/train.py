@@ -29,6 +29,7 @@ from torch import nn
 from tqdm import tqdm
 
 from . import data as _data
+from .candidates import SHARING
 from .checkpoints import CheckpointError, load_checkpoint, load_state_into, save_checkpoint
 from .config import SlotConfig
 from .convert import to_dense
@@ -36,11 +37,12 @@ from .devices import resolve_device
 from .distributed import Ranks
 from .files import atomic_write, remove_stale_temporaries
 from .layers import SlotLayer
-from .memory import state_bytes
+from .memory import peak_rss_bytes, state_bytes
 from .models import MODELS, MODES, build, build_from_checkpoint, count_connections
 from .optim import SlotSGD
-from .rng import compile_enabled, derive
+from .rng import compile_enabled, torch_seed
 from .scores import SCORES
+from .selection import SELECTION
 from .validate import check_choice, check_float, check_int
 
 __all__ = ["TrainConfig", "resolve", "run", "evaluate", "random_selection_", "make_model", "epoch_batches",
@@ -129,8 +131,8 @@ def resolve(config: TrainConfig) -> TrainConfig:
     sharing = (c.sharing or "none") if slot else None
     scores = (c.scores or "int8") if mode == "seeded" else None
     if slot:
-        check_choice("selection", selection, ("greedy", "sample"))
-        check_choice("sharing", sharing, ("none", "layer", "global"))
+        check_choice("selection", selection, SELECTION)
+        check_choice("sharing", sharing, SHARING)
     if scores is not None:
         check_choice("scores", scores, SCORES)
         if c.random_selection and scores == "implicit":
@@ -257,31 +259,15 @@ def _restore(ckpt: dict, source: str, cfg: TrainConfig, objects: dict, batches_p
 # ---------------------------------------------------------------- pieces of the loop
 
 
-def _seed64(*words: int) -> int:
-    return derive(*words) & (2**63 - 1)
-
-
 def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[torch.Tensor]:
     """Index batches of the whole training split for ``epoch``: a shuffle fixed by (seed, epoch)."""
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(_seed64(seed, _SHUFFLE, epoch)))
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(torch_seed(seed, _SHUFFLE, epoch)))
     return list(order.split(batch_size))
 
 
 def flip_generator(seed: int, epoch: int, step: int) -> torch.Generator:
     """The generator of the random flips of batch ``step`` of ``epoch``."""
-    return torch.Generator().manual_seed(_seed64(seed, _FLIP, epoch, step))
-
-
-def _peak_rss_bytes() -> int:
-    """The process's peak resident memory so far."""
-    try:
-        import resource
-    except ImportError:  # not POSIX
-        import psutil
-
-        return psutil.Process().memory_info().rss
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024
+    return torch.Generator().manual_seed(torch_seed(seed, _FLIP, epoch, step))
 
 
 class _StopOnCtrlC:
@@ -336,7 +322,7 @@ def evaluate(model: nn.Module, split: _data.Split, preprocess: _data.Preprocess,
 def random_selection_(model: nn.Module, seed: int) -> nn.Module:
     """The paper's random baseline, in place: every slot layer selects one candidate per connection
     uniformly at random (seeded), by scores that are 1 for it and 0 for the others."""
-    g = torch.Generator().manual_seed(_seed64(seed, _RANDOM_SELECTION))
+    g = torch.Generator().manual_seed(torch_seed(seed, _RANDOM_SELECTION))
     for m in model.modules():
         if isinstance(m, SlotLayer):
             for part in m.parts:
@@ -355,7 +341,7 @@ def _epoch_record(epoch: int, pos: dict, tally: dict, val: tuple, lr: float, sec
     return dict(kind="epoch", epoch=epoch + 1, global_step=pos["global_step"],
                 train_loss=tally["loss_sum"] / seen, train_accuracy=tally["correct"] / seen,
                 val_loss=val[0], val_accuracy=val[1], lr=lr, seconds=seconds,
-                peak_rss_bytes=_peak_rss_bytes(), **_cuda_peak(device))
+                peak_rss_bytes=peak_rss_bytes(), **_cuda_peak(device))
 
 
 def _cuda_peak(device: torch.device) -> dict:
@@ -521,9 +507,9 @@ def _start(state: _State, ckpt: dict | None, batches_per_epoch: int, rank: int) 
         if device.type == "cuda" and isinstance(ckpt.get("cuda_rng"), torch.Tensor):
             torch.cuda.set_rng_state(ckpt["cuda_rng"], device)  # dropout on CUDA draws from its own generator
     else:
-        torch.manual_seed(_seed64(cfg.seed, _DROPOUT))
+        torch.manual_seed(torch_seed(cfg.seed, _DROPOUT))
     if rank:
-        torch.manual_seed(_seed64(cfg.seed, _DROPOUT, rank, state.pos["global_step"]))
+        torch.manual_seed(torch_seed(cfg.seed, _DROPOUT, rank, state.pos["global_step"]))
 
 
 def _announce(cfg: TrainConfig, resumed: bool, pos: dict, data: _data.Data, device: torch.device, say) -> None:
@@ -661,7 +647,7 @@ def _summary(state: _State, data: _data.Data, ranks: Ranks, outputs: _Outputs, i
         val_accuracy=dict(best=best_val, best_epoch=best_epoch, last=last_val),
         epochs=pos["epoch"], global_steps=pos["global_step"], interrupted=interrupted,
         seconds=time.perf_counter() - t_start, train_seconds=sum(r["seconds"] for r in history),
-        peak_rss_bytes=_peak_rss_bytes(), **_cuda_peak(state.device), state_bytes=total_state,
+        peak_rss_bytes=peak_rss_bytes(), **_cuda_peak(state.device), state_bytes=total_state,
         connections=connections, bytes_per_connection=total_state / connections, compile=compile_enabled(),
         threads=torch.get_num_threads(), data=data.describe(), config=asdict(cfg), build_args=model.build_args,
         history=history, checkpoint=os.path.join(cfg.out, CHECKPOINT) if cfg.out is not None and cfg.epochs else None,

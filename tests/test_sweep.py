@@ -33,11 +33,11 @@ def test_every_experiment_reports_and_resume_trains_nothing(tiny, tmp_path):
     out = str(tmp_path / "sweep")
     for name in S.EXPERIMENTS:
         S.sweep(name, out, write_report=False, **kw)
-        assert {S.run_id(S._public(s)) for s in S.plan(name)} <= set(S.load_records(out))
+        assert {S.run_id(s) for s in S.plan(name)} <= set(S.load_records(out))
     lines = open(os.path.join(out, "runs.jsonl")).read().splitlines()
     ids = [json.loads(line)["id"] for line in lines]
     assert len(ids) == len(set(ids)) == len(calls)  # shared runs trained once
-    assert set(ids) == {S.run_id(S._public(s)) for s in S.plan("all")}
+    assert set(ids) == {S.run_id(s) for s in S.plan("all")}
 
     calls.clear()
     assert S.sweep("all", out, write_report=False, **kw) == 0 and calls == []
@@ -86,9 +86,9 @@ def test_torn_line_and_missing_checkpoint_are_redone(tiny, tmp_path):
 
 def test_plan_ids_are_stable_and_unique():
     specs = S.plan("all")
-    ids = [S.run_id(S._public(s)) for s in specs]
+    ids = [S.run_id(s) for s in specs]
     assert len(ids) == len(set(ids))
-    assert ids == [S.run_id(S._public(s)) for s in S.plan("all")]
+    assert ids == [S.run_id(s) for s in S.plan("all")]
     assert {s["seed"] for s in specs} == {0, 1}  # every point has two seeds by default
     ks = {s["k"] for s in S.plan("k") if s["mode"] == "seeded" and not s.get("random_selection")}
     assert ks == {1, 2, 4, 8, 16, 32, 64}
@@ -153,14 +153,14 @@ def test_interrupted_run_continues_from_its_checkpoint(tiny, tmp_path, monkeypat
     calls.clear()
     S.sweep("k", out, models=("lenet",), seeds=(0,), write_report=False, **kw)
     assert calls[0].resume is not None  # the first run continued, did not start again
-    record = S.load_records(out)[S.run_id(S._public(spec))]
+    record = S.load_records(out)[S.run_id(spec)]
     assert [h["epoch"] for h in record["history"]] == [1, 2]
 
 
 def test_a_live_claim_is_skipped_a_dead_one_taken_over(tiny, tmp_path):
     kw, calls = tiny
     out = str(tmp_path / "sweep")
-    rid = S.run_id(S._public(S.plan("headline", models=("lenet",), seeds=(0,))[0]))
+    rid = S.run_id(S.plan("headline", models=("lenet",), seeds=(0,))[0])
     os.makedirs(os.path.join(out, "claims"))
     with open(os.path.join(out, "claims", S._digest(rid)), "w") as f:
         f.write(str(os.getppid()))  # alive: another sweep trains it
