@@ -38,7 +38,9 @@ __all__ = [
     "track",
     "ChildRun",
     "run_in_child",
+    "peak_rss_bytes",
     "return_large_frees",
+    "heap_reused",
 ]
 
 # ---------------------------------------------------------------- training state, counted exactly
