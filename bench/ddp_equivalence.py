@@ -21,9 +21,9 @@ import torch.nn.functional as F
 
 from seedslot import SlotSGD
 from seedslot.checkpoints import load_checkpoint
-from seedslot.distributed import loss_weight, shard
-from seedslot.train import CHECKPOINT, TrainConfig, epoch_batches, flip_generator, make_model, resolve
-from seedslot import data as _data
+from seedslot.app.distributed import loss_weight, shard
+from seedslot.app.train import CHECKPOINT, TrainConfig, epoch_batches, flip_generator, make_model, resolve
+from seedslot.app import data as _data
 
 
 def _cli(args: argparse.Namespace, out: str, nproc: int) -> None:

@@ -12,7 +12,7 @@ import argparse
 
 from torch.profiler import ProfilerActivity, profile
 
-from seedslot.benchmarks import Trainer
+from seedslot.app.benchmarks import Trainer
 
 
 def main(argv=None) -> None:

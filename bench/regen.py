@@ -15,7 +15,7 @@ import math
 import torch
 
 from seedslot import candidates as C
-from seedslot.benchmarks import median_seconds
+from seedslot.app.benchmarks import median_seconds
 from seedslot.files import atomic_write
 
 

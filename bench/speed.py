@@ -1,8 +1,8 @@
-"""`python bench/speed.py ...` is `seedslot bench speed ...`; see seedslot.benchmarks."""
+"""`python bench/speed.py ...` is `seedslot bench speed ...`; see seedslot.app.benchmarks."""
 
 import sys
 
-from seedslot.benchmarks import main
+from seedslot.app.benchmarks import main
 
 if __name__ == "__main__":
     sys.exit(main(["speed", *sys.argv[1:]]))

@@ -20,7 +20,7 @@ import statistics
 import torch
 
 from seedslot import optim, storages
-from seedslot.benchmarks import Trainer
+from seedslot.app.benchmarks import Trainer
 
 
 def main(argv=None) -> None:

@@ -16,7 +16,6 @@ model, like :func:`seedslot.to_dense`, whose eval outputs equal the exported mod
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -29,13 +28,13 @@ import torch
 from torch import nn
 
 from .candidates import CANDIDATES, SHARING, CandidateKeys, glorot_sigma, grid_step, i32, selected_values
-from .checkpoints import CHECKPOINT_MAGIC, CheckpointError, frame, load_checkpoint, load_state_into, read_bytes, unframe
+from .checkpoints import CHECKPOINT_MAGIC, CheckpointError, frame, load_state_into, read_bytes, unframe
 from .convert import to_dense
 from .files import atomic_write
 from .layers import DenseSlotConv2d, DenseSlotLinear, SlotConv2d, SlotLayer, SlotLinear
 from .rng import key32
 
-__all__ = ["export", "load_exported", "size_report", "add_arguments", "run_cli"]
+__all__ = ["export", "load_exported", "size_report"]
 
 EXPORT_MAGIC = b"SEEDEXPT"
 EXPORT_VERSION = 1
@@ -363,35 +362,3 @@ def _decode(header: dict, payload: memoryview, plain: nn.Module, source: str) ->
     except CheckpointError as e:
         raise CheckpointError(f"{source}: {e}") from None
     return plain.eval()
-
-
-# ---------------------------------------------------------------- command line
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of ``seedslot export CKPT --out FILE``."""
-    parser.add_argument("checkpoint", help="training checkpoint written by `seedslot train`")
-    parser.add_argument("--out", required=True, help="export file to write (e.g. model.slot)")
-
-
-def run_cli(args: argparse.Namespace) -> int:
-    """Export a training checkpoint; a CheckpointError becomes one line on stderr and status 2."""
-    try:
-        payload = load_checkpoint(args.checkpoint)
-        missing = [key for key in ("model", "build_args") if key not in payload]
-        if missing:
-            raise CheckpointError(f"{args.checkpoint}: not a training checkpoint: it has no {', '.join(missing)}")
-        from .models import build_from_checkpoint
-
-        model = build_from_checkpoint(payload, args.checkpoint)
-        try:
-            load_state_into(model, payload["model"])
-        except CheckpointError as e:
-            raise CheckpointError(f"{args.checkpoint}: {e}") from None
-        written = export(model, args.out, build_args=payload["build_args"])
-    except CheckpointError as e:
-        print(f"seedslot export: error: {e}", file=sys.stderr)
-        return 2
-    dense = size_report(model)["fp32_bytes"]
-    print(f"wrote {args.out}: {written} bytes, {written / dense:.1%} of the fp32 weights ({dense} bytes)")
-    return 0

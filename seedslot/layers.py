@@ -43,6 +43,7 @@ from .candidates import (
 )
 from .config import SlotConfig
 from .rng import key32
+from .optim import guard_slot_proxies
 from .selection import greedy, sample
 from .storages import ScoreStorage, register_proxy, slot_owner
 from .validate import check_int
@@ -255,6 +256,7 @@ class SeededSlotLayer(SlotLayer):
     def __init__(self, weight_shape, fan_in, fan_out, bias, config: SlotConfig, **kwargs) -> None:
         super().__init__(weight_shape, fan_in, fan_out, bias, config, **kwargs)
         self.storage: ScoreStorage = config.storage  # chosen once, from the config's name
+        guard_slot_proxies()
         device = self._cand_keys.device
         self.storage.register_layer(self)
         for part, (shape, offset) in self.parts.items():

@@ -12,16 +12,12 @@ parent's peak (a 1.5 GB parent gives a fresh child a 1.5 GB ``ru_maxrss``). Else
 
 from __future__ import annotations
 
-import contextlib
-import multiprocessing
-import os
 import resource
 import sys
 import threading
 import time
-import traceback
 from dataclasses import asdict, dataclass
-from typing import Any, Callable
+from typing import Any
 
 import psutil
 import torch
@@ -36,11 +32,7 @@ __all__ = [
     "MemoryPeak",
     "MemoryTracker",
     "track",
-    "ChildRun",
-    "run_in_child",
     "peak_rss_bytes",
-    "return_large_frees",
-    "heap_reused",
 ]
 
 # ---------------------------------------------------------------- training state, counted exactly
@@ -291,159 +283,3 @@ def track(interval_s: float = 0.001) -> MemoryTracker:
 
 
 # ---------------------------------------------------------------- a workload in a fresh process
-
-
-@dataclass(frozen=True)
-class ChildRun:
-    """The outcome of :func:`run_in_child`.
-
-    ``memory`` is the child's own measurement of the call (None if it was killed or died first);
-    its baseline is the child's resident set after importing torch and unpickling the call.
-    ``exceeded`` says the budget was crossed, seen by the watchdog (which then killed the child)
-    or by the child's own peak afterwards. ``watchdog_peak_rss_bytes`` is the largest resident set
-    the parent saw.
-    """
-
-    value: Any
-    memory: MemoryPeak | None
-    exceeded: bool
-    killed: bool
-    error: str | None
-    exitcode: int | None
-    watchdog_peak_rss_bytes: int
-    seconds: float
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None and not self.exceeded
-
-
-_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
-_threshold: int | None = None  # what return_large_frees set last; None: glibc's own (dynamic) threshold
-
-
-def return_large_frees(threshold_bytes: int = 1 << 20) -> bool:
-    """Make glibc serve allocations of ``threshold_bytes`` or more with mmap, so freeing a large
-    tensor returns its memory to the OS at once; returns whether the setting took effect.
-
-    glibc's default threshold grows each time a large block is freed (up to 32 MiB); after that,
-    freed tensors stay in the heap, fragment it and count in the resident set: building a VGG-19
-    slot machine at K = 32 then leaves about 0.7 GB of freed heap behind. Setting the threshold
-    fixes it for the whole process. No-op (False) where the C library is not glibc.
-    """
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        if not libc.mallopt(_M_MMAP_THRESHOLD, int(threshold_bytes)):
-            return False
-    except (OSError, AttributeError):
-        return False
-    global _threshold
-    _threshold = int(threshold_bytes)
-    return True
-
-
-@contextlib.contextmanager
-def heap_reused(threshold_bytes: int = 1 << 30):
-    """Within the block, allocations below ``threshold_bytes`` come from glibc's heap even where
-    :func:`return_large_frees` lowered the threshold, so a freed temporary's memory is reused by the
-    next instead of mapped and faulted in afresh, page by page; the threshold is restored after. For
-    timing a kernel as it runs without that setting. A no-op where the threshold was never set."""
-    before = _threshold
-    if before is not None:
-        return_large_frees(threshold_bytes)
-    try:
-        yield
-    finally:
-        if before is not None:
-            return_large_frees(before)
-
-
-def _child_main(conn, fn: Callable, args: tuple, kwargs: dict, interval_s: float) -> None:
-    return_large_frees()  # every mode measured under the same allocator setting
-    tracker = track(interval_s)
-    try:
-        with tracker:
-            value = fn(*args, **kwargs)
-        conn.send(("ok", value, tracker.result))
-    except BaseException:  # noqa: BLE001 - reported to the parent, which decides
-        conn.send(("error", traceback.format_exc(), tracker.result))
-    finally:
-        conn.close()
-
-
-def run_in_child(
-    fn: Callable,
-    *args: Any,
-    budget_bytes: int | None = None,
-    interval_s: float = 0.001,
-    timeout_s: float | None = None,
-    **kwargs: Any,
-) -> ChildRun:
-    """Run ``fn(*args, **kwargs)`` in a fresh ``spawn`` process and measure its peak memory.
-
-    ``fn`` and its arguments must be picklable (a module-level function). With ``budget_bytes``,
-    the parent polls the child's resident set every ``interval_s`` and kills it the moment it
-    exceeds the budget. ``timeout_s`` kills a child that runs longer. Exceptions in the child come
-    back as ``error`` (its traceback) instead of being raised, so a failing workload cannot take
-    the caller down.
-    """
-    if budget_bytes is not None and (isinstance(budget_bytes, bool) or not isinstance(budget_bytes, int)
-                                     or budget_bytes <= 0):
-        raise ValueError(f"budget_bytes must be an int > 0 or None; got {budget_bytes!r}")
-    if isinstance(interval_s, bool) or not isinstance(interval_s, (int, float)) or not interval_s > 0:
-        raise ValueError(f"interval_s must be a number > 0; got {interval_s!r}")
-    ctx = multiprocessing.get_context("spawn")
-    recv, send = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_child_main, args=(send, fn, args, kwargs, interval_s), daemon=True)
-    t0 = time.perf_counter()
-    proc.start()
-    send.close()
-    watched = psutil.Process(proc.pid)
-    seen = 0
-    killed = exceeded = False
-    message = None
-    error = None
-    try:
-        while True:
-            try:
-                rss = watched.memory_info().rss
-            except psutil.Error:
-                rss = 0
-            seen = max(seen, rss)
-            if budget_bytes is not None and rss > budget_bytes:
-                proc.kill()
-                killed = exceeded = True
-                break
-            if timeout_s is not None and time.perf_counter() - t0 > timeout_s:
-                proc.kill()
-                killed = True
-                error = f"child timed out after {timeout_s} s"
-                break
-            if recv.poll(interval_s):
-                try:
-                    message = recv.recv()
-                except EOFError:  # died without a word
-                    pass
-                break
-            if not proc.is_alive() and not recv.poll():
-                break
-    finally:
-        proc.join()
-        recv.close()
-    seconds = time.perf_counter() - t0
-    value = memory = None
-    if message is not None:
-        status, payload, memory = message
-        if status == "ok":
-            value = payload
-        else:
-            error = payload
-    elif error is None and not killed:
-        error = f"child exited with code {proc.exitcode} before reporting"
-    if memory is not None and budget_bytes is not None and memory.peak_rss_bytes > budget_bytes:
-        exceeded = True
-    return ChildRun(value, memory, exceeded, killed, error, proc.exitcode, seen, seconds)

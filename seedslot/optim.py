@@ -21,9 +21,9 @@ whose hyper-parameters (e.g. set by a scheduler) break it.
 Like gradients, the update itself is checked before anything changes: a step whose update is not
 an fp32 number (e.g. lr 1e30 times gradients of 1e12) raises FloatingPointError.
 
-Importing this module registers a global optimizer step pre-hook: any other optimizer (torch.optim.SGD,
-Adam, ...) that holds a seeded layer's proxy parameter raises TypeError naming it and SlotSGD at
-``step()``, before changing anything. Ordinary and dense reference parameters pass untouched.
+Building the first seeded layer registers a global optimizer step pre-hook: any other optimizer
+(torch.optim.SGD, Adam, ...) that holds a seeded layer's proxy parameter raises TypeError naming it
+and SlotSGD at ``step()``, before changing anything. Ordinary and dense reference parameters pass untouched.
 """
 
 from __future__ import annotations
@@ -205,5 +205,12 @@ def _reject_slot_proxies(optimizer: Optimizer, args, kwargs) -> None:
                 )
 
 
-if "_STEP_PRE_HOOK" not in globals():  # once per process, also across importlib.reload
-    _STEP_PRE_HOOK = register_optimizer_step_pre_hook(_reject_slot_proxies)
+_guard = None  # the hook's handle once installed
+
+
+def guard_slot_proxies() -> None:
+    """Install :func:`_reject_slot_proxies` as a global optimizer step pre-hook, once per process.
+    Seeded layers call it when the first one is built: importing seedslot hooks nothing."""
+    global _guard
+    if _guard is None:
+        _guard = register_optimizer_step_pre_hook(_reject_slot_proxies)

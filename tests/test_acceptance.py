@@ -6,8 +6,8 @@ import json
 import pytest
 import torch
 
-from seedslot import acceptance as A
-from seedslot.cli import main
+from seedslot.app import acceptance as A
+from seedslot.app.cli import main
 
 
 def test_identities_hold_between_two_builds():

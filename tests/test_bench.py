@@ -1,11 +1,11 @@
-"""seedslot.benchmarks on a tiny model and one step, so that every bench keeps working."""
+"""seedslot.app.benchmarks on a tiny model and one step, so that every bench keeps working."""
 
 import argparse
 import json
 
 import pytest
 
-from seedslot import benchmarks as B
+from seedslot.app import benchmarks as B
 
 TINY = ["--model", "lenet", "--k", "2", "--batch-size", "2"]
 
@@ -87,18 +87,6 @@ def test_rounds_rotate_the_modes():
     got = B._rounds({"a": "A", "b": "B", "c": "C"}, 3, {"a": 1, "b": 2, "c": 3},
                     lambda t, n: order.append(t) or n)
     assert order == list("ABCBCACAB") and got == {"a": [1] * 3, "b": [2] * 3, "c": [3] * 3}
-
-
-def test_heap_reused_restores_the_threshold(monkeypatch):
-    from seedslot import memory
-
-    monkeypatch.setattr(memory, "_threshold", None)
-    with memory.heap_reused():  # never lowered: untouched
-        assert memory._threshold is None
-    if memory.return_large_frees(1 << 20):  # glibc
-        with memory.heap_reused():
-            assert memory._threshold == 1 << 30
-        assert memory._threshold == 1 << 20
 
 
 def test_step_segments_is_a_training_step():

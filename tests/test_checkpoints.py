@@ -278,7 +278,7 @@ def finished_run(tmp_path_factory):
 
     d = tmp_path_factory.mktemp("run")
     write_mnist(d / "mnist", n_train=40, n_test=10)
-    from seedslot.train import TrainConfig, run
+    from seedslot.app.train import TrainConfig, run
 
     run(TrainConfig(dataset="mnist", data_dir=str(d / "mnist"), epochs=1, batch_size=16, k=2, threads=1,
                     out=str(d / "out")), progress=False)
@@ -302,7 +302,7 @@ def _tampered(ckpt, path, value, tmp) -> str:
 
 
 def _resume(data_dir, out):
-    from seedslot.train import TrainConfig, run
+    from seedslot.app.train import TrainConfig, run
 
     return run(TrainConfig(resume=out, data_dir=data_dir, threads=1), progress=False)
 

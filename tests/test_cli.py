@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from seedslot.cli import main
+from seedslot.app.cli import main
 
 from test_data import write_mnist
 

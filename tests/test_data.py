@@ -1,4 +1,4 @@
-"""seedslot.data on tiny files written in the real formats (IDX gz and raw, CIFAR-10 pickles)."""
+"""seedslot.app.data on tiny files written in the real formats (IDX gz and raw, CIFAR-10 pickles)."""
 
 import gzip
 import os
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from seedslot import data as D
+from seedslot.app import data as D
 
 FASHION = "/usr/share/datasets/fashion-mnist"
 

@@ -4,9 +4,9 @@ naming the argument (exit 2) before anything runs; the data and the model live o
 import pytest
 import torch
 
-from seedslot import data as D
-from seedslot.cli import main
-from seedslot.devices import resolve_device
+from seedslot.app import data as D
+from seedslot.app.cli import main
+from seedslot.app.devices import resolve_device
 
 from test_data import write_mnist
 

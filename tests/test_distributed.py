@@ -16,9 +16,10 @@ import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from seedslot import SlotSGD, distributed
+from seedslot import SlotSGD
+from seedslot.app import distributed
 from seedslot.checkpoints import load_checkpoint
-from seedslot.cli import main
+from seedslot.app.cli import main
 from seedslot.models import build
 
 from test_data import write_mnist
@@ -217,7 +218,7 @@ if os.environ["RANK"] == "1":
             os._exit(1)
         return real(*a, **k)
     F.cross_entropy = dying
-from seedslot.cli import main
+from seedslot.app.cli import main
 sys.exit(main(sys.argv[1:]))
 """
 
@@ -269,7 +270,7 @@ def test_nproc_trains_through_torchrun_and_ctrl_c_stops_every_rank_at_one_step(t
 
 
 def test_bench_ddp_reports_bytes_per_step(tmp_path, capsys):
-    from seedslot.benchmarks import main as bench
+    from seedslot.app.benchmarks import main as bench
 
     out = tmp_path / "ddp.json"
     assert bench(["ddp", "--model", "lenet", "--k", "4", "--nproc", "2", "--batch-size", "8", "--steps", "1",

@@ -24,9 +24,9 @@ from seedslot.export import (
     export,
     index_bits,
     load_exported,
-    run_cli,
     size_report,
 )
+from seedslot.app.export_cmd import run_cli
 
 FAST = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 

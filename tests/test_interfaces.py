@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import seedslot as ss
-from seedslot.cli import main
+from seedslot.app.cli import main
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -116,14 +116,14 @@ def test_mit_license_and_py_typed_are_shipped():
 
 @pytest.fixture()
 def fake_run(monkeypatch, capsys):
-    """seedslot.train.run replaced: records what had been printed when training would start."""
+    """seedslot.app.train.run replaced: records what had been printed when training would start."""
     printed = []
 
     def run(config, progress=True):
         printed.append(capsys.readouterr().out)
         return {"interrupted": False}
 
-    monkeypatch.setattr("seedslot.train.run", run)
+    monkeypatch.setattr("seedslot.app.train.run", run)
     return printed
 
 

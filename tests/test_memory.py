@@ -13,6 +13,7 @@ from torch import nn
 
 import seedslot
 from seedslot import memory
+from seedslot.app.child import run_in_child
 
 MiB = 2**20
 
@@ -127,7 +128,7 @@ def _sleep(s: float) -> float:
 
 def test_run_in_child_measures_from_a_fresh_baseline():
     big = torch.ones(300 * MiB, dtype=torch.uint8)  # the parent's memory must not leak into the child's
-    run = memory.run_in_child(_spike, 100 * MiB)
+    run = run_in_child(_spike, 100 * MiB)
     del big
     assert run.ok and run.value == 1 and run.exitcode == 0
     mem = run.memory
@@ -139,7 +140,7 @@ def test_run_in_child_measures_from_a_fresh_baseline():
 def test_watchdog_kills_a_child_over_budget():
     budget = 700 * MiB  # torch alone takes a few hundred MiB; the spike asks for 2 GiB
     t0 = time.perf_counter()
-    run = memory.run_in_child(_spike, 2048 * MiB, budget_bytes=budget)
+    run = run_in_child(_spike, 2048 * MiB, budget_bytes=budget)
     assert run.exceeded and run.killed and not run.ok
     assert run.value is None and run.error is None and run.exitcode != 0
     assert budget < run.watchdog_peak_rss_bytes < budget + 512 * MiB  # stopped near the line
@@ -147,21 +148,21 @@ def test_watchdog_kills_a_child_over_budget():
 
 
 def test_child_under_budget_is_not_killed():
-    run = memory.run_in_child(_spike, 10 * MiB, budget_bytes=8 * 2**30)
+    run = run_in_child(_spike, 10 * MiB, budget_bytes=8 * 2**30)
     assert run.ok and not run.killed and not run.exceeded
 
 
 def test_child_errors_and_timeouts_come_back():
-    run = memory.run_in_child(_raise)
+    run = run_in_child(_raise)
     assert not run.ok and "KeyError" in run.error and "boom" in run.error and run.memory is not None
-    run = memory.run_in_child(_sleep, 30.0, timeout_s=1.0)
+    run = run_in_child(_sleep, 30.0, timeout_s=1.0)
     assert run.killed and "timed out" in run.error
 
 
 @pytest.mark.parametrize("kw", [dict(budget_bytes=0), dict(budget_bytes=1.5), dict(interval_s=-1)])
 def test_run_in_child_rejects_bad_arguments(kw):
     with pytest.raises(ValueError):
-        memory.run_in_child(_sleep, 0.0, **kw)
+        run_in_child(_sleep, 0.0, **kw)
 
 
 def _env(name: str):
@@ -170,13 +171,13 @@ def _env(name: str):
 
 def test_environment_reaches_the_child():
     assert os.environ.get("SEEDSLOT_COMPILE") == "0"
-    run = memory.run_in_child(_env, "SEEDSLOT_COMPILE")
+    run = run_in_child(_env, "SEEDSLOT_COMPILE")
     assert run.value == "0"
 
 
 _FRAGMENT = """
 import sys, psutil, torch
-from seedslot.memory import return_large_frees
+from seedslot.app.allocator import return_large_frees
 if sys.argv[1] == "1":
     assert return_large_frees()
 p = psutil.Process()

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from seedslot import data as D
-from seedslot.train import TrainConfig, run
+from seedslot.app import data as D
+from seedslot.app.train import TrainConfig, run
 
 MNIST = Path(os.environ.get("SEEDSLOT_MNIST_DIR", Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"))
 pytestmark = pytest.mark.skipif(not (MNIST / "train-images-idx3-ubyte.gz").exists(),

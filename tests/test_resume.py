@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from seedslot.checkpoints import CheckpointError, load_checkpoint
-from seedslot.cli import main
+from seedslot.app.cli import main
 
 from test_data import write_mnist
 

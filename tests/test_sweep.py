@@ -1,4 +1,4 @@
-"""seedslot.sweep on a tiny fake MNIST: every experiment runs and reports, a second sweep trains
+"""seedslot.app.sweep on a tiny fake MNIST: every experiment runs and reports, a second sweep trains
 nothing, torn and missing state is redone, bad input is a ValueError."""
 
 import dataclasses
@@ -8,8 +8,8 @@ import os
 import pytest
 import torch
 
-from seedslot import sweep as S
-from seedslot.cli import main
+from seedslot.app import sweep as S
+from seedslot.app.cli import main
 from test_data import write_mnist
 
 

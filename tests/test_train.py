@@ -9,7 +9,7 @@ import torch
 from seedslot import to_dense
 from seedslot.checkpoints import load_checkpoint, load_state_into
 from seedslot.models import build
-from seedslot.train import TrainConfig, resolve, run
+from seedslot.app.train import TrainConfig, resolve, run
 
 FASHION = "/usr/share/datasets/fashion-mnist"
 needs_fashion = pytest.mark.skipif(not os.path.exists(os.path.join(FASHION, "train-images-idx3-ubyte.gz")),

@@ -33,12 +33,13 @@ from torch import nn
 
 from . import bench_ddp
 from .devices import DEVICE_HELP, resolve_device
-from .files import atomic_write
-from .memory import CATEGORIES, heap_reused, run_in_child, state_breakdown, state_bytes
-from .config import SlotConfig
-from .optim import SlotSGD
-from .rng import compile_enabled, cpu_twins
-from .validate import check_int
+from ..files import atomic_write
+from ..memory import CATEGORIES, state_breakdown, state_bytes
+from .child import run_in_child
+from ..config import SlotConfig
+from ..optim import SlotSGD
+from ..rng import compile_enabled, cpu_twins
+from ..validate import check_int
 
 __all__ = ["MODES", "memory_bench", "budget_bench", "speed_bench", "median_seconds", "parse_bytes", "add_arguments", "run_cli", "main"]
 
@@ -93,7 +94,7 @@ def _modes(modes: Sequence[str], allowed: Sequence[str] = MODES) -> tuple[str, .
 def _build(model: str, mode: str, k: int, device: str = "cpu") -> tuple[nn.Module, tuple[int, int, int]]:
     """The model on ``device`` and the (C, H, W) of its dataset's images. Slot models compute their
     initial scores (the dense reference its candidates) there: on a GPU that is much faster."""
-    from .models import build  # imported late: models build on everything else
+    from ..models import build  # imported late: models build on everything else
 
     with torch.device(device if mode != "learned" else "cpu"):  # learned: Glorot draws from a CPU generator
         if mode in ("implicit", "incremental"):
@@ -163,7 +164,7 @@ def _train(model: str, mode: str, k: int, batch_size: int, steps: int, device: s
     if cuda_budget_bytes is not None:
         total = torch.cuda.get_device_properties(device).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, cuda_budget_bytes / total), device)
-    from .models import count_connections
+    from ..models import count_connections
 
     trainer = Trainer(model, mode, k, batch_size, device)
     warmup = trainer.step()
@@ -370,12 +371,10 @@ def median_seconds(fn, repeats: int, device: str = "cpu") -> float:
 def _regen_seconds(model: nn.Module, repeats: int) -> float:
     """Median seconds to regenerate all K candidates of every seeded connection of ``model`` once,
     by the kernel the updates use, chunk by chunk into one preallocated buffer per part: the
-    kernel's rate as bench/regen.py measures it. Each chunk's kernel output is a fresh tensor
-    (copied into the buffer); under the CLI's 1 MiB mmap threshold (``return_large_frees``) every
-    one would be mapped and faulted in afresh, which doubles a Lenet layer's time, so the heap
-    serves them here (``heap_reused``), as it does by default."""
-    from .candidates import candidate_chunk, chunked
-    from .layers import SeededSlotLayer
+    kernel's rate under the process's allocator setting, the one the steps it is compared with
+    run under."""
+    from ..candidates import candidate_chunk, chunked
+    from ..layers import SeededSlotLayer
 
     parts = [(torch.empty(math.prod(shape), m.k, device=m.candidate_keys.keys.device), offset, m.candidate_keys)
              for m in model.modules() if isinstance(m, SeededSlotLayer) for shape, offset in m.parts.values()]
@@ -384,9 +383,7 @@ def _regen_seconds(model: nn.Module, repeats: int) -> float:
         for out, offset, ck in parts:
             chunked(out, offset, out.shape[1], None, lambda a, b, start: candidate_chunk(start, b - a, *ck))
 
-    with heap_reused():
-        once()  # the heap grows to its working size (median_seconds warms up once more)
-        return median_seconds(once, repeats, str(parts[0][0].device) if parts else "cpu")
+    return median_seconds(once, repeats, str(parts[0][0].device) if parts else "cpu")
 
 
 # ---------------------------------------------------------------- tables and the command line

@@ -21,19 +21,19 @@ from typing import Any, Sequence
 import torch
 
 from .benchmarks import budget_bench, median_seconds, memory_bench, speed_bench
-from .candidates import SHARING
+from ..candidates import SHARING
 from .devices import resolve_device
-from .files import atomic_write
-from .layers import SeededSlotLayer
-from .optim import SlotSGD
-from .scores import SCORES
+from ..files import atomic_write
+from ..layers import SeededSlotLayer
+from ..optim import SlotSGD
+from ..scores import SCORES
 
 __all__ = ["PARTS", "identities", "update_identities", "regeneration_rate", "gpu_acceptance", "report", "merge",
            "add_arguments", "run_cli"]
 
 def _build_on(device, model: str, k: int, sharing: str, scores: str, seed: int = 0):
     """A seeded model whose buffers are computed on ``device`` (not computed on the CPU and moved)."""
-    from .models import build
+    from ..models import build
 
     with torch.device(device):
         return build(model, mode="seeded", k=k, sharing=sharing, scores=scores, seed=seed).to(device)
@@ -107,7 +107,7 @@ def update_identities(device, model: str = "vgg19", k: int = 8, reference="cpu")
 
 def regeneration_rate(device, connections: int = 1 << 24, k: int = 8, repeats: int = 5) -> float:
     """Candidate values per second: every candidate of ``connections`` connections, one call."""
-    from .candidates import CANDIDATES, candidate_chunk, grid_step, i32, stream_keys
+    from ..candidates import CANDIDATES, candidate_chunk, grid_step, i32, stream_keys
 
     key_a, keys_b = stream_keys(1, CANDIDATES, k, device)
     key_a, step = i32(key_a, device), grid_step(0.01).to(device)
@@ -135,8 +135,8 @@ def _short_train(device: str, data_dir: str | None, epochs: int) -> dict[str, An
 @torch.no_grad()
 def _selections_equal_on_cpu(path: str, device: str) -> bool:
     """Whether the checkpoint at ``path`` selects the same candidates loaded on ``device`` and on the CPU."""
-    from .checkpoints import load_checkpoint, load_state_into
-    from .models import build
+    from ..checkpoints import load_checkpoint, load_state_into
+    from ..models import build
 
     nets = []
     for where in (device, "cpu"):

@@ -21,11 +21,11 @@ import textwrap
 import time
 from dataclasses import dataclass
 
-from .candidates import SHARING
+from ..candidates import SHARING
 from .devices import DEVICE_HELP, resolve_device
-from .files import atomic_write
+from ..files import atomic_write
 from .train import CHECKPOINT, TrainConfig, run
-from .validate import check_choice, check_int
+from ..validate import check_choice, check_int
 
 __all__ = ["EXPERIMENTS", "Preset", "PRESETS", "plan", "sweep", "report", "add_arguments", "run_cli"]
 

@@ -17,9 +17,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from .distributed import ByteCounter, free_port, init_from_env, shutdown, wrap
-from .files import atomic_write
-from .models import build
-from .optim import SlotSGD
+from ..files import atomic_write
+from ..models import build
+from ..optim import SlotSGD
 
 __all__ = ["add_arguments", "run_cli"]
 

@@ -20,8 +20,8 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from .rng import torch_seed
-from .validate import check_choice, check_int
+from ..rng import torch_seed
+from ..validate import check_choice, check_int
 
 __all__ = [
     "DATASETS",

@@ -12,15 +12,15 @@ import os
 import sys
 from typing import Sequence
 
-from .candidates import SHARING
-from .checkpoints import CheckpointError
+from ..candidates import SHARING
+from ..checkpoints import CheckpointError
 from .data import DATASETS, NORMALIZE
 from .devices import DEVICE_HELP
-from .memory import return_large_frees
-from .models import MODELS, MODES
-from .scores import SCORES
-from .selection import SELECTION
-from .validate import check_int
+from .allocator import return_large_frees
+from ..models import MODELS, MODES
+from ..scores import SCORES
+from ..selection import SELECTION
+from ..validate import check_int
 
 __all__ = ["main"]
 
@@ -160,14 +160,14 @@ def _delegated(name: str):
     if name == "bench":
         from . import benchmarks as module
     elif name == "export":
-        from . import export as module
+        from . import export_cmd as module
     else:
         from . import sweep as module
     return module
 
 
 def _parser() -> _Parser:
-    from . import __version__
+    from .. import __version__
 
     parser = _Parser(prog="seedslot", description="Slot Machine networks with seeded candidate weights.")
     parser.add_argument("--version", action="version", version=f"seedslot {__version__}")

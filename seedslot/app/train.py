@@ -29,21 +29,21 @@ from torch import nn
 from tqdm import tqdm
 
 from . import data as _data
-from .candidates import SHARING
-from .checkpoints import CheckpointError, load_checkpoint, load_state_into, save_checkpoint
-from .config import SlotConfig
-from .convert import to_dense
+from ..candidates import SHARING
+from ..checkpoints import CheckpointError, load_checkpoint, load_state_into, save_checkpoint
+from ..config import SlotConfig
+from ..convert import to_dense
 from .devices import resolve_device
 from .distributed import Ranks
-from .files import atomic_write, remove_stale_temporaries
-from .layers import SlotLayer
-from .memory import peak_rss_bytes, state_bytes
-from .models import MODELS, MODES, build, build_from_checkpoint, count_connections
-from .optim import SlotSGD
-from .rng import compile_enabled, torch_seed
-from .scores import SCORES
-from .selection import SELECTION
-from .validate import check_choice, check_float, check_int
+from ..files import atomic_write, remove_stale_temporaries
+from ..layers import SlotLayer
+from ..memory import peak_rss_bytes, state_bytes
+from ..models import MODELS, MODES, build, build_from_checkpoint, count_connections
+from ..optim import SlotSGD
+from ..rng import compile_enabled, torch_seed
+from ..scores import SCORES
+from ..selection import SELECTION
+from ..validate import check_choice, check_float, check_int
 
 __all__ = ["TrainConfig", "resolve", "run", "evaluate", "random_selection_", "make_model", "epoch_batches",
            "flip_generator"]
