@@ -54,6 +54,21 @@ class SlotConfig:
                                 or not (math.isfinite(lam) and lam > 0)):
             raise ValueError(f"score_lambda must be a finite float > 0 or None; got {lam!r}")
 
+    def to_dict(self) -> dict:
+        """The settings as a dict of JSON values (what ``build_args`` and files keep)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, settings) -> "SlotConfig":
+        """The config ``settings`` (a :meth:`to_dict`) describe, validated; ValueError naming an
+        unknown field or a bad value. Missing fields take their defaults."""
+        if not isinstance(settings, dict):
+            raise ValueError(f"slot settings must be a dict; got {type(settings).__name__}")
+        unknown = sorted(map(str, set(settings) - set(cls.__dataclass_fields__)))
+        if unknown:
+            raise ValueError(f"unknown slot setting {unknown[0]!r:.80}; accepted: {', '.join(cls.__dataclass_fields__)}")
+        return cls(**settings)
+
     @property
     def storage(self) -> ScoreStorage:
         """The score storage ``scores`` names."""

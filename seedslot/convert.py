@@ -40,12 +40,13 @@ def slotify_(
     selection: str = "greedy",
     scores: str = "int8",
     score_lambda: float | None = None,
+    incremental: bool = False,
 ) -> nn.Module:
     """Replace every ``nn.Linear`` and ``nn.Conv2d`` (exact types) of ``model`` by a slot layer.
 
     The settings come as ``config`` (a :class:`~seedslot.SlotConfig`, whose ``seed`` is the
-    model's) or as the keywords ``k``, ``seed``, ``sharing``, ``selection``, ``scores`` and
-    ``score_lambda``, not both. Each layer's seed is :func:`layer_seed` of ``seed`` and its qualified name, so the same model
+    model's) or as the keywords ``k``, ``seed``, ``sharing``, ``selection``, ``scores``,
+    ``score_lambda`` and ``incremental``, not both. Each layer's seed is :func:`layer_seed` of ``seed`` and its qualified name, so the same model
     and seed always give the same network. With ``sharing="global"`` every layer draws its K unit
     candidates from ``seed`` itself: one set for the whole model. ``dense=True`` builds the
     paper's dense reference layers instead (``scores`` does not apply). ``filter_fn(module, fqn)``
@@ -54,7 +55,7 @@ def slotify_(
     argument or layer is invalid.
     """
     config = SlotConfig.resolve(config, "slotify_", k=k, seed=seed, sharing=sharing, selection=selection,
-                                scores=scores, score_lambda=score_lambda)
+                                scores=scores, score_lambda=score_lambda, incremental=incremental)
     new: dict[str, nn.Module] = {}
     converted: dict[int, nn.Module | None] = {}  # id(module) -> its slot layer (None: not converted)
     for fqn, m in model.named_modules(remove_duplicate=False):

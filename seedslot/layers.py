@@ -90,9 +90,10 @@ class SlotLayer(nn.Module):
         device=None,
     ) -> None:
         super().__init__()
-        self.k, self.seed, self.sharing, self.selection = config.k, config.seed, config.sharing, config.selection
+        # the layer's own settings: its seed, and the paper's lambda where the config leaves it open
+        self.config = config.replace(score_lambda=float(default_lambda if config.score_lambda is None
+                                                        else config.score_lambda))
         self.candidate_seed = config.seed if candidate_seed is None else check_int("candidate_seed", candidate_seed)
-        self.score_lambda = float(default_lambda if config.score_lambda is None else config.score_lambda)
         self.sigma = glorot_sigma(fan_in, fan_out)
         self.weight_shape = tuple(weight_shape)
         self.parts: dict[str, tuple[tuple[int, ...], int]] = {"weight": (self.weight_shape, 0)}
@@ -106,9 +107,18 @@ class SlotLayer(nn.Module):
         # Training forwards so far: keys the sampling noise of selection="sample".
         self.register_buffer("draws", torch.zeros((), dtype=torch.int64, device=device))
 
+    # the settings, read from ``config`` (set them through a new config, e.g. by load_state_dict)
+    k = property(lambda self: self.config.k)
+    seed = property(lambda self: self.config.seed)
+    sharing = property(lambda self: self.config.sharing)
+    selection = property(lambda self: self.config.selection)
+    score_lambda = property(lambda self: self.config.score_lambda)
+
     def _set_seeds(self, seed: int, candidate_seed: int, device=None) -> None:
         """Derive every stream key (small non-persistent buffers) from the seeds."""
-        self.seed, self.candidate_seed = seed, candidate_seed
+        if seed != self.config.seed:
+            self.config = self.config.replace(seed=seed)
+        self.candidate_seed = candidate_seed
         cand_key, cand_keys = stream_keys(candidate_seed, CANDIDATES, self.k, device)
         self.register_buffer("_cand_key", i32(cand_key, device), persistent=False)
         self.register_buffer("_cand_keys", cand_keys, persistent=False)
@@ -167,17 +177,14 @@ class SlotLayer(nn.Module):
                 f"slot state has k={state.get('k')}, sharing={state.get('sharing')!r}; "
                 f"this layer has k={self.k}, sharing={self.sharing!r}"
             )
-        for key in ("seed", "candidate_seed"):
-            v = state.get(key)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                raise RuntimeError(f"slot state {key} must be an int >= 0; got {v!r:.80}")
-        lam = state.get("score_lambda")
-        if lam is not None and (isinstance(lam, bool) or not isinstance(lam, (int, float))
-                                or not (math.isfinite(lam) and lam > 0)):
-            raise RuntimeError(f"slot state score_lambda must be a finite number > 0; got {lam!r:.80}")
-        if state.get("score_lambda") is not None:  # absent from checkpoints written before it was saved
-            self.score_lambda = float(state["score_lambda"])
-        self._set_seeds(state["seed"], state["candidate_seed"], self._cand_step.device)
+        lam = state.get("score_lambda", self.score_lambda)  # absent from checkpoints written before it was saved
+        try:
+            check_int("candidate_seed", state.get("candidate_seed"))
+            config = self.config.replace(seed=state.get("seed"), score_lambda=lam)
+        except ValueError as e:
+            raise RuntimeError(f"slot state: {str(e):.200}") from None
+        self.config = config.replace(score_lambda=float(config.score_lambda))
+        self._set_seeds(config.seed, state["candidate_seed"], self._cand_step.device)
 
     def state_categories(self) -> dict[str, str]:
         """What each state tensor of the layer that is neither a plain weight nor a plain buffer is
@@ -381,7 +388,7 @@ class SeededSlotLayer(SlotLayer):
         self.storage.update(self, part, direction, lr, weight_decay, step)
 
     def extra_repr(self) -> str:
-        incremental = ", incremental=True" if getattr(self.storage, "incremental", False) else ""
+        incremental = ", incremental=True" if self.config.incremental else ""
         return f"{super().extra_repr()}, scores={self.scores!r}{incremental}"
 
 
@@ -524,16 +531,18 @@ class SlotLinear(_Linear, SeededSlotLayer):
     """A Linear whose weights are chosen among K seeded candidates per connection.
 
     ``scores="int8"`` stores K int8 scores per connection (``"fp32"``: K fp32 scores, for
-    ablations; ``"implicit"``: one fp32 drift, see :mod:`seedslot.scores`). ``score_lambda``
-    defaults to the paper's 0.1 for linear layers. The settings come as ``config`` (a
+    ablations; ``"implicit"``: one fp32 drift, see :mod:`seedslot.scores`; ``incremental=True``
+    re-selects only what can have changed). ``score_lambda`` defaults to the paper's 0.1 for
+    linear layers. The layer keeps its settings as ``config`` (its own seed included). The settings come as ``config`` (a
     :class:`~seedslot.SlotConfig`) or as keywords, not both.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, *, config: SlotConfig | None = None,
                  k: int = 8, seed: int = 0, sharing: str = "none", selection: str = "greedy", scores: str = "int8",
-                 score_lambda: float | None = None, candidate_seed: int | None = None, device=None) -> None:
+                 score_lambda: float | None = None, incremental: bool = False, candidate_seed: int | None = None,
+                 device=None) -> None:
         config = SlotConfig.resolve(config, "SlotLinear", k=k, seed=seed, sharing=sharing, selection=selection,
-                                    scores=scores, score_lambda=score_lambda)
+                                    scores=scores, score_lambda=score_lambda, incremental=incremental)
         self._setup(SeededSlotLayer, in_features, out_features, bias, config,
                     dict(candidate_seed=candidate_seed, device=device))
 
@@ -545,9 +554,10 @@ class SlotConv2d(_Conv, SeededSlotLayer):
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
                  groups: int = 1, bias: bool = False, *, config: SlotConfig | None = None, k: int = 8, seed: int = 0,
                  sharing: str = "none", selection: str = "greedy", scores: str = "int8",
-                 score_lambda: float | None = None, candidate_seed: int | None = None, device=None) -> None:
+                 score_lambda: float | None = None, incremental: bool = False, candidate_seed: int | None = None,
+                 device=None) -> None:
         config = SlotConfig.resolve(config, "SlotConv2d", k=k, seed=seed, sharing=sharing, selection=selection,
-                                    scores=scores, score_lambda=score_lambda)
+                                    scores=scores, score_lambda=score_lambda, incremental=incremental)
         self._setup(SeededSlotLayer, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
                     config, dict(candidate_seed=candidate_seed, device=device))
 

@@ -13,13 +13,10 @@ import math
 import torch
 from torch import nn
 
-from .candidates import SHARING
 from .config import SlotConfig
 from .convert import slotify_
 from .layers import SlotLayer
 from .rng import torch_seed
-from .scores import SCORES
-from .selection import SELECTION
 from .validate import check_choice, check_int
 
 __all__ = ["MODELS", "MODES", "build", "build_from_checkpoint", "check_build_args", "count_connections"]
@@ -109,12 +106,14 @@ def build(
     num_classes: int = 10,
     input_size: int | None = None,
     score_lambda: float | None = None,
-    config: SlotConfig | None = None,
+    incremental: bool = False,
+    config: SlotConfig | dict | None = None,
 ) -> nn.Module:
-    """The model ``name`` in ``mode``; ``model.build_args`` holds every argument, so that
-    ``build(**model.build_args)`` rebuilds it identically. The slot settings come as ``config``
-    (a :class:`~seedslot.SlotConfig`; ``build_args`` then hold its fields) or as the keywords
-    ``k``, ``seed``, ``sharing``, ``selection``, ``scores`` and ``score_lambda``, not both.
+    """The model ``name`` in ``mode``; ``model.build_args`` holds every argument, the slot settings
+    as ``config`` (:meth:`SlotConfig.to_dict`), so that ``build(**model.build_args)`` rebuilds it
+    identically. The slot settings come as ``config`` (a :class:`~seedslot.SlotConfig` or its dict)
+    or as the keywords ``k``, ``seed``, ``sharing``, ``selection``, ``scores``, ``score_lambda`` and
+    ``incremental``, not both.
 
     ``in_channels``/``input_size`` default to the paper's dataset: 1x28x28 (MNIST) for lenet,
     3x32x32 (CIFAR-10) otherwise. ``k``, ``sharing``, ``selection`` and ``scores`` apply to the
@@ -125,23 +124,22 @@ def build(
     check_choice("name", name, MODELS)
     check_choice("mode", mode, MODES)
     # checked in every mode, so that build_args always mean something
+    if isinstance(config, dict):
+        config = SlotConfig.from_dict(config)
     config = SlotConfig.resolve(config, "build", k=k, seed=seed, sharing=sharing, selection=selection, scores=scores,
-                                score_lambda=score_lambda)
-    k, seed, sharing, selection = config.k, config.seed, config.sharing, config.selection
-    scores, score_lambda = config.scores, config.score_lambda
+                                score_lambda=score_lambda, incremental=incremental)
     in_channels = check_int("in_channels", (1 if name == "lenet" else 3) if in_channels is None else in_channels, 1)
     input_size = check_int("input_size", (28 if name == "lenet" else 32) if input_size is None else input_size, 1)
     check_int("num_classes", num_classes, 1)
-    args = dict(name=name, mode=mode, k=k, seed=seed, sharing=sharing, selection=selection, scores=scores,
-                in_channels=in_channels, num_classes=num_classes, input_size=input_size,
-                score_lambda=score_lambda)
+    args = dict(name=name, mode=mode, in_channels=in_channels, num_classes=num_classes, input_size=input_size,
+                config=config.to_dict())
 
     # torch's default layer init draws from the global RNG; building must not shift a run's dropout.
     with torch.random.fork_rng(devices=[]):
         model = _architecture(name, in_channels, input_size, num_classes)
 
     if mode == "learned":
-        g = torch.Generator().manual_seed(torch_seed(seed, _INIT))
+        g = torch.Generator().manual_seed(torch_seed(config.seed, _INIT))
         with torch.no_grad():
             for m in model.modules():
                 if isinstance(m, (nn.Linear, nn.Conv2d)):
@@ -161,8 +159,8 @@ def _architecture(name: str, c: int, s: int, num_classes: int) -> Net:
 
 
 _MAX_LAYER = 2**31 - 1  # connections of one layer, as slot layers allow
-_BUILD_KEYS = ("name", "mode", "k", "seed", "sharing", "selection", "scores", "in_channels", "num_classes",
-               "input_size", "score_lambda")
+_SLOT_KEYS = tuple(SlotConfig.__dataclass_fields__)  # flat in build_args written before ``config``
+_BUILD_KEYS = ("name", "mode", "in_channels", "num_classes", "input_size", "config", *_SLOT_KEYS)
 
 
 def check_build_args(args, source: str, *, available_bytes: int, export: bool = False) -> dict:
@@ -183,23 +181,24 @@ def check_build_args(args, source: str, *, available_bytes: int, export: bool = 
         if key not in _BUILD_KEYS:
             raise CheckpointError(f"{source}: tampered: build_args has an unknown field {key!r:.80}; "
                                   f"accepted: {', '.join(_BUILD_KEYS)}")
-    for field, accepted in (("name", MODELS), ("mode", MODES), ("sharing", SHARING), ("selection", SELECTION),
-                            ("scores", SCORES)):
-        if (field in ("name", "mode") or field in args) and args.get(field) not in accepted:
+    for field, accepted in (("name", MODELS), ("mode", MODES)):
+        if args.get(field) not in accepted:
             raise bad(field, f"one of {', '.join(map(repr, accepted))}")
-    for field in ("k", "in_channels", "input_size", "num_classes"):
+    for field in ("in_channels", "input_size", "num_classes"):
         v = args.get(field, 1)
         if v is None and field in ("in_channels", "input_size"):  # the dataset's default
             continue
         if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= _MAX_LAYER:
             raise bad(field, f"an int in [1, {_MAX_LAYER}]")
-    seed = args.get("seed", 0)
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
-        raise bad("seed", "an int in [0, 2**64)")
-    lam = args.get("score_lambda")
-    if lam is not None and (isinstance(lam, bool) or not isinstance(lam, (int, float))
-                            or not (math.isfinite(lam) and lam > 0)):
-        raise bad("score_lambda", "a finite number > 0 or null")
+    flat = {key: args[key] for key in _SLOT_KEYS if key in args}
+    if flat and "config" in args:
+        raise CheckpointError(f"{source}: tampered: build_args has both config and {', '.join(flat)}")
+    try:
+        config = SlotConfig.from_dict(args.get("config", flat))
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{source}: tampered: build_args.config: {str(e):.200}") from None
+    if config.k > _MAX_LAYER or config.seed >= 2**64:
+        raise bad("config", f"k <= {_MAX_LAYER} and seed < 2**64")
     name = args["name"]
     c = args.get("in_channels") or (1 if name == "lenet" else 3)
     size = args.get("input_size") or (28 if name == "lenet" else 32)
@@ -213,7 +212,7 @@ def check_build_args(args, source: str, *, available_bytes: int, export: bool = 
     layers = [m.weight.numel() for m in plain.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
     if max(layers) > _MAX_LAYER:
         raise bad("input_size" if name == "lenet" else "num_classes", f"such that no layer exceeds {_MAX_LAYER} connections")
-    k, mode, scores = args.get("k", 8), args["mode"], args.get("scores", "int8")
+    k, mode, scores = config.k, args["mode"], config.scores
     if export:
         bits = (k - 1).bit_length()  # export.index_bits
     else:

@@ -310,7 +310,8 @@ def _resume(data_dir, out):
 FIELDS = [
     ("build_args", "k"), ("build_args", "input_size"), ("build_args", "in_channels"), ("build_args", "num_classes"),
     ("build_args", "name"), ("build_args", "mode"), ("build_args", "scores"), ("build_args", "sharing"),
-    ("build_args", "seed"), ("build_args", "score_lambda"), ("build_args",),
+    ("build_args", "seed"), ("build_args", "score_lambda"), ("build_args",), ("build_args", "config"),
+    ("build_args", "config", "k"), ("build_args", "config", "seed"), ("build_args", "config", "incremental"),
     ("optimizer", "param_groups", 0, "lr"), ("optimizer", "param_groups", 0, "momentum"),
     ("optimizer", "param_groups", 0, "weight_decay"), ("optimizer", "state", 0, "momentum_buffer"),
     ("optimizer", "state", 0, "step"), ("optimizer", "state", 0), ("optimizer", "param_groups"),
@@ -348,8 +349,8 @@ def test_fuzzed_fields_with_a_recomputed_hash_resume_or_raise_checkpoint_error(f
     (("model", "classifier.0._extra_state"), "seed", "_extra_state"),
     (("optimizer", "param_groups", 0, "lr"), float("nan"), "lr"),
     (("build_args", "input_size"), 100000, "input_size"),
-    (("build_args", "k"), 10**9, "k=1000000000"),
-    (("build_args", "sharing"), "bogus", "build_args.sharing"),
+    (("build_args", "config", "k"), 10**9, "k=1000000000"),
+    (("build_args", "config", "sharing"), "bogus", "build_args.config: sharing"),
     (("model", "classifier.0.weight_scale"), torch.tensor(-1.0), "weight_scale"),
     (("epoch",), 5, "epoch must be"),
 ])

@@ -1,6 +1,12 @@
 """The paper's architectures in the three modes: shapes, layer placement, equivalences, bad input."""
 
+import json
+
 import pytest
+import seedslot
+import seedslot.layers
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch
 from torch import nn
 
@@ -117,3 +123,58 @@ def test_bad_arguments_name_the_argument(kwargs, message):
     name = kwargs.pop("name")
     with pytest.raises(ValueError, match=message):
         build(name, **kwargs)
+
+
+@settings(max_examples=20, deadline=None)
+@given(name=st.sampled_from(["lenet", "conv2"]), mode=st.sampled_from(["seeded", "dense", "learned"]),
+       k=st.integers(1, 9), seed=st.integers(0, 2**64 - 1), sharing=st.sampled_from(["none", "layer", "global"]),
+       selection=st.sampled_from(["greedy", "sample"]), storage=st.sampled_from(["int8", "fp32", "implicit", "incremental"]),
+       score_lambda=st.one_of(st.none(), st.floats(0.01, 4.0)))
+def test_build_args_rebuild_every_model_identically(name, mode, k, seed, sharing, selection, storage, score_lambda):
+    """``build(**m.build_args)`` gives the same model: same config on every layer, same state."""
+    config = seedslot.SlotConfig(k=k, seed=seed, sharing=sharing, selection=selection,
+                                 scores="implicit" if storage == "incremental" else storage,
+                                 score_lambda=score_lambda, incremental=storage == "incremental")
+    m = build(name, mode=mode, config=config, input_size=12 if name == "conv2" else None, num_classes=3)
+    again = build(**json.loads(json.dumps(m.build_args)))  # build_args are JSON values
+    assert again.build_args == m.build_args
+    if mode != "learned":
+        assert m.build_args["config"] == config.to_dict()
+        layers = [(n, x) for n, x in m.named_modules() if isinstance(x, seedslot.layers.SlotLayer)]
+        assert layers and all(x.config == dict(again.named_modules())[n].config for n, x in layers)
+        assert all(x.config.replace(seed=0, score_lambda=None) == config.replace(seed=0, score_lambda=None)
+                   for _, x in layers)
+    a, b = m.state_dict(), again.state_dict()
+    assert a.keys() == b.keys()
+    for key in a:
+        if isinstance(a[key], torch.Tensor):
+            assert torch.equal(a[key], b[key]), key
+        else:
+            assert a[key] == b[key], key
+
+
+def test_incremental_reaches_every_door():
+    """``incremental`` from layer keywords, slotify_, build, TrainConfig and the CLI's flag."""
+    from seedslot.app.cli import _parser
+    from seedslot.app.train import TrainConfig
+
+    assert seedslot.SlotLinear(3, 2, scores="implicit", incremental=True).config.incremental
+    net = seedslot.slotify_(torch.nn.Sequential(torch.nn.Linear(3, 2)), scores="implicit", incremental=True)
+    assert net[0].config.incremental and "incremental=True" in repr(net[0])
+    m = build("lenet", mode="seeded", scores="implicit", incremental=True)
+    assert m.build_args["config"]["incremental"]
+    assert all(x.config.incremental for x in build(**m.build_args).modules() if isinstance(x, seedslot.SlotLinear))
+    assert TrainConfig(scores="implicit", incremental=True).slot_config().incremental
+    args = _parser().parse_args(["train", "--scores", "implicit", "--incremental"])
+    assert args.incremental is True
+    with pytest.raises(ValueError, match="incremental"):
+        seedslot.SlotLinear(3, 2, scores="int8", incremental=True)
+
+
+def test_slot_config_dict_round_trip_and_errors():
+    c = seedslot.SlotConfig(k=3, seed=2**64 + 5, scores="implicit", incremental=True, score_lambda=0.5)
+    assert seedslot.SlotConfig.from_dict(c.to_dict()) == c
+    with pytest.raises(ValueError, match="unknown slot setting 'kk'"):
+        seedslot.SlotConfig.from_dict({"kk": 3})
+    with pytest.raises(ValueError, match="k must be"):
+        seedslot.SlotConfig.from_dict({"k": 0})

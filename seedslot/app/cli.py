@@ -57,6 +57,9 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--score-lambda", type=float, metavar="LAMBDA",
                    help="score init U(0, LAMBDA*sigma); default the paper's: 1 for conv, 0.1 for linear layers "
                    "(the authors' code uses 1 everywhere)")
+    p.add_argument("--incremental", action="store_true",
+                   help="with --scores implicit: re-select only the connections whose selection can have changed "
+                   "(the same selections, 13 more bytes per connection)")
     p.add_argument("--epochs", type=int, help="default: the paper's for the model and selection")
     p.add_argument("--batch-size", type=int, help="default 128")
     p.add_argument("--lr", type=float, help="default: the paper's for the mode, k and selection")

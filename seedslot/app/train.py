@@ -29,7 +29,6 @@ from torch import nn
 from tqdm import tqdm
 
 from . import data as _data
-from ..candidates import SHARING
 from ..checkpoints import CheckpointError, load_checkpoint, load_state_into, save_checkpoint
 from ..config import SlotConfig
 from ..convert import to_dense
@@ -41,8 +40,6 @@ from ..memory import peak_rss_bytes, state_bytes
 from ..models import MODELS, MODES, build, build_from_checkpoint, count_connections
 from ..optim import SlotSGD
 from ..rng import compile_enabled, torch_seed
-from ..scores import SCORES
-from ..selection import SELECTION
 from ..validate import check_choice, check_float, check_int
 
 __all__ = ["TrainConfig", "resolve", "run", "evaluate", "random_selection_", "make_model", "epoch_batches",
@@ -71,6 +68,7 @@ class TrainConfig:
     sharing: str | None = None  # "none"; slot modes only
     scores: str | None = None  # "int8"; seeded mode only
     score_lambda: float | None = None  # score init U(0, lambda*sigma); None: paper's (conv 1, linear 0.1)
+    incremental: bool = False  # implicit scores only: re-select only what can have changed
     epochs: int | None = None  # lenet 120, conv 140, vgg19 120; 40 more with selection "sample"
     batch_size: int | None = None  # 128
     lr: float | None = None  # greedy 0.1 (k <= 8) or 0.01; sample 50 (conv6 25); learned 0.01 (vgg19 0.1)
@@ -92,8 +90,9 @@ class TrainConfig:
 
     def slot_config(self) -> SlotConfig:
         """The slot layers' settings of this run (the library's defaults where a field is None)."""
-        return SlotConfig(k=self.k or 8, sharing=self.sharing or "none", selection=self.selection or "greedy",
-                          scores=self.scores or "int8", score_lambda=self.score_lambda, seed=self.seed)
+        return SlotConfig(k=8 if self.k is None else self.k, sharing=self.sharing or "none",
+                          selection=self.selection or "greedy", scores=self.scores or "int8",
+                          score_lambda=self.score_lambda, seed=self.seed, incremental=self.incremental)
 
 
 # Fields a resumed run may change; everything else comes from the checkpoint.
@@ -109,8 +108,8 @@ def resolve(config: TrainConfig) -> TrainConfig:
     mode = c.mode if c.mode is not None else ("learned" if c.finetune_from else "seeded")
     check_choice("mode", mode, MODES)
     if mode == "learned":
-        for name in ("k", "selection", "sharing", "scores", "score_lambda"):
-            if getattr(c, name) is not None:
+        for name in ("k", "selection", "sharing", "scores", "score_lambda", "incremental"):
+            if getattr(c, name) not in (None, False):
                 raise ValueError(f"{name} applies to the slot modes 'seeded' and 'dense', not to mode 'learned'")
     if mode == "dense" and c.scores is not None:
         raise ValueError("scores applies to mode 'seeded' only (the dense reference keeps fp32 scores)")
@@ -123,20 +122,17 @@ def resolve(config: TrainConfig) -> TrainConfig:
             raise ValueError("random_selection does not train: it takes neither finetune_from nor resume")
         if c.epochs is not None:
             raise ValueError("random_selection does not train: epochs does not apply")
+    if mode == "dense" and c.incremental:
+        raise ValueError("incremental applies to mode 'seeded' with scores 'implicit'")
     slot = mode != "learned"
-    k = (8 if c.k is None else c.k) if slot else None
     if slot:
-        check_int("k", k, 1)
+        c.slot_config()  # every slot setting is validated there
+    k = (8 if c.k is None else c.k) if slot else None
     selection = (c.selection or "greedy") if slot else None
     sharing = (c.sharing or "none") if slot else None
     scores = (c.scores or "int8") if mode == "seeded" else None
-    if slot:
-        check_choice("selection", selection, SELECTION)
-        check_choice("sharing", sharing, SHARING)
-    if scores is not None:
-        check_choice("scores", scores, SCORES)
-        if c.random_selection and scores == "implicit":
-            raise ValueError("random_selection needs stored scores: use scores 'int8' or 'fp32'")
+    if c.random_selection and scores == "implicit":
+        raise ValueError("random_selection needs stored scores: use scores 'int8' or 'fp32'")
 
     check_int("epochs", c.epochs, 1, optional=True)
     if c.random_selection:
@@ -175,8 +171,6 @@ def resolve(config: TrainConfig) -> TrainConfig:
     if mode == "seeded" and peak_lr * out.weight_decay >= 1.0:  # SlotSGD would refuse it at that step
         raise ValueError(f"lr * weight_decay must be < 1 for mode 'seeded' (the decay multiplies every score "
                          f"by 1 - lr * weight_decay); got peak lr {peak_lr:g}, weight_decay {out.weight_decay:g}")
-    if out.score_lambda is not None:
-        check_float("score_lambda", out.score_lambda, 0.0, lo_open=True)
     check_int("seed", out.seed, 0)
     check_choice("normalize", out.normalize, _data.NORMALIZE)
     check_int("limit_train", out.limit_train, 2, optional=True)
