@@ -21,6 +21,7 @@ import math
 import os
 import struct
 import sys
+import types
 from typing import Any
 
 import numpy as np
@@ -362,3 +363,14 @@ def _decode(header: dict, payload: memoryview, plain: nn.Module, source: str) ->
     except CheckpointError as e:
         raise CheckpointError(f"{source}: {e}") from None
     return plain.eval()
+
+
+class _CallableModule(types.ModuleType):
+    """This module, callable: ``seedslot.export(model, path)`` is :func:`export`, while
+    ``seedslot.export.size_report`` and ``from seedslot.export import ...`` keep working."""
+
+    def __call__(self, model: nn.Module, path: str | os.PathLike, *, build_args: dict | None = None) -> int:
+        return export(model, path, build_args=build_args)
+
+
+sys.modules[__name__].__class__ = _CallableModule
