@@ -58,6 +58,7 @@ class LearnedWeight:
     bytes: int
     reason: str
     detail: str = ""
+    duplicate: bool = False  # the same Parameter is listed under another name already
 
     @property
     def strict_violation(self) -> bool:
@@ -81,7 +82,7 @@ class ConversionReport:
 
     @property
     def learned_numel(self) -> int:
-        return sum(w.numel for w in self.learned)
+        return sum(w.numel for w in self.learned if not w.duplicate)
 
     @property
     def seeded_share(self) -> float:
@@ -185,16 +186,23 @@ def slotify_(
     seen: dict[int, nn.Module | None] = {}  # id(module) -> its slot layer (None: not converted)
     reported: set[int] = set()  # parameters already in the report
 
-    def learned(fqn: str, m: nn.Module, reason: str, detail: str, names=None) -> None:
+    def learned(fqn: str, m: nn.Module, reason: str, detail: str) -> None:
         for pname, p in m._parameters.items():
-            if p is None or id(p) in reported or (names is not None and pname not in names):
+            if p is None:
+                continue
+            name = f"{fqn}.{pname}" if fqn else pname
+            if id(p) in reported:  # tied: listed once more under this name, counted once
+                first = next(o for o in owners[id(p)] if o != name)
+                out.learned.append(LearnedWeight(name, type(m).__name__, p.dim(), p.numel(),
+                                                 p.numel() * p.element_size(), "tied", f"the Parameter {first}",
+                                                 duplicate=True))
                 continue
             reported.add(id(p))
             if reason == "unsupported" and p.dim() < 2:
                 reason_, detail_ = "vector", f"a 1-D parameter of {type(m).__name__}"
             else:
                 reason_, detail_ = reason, detail
-            out.learned.append(LearnedWeight(f"{fqn}.{pname}" if fqn else pname, type(m).__name__, p.dim(),
+            out.learned.append(LearnedWeight(name, type(m).__name__, p.dim(),
                                              p.numel(), p.numel() * p.element_size(), reason_, detail_))
 
     for fqn, m in model.named_modules(remove_duplicate=False):
