@@ -275,7 +275,7 @@ def _check_layer(cfg, source: str) -> None:
 def _fits(cfg: dict, target: nn.Module) -> str | None:
     """Why the plain layer ``target`` cannot hold the exported layer ``cfg``, or None."""
     kind = _KINDS[cfg["kind"]]
-    if type(target) is not kind:
+    if not isinstance(target, kind) or type(target).forward is not kind.forward:  # subclasses as slotify_ takes them
         return f"expected {kind.__name__}, the model has {type(target).__name__}"
     if list(target.weight.shape) != cfg["weight_shape"] or (target.bias is not None) != cfg["bias"]:
         return (f"weight {cfg['weight_shape']} bias={cfg['bias']} exported, the model has "
