@@ -2,9 +2,11 @@
 
 from . import memory
 from .config import SlotConfig
+from . import export  # the module, callable: seedslot.export(model, path) writes an export
 from .export import CheckpointError, load_exported
-from .convert import slotify_, to_dense
-from .layers import DenseSlotConv2d, DenseSlotLinear, SlotConv2d, SlotLinear
+from .convert import ConversionReport, ordinary_parameters, slot_parameters, slotify_, to_dense
+from .layers import (DenseSlotConv1d, DenseSlotConv2d, DenseSlotConv3d, DenseSlotLinear, SlotConv1d, SlotConv2d,
+                     SlotConv3d, SlotLinear)
 from .optim import SlotSGD
 
 __all__ = [
@@ -19,5 +21,13 @@ __all__ = [
     "memory",
     "CheckpointError",
     "load_exported",
+    "export",
+    "SlotConv1d",
+    "SlotConv3d",
+    "DenseSlotConv1d",
+    "DenseSlotConv3d",
+    "ConversionReport",
+    "slot_parameters",
+    "ordinary_parameters",
 ]
 __version__ = "0.1.0"

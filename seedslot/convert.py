@@ -1,18 +1,21 @@
-"""Whole-model conversion: ``slotify_`` turns Linear/Conv2d into slot layers in place (in the spirit
+"""Whole-model conversion: ``slotify_`` turns Linear/ConvNd into slot layers in place (in the spirit
 of torchao's ``quantize_``), ``to_dense`` turns a slot model back into an ordinary one holding the
 selected weights (for deployment and for the paper's fine-tuning experiment)."""
 
 from __future__ import annotations
 
 import copy
+import math
 import zlib
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 from torch import nn
 
 from .config import SlotConfig
-from .layers import DenseSlotConv2d, DenseSlotLinear, SlotConv2d, SlotLayer, SlotLinear
+from .layers import (DenseSlotConv1d, DenseSlotConv2d, DenseSlotConv3d, DenseSlotLinear, SlotConv1d, SlotConv2d,
+                     SlotConv3d, SlotLayer, SlotLinear)
 from .rng import derive
 
 FilterFn = Callable[[nn.Module, str], bool]
@@ -28,6 +31,111 @@ def _replace(model: nn.Module, fqn: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
 
+_CONVERTIBLE = {nn.Linear: "linear", nn.Conv1d: "conv", nn.Conv2d: "conv", nn.Conv3d: "conv"}
+
+
+@dataclass(frozen=True)
+class ConvertedLayer:
+    """A layer ``slotify_`` turned into a slot layer: its connections and the bytes of its slot state."""
+
+    name: str
+    source: str  # the type it had
+    target: str  # the slot layer's type
+    connections: int
+    bytes: int
+
+
+@dataclass(frozen=True)
+class LearnedWeight:
+    """A parameter that stays learned, and why: "filtered" (``filter_fn`` said no), "tied" (it is
+    also a parameter of ``other``), "unsupported" (no slot layer for its module) or "vector" (a
+    1-D parameter of a module without a slot layer: a norm's scale and shift, a bias)."""
+
+    name: str  # the parameter's qualified name
+    module: str  # its module's type
+    ndim: int
+    numel: int
+    bytes: int
+    reason: str
+    detail: str = ""
+    duplicate: bool = False  # the same Parameter is listed under another name already
+
+    @property
+    def strict_violation(self) -> bool:
+        """Whether ``slotify_(strict=True)`` refuses to leave it learned: a weight of two or more
+        dimensions left learned for any reason but the user's ``filter_fn``."""
+        return self.reason in ("unsupported", "tied") and self.ndim >= 2
+
+
+@dataclass
+class ConversionReport:
+    """What :func:`slotify_` did: every converted layer, every parameter left learned with the
+    reason, and the share of the model's weights now seeded (connections of slot layers over
+    those plus the elements of the learned parameters)."""
+
+    converted: list[ConvertedLayer] = field(default_factory=list)
+    learned: list[LearnedWeight] = field(default_factory=list)
+
+    @property
+    def seeded(self) -> int:
+        return sum(c.connections for c in self.converted)
+
+    @property
+    def learned_numel(self) -> int:
+        return sum(w.numel for w in self.learned if not w.duplicate)
+
+    @property
+    def seeded_share(self) -> float:
+        total = self.seeded + self.learned_numel
+        return self.seeded / total if total else 0.0
+
+    def __str__(self) -> str:
+        lines = [f"slotify_: {len(self.converted)} layers converted, {self.seeded} connections seeded; "
+                 f"{len(self.learned)} parameters ({self.learned_numel} weights) left learned; "
+                 f"{100 * self.seeded_share:.2f}% of the weights seeded"]
+        for c in self.converted:
+            lines.append(f"  converted  {c.name}: {c.source} -> {c.target}, {c.connections} connections, "
+                         f"{c.bytes} bytes")
+        for w in self.learned:
+            why = w.reason + (f" ({w.detail})" if w.detail else "")
+            lines.append(f"  learned    {w.name}: {w.module}, {w.numel} weights, {w.bytes} bytes: {why}")
+        return "\n".join(lines)
+
+
+def _convertible(m: nn.Module) -> str | None:
+    """Why module ``m`` cannot become a slot layer, or None if it can (an nn.Linear or nn.ConvNd,
+    or a subclass that neither overrides ``forward`` nor holds anything besides weight and bias)."""
+    base = next((b for b in _CONVERTIBLE if isinstance(m, b)), None)
+    if base is None:
+        return f"no slot layer for {type(m).__name__}"
+    if type(m).forward is not base.forward:
+        return f"{type(m).__name__} overrides {base.__name__}.forward"
+    if set(m._parameters) - {"weight", "bias"} or m._buffers or m._modules:
+        return f"{type(m).__name__} holds more than {base.__name__}'s weight and bias"
+    if isinstance(m.weight, nn.parameter.UninitializedParameter):
+        return f"{type(m).__name__} is not initialised yet (run one forward first)"
+    if not m.weight.dtype.is_floating_point:
+        return f"weight dtype {m.weight.dtype} is not floating point"
+    return None
+
+
+def _state_bytes(m: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in m.state_dict().values() if isinstance(t, torch.Tensor))
+
+
+def _slot_layer(m: nn.Module, fqn: str, config: SlotConfig, dense: bool) -> SlotLayer:
+    kw = dict(config=config.replace(seed=layer_seed(config.seed, fqn)), device=m.weight.device,
+              candidate_seed=config.seed if config.sharing == "global" else None)
+    bias = m.bias is not None
+    if isinstance(m, nn.Linear):
+        return (DenseSlotLinear if dense else SlotLinear)(m.in_features, m.out_features, bias, **kw)
+    dims = len(m.kernel_size)
+    cls = {1: (SlotConv1d, DenseSlotConv1d), 2: (SlotConv2d, DenseSlotConv2d), 3: (SlotConv3d, DenseSlotConv3d)}
+    layer = cls[dims][dense](m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding, m.dilation,
+                             m.groups, bias, **kw)
+    return layer.set_padding_mode(m.padding_mode)
+
+
 def slotify_(
     model: nn.Module,
     config: SlotConfig | None = None,
@@ -41,8 +149,18 @@ def slotify_(
     scores: str = "int8",
     score_lambda: float | None = None,
     incremental: bool = False,
-) -> nn.Module:
-    """Replace every ``nn.Linear`` and ``nn.Conv2d`` (exact types) of ``model`` by a slot layer.
+    strict: bool = False,
+    verbose: bool = False,
+    report: bool = False,
+) -> nn.Module | ConversionReport:
+    """Replace every ``nn.Linear`` and ``nn.Conv1d/2d/3d`` of ``model`` (and every subclass that
+    keeps their forward, e.g. nn.MultiheadAttention's ``out_proj``) by a slot layer, in place.
+
+    Returns ``model``, or with ``report=True`` a :class:`ConversionReport` (``verbose=True`` prints
+    it): every converted layer with its connections and bytes, every parameter left learned with
+    the reason, and the share of the weights now seeded. ``strict=True`` raises ValueError (one
+    line naming the module and its type) when a weight of two or more dimensions would stay
+    learned for any reason but ``filter_fn``.
 
     The settings come as ``config`` (a :class:`~seedslot.SlotConfig`, whose ``seed`` is the
     model's) or as the keywords ``k``, ``seed``, ``sharing``, ``selection``, ``scores``,
@@ -51,42 +169,103 @@ def slotify_(
     candidates from ``seed`` itself: one set for the whole model. ``dense=True`` builds the
     paper's dense reference layers instead (``scores`` does not apply). ``filter_fn(module, fqn)``
     picks the layers to convert. A module used in several places becomes one slot layer used in
-    all of them (its seed and ``filter_fn`` follow its first name). Nothing is changed if any
-    argument or layer is invalid.
+    all of them (its seed and ``filter_fn`` follow its first name). A parameter tied to another
+    module's (nanoGPT's ``lm_head.weight`` is ``wte.weight``) stays learned, so the tie holds;
+    the report says so. Nothing is changed if any argument or layer is invalid, or if ``strict``
+    refuses.
     """
     config = SlotConfig.resolve(config, "slotify_", k=k, seed=seed, sharing=sharing, selection=selection,
                                 scores=scores, score_lambda=score_lambda, incremental=incremental)
+    # Every parameter's owners: a parameter held by two module objects is tied.
+    owners: dict[int, list[str]] = {}
+    for fqn, m in model.named_modules():
+        for pname, p in m._parameters.items():
+            if p is not None:
+                owners.setdefault(id(p), []).append(f"{fqn}.{pname}" if fqn else pname)
+    out = ConversionReport()
     new: dict[str, nn.Module] = {}
-    converted: dict[int, nn.Module | None] = {}  # id(module) -> its slot layer (None: not converted)
+    seen: dict[int, nn.Module | None] = {}  # id(module) -> its slot layer (None: not converted)
+    reported: set[int] = set()  # parameters already in the report
+
+    def learned(fqn: str, m: nn.Module, reason: str, detail: str) -> None:
+        for pname, p in m._parameters.items():
+            if p is None:
+                continue
+            name = f"{fqn}.{pname}" if fqn else pname
+            if id(p) in reported:  # tied: listed once more under this name, counted once
+                first = next(o for o in owners[id(p)] if o != name)
+                out.learned.append(LearnedWeight(name, type(m).__name__, p.dim(), p.numel(),
+                                                 p.numel() * p.element_size(), "tied", f"the Parameter {first}",
+                                                 duplicate=True))
+                continue
+            reported.add(id(p))
+            if reason == "unsupported" and p.dim() < 2:
+                reason_, detail_ = "vector", f"a 1-D parameter of {type(m).__name__}"
+            else:
+                reason_, detail_ = reason, detail
+            out.learned.append(LearnedWeight(name, type(m).__name__, p.dim(),
+                                             p.numel(), p.numel() * p.element_size(), reason_, detail_))
+
     for fqn, m in model.named_modules(remove_duplicate=False):
-        if type(m) not in (nn.Linear, nn.Conv2d):
+        if id(m) in seen:  # a shared module: one slot layer, every place
+            if seen[id(m)] is not None:
+                new[fqn] = seen[id(m)]
             continue
-        if id(m) in converted:  # a shared module: one slot layer, every place
-            if converted[id(m)] is not None:
-                new[fqn] = converted[id(m)]
+        seen[id(m)] = None
+        why = _convertible(m)
+        if why is not None:
+            learned(fqn, m, "unsupported", why)
             continue
-        converted[id(m)] = None
         if filter_fn is not None and not filter_fn(m, fqn):
+            learned(fqn, m, "filtered", "filter_fn")
+            continue
+        tied = {pname: [o for o in owners[id(p)] if o.rpartition(".")[0] != fqn]
+                for pname, p in m._parameters.items() if p is not None}
+        tied = {pname: others for pname, others in tied.items() if others}
+        if tied:
+            pname, others = next(iter(tied.items()))
+            learned(fqn, m, "tied", f"{fqn + '.' if fqn else ''}{pname} is also {', '.join(others)}")
             continue
         if not fqn:
             raise ValueError("slotify_ converts the layers inside a model; wrap a lone layer in nn.Sequential")
-        kw = dict(config=config.replace(seed=layer_seed(config.seed, fqn)), device=m.weight.device,
-                  candidate_seed=config.seed if config.sharing == "global" else None)
-        bias = m.bias is not None
-        if isinstance(m, nn.Linear):
-            cls = DenseSlotLinear if dense else SlotLinear
-            new[fqn] = cls(m.in_features, m.out_features, bias, **kw)
-        else:
-            if m.padding_mode != "zeros":
-                raise ValueError(f"{fqn}: padding_mode must be 'zeros' for a slot layer; got {m.padding_mode!r}")
-            cls = DenseSlotConv2d if dense else SlotConv2d
-            new[fqn] = cls(m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding, m.dilation,
-                           m.groups, bias, **kw)
-        new[fqn].train(m.training)
-        converted[id(m)] = new[fqn]
+        layer = _slot_layer(m, fqn, config, dense)
+        layer.train(m.training)
+        seen[id(m)] = new[fqn] = layer
+        reported.update(id(p) for p in m._parameters.values() if p is not None)
+        connections = sum(math.prod(shape) for shape, _ in layer.parts.values())
+        out.converted.append(ConvertedLayer(fqn, type(m).__name__, type(layer).__name__, connections,
+                                            _state_bytes(layer)))
+    if strict:
+        bad = [w for w in out.learned if w.strict_violation]
+        if bad:
+            more = f" (and {len(bad) - 1} more weights)" if len(bad) > 1 else ""
+            raise ValueError(f"slotify_(strict=True): {bad[0].name} ({bad[0].module}) would stay learned: "
+                             f"{bad[0].reason}: {bad[0].detail}{more}; nothing was converted")
     for fqn, layer in new.items():
         _replace(model, fqn, layer)
-    return model
+    if verbose:
+        print(out)
+    return out if report else model
+
+
+def slot_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters of ``model``'s slot layers (seeded layers' proxies for
+    :class:`~seedslot.SlotSGD`, the dense reference's scores), each once."""
+    return _split(model)[0]
+
+
+def ordinary_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Every other parameter of ``model`` (norms, embeddings, unconverted layers), each once: for
+    any torch optimizer, next to SlotSGD for :func:`slot_parameters`."""
+    return _split(model)[1]
+
+
+def _split(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    slot_ids = {id(p) for m in model.modules() if isinstance(m, SlotLayer) for p in m.parameters()}
+    slot, ordinary = [], []
+    for p in model.parameters():
+        (slot if id(p) in slot_ids else ordinary).append(p)
+    return slot, ordinary
 
 
 @torch.no_grad()
@@ -102,11 +281,7 @@ def to_dense(model: nn.Module) -> nn.Module:
             _replace(out, fqn, done[id(m)])
             continue
         bias = "bias" in m.parts
-        if isinstance(m, (SlotLinear, DenseSlotLinear)):
-            plain = nn.Linear(m.in_features, m.out_features, bias, device=m.draws.device)
-        else:
-            plain = nn.Conv2d(m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding, m.dilation,
-                              m.groups, bias, device=m.draws.device)
+        plain = m._plain(device=m.draws.device)
         plain.weight.copy_(m.selected_weight())
         if bias:
             plain.bias.copy_(m.selected_bias())

@@ -21,6 +21,7 @@ import math
 import os
 import struct
 import sys
+import types
 from typing import Any
 
 import numpy as np
@@ -31,7 +32,8 @@ from .candidates import CANDIDATES, SHARING, CandidateKeys, glorot_sigma, grid_s
 from .checkpoints import CHECKPOINT_MAGIC, CheckpointError, frame, load_state_into, read_bytes, unframe
 from .convert import to_dense
 from .files import atomic_write
-from .layers import DenseSlotConv2d, DenseSlotLinear, SlotConv2d, SlotLayer, SlotLinear
+from .layers import (PADDING_MODES, DenseSlotConv1d, DenseSlotConv2d, DenseSlotConv3d, DenseSlotLinear, SlotConv1d,
+                     SlotConv2d, SlotConv3d, SlotLayer, SlotLinear)
 from .rng import key32
 
 __all__ = ["export", "load_exported", "size_report"]
@@ -40,6 +42,8 @@ EXPORT_MAGIC = b"SEEDEXPT"
 EXPORT_VERSION = 1
 
 _JSON_LEN = struct.Struct("<I")
+_KINDS = {"linear": nn.Linear, "conv1d": nn.Conv1d, "conv2d": nn.Conv2d, "conv3d": nn.Conv3d}
+_CONV_TYPES = (SlotConv1d, SlotConv2d, SlotConv3d, DenseSlotConv1d, DenseSlotConv2d, DenseSlotConv3d)
 _PACK_CHUNK = 1 << 20  # indices packed per step: a multiple of 8, so every step ends on a byte
 _DTYPES = {
     str(d).removeprefix("torch."): d
@@ -90,10 +94,12 @@ def _unpack(buf: bytes, n: int, bits: int) -> torch.Tensor:
 def _layer_config(m: SlotLayer) -> dict:
     if isinstance(m, (SlotLinear, DenseSlotLinear)):
         cfg: dict[str, Any] = {"kind": "linear"}
-    elif isinstance(m, (SlotConv2d, DenseSlotConv2d)):
+    elif isinstance(m, _CONV_TYPES):
         padding = m.padding if isinstance(m.padding, str) else list(m.padding)
-        cfg = {"kind": "conv2d", "stride": list(m.stride), "padding": padding,
+        cfg = {"kind": f"conv{len(m.kernel_size)}d", "stride": list(m.stride), "padding": padding,
                "dilation": list(m.dilation), "groups": m.groups}
+        if m.padding_mode != "zeros":  # absent: zeros (files written before other modes were exported)
+            cfg["padding_mode"] = m.padding_mode
     else:
         raise ValueError(f"cannot export slot layer of type {type(m).__name__}")
     cfg.update(weight_shape=list(m.weight_shape), bias="bias" in m.parts, k=m.k, seed=m.seed,
@@ -136,6 +142,7 @@ def _encode(model: nn.Module, build_args: dict | None) -> list[bytes]:
         slot_names.add(name)
 
     tensors = []
+    stored: dict[tuple, list[int]] = {}  # a tensor held under several names (tied weights) is stored once
     for key, value in model.state_dict().items():
         if key.rpartition(".")[0] in slot_names:
             continue  # scores, scales, seeds and counters: replaced by the packed indices
@@ -144,8 +151,10 @@ def _encode(model: nn.Module, build_args: dict | None) -> list[bytes]:
         dtype = str(value.dtype).removeprefix("torch.")
         if dtype not in _DTYPES:
             raise ValueError(f"cannot export {key!r}: dtype {value.dtype} is not one of {', '.join(_DTYPES)}")
-        tensors.append({"name": key, "dtype": dtype, "shape": list(value.shape),
-                        "section": add(_tensor_bytes(value))})
+        same = (value.device, value.data_ptr(), value.dtype, tuple(value.shape), value.stride())
+        if value.numel() == 0 or same not in stored:
+            stored[same] = add(_tensor_bytes(value))
+        tensors.append({"name": key, "dtype": dtype, "shape": list(value.shape), "section": stored[same]})
 
     header = {"build_args": build_args, "layers": layers, "tensors": tensors}
     try:
@@ -226,12 +235,13 @@ def _check_layer(cfg, source: str) -> None:
 
     if not isinstance(name, str):
         raise bad("name", "a string")
-    if cfg.get("kind") not in ("linear", "conv2d"):
-        raise bad("kind", "'linear' or 'conv2d'")
-    conv = cfg["kind"] == "conv2d"
+    if cfg.get("kind") not in _KINDS:
+        raise bad("kind", ", ".join(map(repr, _KINDS)))
+    conv = cfg["kind"] != "linear"
+    dims = int(cfg["kind"][4]) if conv else 0
     shape = cfg.get("weight_shape")
-    if not ints(shape, 4 if conv else 2, 1) or math.prod(shape) + shape[0] > 2**31 - 1:
-        raise bad("weight_shape", f"{4 if conv else 2} ints >= 1 with at most 2**31 - 1 connections")
+    if not ints(shape, dims + 2, 1) or math.prod(shape) + shape[0] > 2**31 - 1:
+        raise bad("weight_shape", f"{dims + 2} ints >= 1 with at most 2**31 - 1 connections")
     if not isinstance(cfg.get("bias"), bool):
         raise bad("bias", "true or false")
     for field in ("k", "bits", "seed", "candidate_seed"):
@@ -242,17 +252,19 @@ def _check_layer(cfg, source: str) -> None:
         raise bad("bits", f"ceil(log2 k) = {index_bits(cfg['k'])}")
     if cfg.get("sharing") not in SHARING:
         raise bad("sharing", f"one of {', '.join(map(repr, SHARING))}")
-    rf = shape[2] * shape[3] if conv else 1
+    rf = math.prod(shape[2:])
     sigma = glorot_sigma(shape[1] * rf, shape[0] * rf)
     if cfg.get("sigma") != sigma:
         raise bad("sigma", f"the Glorot bound of its shape, {sigma!r}")
     if conv:
         for field in ("stride", "dilation"):
-            if not ints(cfg.get(field), 2, 1):
-                raise bad(field, "2 ints >= 1")
+            if not ints(cfg.get(field), dims, 1):
+                raise bad(field, f"{dims} ints >= 1")
         padding = cfg.get("padding")
-        if padding not in ("valid", "same") and not ints(padding, 2, 0):
-            raise bad("padding", "'valid', 'same' or 2 ints >= 0")
+        if padding not in ("valid", "same") and not ints(padding, dims, 0):
+            raise bad("padding", f"'valid', 'same' or {dims} ints >= 0")
+        if cfg.get("padding_mode", "zeros") not in PADDING_MODES:
+            raise bad("padding_mode", ", ".join(map(repr, PADDING_MODES)))
         groups = cfg.get("groups")
         if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
             raise bad("groups", "an int >= 1")
@@ -262,16 +274,17 @@ def _check_layer(cfg, source: str) -> None:
 
 def _fits(cfg: dict, target: nn.Module) -> str | None:
     """Why the plain layer ``target`` cannot hold the exported layer ``cfg``, or None."""
-    kind = {"linear": nn.Linear, "conv2d": nn.Conv2d}[cfg["kind"]]
-    if type(target) is not kind:
+    kind = _KINDS[cfg["kind"]]
+    if not isinstance(target, kind) or type(target).forward is not kind.forward:  # subclasses as slotify_ takes them
         return f"expected {kind.__name__}, the model has {type(target).__name__}"
     if list(target.weight.shape) != cfg["weight_shape"] or (target.bias is not None) != cfg["bias"]:
         return (f"weight {cfg['weight_shape']} bias={cfg['bias']} exported, the model has "
                 f"{list(target.weight.shape)} bias={target.bias is not None}")
-    if kind is nn.Conv2d:
+    if kind is not nn.Linear:
         mine = {"stride": list(target.stride), "dilation": list(target.dilation), "groups": target.groups,
-                "padding": target.padding if isinstance(target.padding, str) else list(target.padding)}
-        theirs = {key: cfg[key] for key in mine}
+                "padding": target.padding if isinstance(target.padding, str) else list(target.padding),
+                "padding_mode": target.padding_mode}
+        theirs = {key: cfg.get(key, "zeros") for key in mine}
         if mine != theirs:
             return f"convolution {theirs} exported, the model has {mine}"
     return None
@@ -361,4 +374,34 @@ def _decode(header: dict, payload: memoryview, plain: nn.Module, source: str) ->
         load_state_into(plain, state)
     except CheckpointError as e:
         raise CheckpointError(f"{source}: {e}") from None
+    _check_loaded(plain, state, source)
     return plain.eval()
+
+
+def _check_loaded(plain: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """CheckpointError unless ``plain`` now holds every tensor of the file bit for bit: a skeleton
+    whose tensors are tied where the exported model's were not keeps only the last of two values."""
+    own = plain.state_dict()
+
+    def bits(t: torch.Tensor) -> torch.Tensor:
+        return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+
+    for key, want in state.items():
+        got = own[key]
+        if not torch.equal(bits(got), bits(want)):
+            tied = [k for k, t in own.items() if k != key and isinstance(t, torch.Tensor) and t.numel()
+                    and t.data_ptr() == got.data_ptr()]
+            why = f"it is tied to {', '.join(tied)} in the model" if tied else "the model does not keep its value"
+            raise CheckpointError(f"{source}: does not fit the model: {key}: {why}, and the file holds other values "
+                                  f"(pass a skeleton with the exported model's ties)")
+
+
+class _CallableModule(types.ModuleType):
+    """This module, callable: ``seedslot.export(model, path)`` is :func:`export`, while
+    ``seedslot.export.size_report`` and ``from seedslot.export import ...`` keep working."""
+
+    def __call__(self, model: nn.Module, path: str | os.PathLike, *, build_args: dict | None = None) -> int:
+        return export(model, path, build_args=build_args)
+
+
+sys.modules[__name__].__class__ = _CallableModule

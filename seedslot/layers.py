@@ -21,6 +21,7 @@ training forwards with ``selection="sample"`` draw anew each time, keyed by the 
 
 from __future__ import annotations
 
+import json
 import math
 
 import torch
@@ -49,7 +50,8 @@ from .storages import ScoreStorage, register_proxy, slot_owner
 from .validate import check_int
 
 __all__ = ["SlotLinear", "SlotConv2d", "DenseSlotLinear", "DenseSlotConv2d", "SlotLayer", "SeededSlotLayer",
-           "DenseSlotLayer", "slot_owner"]
+           "DenseSlotLayer", "slot_owner", "SlotConv1d", "SlotConv3d", "DenseSlotConv1d", "DenseSlotConv3d",
+           "encode_slot_state", "decode_slot_state"]
 
 
 @torch.library.custom_op("seedslot::next_draw_key", mutates_args=("draws",))
@@ -68,6 +70,27 @@ def _next_draw_key(draws: torch.Tensor, seed: str) -> torch.Tensor:
 @_next_draw_key.register_fake
 def _(draws: torch.Tensor, seed: str) -> torch.Tensor:
     return draws.new_empty((), dtype=torch.int32)
+
+
+def encode_slot_state(state: dict) -> torch.Tensor:
+    """A layer's seeds and settings (``get_extra_state``) as a 1-D uint8 CPU tensor: the UTF-8
+    JSON of the dict, exact for any int seed and float ``score_lambda``."""
+    data = json.dumps(state, separators=(",", ":"), sort_keys=True, allow_nan=False).encode()
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8)
+
+
+def decode_slot_state(t: torch.Tensor) -> dict:
+    """Inverse of :func:`encode_slot_state`; RuntimeError naming ``_extra_state`` for anything else."""
+    if t.dtype != torch.uint8 or t.dim() != 1 or t.numel() > 4096:
+        raise RuntimeError(f"slot state (_extra_state) must be a 1-D uint8 tensor of JSON (at most 4096 bytes); "
+                           f"got {t.dtype} of shape {tuple(t.shape)}")
+    try:
+        state = json.loads(bytes(t.cpu().tolist()).decode())
+    except (UnicodeDecodeError, ValueError) as e:
+        raise RuntimeError(f"slot state (_extra_state) is not JSON: {e}") from None
+    if not isinstance(state, dict):
+        raise RuntimeError(f"slot state (_extra_state) must hold a JSON object; got {type(state).__name__}")
+    return state
 
 
 class SlotLayer(nn.Module):
@@ -163,13 +186,17 @@ class SlotLayer(nn.Module):
         """The dtype of the weights a forward produces: the layer's float Parameters' dtype."""
         raise NotImplementedError
 
-    def get_extra_state(self) -> dict:
+    def get_extra_state(self) -> torch.Tensor:
         """The seeds travel with the scores: a state_dict alone defines the layer's weights (and,
-        through ``score_lambda``, the initial scores that implicit scores are relative to)."""
-        return {"seed": self.seed, "candidate_seed": self.candidate_seed, "k": self.k, "sharing": self.sharing,
-                "score_lambda": self.score_lambda}
+        through ``score_lambda``, the initial scores that implicit scores are relative to). A tensor
+        (see :func:`encode_slot_state`), so that a state_dict holds tensors only (safetensors,
+        transformers' ``save_pretrained``)."""
+        return encode_slot_state({"seed": self.seed, "candidate_seed": self.candidate_seed, "k": self.k,
+                                  "sharing": self.sharing, "score_lambda": self.score_lambda})
 
-    def set_extra_state(self, state: dict) -> None:
+    def set_extra_state(self, state: dict | torch.Tensor) -> None:
+        if isinstance(state, torch.Tensor):  # today's state_dicts; a dict: written before slot state was a tensor
+            state = decode_slot_state(state)
         if not isinstance(state, dict):
             raise RuntimeError(f"slot state (_extra_state) must be a dict of seeds; got {type(state).__name__}")
         if state.get("k") != self.k or state.get("sharing") != self.sharing:
@@ -232,6 +259,20 @@ class SlotLayer(nn.Module):
         if "bias" not in self.parts:
             return None
         return self._values("bias", self._select("bias", None))
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """Read-only: the weight the layer computes with (greedy selection), in the layer's dtype,
+        on its device, of the plain layer's shape. For code outside the layer that reads
+        ``layer.weight`` (nn.MultiheadAttention's ``out_proj``, nn.TransformerEncoderLayer's fast
+        path, transformers' ViT): with gradients enabled it carries them to the slot's scores like
+        the layer's own forward (with ``selection="sample"`` such a read still selects greedily)."""
+        return self._effective("weight", None)
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        """Read-only: the bias the layer computes with (greedy selection), or None; see :attr:`weight`."""
+        return self._effective("bias", None) if "bias" in self.parts else None
 
     def candidates(self, part: str = "weight") -> torch.Tensor:
         """All K candidates of a part, float32 (*shape, K): materialised on request only."""
@@ -482,6 +523,10 @@ class _Linear:
     def _shape_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}"
 
+    def _plain(self, device=None) -> nn.Module:
+        """The ordinary layer of the same shape (uninitialised weights)."""
+        return nn.Linear(self.in_features, self.out_features, "bias" in self.parts, device=device)
+
 
 def _int_pair(name: str, value, minimum: int) -> tuple[int, int]:
     """An int or a pair of ints, each >= minimum, as a pair; ValueError naming ``name`` otherwise."""
@@ -517,13 +562,112 @@ class _Conv:
         self.stride, self.dilation, self.groups = stride, dilation, groups
         self.padding = padding
 
+    padding_mode = "zeros"  # set_padding_mode: as nn.Conv2d's
+
     def _op(self, x, weight, bias):
+        if self.padding_mode != "zeros":  # as nn.Conv2d: pad, then a valid convolution
+            x = F.pad(x, self._reversed_padding, mode=self.padding_mode)
+            return F.conv2d(x, weight, bias, self.stride, 0, self.dilation, self.groups)
         return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+
+    def set_padding_mode(self, mode: str) -> "SlotLayer":
+        """Pad as ``nn.Conv2d(padding_mode=mode)`` does: "zeros", "reflect", "replicate" or "circular"."""
+        _set_padding_mode(self, mode)
+        return self
+
+    def _plain(self, device=None) -> nn.Module:
+        """The ordinary layer of the same shape and settings (uninitialised weights)."""
+        return nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
+                         self.dilation, self.groups, "bias" in self.parts, self.padding_mode, device=device)
 
     def _shape_repr(self) -> str:
         return (
             f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
             f"padding={self.padding}, dilation={self.dilation}, groups={self.groups}"
+        )
+
+
+PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
+
+
+def _set_padding_mode(layer, mode: str) -> None:
+    """Record ``mode`` and the F.pad amounts nn.ConvNd would use (last dimension first)."""
+    if mode not in PADDING_MODES:
+        raise ValueError(f"padding_mode must be one of {', '.join(map(repr, PADDING_MODES))}; got {mode!r}")
+    n = len(layer.kernel_size)
+    if isinstance(layer.padding, str):
+        pads = [0, 0] * n
+        if layer.padding == "same":
+            for d, k, i in zip(layer.dilation, layer.kernel_size, range(n - 1, -1, -1)):
+                total = d * (k - 1)
+                pads[2 * i], pads[2 * i + 1] = total // 2, total - total // 2
+    else:
+        pads = [p for p in reversed(layer.padding) for _ in range(2)]
+    layer.padding_mode, layer._reversed_padding = mode, tuple(pads)
+
+
+def _int_tuple(name: str, value, n: int, minimum: int) -> tuple[int, ...]:
+    """An int or ``n`` ints, each >= minimum, as an n-tuple; ValueError naming ``name`` otherwise."""
+    t = (value,) * n if isinstance(value, int) and not isinstance(value, bool) else value
+    if not (isinstance(t, (tuple, list)) and len(t) == n
+            and all(isinstance(v, int) and not isinstance(v, bool) and v >= minimum for v in t)):
+        raise ValueError(f"{name} must be an int >= {minimum} or {n} of them; got {value!r}")
+    return tuple(t)
+
+
+class _ConvNd:
+    """The shape of an N-d convolution (N = ``_dims``: 1 or 3; 2 is :class:`_Conv`)."""
+
+    _dims = 0
+    padding_mode = "zeros"
+
+    def _setup(self, base, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
+               padding_mode, config, kw):
+        n = self._dims
+        in_channels = check_int("in_channels", in_channels, 1)
+        out_channels = check_int("out_channels", out_channels, 1)
+        groups = check_int("groups", groups, 1)
+        if in_channels % groups or out_channels % groups:
+            raise ValueError(f"groups={groups} must divide in_channels={in_channels} and out_channels={out_channels}")
+        kernel = _int_tuple("kernel_size", kernel_size, n, 1)
+        stride, dilation = _int_tuple("stride", stride, n, 1), _int_tuple("dilation", dilation, n, 1)
+        if isinstance(padding, str) and padding in ("valid", "same"):
+            if padding == "same" and any(s != 1 for s in stride):
+                raise ValueError(f"padding='same' needs stride 1 (as nn.Conv{n}d); got stride={stride}")
+        else:
+            try:
+                padding = _int_tuple("padding", padding, n, 0)
+            except (ValueError, TypeError):
+                raise ValueError(f"padding must be 'valid', 'same', an int >= 0 or {n} of them; got {padding!r}") from None
+        rf = math.prod(kernel)
+        shape = (out_channels, in_channels // groups, *kernel)
+        base.__init__(self, shape, shape[1] * rf, out_channels * rf, bias, config, default_lambda=1.0, **kw)
+        self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, kernel
+        self.stride, self.dilation, self.groups, self.padding = stride, dilation, groups, padding
+        _set_padding_mode(self, padding_mode)
+
+    def _op(self, x, weight, bias):
+        conv = F.conv1d if self._dims == 1 else F.conv3d
+        if self.padding_mode != "zeros":  # as nn.ConvNd: pad, then a valid convolution
+            x = F.pad(x, self._reversed_padding, mode=self.padding_mode)
+            return conv(x, weight, bias, self.stride, 0, self.dilation, self.groups)
+        return conv(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+
+    def set_padding_mode(self, mode: str) -> "SlotLayer":
+        """Pad as ``nn.ConvNd(padding_mode=mode)`` does."""
+        _set_padding_mode(self, mode)
+        return self
+
+    def _plain(self, device=None) -> nn.Module:
+        cls = nn.Conv1d if self._dims == 1 else nn.Conv3d
+        return cls(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding, self.dilation,
+                   self.groups, "bias" in self.parts, self.padding_mode, device=device)
+
+    def _shape_repr(self) -> str:
+        mode = "" if self.padding_mode == "zeros" else f", padding_mode={self.padding_mode!r}"
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+            f"padding={self.padding}, dilation={self.dilation}, groups={self.groups}{mode}"
         )
 
 
@@ -587,3 +731,34 @@ class DenseSlotConv2d(_Conv, DenseSlotLayer):
                                     score_lambda=score_lambda)
         self._setup(DenseSlotLayer, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
                     config, dict(candidate_seed=candidate_seed, device=device))
+
+
+def _conv_nd_class(dims: int, base, dense: bool):
+    """SlotConv1d / SlotConv3d and their dense references: nn.ConvNd's arguments, slot settings as
+    ``config`` or as keywords (not both)."""
+    name = f"{'Dense' if dense else ''}SlotConv{dims}d"
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
+                 groups: int = 1, bias: bool = False, padding_mode: str = "zeros", *,
+                 config: SlotConfig | None = None, k: int = 8, seed: int = 0, sharing: str = "none",
+                 selection: str = "greedy", scores: str = "int8", score_lambda: float | None = None,
+                 candidate_seed: int | None = None, device=None) -> None:
+        settings = dict(k=k, seed=seed, sharing=sharing, selection=selection, score_lambda=score_lambda)
+        if not dense:
+            settings["scores"] = scores
+        elif scores != "int8":
+            raise ValueError(f"{name} keeps fp32 scores and candidates; scores does not apply (got {scores!r})")
+        config = SlotConfig.resolve(config, name, **settings)
+        self._setup(base, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
+                    padding_mode, config, dict(candidate_seed=candidate_seed, device=device))
+
+    what = "the paper's dense reference of" if dense else "seeded"
+    doc = f"A {what} nn.Conv{dims}d: weights chosen among K candidates per connection (lambda 1)."
+    return type(name, (_ConvNd, base), {"_dims": dims, "__init__": __init__, "__doc__": doc,
+                                         "__module__": __name__, "__qualname__": name})
+
+
+SlotConv1d = _conv_nd_class(1, SeededSlotLayer, dense=False)
+SlotConv3d = _conv_nd_class(3, SeededSlotLayer, dense=False)
+DenseSlotConv1d = _conv_nd_class(1, DenseSlotLayer, dense=True)
+DenseSlotConv3d = _conv_nd_class(3, DenseSlotLayer, dense=True)

@@ -144,7 +144,7 @@ def test_state_dict_round_trips_mid_run_and_new_seeds_empty_the_cache():
     fresh.load_state_dict(other.state_dict())
     assert torch.equal(fresh.selected_index(), inc.selected_index())
     lam = dict(other.state_dict())
-    lam["_extra_state"] = {**lam["_extra_state"], "score_lambda": 0.37}  # a new bound: new scores
+    lam["_extra_state"] = {**ss.layers.decode_slot_state(lam["_extra_state"]), "score_lambda": 0.37}  # a new bound
     inc.load_state_dict(lam)
     check(inc)
 
