@@ -18,7 +18,7 @@ from .config import SlotConfig
 from .convert import slotify_
 from .layers import SlotLayer
 from .rng import torch_seed
-from .scores import SCORES
+from .storages import SCORES
 from .selection import SELECTION
 from .validate import check_choice, check_int
 
