@@ -15,6 +15,9 @@ import math
 import torch
 
 from seedslot import candidates as C
+from seedslot.ops import _torch as T
+from seedslot.ops._chunks import FUSED_CHUNK_VALUES
+from seedslot.rng import key32
 from seedslot.app.benchmarks import median_seconds
 from seedslot.files import atomic_write
 
@@ -22,9 +25,9 @@ from seedslot.files import atomic_write
 def rate(fn, rows: int, k: int, repeats: int) -> float:
     """Candidates per second of ``fn`` (candidate_chunk's compiled or eager path), chunk by chunk
     into one preallocated buffer."""
-    keys = C.stream_keys(1, C.CANDIDATES, k)[1]
-    key, step = C.i32(C.key32(1, C.CANDIDATES, 0)), C.grid_step(0.01)
-    chunk = max(1, C.FUSED_CHUNK_VALUES // k)
+    keys = C.stream_keys(1, C.Stream.CANDIDATES, k)[1]
+    key, step = C.i32(key32(1, C.Stream.CANDIDATES, 0)), C.grid_step(0.01)
+    chunk = max(1, FUSED_CHUNK_VALUES // k)
     out = torch.empty(rows, k)
 
     def once():
@@ -47,8 +50,8 @@ def main(argv=None) -> dict:
         "layer": args.layer,
         "k": args.k,
         "threads": torch.get_num_threads(),
-        "compiled_per_second": rate(C.candidate_chunk.compiled, rows, args.k, args.repeats),
-        "eager_per_second": rate(C.candidate_chunk.eager, rows, args.k, max(1, args.repeats // 2)),
+        "compiled_per_second": rate(T.candidate_chunk.compiled, rows, args.k, args.repeats),
+        "eager_per_second": rate(T.candidate_chunk.eager, rows, args.k, max(1, args.repeats // 2)),
     }
     result["speedup"] = result["compiled_per_second"] / result["eager_per_second"]
     print(f"layer {args.layer}, K={args.k}, {result['threads']} threads")

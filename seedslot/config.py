@@ -9,7 +9,7 @@ import math
 from dataclasses import dataclass
 
 from .candidates import SHARING
-from .scores import SCORES
+from .storages import SCORES
 from .selection import SELECTION
 from .storages import ScoreStorage, storage_for
 from .validate import check_choice, check_int

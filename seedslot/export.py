@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .candidates import CANDIDATES, SHARING, CandidateKeys, glorot_sigma, grid_step, i32, selected_values
+from .candidates import SHARING, Stream, CandidateKeys, glorot_sigma, grid_step, i32, selected_values
 from .checkpoints import CHECKPOINT_MAGIC, CheckpointError, frame, load_state_into, read_bytes, unframe
 from .convert import to_dense
 from .files import atomic_write
@@ -214,8 +214,8 @@ def _regenerate(cfg: dict, part: str, idx: torch.Tensor) -> torch.Tensor:
     # Keys of the candidates in use only (candidate j's key does not depend on K): a file's K
     # costs nothing, its connections bound the work.
     used, idx = torch.unique(idx, return_inverse=True)
-    key_a = i32(key32(cfg["candidate_seed"], CANDIDATES, 0))
-    keys_b = torch.tensor([key32(cfg["candidate_seed"], CANDIDATES, 1, j) for j in used.tolist()], dtype=torch.int32)
+    key_a = i32(key32(cfg["candidate_seed"], Stream.CANDIDATES, 0))
+    keys_b = torch.tensor([key32(cfg["candidate_seed"], Stream.CANDIDATES, 1, j) for j in used.tolist()], dtype=torch.int32)
     return selected_values(idx, offset, CandidateKeys(per_conn, key_a, keys_b, grid_step(cfg["sigma"])))
 
 

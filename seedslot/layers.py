@@ -2,7 +2,7 @@
 reference.
 
 Seeded layers store only scores (int8 or fp32), or with ``scores="implicit"`` one fp32 drift per
-connection from which the scores follow (see :mod:`seedslot.scores`). A forward pass selects one
+connection from which the scores follow (see :mod:`seedslot.updates`). A forward pass selects one
 candidate per connection (greedy or sampled), regenerates just the selected values, and adds a zero-storage proxy Parameter
 (``slot_weight``, an expanded 0-dim tensor) so that autograd delivers the effective-weight gradient
 G, one fp32 value per connection, as ``slot_weight.grad``. :class:`~seedslot.SlotSGD` turns G into
@@ -30,10 +30,8 @@ from torch import nn
 from torch.nn.modules.utils import _pair
 
 from .candidates import (
-    CANDIDATES,
-    ROUND,
-    SAMPLE,
     CandidateKeys,
+    Stream,
     candidate_values,
     glorot_sigma,
     grid_step,
@@ -64,7 +62,7 @@ def _next_draw_key(draws: torch.Tensor, seed: str) -> torch.Tensor:
     """
     draw = int(draws)
     draws += 1
-    return i32(key32(int(seed), SAMPLE, 2, draw), draws.device)
+    return i32(key32(int(seed), Stream.SAMPLE, 2, draw), draws.device)
 
 
 @_next_draw_key.register_fake
@@ -142,11 +140,11 @@ class SlotLayer(nn.Module):
         if seed != self.config.seed:
             self.config = self.config.replace(seed=seed)
         self.candidate_seed = candidate_seed
-        cand_key, cand_keys = stream_keys(candidate_seed, CANDIDATES, self.k, device)
+        cand_key, cand_keys = stream_keys(candidate_seed, Stream.CANDIDATES, self.k, device)
         self.register_buffer("_cand_key", i32(cand_key, device), persistent=False)
         self.register_buffer("_cand_keys", cand_keys, persistent=False)
-        self.register_buffer("_sample_keys", stream_keys(seed, SAMPLE, self.k, device)[1], persistent=False)
-        self.register_buffer("_round_keys", stream_keys(seed, ROUND, self.k, device)[1], persistent=False)
+        self.register_buffer("_sample_keys", stream_keys(seed, Stream.SAMPLE, self.k, device)[1], persistent=False)
+        self.register_buffer("_round_keys", stream_keys(seed, Stream.ROUND, self.k, device)[1], persistent=False)
 
     @property
     def candidate_keys(self) -> CandidateKeys:
@@ -236,7 +234,7 @@ class SlotLayer(nn.Module):
         """The 0-dim int32 key of the sampling noise of draw number ``draw`` (a key passes through)."""
         if isinstance(draw, torch.Tensor):
             return draw
-        return i32(key32(self.seed, SAMPLE, 2, draw), self._cand_keys.device)
+        return i32(key32(self.seed, Stream.SAMPLE, 2, draw), self._cand_keys.device)
 
     def _next_draw(self) -> torch.Tensor | None:
         """None (greedy), or the sampling key of this training forward's draw (advancing ``draws``)."""
@@ -675,7 +673,7 @@ class SlotLinear(_Linear, SeededSlotLayer):
     """A Linear whose weights are chosen among K seeded candidates per connection.
 
     ``scores="int8"`` stores K int8 scores per connection (``"fp32"``: K fp32 scores, for
-    ablations; ``"implicit"``: one fp32 drift, see :mod:`seedslot.scores`; ``incremental=True``
+    ablations; ``"implicit"``: one fp32 drift, see :mod:`seedslot.updates`; ``incremental=True``
     re-selects only what can have changed). ``score_lambda`` defaults to the paper's 0.1 for
     linear layers. The layer keeps its settings as ``config`` (its own seed included). The settings come as ``config`` (a
     :class:`~seedslot.SlotConfig`) or as keywords, not both.

@@ -35,7 +35,7 @@ import torch
 from torch.optim import Optimizer
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from .scores import max_abs_all
+from .updates import max_abs_all
 from .storages import slot_owner
 from .validate import check_float
 

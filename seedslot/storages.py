@@ -26,16 +26,18 @@ import torch
 from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
-from . import scores as _kernels
-from .candidates import (REQUANT, ROUND, SCORES as SCORE_STREAM, chunked, chunked_new, i32, init_scores, row_chunks,
-                         stream_keys)
-from .rng import cpu_twins, key32
-from .scores import SCORES
-from .selection import greedy, greedy_values, sample, sample_chunk
+from . import ops
+from .candidates import Stream, init_scores, stream_keys
+from .ops import InitialScoreKeys, i32
+from .rng import key32
+from .selection import greedy, greedy_values, sample
+from .updates import coarsen_factor, max_abs
 
-__all__ = ["ScoreStorage", "Int8Scores", "Fp32Scores", "ImplicitScores", "IncrementalImplicitScores", "STORAGES",
+__all__ = ["SCORES", "ScoreStorage", "Int8Scores", "Fp32Scores", "ImplicitScores", "IncrementalImplicitScores", "STORAGES",
            "INCREMENTAL", "storage_for",
            "register_proxy", "slot_owner"]
+
+SCORES = ("int8", "fp32", "implicit")  # the storages' names
 
 # proxy Parameter -> (layer, part), for SlotSGD. Weak both ways, so it never keeps a model alive.
 _OWNERS: WeakIdKeyDictionary = WeakIdKeyDictionary()
@@ -160,13 +162,11 @@ class Fp32Scores(_Stored):
         if weight_decay:
             scores.mul_(1.0 - lr * weight_decay)
         neg_lr = torch.full((), -lr, dtype=torch.float32, device=d.device)
-        ck = layer.candidate_keys
-        chunked(scores, layer.parts[part][1], layer.k, d,
-                lambda a, b, start: _kernels.fp32_update_chunk(scores[a:b], d[a:b], neg_lr, start, *ck))
+        ops.fp32_update_(scores, d, neg_lr, layer.parts[part][1], layer.candidate_keys)
 
 
 class Int8Scores(_Stored):
-    """K int8 levels per connection and one fp32 scale per part (see :mod:`seedslot.scores`)."""
+    """K int8 levels per connection and one fp32 scale per part (see :mod:`seedslot.updates`)."""
 
     name = "int8"
     dtype = torch.int8
@@ -179,41 +179,37 @@ class Int8Scores(_Stored):
     def update(self, layer, part, direction, lr, weight_decay, step):
         scores, scale = self.stored(layer, part)
         d = direction.reshape(-1).to(torch.float32)
-        offset, k = layer.parts[part][1], layer.k
+        offset = layer.parts[part][1]
         if weight_decay:  # through the scale: costs nothing
             scale.mul_(1.0 - lr * weight_decay)
             if float(scale) < torch.finfo(torch.float32).tiny:  # scores below the normal fp32 range are 0
                 scores.zero_()
                 scale.fill_(layer.score_lambda * layer.sigma / 127.0)
         # one host sync for both numbers the grid decision needs
-        d_max, scale_now = torch.stack([_kernels.max_abs(d) if d.numel() else d.new_zeros(()),
-                                        scale]).tolist()
-        factor = _kernels.coarsen_factor(lr, d_max, layer.sigma, scale_now)
+        d_max, scale_now = torch.stack([max_abs(d) if d.numel() else d.new_zeros(()), scale]).tolist()
+        factor = coarsen_factor(lr, d_max, layer.sigma, scale_now)
         round_keys = layer.round_keys
         if factor != 1.0:
             inv = torch.full((), 1.0 / factor, dtype=torch.float32, device=d.device)
-            key_a = i32(key32(layer.seed, REQUANT, 2, step), d.device)
-            chunked(scores, offset, k, d,
-                    lambda a, b, start: _kernels.requantize_chunk(scores[a:b], inv, start, key_a, round_keys))
+            ops.requantize_(scores, inv, offset, i32(key32(layer.seed, Stream.REQUANT, 2, step), d.device), round_keys)
             scale.mul_(factor)
         coef = (-lr / scale).to(torch.float32)
-        round_a = i32(key32(layer.seed, ROUND, 2, step), d.device)
-        ck = layer.candidate_keys
-        chunked(scores, offset, k, d, lambda a, b, start: _kernels.int8_update_chunk(
-            scores[a:b], d[a:b], coef, start, *ck, round_a, round_keys))
+        round_a = i32(key32(layer.seed, Stream.ROUND, 2, step), d.device)
+        ops.int8_update_(scores, d, coef, offset, layer.candidate_keys, round_a, round_keys)
 
 
 _BOUND, _SCORE_KEY, _SCORE_KEYS = "_score_bound", "_score_key", "_score_keys"
 
 
-def _initial_score_keys(layer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _initial_score_keys(layer) -> InitialScoreKeys:
     """What regenerates implicit scores' initial scores s0: key_a, keys_b and their bound."""
-    return getattr(layer, _SCORE_KEY), getattr(layer, _SCORE_KEYS), getattr(layer, _BOUND)
+    b = layer._buffers
+    return InitialScoreKeys(b[_SCORE_KEY], b[_SCORE_KEYS], b[_BOUND])
 
 
 class ImplicitScores(ScoreStorage):
     """One fp32 drift per connection (``{part}_drift``) and a factor per part (``{part}_scale``):
-    the scores ``c * s0 - A * W`` are regenerated at every selection (see :mod:`seedslot.scores`)."""
+    the scores ``c * s0 - A * W`` are regenerated at every selection (see :mod:`seedslot.updates`)."""
 
     name = "implicit"
 
@@ -225,7 +221,7 @@ class ImplicitScores(ScoreStorage):
 
     def reseed(self, layer):  # the initial scores' keys follow the seed, their bound lambda
         device = layer.candidate_keys.keys.device
-        key, keys = stream_keys(layer.seed, SCORE_STREAM, layer.k, device)
+        key, keys = stream_keys(layer.seed, Stream.INITIAL_SCORES, layer.k, device)
         layer.register_buffer(_SCORE_KEY, i32(key, device), persistent=False)
         layer.register_buffer(_SCORE_KEYS, keys, persistent=False)
         getattr(layer, _BOUND).fill_(layer.score_lambda * layer.sigma)
@@ -242,33 +238,19 @@ class ImplicitScores(ScoreStorage):
         return [(f"{part}_scale", lambda t: (t >= 0) & torch.isfinite(t), "finite and >= 0"),
                 (f"{part}_drift", _finite, "finite")]
 
-    @staticmethod
-    def _args(layer, part: str, start: torch.Tensor) -> tuple:
-        """Arguments after ``drift`` of the implicit-score kernels from connection ``start``."""
-        return (getattr(layer, f"{part}_scale"), start, *layer.candidate_keys, *_initial_score_keys(layer))
-
     def greedy(self, layer, part):
-        drift = getattr(layer, f"{part}_drift").view(-1)
-        n, dev = drift.shape[0], drift.device
-        return chunked_new(lambda: (torch.empty(n, dtype=torch.int64, device=dev), torch.empty(n, device=dev)),
-                           n, layer.parts[part][1], layer.k, drift, dev,
-                           lambda a, b, start: _kernels.implicit_greedy_chunk(drift[a:b], *self._args(layer, part, start)))
+        drift, factor = getattr(layer, f"{part}_drift").view(-1), getattr(layer, f"{part}_scale")
+        return ops.implicit_greedy(drift, factor, layer.parts[part][1], layer.candidate_keys, _initial_score_keys(layer))
 
     def sample(self, layer, part, key):
         # a chunk of fp32 scores (an (n, K) temporary), then the same Gumbel-max draw as stored scores
-        drift = getattr(layer, f"{part}_drift").view(-1)
-        n, dev = drift.shape[0], drift.device
-        one = torch.ones((), device=dev)
-        return chunked_new(lambda: torch.empty(n, dtype=torch.int64, device=dev), n, layer.parts[part][1], layer.k,
-                           None, dev, lambda a, b, start: sample_chunk(
-                               _kernels.implicit_chunk(drift[a:b], *self._args(layer, part, start)), one, start, key,
-                               layer.sample_keys))
+        drift, factor = getattr(layer, f"{part}_drift").view(-1), getattr(layer, f"{part}_scale")
+        return ops.implicit_sample(drift, factor, layer.parts[part][1], layer.candidate_keys,
+                                   _initial_score_keys(layer), key, layer.sample_keys)
 
     def scores(self, layer, part):
-        drift = getattr(layer, f"{part}_drift").view(-1)
-        n, dev = drift.shape[0], drift.device
-        return chunked_new(lambda: torch.empty(n, layer.k, device=dev), n, layer.parts[part][1], layer.k, None, dev,
-                           lambda a, b, start: _kernels.implicit_chunk(drift[a:b], *self._args(layer, part, start)))
+        drift, factor = getattr(layer, f"{part}_drift").view(-1), getattr(layer, f"{part}_scale")
+        return ops.implicit_scores(drift, factor, layer.parts[part][1], layer.candidate_keys, _initial_score_keys(layer))
 
     def update(self, layer, part, direction, lr, weight_decay, step):
         # s = c*s0 - A*W: shrinking scales c and A, the step adds to A
@@ -293,13 +275,13 @@ class IncrementalImplicitScores(ImplicitScores):
     Per connection it keeps the selected index (``{part}_sel``, uint8 up to K = 256), its candidate
     (``{part}_val``, fp32) and an interval (``{part}_lo``, ``{part}_hi``, fp32) of the ratio
     ``a = drift / factor`` over which that index provably is what full recomputation selects (the
-    argument is in :mod:`seedslot.scores`): 13 more bytes per connection, whatever K, in
+    argument is in :mod:`seedslot.ops._torch`): 13 more bytes per connection, whatever K, in
     non-persistent buffers (a state_dict is the same as without the cache). A selection checks every connection's ratio against its interval and re-selects those
     outside. The cache depends on nothing but the layer's keys, so the drift and the factor may
     change in any way (updates, weight decay, loads, a user's edits): they are read afresh at every
     selection. Only new keys (``set_extra_state``: seeds, score_lambda) empty the intervals.
     With numba installed, the check and the re-selection are one pass of a numba twin
-    (:mod:`seedslot.cpu_kernels`), else a numpy scan and a compiled re-selection of the stale rows.
+    (:mod:`seedslot.ops._numba`), else a numpy scan and a compiled re-selection of the stale rows.
     Full recomputation (the cache untouched) inside a torch.compile'd model, on CUDA (no Triton
     twin yet), for a factor outside [2**-40, 2**40], when a re-selected drift is not finite, and
     (numba path) when a buffer was replaced by a non-contiguous tensor.
@@ -309,7 +291,6 @@ class IncrementalImplicitScores(ImplicitScores):
     """
 
     incremental = True
-    REBUILD_SHARE = 0.25  # above this share of stale connections, re-select the part in chunks
 
     def register(self, layer, part, shape, offset):
         super().register(layer, part, shape, offset)
@@ -344,30 +325,6 @@ class IncrementalImplicitScores(ImplicitScores):
         _LOANS.setdefault(w._base, weakref.WeakSet()).add(token)
         return token
 
-    def _reselect(self, layer, part, rows: torch.Tensor | None) -> bool:
-        """Re-select ``rows`` (all when None) into the cache; False (nothing changed) when a drift
-        there is not finite."""
-        drift = getattr(layer, f"{part}_drift").view(-1)
-        sel, val, lo, hi = (getattr(layer, f"{part}_{n}") for n in ("sel", "val", "lo", "hi"))
-        offset = layer.parts[part][1]
-        if rows is None:
-            if not bool(torch.isfinite(drift).all()):
-                return False
-            for a, b in row_chunks(drift.shape[0], layer.k):  # float64 (n, K) temporaries: chunked
-                conn = torch.arange(offset + a, offset + b, dtype=torch.int32, device=drift.device)
-                idx, v, l, h = _kernels.implicit_select_at(drift[a:b], conn, *self._at_args(layer, part))
-                sel[a:b], val[a:b], lo[a:b], hi[a:b] = idx, v, l, h
-            return True
-        if rows.shape[0] == 1:  # as two equal rows: a compiled kernel for n = 1 would compile again
-            rows = rows.expand(2)
-        d = drift[rows]
-        if not bool(torch.isfinite(d).all()):
-            return False
-        conn = (rows + offset).to(torch.int32)
-        idx, v, l, h = _kernels.implicit_select_at(d, conn, *self._at_args(layer, part))
-        sel[rows], val[rows], lo[rows], hi[rows] = idx.to(sel.dtype), v, l, h
-        return True
-
     @staticmethod
     def _at_args(layer, part):
         return (getattr(layer, f"{part}_scale"), *layer.candidate_keys, *_initial_score_keys(layer))
@@ -375,24 +332,13 @@ class IncrementalImplicitScores(ImplicitScores):
     def greedy(self, layer, part):
         b = layer._buffers  # the buffers this storage registered; not Module.__getattr__ (per selection)
         drift, factor, sel, val, lo, hi = (b[f"{part}_{n}"] for n in ("drift", "scale", "sel", "val", "lo", "hi"))
-        if torch.compiler.is_compiling() or drift.device.type != "cpu":
+        if not ops.incremental_applies(drift):
             return super().greedy(layer, part)
         if _LOANS.get(val):  # a live token (a non-empty WeakSet): copy-on-write, the graph keeps val
             val = b[f"{part}_val"] = val.clone()
-        twins = cpu_twins()
-        if twins is not None:  # the scan and the re-selection in one pass, the same bits as below
-            ck = layer.candidate_keys
-            if twins.incremental_greedy(drift, factor, lo, hi, sel, val, ck.key, ck.keys, ck.step, b[_SCORE_KEY],
-                                        b[_SCORE_KEYS], b[_BOUND], layer.parts[part][1], ck.per_conn) < 0:
-                return super().greedy(layer, part)
-        else:
-            c = float(factor)
-            if not (_kernels.INCR_C_MIN <= c <= _kernels.INCR_C_MAX):
-                return super().greedy(layer, part)
-            rows = _kernels.incremental_stale_rows(drift.view(-1), c, lo, hi)
-            n = rows.shape[0]
-            if n and not self._reselect(layer, part, None if n > self.REBUILD_SHARE * drift.numel() else rows):
-                return super().greedy(layer, part)
+        if not ops.incremental_greedy(drift, factor, sel, val, lo, hi, layer.parts[part][1], layer.candidate_keys,
+                                      _initial_score_keys(layer)):
+            return super().greedy(layer, part)
         # the cache itself, lent to a training forward's graph (see lend); the index stays uint8,
         # converted only where it is read
         return sel, val
@@ -404,7 +350,7 @@ INCREMENTAL: dict[str, ScoreStorage] = {"implicit": IncrementalImplicitScores()}
 
 
 def storage_for(name, incremental: bool = False) -> ScoreStorage:
-    """The storage called ``name`` (one of :data:`seedslot.scores.SCORES`), its incremental
+    """The storage called ``name`` (one of :data:`SCORES`), its incremental
     variant with ``incremental`` (implicit scores only); ValueError otherwise."""
     if name not in SCORES:  # a tuple: also answers for unhashable values
         raise ValueError(f"scores must be one of {', '.join(map(repr, SCORES))}; got {name!r}")

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 import seedslot as ss
 from seedslot import candidates as C
+from seedslot.ops import _chunks
 
 
 def test_glorot_bound_linear_and_conv():
@@ -40,12 +41,12 @@ def test_same_seed_same_bits_any_chunking(out, inp, k, seed):
 
 @contextlib.contextmanager
 def chunk_values(values):
-    old = C.CHUNK_VALUES
-    C.CHUNK_VALUES = values
+    old = _chunks.CHUNK_VALUES
+    _chunks.CHUNK_VALUES = values
     try:
         yield
     finally:
-        C.CHUNK_VALUES = old
+        _chunks.CHUNK_VALUES = old
 
 
 def test_different_seeds_and_connections_differ():
@@ -92,7 +93,7 @@ def test_score_init_range_and_int8_is_quantised_fp32():
 @given(k=st.sampled_from([2, 4, 8, 16, 24, 64]), n=st.integers(1, 50), seed=st.integers(0, 2**31 - 1),
        levels=st.integers(1, 256))
 def test_packed_argmax_equals_argmax_ties_included(k, n, seed, levels):
-    from seedslot.selection import _WORDS, packed_argmax
+    from seedslot.ops._torch import _WORDS, packed_argmax
 
     g = torch.Generator().manual_seed(seed)
     q = (torch.randint(0, levels, (n, k), generator=g) - 128).to(torch.int8)  # few levels: many ties

@@ -1,4 +1,4 @@
-"""The numba twins of :mod:`seedslot.cpu_kernels` against the torch kernels they replace (the
+"""The numba twins of :mod:`seedslot.ops._numba` against the torch kernels they replace (the
 incremental selection's behaviour on both paths is tests/test_incremental.py's)."""
 
 import gc
@@ -11,10 +11,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import seedslot as ss
-from seedslot import SlotConfig, scores as K
+from seedslot import SlotConfig
+from seedslot.ops import _torch as K
 from test_incremental import SETTINGS, at_breakpoints, pair
 
-incremental_greedy = pytest.importorskip("seedslot.cpu_kernels", reason="numba is not installed").incremental_greedy
+incremental_greedy = pytest.importorskip("seedslot.ops._numba", reason="numba is not installed").incremental_greedy
 
 
 def _args(layer):
@@ -74,7 +75,7 @@ def test_numba_twin_refuses_what_needs_full_recomputation():
 
 
 def test_the_view_cache_keeps_no_layer_alive(monkeypatch):
-    from seedslot import cpu_kernels
+    from seedslot.ops import _numba as cpu_kernels
 
     monkeypatch.setenv("SEEDSLOT_NUMBA", "1")
     layer, _ = pair("linear", 8)

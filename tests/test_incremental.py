@@ -13,7 +13,9 @@ from hypothesis import strategies as st
 
 import seedslot as ss
 import seedslot.models
-from seedslot import SlotConfig, scores as K
+from seedslot import SlotConfig
+from seedslot.ops import _backends
+from seedslot.ops import _torch as K
 from seedslot.memory import state_bytes
 
 SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
@@ -197,7 +199,7 @@ def test_kernel_select_at_matches_the_greedy_kernels():
         at = (args[0], *ck, layer._score_key, layer._score_keys[:kk], layer._score_bound)
         for fn in (K.implicit_select_at.eager, K.implicit_select_at.compiled):
             idx, val, lo, hi = fn(drift, conn, *at)
-            want_idx, want_val = K.implicit_greedy_chunk(drift, *full)
+            want_idx, want_val = torch.ops.seedslot.implicit_greedy(drift, *full)  # the op
             assert torch.equal(idx, want_idx) and torch.equal(val, want_val)
             a = drift / args[0]
             inside = (a > lo) & (a < hi)
@@ -253,19 +255,17 @@ def test_training_run_is_bit_identical_to_full_recomputation():
 
 
 def test_a_numba_that_does_not_import_falls_back_to_torch_with_a_warning(monkeypatch):
-    from seedslot import rng
-
     real_import, real_spec = importlib.import_module, importlib.util.find_spec
 
     def broken(name, *args, **kwargs):
-        if name == "seedslot.cpu_kernels":
+        if name == "seedslot.ops._numba":
             raise ImportError("numba needs an older numpy")
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(importlib, "import_module", broken)
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "numba" else real_spec(name, *a))
     monkeypatch.setenv("SEEDSLOT_NUMBA", "1")
-    rng._cpu_kernels.cache_clear()
+    _backends._numba_module.cache_clear()
     try:
         inc, ref = pair("linear", 8)
         with pytest.warns(RuntimeWarning, match="numba is installed but does not import.*older numpy"):
@@ -273,9 +273,9 @@ def test_a_numba_that_does_not_import_falls_back_to_torch_with_a_warning(monkeyp
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             check(inc, ref)  # the torch path from then on, without another warning
-        assert rng.cpu_twins() is None
+        assert _backends.numba_kernels() is None
     finally:
-        rng._cpu_kernels.cache_clear()
+        _backends._numba_module.cache_clear()
 
 
 @both_paths

@@ -10,8 +10,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from seedslot import candidates as C
-from seedslot import scores as S
-from seedslot import selection as Sel
+from seedslot import ops
+from seedslot.ops import _backends
+from seedslot.ops import _chunks
+from seedslot.ops import _torch as T
 from seedslot.rng import bits, derive, key32, noise_bits
 
 from reference import np_bits, np_noise_bits
@@ -65,8 +67,8 @@ def test_derive_is_pure_and_separates_inputs():
 def test_greedy_values_are_the_argmax_and_its_candidate(seed, k, n, per_conn, offset, ties):
     g = torch.Generator().manual_seed(seed)
     q = torch.randint(-3 if ties else -128, 3 if ties else 128, (n, k), dtype=torch.int8, generator=g)
-    ck = C.CandidateKeys(per_conn, C.i32(seed ^ 11), C.stream_keys(seed, C.CANDIDATES, k)[1], C.grid_step(0.05))
-    idx, value = Sel.packed_greedy.eager(q.view(Sel._WORDS[k]), C.i32(offset), *ck)
+    ck = C.CandidateKeys(per_conn, C.i32(seed ^ 11), C.stream_keys(seed, C.Stream.CANDIDATES, k)[1], C.grid_step(0.05))
+    idx, value = T.packed_greedy.eager(q.view(T._WORDS[k]), C.i32(offset), *ck)
     assert torch.equal(idx, q.argmax(-1))  # the lowest index on ties
     assert torch.equal(value, C.selected_values(idx, offset, ck))
 
@@ -74,18 +76,18 @@ def test_greedy_values_are_the_argmax_and_its_candidate(seed, k, n, per_conn, of
 def test_greedy_values_dispatch(monkeypatch):
     # the packed pass where compiled kernels run (it is the compiled path's: eager argmax is faster)
     q = torch.randint(-128, 128, (300, 8), dtype=torch.int8, generator=torch.Generator().manual_seed(1))
-    ck = C.CandidateKeys(1, C.i32(5), C.stream_keys(5, C.CANDIDATES, 8)[1], C.grid_step(0.05))
-    assert Sel.greedy_values(q, 7, ck) is None  # the suite runs eager (conftest)
-    assert Sel.greedy_values(q[:, :3].contiguous(), 7, ck) is None
+    ck = C.CandidateKeys(1, C.i32(5), C.stream_keys(5, C.Stream.CANDIDATES, 8)[1], C.grid_step(0.05))
+    assert ops.greedy_values(q, 7, ck) is None  # the suite runs eager (conftest)
+    assert ops.greedy_values(q[:, :3].contiguous(), 7, ck) is None
     monkeypatch.setenv("SEEDSLOT_COMPILE", "1")
-    assert Sel.greedy_values(torch.zeros(5, 16, dtype=torch.int8), 7, ck) is None  # K > 8: two passes
-    idx, value = Sel.greedy_values(q, 7, ck)
+    assert ops.greedy_values(torch.zeros(5, 16, dtype=torch.int8), 7, ck) is None  # K > 8: two passes
+    idx, value = ops.greedy_values(q, 7, ck)
     assert torch.equal(idx, q.argmax(-1)) and torch.equal(value, C.selected_values(idx, 7, ck))
 
 
 def _kernel_cases():
-    kb = C.stream_keys(5, C.CANDIDATES, 8)[1]
-    rb = C.stream_keys(5, C.ROUND, 8)[1]
+    kb = C.stream_keys(5, C.Stream.CANDIDATES, 8)[1]
+    rb = C.stream_keys(5, C.Stream.ROUND, 8)[1]
     step = C.grid_step(0.05)
     n = 3001
     g = torch.Generator().manual_seed(0)
@@ -93,22 +95,22 @@ def _kernel_cases():
     d = torch.randn(n, generator=g) * 3
     i32 = C.i32
     return [
-        (C.candidate_chunk, (i32(17), n, 1, i32(123), kb, step)),
-        (C.selected_chunk, (torch.randint(0, 8, (n,), generator=g), i32(17), 1, i32(123), kb, step)),
-        (S.int8_update_rows, (q, d, torch.tensor(-250.0), i32(17), 1, i32(123), kb, step, i32(99), rb)),
-        (S.int8_update_unrolled, (q, d, torch.tensor(-250.0), i32(17), 1, i32(123), kb, step, i32(99), rb)),
-        (S.int8_update_packed, (q.view(torch.int64).view(-1), d, torch.tensor(-250.0), i32(17), 1, i32(123), kb, step,
+        (T.candidate_chunk, (i32(17), n, 1, i32(123), kb, step)),
+        (T.selected_chunk, (torch.randint(0, 8, (n,), generator=g), i32(17), 1, i32(123), kb, step)),
+        (T.int8_update_rows, (q, d, torch.tensor(-250.0), i32(17), 1, i32(123), kb, step, i32(99), rb)),
+        (T.int8_update_unrolled, (q, d, torch.tensor(-250.0), i32(17), 1, i32(123), kb, step, i32(99), rb)),
+        (T.int8_update_packed, (q.view(torch.int64).view(-1), d, torch.tensor(-250.0), i32(17), 1, i32(123), kb, step,
                                 i32(99), rb)),
-        (S.connection_hashes, (d, torch.tensor(-250.0), i32(17), 1, i32(123), i32(99))),
-        (S.int8_update_hashed, (q, *S.connection_hashes.eager(d, torch.tensor(-250.0), i32(17), 1, i32(123), i32(99)), kb,
+        (T.connection_hashes, (d, torch.tensor(-250.0), i32(17), 1, i32(123), i32(99))),
+        (T.int8_update_hashed, (q, *T.connection_hashes.eager(d, torch.tensor(-250.0), i32(17), 1, i32(123), i32(99)), kb,
                                 step, rb)),
-        (S.fp32_update_chunk, (q.float(), d, torch.tensor(-0.1), i32(17), 0, i32(123), kb, step)),
-        (S.requantize_chunk, (q, torch.tensor(0.25), i32(3), i32(4), rb)),
-        (Sel.sample_chunk, (q, torch.tensor(0.01), i32(3), i32(4), rb)),
-        (Sel.packed_argmax, (q.view(torch.int64),)),
-        (Sel.packed_greedy, (q.view(torch.int64), i32(17), 1, i32(123), kb, step)),
-        (S.implicit_chunk, (d, torch.tensor(0.9), i32(17), 1, i32(123), kb, step, i32(7), rb, torch.tensor(0.05))),
-        (S.implicit_greedy_unrolled, (d, torch.tensor(0.9), i32(17), 0, i32(123), kb, step, i32(7), rb, torch.tensor(0.05))),
+        (T.fp32_update_chunk, (q.float(), d, torch.tensor(-0.1), i32(17), 0, i32(123), kb, step)),
+        (T.requantize_chunk, (q, torch.tensor(0.25), i32(3), i32(4), rb)),
+        (T.sample_chunk, (q, torch.tensor(0.01), i32(3), i32(4), rb)),
+        (T.packed_argmax, (q.view(torch.int64),)),
+        (T.packed_greedy, (q.view(torch.int64), i32(17), 1, i32(123), kb, step)),
+        (T.implicit_chunk, (d, torch.tensor(0.9), i32(17), 1, i32(123), kb, step, i32(7), rb, torch.tensor(0.05))),
+        (T.implicit_greedy_unrolled, (d, torch.tensor(0.9), i32(17), 0, i32(123), kb, step, i32(7), rb, torch.tensor(0.05))),
     ]
 
 
@@ -126,11 +128,9 @@ def test_compiled_equals_eager_bit_for_bit():
 
 
 def test_compile_failure_falls_back_with_one_warning(monkeypatch):
-    from seedslot import rng
-
-    f = rng.fused()(lambda x: x + 1)
+    f = _backends.fused()(lambda x: x + 1)
     monkeypatch.setenv("SEEDSLOT_COMPILE", "1")
-    monkeypatch.setattr(rng, "_warned", False)
+    monkeypatch.setattr(_backends, "_warned", False)
 
     def boom():
         raise RuntimeError("no compiler")
@@ -179,12 +179,12 @@ def test_implicit_greedy_is_the_argmax_of_the_implicit_scores(seed, k, factor, s
     n = 257
     drift = torch.randn(n, generator=g) * spread
     drift[::7] = 0.0  # factor 0 and no drift: all K scores equal, the lowest index wins
-    args = (torch.tensor(factor), C.i32(seed % 1000), per_conn, C.i32(seed), C.stream_keys(seed, C.CANDIDATES, k)[1],
-            C.grid_step(0.05), C.i32(seed ^ 5), C.stream_keys(seed, C.SCORES, k)[1], torch.tensor(0.01))
-    expected = S.implicit_chunk.eager(drift, *args).argmax(-1)
-    idx, value = S.implicit_greedy_unrolled.eager(drift, *args)
+    args = (torch.tensor(factor), C.i32(seed % 1000), per_conn, C.i32(seed), C.stream_keys(seed, C.Stream.CANDIDATES, k)[1],
+            C.grid_step(0.05), C.i32(seed ^ 5), C.stream_keys(seed, C.Stream.INITIAL_SCORES, k)[1], torch.tensor(0.01))
+    expected = T.implicit_chunk.eager(drift, *args).argmax(-1)
+    idx, value = T.implicit_greedy_unrolled.eager(drift, *args)
     assert torch.equal(idx, expected)
-    assert torch.equal(value, C.candidate_chunk.eager(args[1], n, per_conn, args[3], args[4], args[5]).gather(
+    assert torch.equal(value, T.candidate_chunk.eager(args[1], n, per_conn, args[3], args[4], args[5]).gather(
         -1, idx.unsqueeze(-1)).squeeze(-1))
 
 
@@ -195,8 +195,8 @@ def test_unrolled_int8_update_equals_the_rows_form(seed, k, coef, per_conn):
     n = 257
     q = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=g)
     args = (q, torch.randn(n, generator=g), torch.tensor(coef), C.i32(seed % 1000), per_conn, C.i32(seed),
-            C.stream_keys(seed, C.CANDIDATES, k)[1], C.grid_step(0.05), C.i32(seed ^ 3), C.stream_keys(seed, C.ROUND, k)[1])
-    assert torch.equal(S.int8_update_unrolled.eager(*args), S.int8_update_rows.eager(*args))
+            C.stream_keys(seed, C.Stream.CANDIDATES, k)[1], C.grid_step(0.05), C.i32(seed ^ 3), C.stream_keys(seed, C.Stream.ROUND, k)[1])
+    assert torch.equal(T.int8_update_unrolled.eager(*args), T.int8_update_rows.eager(*args))
 
 
 @settings(max_examples=40, deadline=None)
@@ -208,18 +208,18 @@ def test_packed_and_hashed_int8_updates_equal_the_rows_form(seed, k, n, coef, pe
     g = torch.Generator().manual_seed(seed)
     q = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=g)
     d, coef_t, start_t, key_a, round_a = torch.randn(n, generator=g) * 10, torch.tensor(coef), C.i32(start), C.i32(seed), C.i32(seed ^ 3)
-    keys_b, step, round_b = C.stream_keys(seed, C.CANDIDATES, k)[1], C.grid_step(0.05), C.stream_keys(seed, C.ROUND, k)[1]
+    keys_b, step, round_b = C.stream_keys(seed, C.Stream.CANDIDATES, k)[1], C.grid_step(0.05), C.stream_keys(seed, C.Stream.ROUND, k)[1]
     args = (d, coef_t, start_t, per_conn, key_a, keys_b, step, round_a, round_b)
-    want = S.int8_update_rows.eager(q, *args)
+    want = T.int8_update_rows.eager(q, *args)
     if k <= 8:
-        words = Sel.packed_words(q)
+        words = T.packed_words(q)
         assert words is not None and words.shape == (n, 1)
-        got = S.int8_update_packed.eager(words.view(-1), *args).view(torch.int8).view(n, k)
+        got = T.int8_update_packed.eager(words.view(-1), *args).view(torch.int8).view(n, k)
     else:
-        hashes = S.connection_hashes.eager(d, coef_t, start_t, per_conn, key_a, round_a)
-        got = S.int8_update_hashed.eager(q, *hashes, keys_b, step, round_b)
+        hashes = T.connection_hashes.eager(d, coef_t, start_t, per_conn, key_a, round_a)
+        got = T.int8_update_hashed.eager(q, *hashes, keys_b, step, round_b)
     assert torch.equal(got, want)
-    assert torch.equal(S.int8_update_chunk(q, *args), want)  # the dispatch
+    assert torch.equal(torch.ops.seedslot.int8_update(q, *args), want)  # the dispatch
 
 
 @pytest.mark.parametrize("triton, kernel", [(False, "int8_update_hashed"), (True, "int8_update_rows")])
@@ -227,23 +227,25 @@ def test_int8_update_dispatch_above_k8(monkeypatch, triton, kernel):
     # the CPU runs the hashed form; CUDA with Triton the rows form, whose Triton twin it has
     n, k = 50, 24
     q = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=torch.Generator().manual_seed(1))
-    args = (torch.randn(n) * 10, torch.tensor(-300.0), C.i32(5), 1, C.i32(7), C.stream_keys(2, C.CANDIDATES, k)[1],
-            C.grid_step(0.05), C.i32(9), C.stream_keys(2, C.ROUND, k)[1])
-    calls, rows = [], S.int8_update_rows.eager
-    monkeypatch.setattr(S._rng, "use_triton", lambda t: triton)
-    monkeypatch.setattr(S, kernel, lambda *a: calls.append(kernel) or rows(q, *args))
-    S.int8_update_chunk(q, *args)
+    args = (torch.randn(n) * 10, torch.tensor(-300.0), C.i32(5), 1, C.i32(7), C.stream_keys(2, C.Stream.CANDIDATES, k)[1],
+            C.grid_step(0.05), C.i32(9), C.stream_keys(2, C.Stream.ROUND, k)[1])
+    calls, rows = [], T.int8_update_rows.eager
+    # the CPU kernel and, with Triton on, the CUDA kernel of the op
+    run = ops._int8_update_cuda if triton else ops._int8_update_cpu
+    monkeypatch.setattr(_backends, "triton_on", lambda: triton)
+    monkeypatch.setattr(T, kernel, _backends.fused()(lambda *a: calls.append(kernel) or rows(q, *args)))
+    run(q, *args)
     assert calls == [kernel]
 
 
 @pytest.mark.slow
 def test_compiled_hashed_int8_update_equals_the_rows_form_on_a_full_chunk():
     # the size and K the CPU path runs at (one FUSED_CHUNK_VALUES chunk at K = 64), compiled
-    n, k = C.FUSED_CHUNK_VALUES // 64, 64
+    n, k = _chunks.FUSED_CHUNK_VALUES // 64, 64
     g = torch.Generator().manual_seed(4)
     q = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=g)
     d, coef, start, key_a, round_a = torch.randn(n, generator=g) * 10, torch.tensor(-300.0), C.i32(12345), C.i32(7), C.i32(9)
-    keys_b, step, round_b = C.stream_keys(2, C.CANDIDATES, k)[1], C.grid_step(0.05), C.stream_keys(2, C.ROUND, k)[1]
-    hashes = S.connection_hashes.compiled(d, coef, start, 1, key_a, round_a)
-    got = S.int8_update_hashed.compiled(q, *hashes, keys_b, step, round_b)
-    assert torch.equal(got, S.int8_update_rows.eager(q, d, coef, start, 1, key_a, keys_b, step, round_a, round_b))
+    keys_b, step, round_b = C.stream_keys(2, C.Stream.CANDIDATES, k)[1], C.grid_step(0.05), C.stream_keys(2, C.Stream.ROUND, k)[1]
+    hashes = T.connection_hashes.compiled(d, coef, start, 1, key_a, round_a)
+    got = T.int8_update_hashed.compiled(q, *hashes, keys_b, step, round_b)
+    assert torch.equal(got, T.int8_update_rows.eager(q, d, coef, start, 1, key_a, keys_b, step, round_a, round_b))

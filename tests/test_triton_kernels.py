@@ -19,9 +19,9 @@ pytest.importorskip("triton", reason="triton is not installed: the Triton kernel
 import seedslot as ss  # noqa: E402
 from seedslot import candidates as C  # noqa: E402
 from seedslot import rng  # noqa: E402
-from seedslot import scores as S  # noqa: E402
-from seedslot import selection as Sel  # noqa: E402
-from seedslot import triton_kernels as TK  # noqa: E402
+from seedslot.ops import _backends  # noqa: E402
+from seedslot.ops import _torch as T  # noqa: E402
+from seedslot.ops import _triton as TK  # noqa: E402
 
 from reference import np_bits, np_noise_bits  # noqa: E402
 
@@ -64,7 +64,7 @@ def layouts(draw, max_n=300):
     return n, start, k, draw(st.sampled_from([0, 1])), draw(st.sampled_from([None, 4]))
 
 
-def keys(k, seed, tag=C.CANDIDATES):
+def keys(k, seed, tag=C.Stream.CANDIDATES):
     return C.stream_keys(seed, tag, k)[1]
 
 
@@ -109,8 +109,8 @@ def test_candidate_chunk(layout, key_a, seed, sigma):
     kb, step = keys(k, seed), C.grid_step(sigma)
     args = (i32(start), n, per_conn, i32(key_a), kb, step)
     with tile(max_bk):
-        got = run_triton(C.candidate_chunk, *args)
-    assert torch.equal(got, C.candidate_chunk.eager(*args))
+        got = run_triton(T.candidate_chunk, *args)
+    assert torch.equal(got, T.candidate_chunk.eager(*args))
     assert np.array_equal(got.numpy(), np_candidates(start, n, per_conn, key_a, kb, float(step)))
 
 
@@ -121,8 +121,8 @@ def test_selected_chunk(layout, key_a, seed):
     kb, step = keys(k, seed), C.grid_step(0.3)
     idx = torch.randint(0, k, (n,), generator=torch.Generator().manual_seed(seed))
     args = (idx, i32(start), per_conn, i32(key_a), kb, step)
-    got = run_triton(C.selected_chunk, *args)
-    assert torch.equal(got, C.selected_chunk.eager(*args))
+    got = run_triton(T.selected_chunk, *args)
+    assert torch.equal(got, T.selected_chunk.eager(*args))
     ref = np_candidates(start, n, per_conn, key_a, kb, float(step))[np.arange(n), idx.numpy()]
     assert np.array_equal(got.numpy(), ref)
 
@@ -144,15 +144,15 @@ def np_int8_update(q, d, coef, start, n, per_conn, key_a, kb, step, round_a, rb)
        coef=st.sampled_from([0.0, -1.0, 3.0, -250.0, 1e4, -1e6]), qrange=st.sampled_from([(-128, 128), (100, 128)]))
 def test_int8_update(layout, keys_ab, seed, dkind, coef, qrange):
     n, start, k, per_conn, max_bk = layout
-    kb, rb, step = keys(k, seed), keys(k, seed, C.ROUND), C.grid_step(0.1)
+    kb, rb, step = keys(k, seed), keys(k, seed, C.Stream.ROUND), C.grid_step(0.1)
     q = torch.randint(*qrange, (n, k), dtype=torch.int8, generator=torch.Generator().manual_seed(seed))
     d = direction(dkind, n, seed)
     args = (q, d, torch.tensor(coef), i32(start), per_conn, i32(keys_ab[0]), kb, step, i32(keys_ab[1]), rb)
     with tile(max_bk):
-        got = run_triton(S.int8_update_rows, *args)
-    assert torch.equal(got, S.int8_update_rows.eager(*args))
+        got = run_triton(T.int8_update_rows, *args)
+    assert torch.equal(got, T.int8_update_rows.eager(*args))
     if k <= 64:
-        assert torch.equal(got, S.int8_update_unrolled.eager(*args))
+        assert torch.equal(got, T.int8_update_unrolled.eager(*args))
     ref = np_int8_update(q, d, coef, start, n, per_conn, keys_ab[0], kb, float(step), keys_ab[1], rb)
     assert np.array_equal(got.numpy(), ref)
 
@@ -163,11 +163,11 @@ def test_int8_update_recentres_and_clips():
     q = torch.full((n, k), 120, dtype=torch.int8)
     q[:, 0] = -128
     d = torch.linspace(-1.0, 1.0, n)
-    args = (q, d, torch.tensor(-3000.0), i32(5), 1, i32(1), keys(k, 1), C.grid_step(0.1), i32(2), keys(k, 1, C.ROUND))
+    args = (q, d, torch.tensor(-3000.0), i32(5), 1, i32(1), keys(k, 1), C.grid_step(0.1), i32(2), keys(k, 1, C.Stream.ROUND))
     for max_bk in (None, 2):
         with tile(max_bk):
-            got = run_triton(S.int8_update_rows, *args)
-        assert torch.equal(got, S.int8_update_rows.eager(*args))
+            got = run_triton(T.int8_update_rows, *args)
+        assert torch.equal(got, T.int8_update_rows.eager(*args))
     assert (got.max(1).values == 127).float().mean() > 0.5  # re-centred rows
     assert (got == -128).any()  # clipped at the bottom
 
@@ -182,8 +182,8 @@ def test_fp32_update_chunk(layout, key_a, seed, dkind, neg_lr):
     d = direction(dkind, n, seed + 1)
     args = (s, d, torch.tensor(neg_lr), i32(start), per_conn, i32(key_a), kb, step)
     with tile(max_bk):
-        got = run_triton(S.fp32_update_chunk, *args)
-    assert torch.equal(got, S.fp32_update_chunk.eager(*args))
+        got = run_triton(T.fp32_update_chunk, *args)
+    assert torch.equal(got, T.fp32_update_chunk.eager(*args))
     w = np_candidates(start, n, per_conn, key_a, kb, float(step))
     ref = s.numpy() + (d.numpy() * np.float32(neg_lr))[:, None] * w
     assert np.array_equal(got.numpy(), ref)
@@ -194,12 +194,12 @@ def test_fp32_update_chunk(layout, key_a, seed, dkind, neg_lr):
        inv=st.sampled_from([1.0, 0.5, 0.25, 2.0**-6, 2.0**-10]))
 def test_requantize_chunk(layout, keys_ab, seed, inv):
     n, start, k, _, max_bk = layout
-    rb = keys(k, seed, C.REQUANT)
+    rb = keys(k, seed, C.Stream.REQUANT)
     q = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=torch.Generator().manual_seed(seed))
     args = (q, torch.tensor(inv), i32(start), i32(keys_ab[0]), rb)
     with tile(max_bk):
-        got = run_triton(S.requantize_chunk, *args)
-    assert torch.equal(got, S.requantize_chunk.eager(*args))
+        got = run_triton(T.requantize_chunk, *args)
+    assert torch.equal(got, T.requantize_chunk.eager(*args))
     ref = np.floor(q.numpy().astype(np.float32) * np.float32(inv) + np_uniform(start, n, keys_ab[0], rb))
     assert np.array_equal(got.numpy(), np.clip(ref, -128, 127).astype(np.int8))
 
@@ -211,7 +211,7 @@ def implicit_args(layout, seed, dkind, factor):
     n, start, k, per_conn, _ = layout
     d = direction(dkind, n, seed) * 0.05
     return (d, torch.tensor(factor), i32(start), per_conn, i32(C.key32(seed, 1)), keys(k, seed), C.grid_step(0.3),
-            i32(C.key32(seed, 2)), keys(k, seed, C.SCORES), torch.tensor(0.03))
+            i32(C.key32(seed, 2)), keys(k, seed, C.Stream.INITIAL_SCORES), torch.tensor(0.03))
 
 
 @FAST
@@ -219,14 +219,14 @@ def implicit_args(layout, seed, dkind, factor):
 def test_implicit_chunk_and_greedy(layout, seed, dkind, factor):
     args = implicit_args(layout, seed, dkind, factor)
     with tile(layout[4]):
-        scores = run_triton(S.implicit_chunk, *args)
-        idx, value = run_triton(S.implicit_greedy_unrolled, *args)
-    assert torch.equal(scores, S.implicit_chunk.eager(*args))
-    ref_idx = S.implicit_chunk.eager(*args).argmax(-1)
+        scores = run_triton(T.implicit_chunk, *args)
+        idx, value = run_triton(T.implicit_greedy_unrolled, *args)
+    assert torch.equal(scores, T.implicit_chunk.eager(*args))
+    ref_idx = T.implicit_chunk.eager(*args).argmax(-1)
     assert torch.equal(idx, ref_idx)
-    assert torch.equal(value, C.selected_chunk.eager(ref_idx, *args[2:7]))
+    assert torch.equal(value, T.selected_chunk.eager(ref_idx, *args[2:7]))
     if layout[2] <= 64:
-        e_idx, e_value = S.implicit_greedy_unrolled.eager(*args)
+        e_idx, e_value = T.implicit_greedy_unrolled.eager(*args)
         assert torch.equal(idx, e_idx) and torch.equal(value, e_value)
 
 
@@ -244,21 +244,21 @@ def test_greedy_int8_and_fp32_lowest_index_on_ties(n, k, seed, levels, max_bk):
     f[::7, ::3] = float("-inf")
     with tile(max_bk):
         for s in (q, f, f.t().contiguous().t()):  # a strided (column-major) tensor too
-            assert torch.equal(run_triton(Sel.argmax_rows, s), s.argmax(-1))
-        if k in Sel._WORDS:
-            words = q.view(Sel._WORDS[k])
-            assert torch.equal(run_triton(Sel.packed_argmax, words), Sel.packed_argmax.eager(words))
+            assert torch.equal(run_triton(T.argmax_rows, s), s.argmax(-1))
+        if k in T._WORDS:
+            words = q.view(T._WORDS[k])
+            assert torch.equal(run_triton(T.packed_argmax, words), T.packed_argmax.eager(words))
 
 
 def test_greedy_fp32_nan_and_infinities_as_torch():
     s = torch.tensor([[1.0, float("nan"), 2.0, float("nan")], [float("inf"), 1.0, float("inf"), 0.0],
                       [float("-inf")] * 4, [-0.0, 0.0, -0.0, -1.0], [float("nan"), float("inf"), 0, 0]])
-    assert torch.equal(run_triton(Sel.argmax_rows, s), s.argmax(-1))
+    assert torch.equal(run_triton(T.argmax_rows, s), s.argmax(-1))
 
 
 def perturbed(scores, scale, start, key_a, kb):
     """The Gumbel-perturbed scores in float64 (the reference the tolerance is measured on)."""
-    c = C.connections(start, scores.shape[0], 1, "cpu")
+    c = T.connections(start, scores.shape[0], 1, "cpu")
     u = (((rng.bits(c, key_a, kb) >> 8) & 0xFFFFFF).to(torch.float32) + 0.5).double() * 2.0**-24
     return scores.double() * float(scale) - torch.log(-torch.log(u))
 
@@ -281,21 +281,21 @@ def test_sample_chunk(n, k, seed, key_a, start, int8, max_bk):
         scores, scale = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=g), torch.tensor(0.02)
     else:
         scores, scale = torch.randn(n, k, generator=g) * 3, torch.tensor(1.0)
-    kb = keys(k, seed, C.SAMPLE)
+    kb = keys(k, seed, C.Stream.SAMPLE)
     args = (scores, scale, i32(start), i32(key_a), kb)
     with tile(max_bk):
-        got = run_triton(Sel.sample_chunk, *args)
-    assert_same_draws(got, Sel.sample_chunk.eager(*args), perturbed(scores, scale, start, key_a, kb))
+        got = run_triton(T.sample_chunk, *args)
+    assert_same_draws(got, T.sample_chunk.eager(*args), perturbed(scores, scale, start, key_a, kb))
 
 
 def test_sample_chunk_many_rows():
     """Many draws: disagreements (if any) are rare, and every one a near-tie."""
     n, k = 20000, 16
     scores = torch.randn(n, k, generator=torch.Generator().manual_seed(1))
-    kb = keys(k, 3, C.SAMPLE)
+    kb = keys(k, 3, C.Stream.SAMPLE)
     args = (scores, torch.tensor(1.0), i32(7), i32(11), kb)
-    got = run_triton(Sel.sample_chunk, *args)
-    assert_same_draws(got, Sel.sample_chunk.eager(*args), perturbed(scores, 1.0, 7, 11, kb))
+    got = run_triton(T.sample_chunk, *args)
+    assert_same_draws(got, T.sample_chunk.eager(*args), perturbed(scores, 1.0, 7, 11, kb))
 
 
 # ---------------------------------------------------------------- large K, one case of each kernel
@@ -304,81 +304,90 @@ def test_sample_chunk_many_rows():
 @pytest.mark.parametrize("k", [300, 1000])
 def test_large_k_every_kernel(k):
     n, start, seed = 37, 2**31 - 1 - 37, 5
-    kb, rb, step = keys(k, seed), keys(k, seed, C.ROUND), C.grid_step(0.2)
+    kb, rb, step = keys(k, seed), keys(k, seed, C.Stream.ROUND), C.grid_step(0.2)
     g = torch.Generator().manual_seed(seed)
     q = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=g)
     d = torch.randn(n, generator=g) * 50
     cases = [
-        (C.candidate_chunk, (i32(start), n, 1, i32(3), kb, step)),
-        (S.int8_update_rows, (q, d, torch.tensor(-100.0), i32(start), 1, i32(3), kb, step, i32(4), rb)),
-        (S.fp32_update_chunk, (q.float(), d, torch.tensor(-0.1), i32(start), 0, i32(3), kb, step)),
-        (S.requantize_chunk, (q, torch.tensor(0.25), i32(start), i32(4), rb)),
-        (Sel.argmax_rows, (q,)),
-        (S.implicit_chunk, implicit_args((n, start, k, 1, None), seed, "normal", 0.9)),
+        (T.candidate_chunk, (i32(start), n, 1, i32(3), kb, step)),
+        (T.int8_update_rows, (q, d, torch.tensor(-100.0), i32(start), 1, i32(3), kb, step, i32(4), rb)),
+        (T.fp32_update_chunk, (q.float(), d, torch.tensor(-0.1), i32(start), 0, i32(3), kb, step)),
+        (T.requantize_chunk, (q, torch.tensor(0.25), i32(start), i32(4), rb)),
+        (T.argmax_rows, (q,)),
+        (T.implicit_chunk, implicit_args((n, start, k, 1, None), seed, "normal", 0.9)),
     ]
     for f, args in cases:
         assert torch.equal(run_triton(f, *args), f.eager(*args)), f.__name__
     args = implicit_args((n, start, k, 0, None), seed, "normal", 0.9)
-    idx, value = run_triton(S.implicit_greedy_unrolled, *args)
-    ref = S.implicit_chunk.eager(*args).argmax(-1)
-    assert torch.equal(idx, ref) and torch.equal(value, C.selected_chunk.eager(ref, *args[2:7]))
+    idx, value = run_triton(T.implicit_greedy_unrolled, *args)
+    ref = T.implicit_chunk.eager(*args).argmax(-1)
+    assert torch.equal(idx, ref) and torch.equal(value, T.selected_chunk.eager(ref, *args[2:7]))
 
 
 # ---------------------------------------------------------------- dispatch
 
 
 def test_every_hot_path_has_a_twin():
-    for f in (C.candidate_chunk, C.selected_chunk, S.int8_update_rows, S.int8_update_unrolled, S.fp32_update_chunk,
-              S.requantize_chunk, S.implicit_chunk, S.implicit_greedy_unrolled, Sel.packed_argmax, Sel.sample_chunk,
-              Sel.argmax_rows):
+    for f in (T.candidate_chunk, T.selected_chunk, T.int8_update_rows, T.int8_update_unrolled, T.fp32_update_chunk,
+              T.requantize_chunk, T.implicit_chunk, T.implicit_greedy_unrolled, T.packed_argmax, T.sample_chunk,
+              T.argmax_rows):
         assert callable(f.triton), f.__name__
-    assert S.int8_update_rows.triton is S.int8_update_unrolled.triton is TK.int8_update
-    assert rng.fused()(lambda x: x).triton is None
+    assert T.int8_update_rows.triton is T.int8_update_unrolled.triton is TK.int8_update
+    assert _backends.fused()(lambda x: x).triton is None
 
 
 def test_dispatch_routes_cuda_tensors_to_the_twin(monkeypatch):
+    # a kernel's torch path (the CPU kernel) and its CUDA kernel (the Triton twin while Triton is on)
     calls = []
-    f = rng.fused("x", triton=lambda x: calls.append("triton") or x)(lambda x: calls.append("torch") or x)
+    f = _backends.fused("x", triton=lambda x: calls.append("triton") or x)(lambda x: calls.append("torch") or x)
     t = torch.zeros(3)
     f(t)
-    assert calls == ["torch"]  # CPU tensor: the torch path
+    assert calls == ["torch"]  # the torch path
     with monkeypatch.context() as m:
-        m.setattr(rng, "use_triton", lambda t: t is not None)
-        f(t)
+        m.setattr(_backends, "triton_on", lambda: True)
+        f.cuda(t)
         assert calls == ["torch", "triton"]
-        m.setattr(torch.compiler, "is_compiling", lambda: True)  # inside torch.compile: the eager body
-        f(t)
+        m.setattr(_backends, "triton_on", lambda: False)  # Triton off: the CUDA kernel is the torch one
+        f.cuda(t)
         assert calls == ["torch", "triton", "torch"]
 
 
 def test_dispatch_predicate(monkeypatch):
     cuda_like = type("T", (), {"is_cuda": True})()
-    assert rng.use_triton(cuda_like)
-    assert not rng.use_triton(torch.zeros(2))  # CPU
-    assert not rng.use_triton(None)
+    assert _backends.runs_triton(cuda_like)
+    assert not _backends.runs_triton(torch.zeros(2))  # CPU
+    assert not _backends.runs_triton(None)
     monkeypatch.setenv("SEEDSLOT_TRITON", "0")
-    assert not rng.use_triton(cuda_like)
+    assert not _backends.runs_triton(cuda_like)
+
+
+def test_ops_register_a_cuda_kernel_and_a_fake():
+    for name in ("candidates", "selected", "greedy", "packed_greedy", "sample", "int8_update", "fp32_update",
+                 "requantize", "implicit_scores", "implicit_greedy", "incremental_greedy"):
+        op = getattr(torch.ops.seedslot, name).default
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(op.name(), "CUDA"), name
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(op.name(), "Meta"), name
 
 
 def test_failing_twin_falls_back_with_one_warning(monkeypatch):
     def broken(x):
         raise RuntimeError("no compiler")
 
-    f = rng.fused("x", triton=broken)(lambda x: x + 1)
-    monkeypatch.setattr(rng, "use_triton", lambda t: True)
-    monkeypatch.setattr(rng, "_triton_warned", False)
+    f = _backends.fused("x", triton=broken)(lambda x: x + 1)
+    monkeypatch.setattr(_backends, "triton_on", lambda: True)
+    monkeypatch.setattr(_backends, "_triton_warned", False)
     with pytest.warns(RuntimeWarning, match="Triton kernel failed"):
-        assert torch.equal(f(torch.zeros(2)), torch.ones(2))
-    assert torch.equal(f(torch.zeros(2)), torch.ones(2))  # torch from then on
+        assert torch.equal(f.cuda(torch.zeros(2)), torch.ones(2))
+    assert torch.equal(f.cuda(torch.zeros(2)), torch.ones(2))  # torch from then on
 
 
 # ---------------------------------------------------------------- end to end
 
 
 def _force_triton(monkeypatch):
-    """Route every fused call (and greedy) to the Triton twins: on CPU tensors without a GPU."""
+    """Run the ops' CUDA kernels (the Triton kernels) on CPU tensors without a GPU."""
     if DEV.type == "cpu":
-        monkeypatch.setattr(rng, "use_triton", lambda t: t is not None)
+        monkeypatch.setattr(_backends, "cuda_kernels_on_cpu", True)
 
 
 def _train(layer, steps, dev):

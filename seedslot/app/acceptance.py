@@ -26,7 +26,7 @@ from .devices import resolve_device
 from ..files import atomic_write
 from ..layers import SeededSlotLayer
 from ..optim import SlotSGD
-from ..scores import SCORES
+from ..storages import SCORES
 
 __all__ = ["PARTS", "identities", "update_identities", "regeneration_rate", "gpu_acceptance", "report", "merge",
            "add_arguments", "run_cli"]
@@ -107,11 +107,11 @@ def update_identities(device, model: str = "vgg19", k: int = 8, reference="cpu")
 
 def regeneration_rate(device, connections: int = 1 << 24, k: int = 8, repeats: int = 5) -> float:
     """Candidate values per second: every candidate of ``connections`` connections, one call."""
-    from ..candidates import CANDIDATES, candidate_chunk, grid_step, i32, stream_keys
+    from ..candidates import Stream, grid_step, i32, stream_keys
 
-    key_a, keys_b = stream_keys(1, CANDIDATES, k, device)
+    key_a, keys_b = stream_keys(1, Stream.CANDIDATES, k, device)
     key_a, step = i32(key_a, device), grid_step(0.01).to(device)
-    seconds = median_seconds(lambda: candidate_chunk(i32(0, device), connections, 1, key_a, keys_b, step), repeats,
+    seconds = median_seconds(lambda: torch.ops.seedslot.candidates(i32(0, device), connections, 1, key_a, keys_b, step), repeats,
                              str(device))
     return connections * k / seconds
 

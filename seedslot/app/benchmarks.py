@@ -38,7 +38,7 @@ from ..memory import CATEGORIES, state_breakdown, state_bytes
 from .child import run_in_child
 from ..config import SlotConfig
 from ..optim import SlotSGD
-from ..rng import compile_enabled, cpu_twins
+from .. import ops
 from ..validate import check_int
 
 __all__ = ["MODES", "memory_bench", "budget_bench", "speed_bench", "median_seconds", "parse_bytes", "add_arguments", "run_cli", "main"]
@@ -212,7 +212,7 @@ def memory_bench(model: str = "vgg19", k: int = 8, batch_size: int = 64, steps: 
             step_seconds=v["step_seconds"],
             warmup_seconds=v["warmup_seconds"],
         ))
-    out: dict[str, Any] = dict(bench="memory", model=model, compiled=compile_enabled(), k=k,
+    out: dict[str, Any] = dict(bench="memory", model=model, compiled=ops.backends()["compile"], k=k,
                                batch_size=batch_size, steps=steps, device=device, rows=rows)
     by_mode = {r["mode"]: r for r in rows}
     if "dense" in by_mode:
@@ -245,7 +245,7 @@ def budget_bench(model: str = "vgg19", budget_bytes: int = 2 * 2**30, batch_size
     batch_size, steps = check_int("batch_size", batch_size, 1), check_int("steps", steps, 1)
     modes, device = _modes(modes), _device(device)
     cuda = device.startswith("cuda")
-    out: dict[str, Any] = dict(bench="budget", model=model, compiled=compile_enabled(), budget_bytes=budget_bytes,
+    out: dict[str, Any] = dict(bench="budget", model=model, compiled=ops.backends()["compile"], budget_bytes=budget_bytes,
                                batch_size=batch_size, steps=steps, device=device, ks=list(ks), trials=[])
     for mode in modes:
         best = None
@@ -297,7 +297,7 @@ def speed_bench(model: str = "lenet", k: int = 8, batch_size: int = 64, repeats:
     rows = [dict(mode=m, k=None if m == "learned" else k, steps_per_measurement=n_steps[m],
                  step_seconds=statistics.median(per_step[m]), steps_per_second=1.0 / statistics.median(per_step[m]),
                  step_seconds_all=per_step[m], first_step_seconds=first[m]) for m in modes]
-    out: dict[str, Any] = dict(bench="speed", model=model, compiled=compile_enabled(), numba=cpu_twins() is not None,
+    out: dict[str, Any] = dict(bench="speed", model=model, compiled=ops.backends()["compile"], numba=ops.backends()["numba"],
                                k=k, batch_size=batch_size, repeats=repeats, device=device,
                                threads=torch.get_num_threads(), rows=rows, ratios={})
     med = {r["mode"]: r["step_seconds"] for r in rows}
@@ -373,7 +373,6 @@ def _regen_seconds(model: nn.Module, repeats: int) -> float:
     by the kernel the updates use, chunk by chunk into one preallocated buffer per part: the
     kernel's rate under the process's allocator setting, the one the steps it is compared with
     run under."""
-    from ..candidates import candidate_chunk, chunked
     from ..layers import SeededSlotLayer
 
     parts = [(torch.empty(math.prod(shape), m.k, device=m.candidate_keys.keys.device), offset, m.candidate_keys)
@@ -381,7 +380,7 @@ def _regen_seconds(model: nn.Module, repeats: int) -> float:
 
     def once():
         for out, offset, ck in parts:
-            chunked(out, offset, out.shape[1], None, lambda a, b, start: candidate_chunk(start, b - a, *ck))
+            ops.candidate_values(out.shape[0], offset, ck, out=out)
 
     return median_seconds(once, repeats, str(parts[0][0].device) if parts else "cpu")
 

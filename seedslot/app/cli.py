@@ -18,7 +18,7 @@ from .data import DATASETS, NORMALIZE
 from .devices import DEVICE_HELP
 from .allocator import return_large_frees
 from ..models import MODELS, MODES
-from ..scores import SCORES
+from ..storages import SCORES
 from ..selection import SELECTION
 from ..validate import check_int
 

@@ -39,7 +39,8 @@ from ..layers import SlotLayer
 from ..memory import peak_rss_bytes, state_bytes
 from ..models import MODELS, MODES, build, build_from_checkpoint, count_connections
 from ..optim import SlotSGD
-from ..rng import compile_enabled, torch_seed
+from .. import ops
+from ..rng import torch_seed
 from ..validate import check_choice, check_float, check_int
 
 __all__ = ["TrainConfig", "resolve", "run", "evaluate", "random_selection_", "make_model", "epoch_batches",
@@ -512,7 +513,7 @@ def _announce(cfg: TrainConfig, resumed: bool, pos: dict, data: _data.Data, devi
     say("config: " + json.dumps(asdict(cfg)))
     say("data: " + data.describe())
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} CPU threads"
-    say(f"torch: {device} ({where}), torch.compile {'on' if compile_enabled() else 'off'} "
+    say(f"torch: {device} ({where}), torch.compile {'on' if ops.backends()['compile'] else 'off'} "
         "(SEEDSLOT_COMPILE=0 turns it off)")
 
 
@@ -642,7 +643,7 @@ def _summary(state: _State, data: _data.Data, ranks: Ranks, outputs: _Outputs, i
         epochs=pos["epoch"], global_steps=pos["global_step"], interrupted=interrupted,
         seconds=time.perf_counter() - t_start, train_seconds=sum(r["seconds"] for r in history),
         peak_rss_bytes=peak_rss_bytes(), **_cuda_peak(state.device), state_bytes=total_state,
-        connections=connections, bytes_per_connection=total_state / connections, compile=compile_enabled(),
+        connections=connections, bytes_per_connection=total_state / connections, compile=ops.backends()["compile"],
         threads=torch.get_num_threads(), data=data.describe(), config=asdict(cfg), build_args=model.build_args,
         history=history, checkpoint=os.path.join(cfg.out, CHECKPOINT) if cfg.out is not None and cfg.epochs else None,
     )

@@ -1,25 +1,25 @@
 """Triton kernels for the CUDA hot paths, bit-exact twins of the fused torch functions.
 
-What runs where. Every hot path is a pure tensor function decorated with
-:func:`seedslot.rng.fused`. On CPU it runs as eager torch or, fused, through ``torch.compile``.
-On CUDA (with ``triton`` installed, and ``SEEDSLOT_TRITON`` not ``0``) the call is routed to the
-wrapper of the same name here, which launches one hand-written ``@triton.jit`` kernel over the
-whole tensor it is given, with exactly the signature and result of the torch function:
+What runs where. Every hot operation is a custom op of :mod:`seedslot.ops`. Its CPU kernel is
+a pure torch function of :mod:`seedslot.ops._torch` (eager, or fused by ``torch.compile``); its
+CUDA kernel (with ``triton`` installed, and ``SEEDSLOT_TRITON`` not ``0``) the wrapper of the same
+name here, which launches one hand-written ``@triton.jit`` kernel over the whole tensor it is given,
+with exactly the signature and result of the torch function:
 
-====================================  ===================================================
-torch function                        Triton wrapper
-====================================  ===================================================
-``candidates.candidate_chunk``        :func:`candidate_chunk`
-``candidates.selected_chunk``         :func:`selected_chunk`
-``scores.int8_update_rows/unrolled``  :func:`int8_update` (one kernel for any K)
-``scores.fp32_update_chunk``          :func:`fp32_update_chunk`
-``scores.requantize_chunk``           :func:`requantize_chunk`
-``scores.implicit_chunk``             :func:`implicit_chunk`
-``scores.implicit_greedy_unrolled``   :func:`implicit_greedy` (``implicit_greedy_chunk``
-                                      uses it for every K on CUDA)
-``selection.packed_argmax``           :func:`packed_argmax` (``greedy`` on CUDA: :func:`greedy`)
-``selection.sample_chunk``            :func:`sample_chunk`
-====================================  ===================================================
+=========================================  ===================================================
+torch function (ops._torch)                 Triton wrapper
+=========================================  ===================================================
+``candidate_chunk``                        :func:`candidate_chunk`
+``selected_chunk``                         :func:`selected_chunk`
+``int8_update_rows/unrolled``              :func:`int8_update` (one kernel for any K)
+``fp32_update_chunk``                      :func:`fp32_update_chunk`
+``requantize_chunk``                       :func:`requantize_chunk`
+``implicit_chunk``                         :func:`implicit_chunk`
+``implicit_greedy_unrolled``               :func:`implicit_greedy` (the ``implicit_greedy`` op's
+                                           CUDA kernel for every K)
+``packed_argmax``, ``argmax_rows``         :func:`packed_argmax`, :func:`greedy`
+``sample_chunk``                           :func:`sample_chunk`
+=========================================  ===================================================
 
 Each kernel loops over the K candidates of a block of connections in column tiles of at most
 ``MAX_BLOCK_K`` (K is a runtime value: no padding of K to a power of two, one compiled kernel per
@@ -395,14 +395,14 @@ def _rows_out(kernel, n: int, k: int, dtype: torch.dtype, dev, *args) -> torch.T
 
 
 def candidate_chunk(start, n: int, per_conn: int, key_a, keys_b, step) -> torch.Tensor:
-    """:func:`seedslot.candidates.candidate_chunk` as a Triton kernel."""
+    """:func:`seedslot.ops._torch.candidate_chunk` as a Triton kernel."""
     dev, k = keys_b.device, keys_b.shape[0]
     return _rows_out(_candidates_kernel, n, k, torch.float32, dev, _scalar(start, torch.int32, dev), n, k, per_conn,
                      _scalar(key_a, torch.int32, dev), keys_b.contiguous(), _scalar(step, torch.float32, dev))
 
 
 def selected_chunk(idx, start, per_conn: int, key_a, keys_b, step) -> torch.Tensor:
-    """:func:`seedslot.candidates.selected_chunk` as a Triton kernel."""
+    """:func:`seedslot.ops._torch.selected_chunk` as a Triton kernel."""
     _need()
     dev, n = keys_b.device, idx.shape[0]
     out = torch.empty(n, dtype=torch.float32, device=dev)
@@ -414,7 +414,7 @@ def selected_chunk(idx, start, per_conn: int, key_a, keys_b, step) -> torch.Tens
 
 
 def int8_update(q, d, coef, start, per_conn: int, key_a, keys_b, step, round_a, round_b) -> torch.Tensor:
-    """:func:`seedslot.scores.int8_update_rows` (and ``_unrolled``: the same bits) as one Triton
+    """:func:`seedslot.ops._torch.int8_update_rows` (and ``_unrolled``: the same bits) as one Triton
     kernel for any K."""
     (n, k), dev = q.shape, q.device
     return _rows_out(_int8_update_kernel, n, k, torch.int8, dev, q, q.stride(0), q.stride(1), d.contiguous(),
@@ -424,7 +424,7 @@ def int8_update(q, d, coef, start, per_conn: int, key_a, keys_b, step, round_a, 
 
 
 def fp32_update_chunk(s, d, neg_lr, start, per_conn: int, key_a, keys_b, step) -> torch.Tensor:
-    """:func:`seedslot.scores.fp32_update_chunk` as a Triton kernel."""
+    """:func:`seedslot.ops._torch.fp32_update_chunk` as a Triton kernel."""
     (n, k), dev = s.shape, s.device
     return _rows_out(_fp32_update_kernel, n, k, torch.float32, dev, s, s.stride(0), s.stride(1), d.contiguous(),
                      _scalar(neg_lr, torch.float32, dev), _scalar(start, torch.int32, dev), n, k, per_conn,
@@ -432,7 +432,7 @@ def fp32_update_chunk(s, d, neg_lr, start, per_conn: int, key_a, keys_b, step) -
 
 
 def requantize_chunk(q, inv_factor, start, round_a, round_b) -> torch.Tensor:
-    """:func:`seedslot.scores.requantize_chunk` as a Triton kernel."""
+    """:func:`seedslot.ops._torch.requantize_chunk` as a Triton kernel."""
     (n, k), dev = q.shape, q.device
     return _rows_out(_requantize_kernel, n, k, torch.int8, dev, q, q.stride(0), q.stride(1),
                      _scalar(inv_factor, torch.float32, dev), _scalar(start, torch.int32, dev), n, k,
@@ -441,7 +441,7 @@ def requantize_chunk(q, inv_factor, start, round_a, round_b) -> torch.Tensor:
 
 def implicit_chunk(drift, factor, start, per_conn: int, cand_key, cand_keys, step, score_key, score_keys,
                    bound) -> torch.Tensor:
-    """:func:`seedslot.scores.implicit_chunk` as a Triton kernel."""
+    """:func:`seedslot.ops._torch.implicit_chunk` as a Triton kernel."""
     dev, n, k = drift.device, drift.shape[0], cand_keys.shape[0]
     return _rows_out(_implicit_kernel, n, k, torch.float32, dev, drift.contiguous(), _scalar(factor, torch.float32, dev),
                      _scalar(start, torch.int32, dev), n, k, per_conn, _scalar(cand_key, torch.int32, dev),
@@ -451,7 +451,7 @@ def implicit_chunk(drift, factor, start, per_conn: int, cand_key, cand_keys, ste
 
 def implicit_greedy(drift, factor, start, per_conn: int, cand_key, cand_keys, step, score_key, score_keys,
                     bound) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`seedslot.scores.implicit_greedy_chunk` (and ``_unrolled``) as one Triton kernel for
+    """:func:`seedslot.ops._torch.implicit_greedy_unrolled` as one Triton kernel for
     any K: ``(index, value)``, the (n,) int64 argmax of the implicit scores (lowest index on ties)
     and the (n,) fp32 candidate there, with no (n, K) tensor."""
     _need()
@@ -486,12 +486,12 @@ def greedy(scores: torch.Tensor) -> torch.Tensor:
 
 
 def packed_argmax(words: torch.Tensor) -> torch.Tensor:
-    """:func:`seedslot.selection.packed_argmax`: the words read back as their int8 lanes."""
+    """:func:`seedslot.ops._torch.packed_argmax`: the words read back as their int8 lanes."""
     return greedy(words.contiguous().view(torch.int8))
 
 
 def sample_chunk(scores, scale, start, key_a, keys_b) -> torch.Tensor:
-    """:func:`seedslot.selection.sample_chunk` (Gumbel-max) as a Triton kernel; see the module
+    """:func:`seedslot.ops._torch.sample_chunk` (Gumbel-max) as a Triton kernel; see the module
     docstring for the one ulp its ``log`` may differ by."""
     _need()
     n, k = scores.shape

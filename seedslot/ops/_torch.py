@@ -1,78 +1,139 @@
-"""Score updates: the straight-through step ``s_k -= lr * D * W_k`` applied without storing W.
+"""The torch kernels of the op layer: the reference bodies of every hot operation.
 
-``D`` is one fp32 value per connection (the effective-weight gradient G, or its momentum, which
-factorises: the momentum of ``G * W_k`` is ``W_k`` times the momentum of ``G``). Each kernel
-regenerates a chunk of candidates, applies the update and writes the scores back, so no float
-tensor of K values per connection ever exists for more than one chunk.
+Pure tensor functions of one chunk of connections (``start`` is the first connection's index, a
+0-dim int32 tensor like every key, offset and rate, so a new value never recompiles). Each is a
+:class:`seedslot.ops._backends.Fused`: eager, or fused by ``torch.compile`` when enabled; the ones
+with a Triton twin name it (:mod:`seedslot.ops._triton`). Several forms of one update (rows,
+hashed, unrolled, packed) give the same bits and differ only in speed by K and layout; the op
+layer's CPU kernels choose among them.
 
 int8 scores hold ``s = q * scale`` with one fp32 scale per tensor. An update adds
 ``-lr * D * W_k / scale`` levels and rounds stochastically (``floor(t + r)``, r ~ U[0, 1) from the
 counter-based random function: unbiased, and reproducible from the seed and the step). When a
 connection's largest level passes 127 all its K levels are shifted down together (selection is
-invariant to that), so the top stays at 127 and only levels 255 below it are clipped at -128. A
-step that could move a level by more than ``MAX_LEVELS`` first coarsens the grid by a power of two
-(requantising stochastically), so no update can overflow int8 whatever its size.
+invariant to that), so the top stays at 127 and only levels 255 below it are clipped at -128.
 
-``scores="implicit"`` stores no score at all. Every straight-through update moves a connection's K
-scores along the same direction, ``-W``, and a decoupled weight decay rescales them all, so the
-scores are always ``s_k = c * s0_k - A * W_k``: ``s0`` the initial scores and ``W`` the candidates
-(both regenerated from seeds), ``c`` one fp32 factor per layer part and ``A`` one fp32 *drift*
-per connection. An update is ``A += lr * D`` (no regeneration, no rounding), and selection
-regenerates the K candidates and initial scores of each connection. The scores are those of
-``scores="fp32"`` up to fp32 rounding order, at 4 bytes per connection whatever K.
+Implicit scores are ``s_k = c * s0_k - A * W_k``: ``s0`` the initial scores and ``W`` the
+candidates (both regenerated from seeds), ``c`` one fp32 factor per layer part and ``A`` one fp32
+drift per connection (see :mod:`seedslot.updates`).
 """
 
 from __future__ import annotations
 
 import math
+import sys
 
 import numpy as np
 import torch
 
-from .candidates import connections, selected_chunk
-from .selection import packed_words
-from . import rng as _rng
-from .rng import bits, fused, mix32, noise_bits, noise_round, signed24, unit24
+from ..rng import bits, mix32, noise_bits, noise_round, signed24, unit24
+from ._backends import fused
 
-SCORES = ("int8", "fp32", "implicit")
-
-MAX_LEVELS = 64.0  # the most levels one step may move a score; half the int8 range
-
-
-# Kernels unrolled over the K candidates compile in time and memory proportional to K (at K = 64,
-# minutes and 250 MB more); above this K the (n, K) form is used, which gives the same bits.
+# Kernels unrolled over the K candidates compile in time and memory proportional to K; above this
+# K the (n, K) form is used, which gives the same bits.
 UNROLL_MAX_K = 8
 
+# int8 scores of one connection read as whole machine words, by K: inductor's own argmax over a
+# small static K is slow, an elementwise pass over packed words is several times faster.
+_WORDS = {2: torch.int16, 4: torch.int32}
+_WORDS.update({k: torch.int64 for k in range(8, 65, 8)})
 
-def int8_update_chunk(
-    q: torch.Tensor,  # (n, K) int8 levels
-    d: torch.Tensor,  # (n,) fp32 direction per connection
-    coef: torch.Tensor,  # 0-dim fp32: -lr / scale
-    start: torch.Tensor,  # 0-dim int32: first connection of the chunk
-    per_conn: int,
-    key_a: torch.Tensor,
-    keys_b: torch.Tensor,
-    step: torch.Tensor,  # 0-dim fp32 candidate grid step
-    round_a: torch.Tensor,
-    round_b: torch.Tensor,
+
+def packed_words(scores: torch.Tensor) -> torch.Tensor | None:
+    """(n, K) int8 levels as (n, W) little-endian machine words, each packing 2, 4 or 8 of a
+    connection's levels (K = 2, 4 or a multiple of 8 up to 64), or None where they cannot be read
+    so: another dtype or K, a non-contiguous or big-endian layout."""
+    k = scores.shape[-1]
+    if (scores.dtype == torch.int8 and scores.dim() == 2 and k in _WORDS and sys.byteorder == "little"
+            and scores.is_contiguous()):
+        return scores.view(_WORDS[k])
+    return None
+
+
+def connections(start, n: int, per_conn: int, device) -> torch.Tensor:
+    """Connection indices ``start .. start+n-1`` (int32), or zeros when candidates are shared.
+    ``start`` may be an int or a 0-dim int32 tensor (kernels take tensors: no recompiles)."""
+    return (torch.arange(n, dtype=torch.int32, device=device) + start) * per_conn
+
+
+# ---------------------------------------------------------------- candidates
+
+
+@fused(triton="candidate_chunk")
+def candidate_chunk(
+    start: torch.Tensor, n: int, per_conn: int, key_a: torch.Tensor, keys_b: torch.Tensor, step: torch.Tensor
 ) -> torch.Tensor:
-    """The int8 levels after one update, re-centred so that each connection's top is <= 127."""
-    if q.shape[1] > UNROLL_MAX_K:
-        if _rng.use_triton(q):
-            return int8_update_rows(q, d, coef, start, per_conn, key_a, keys_b, step, round_a, round_b)
-        hc, hr, dc = connection_hashes(d, coef, start, per_conn, key_a, round_a)
-        return int8_update_hashed(q, hc, hr, dc, keys_b, step, round_b)
-    words = packed_words(q)  # one word per connection
-    if words is not None:
-        words = int8_update_packed(words.view(-1), d, coef, start, per_conn, key_a, keys_b, step, round_a, round_b)
-        return words.view(torch.int8).view(q.shape)
-    return int8_update_unrolled(q, d, coef, start, per_conn, key_a, keys_b, step, round_a, round_b)
+    """Candidates of connections ``start .. start+n-1``: (n, K) float32."""
+    c = connections(start, n, per_conn, keys_b.device)
+    return signed24(bits(c, key_a, keys_b)).to(torch.float32) * step
+
+
+@fused("idx", triton="selected_chunk")
+def selected_chunk(
+    idx: torch.Tensor, start: torch.Tensor, per_conn: int, key_a: torch.Tensor, keys_b: torch.Tensor, step: torch.Tensor
+) -> torch.Tensor:
+    """The candidate ``idx[i]`` of connection ``start + i``: (n,) float32, one hash per value."""
+    c = connections(start, idx.shape[0], per_conn, keys_b.device)
+    b = bits(c, key_a, keys_b[idx].unsqueeze(-1)).squeeze(-1)
+    return signed24(b).to(torch.float32) * step
+
+
+# ---------------------------------------------------------------- selection
+
+
+@fused("scores", triton="greedy")
+def argmax_rows(scores: torch.Tensor) -> torch.Tensor:
+    """``scores.argmax(-1)``: what :func:`greedy` runs on CUDA, where its twin is one Triton kernel."""
+    return scores.argmax(dim=-1)
+
+
+@fused("words", triton="packed_argmax")
+def packed_argmax(words: torch.Tensor) -> torch.Tensor:
+    """(n, W) words, each packing int8 scores in little-endian lanes -> (n,) int64 argmax of the
+    scores, the lowest index on ties (as torch.argmax)."""
+    lanes = words.element_size()
+    best = idx = None
+    for j in range(words.shape[1]):
+        w = words[:, j].to(torch.int64)
+        for lane in range(lanes):
+            v = (w << (56 - 8 * lane)) >> 56  # lane's byte, sign-extended
+            if best is None:
+                best, idx = v, torch.zeros_like(v)
+            else:
+                better = v > best  # strict: an equal later score never wins
+                best = torch.where(better, v, best)
+                idx = torch.where(better, j * lanes + lane, idx)
+    return idx
+
+
+@fused("words")
+def packed_greedy(words: torch.Tensor, start: torch.Tensor, per_conn: int, key_a: torch.Tensor,
+                  keys_b: torch.Tensor, step: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`packed_argmax` and the candidate it selects (as :func:`selected_chunk` makes
+    it, bit for bit) in one kernel: one pass over the scores instead of two."""
+    idx = packed_argmax.eager(words)
+    c = connections(start, words.shape[0], per_conn, words.device)
+    return idx, signed24(mix32(mix32(c ^ key_a) ^ keys_b[idx])).to(torch.float32) * step
+
+
+@fused("scores", triton="sample_chunk")
+def sample_chunk(
+    scores: torch.Tensor, scale: torch.Tensor, start: torch.Tensor, key_a: torch.Tensor, keys_b: torch.Tensor
+) -> torch.Tensor:
+    """(n, K) scores of connections ``start..`` -> (n,) int64 index drawn from softmax(scores*scale)."""
+    c = connections(start, scores.shape[0], 1, scores.device)
+    u = (((bits(c, key_a, keys_b) >> 8) & 0xFFFFFF).to(torch.float32) + 0.5) * (2.0**-24)  # (0, 1)
+    gumbel = -torch.log(-torch.log(u))
+    return (scores.to(torch.float32) * scale + gumbel).argmax(dim=-1)
+
+
+# ---------------------------------------------------------------- score updates
 
 
 @fused("q", "d", triton="int8_update")
 def int8_update_rows(q, d, coef, start, per_conn: int, key_a, keys_b, step, round_a, round_b) -> torch.Tensor:
-    """:func:`int8_update_chunk` on (n, K) tensors: what CUDA with Triton runs above K = 8 (as
-    its Triton twin), and the reference the hashed and packed forms equal bit for bit."""
+    """:func:`int8_update_unrolled` on (n, K) tensors: what the CUDA kernel runs (as its Triton
+    twin), and the reference the hashed and packed forms equal bit for bit."""
     n = q.shape[0]
     w = signed24(bits(connections(start, n, per_conn, q.device), key_a, keys_b)).to(torch.float32) * step
     r = unit24(noise_bits(connections(start, n, 1, q.device), round_a, round_b))  # (n, K) in [0, 1)
@@ -177,38 +238,7 @@ def requantize_chunk(
     return torch.floor(q.to(torch.float32) * inv_factor + r).clamp(-128.0, 127.0).to(torch.int8)
 
 
-def max_abs(t: torch.Tensor) -> torch.Tensor:
-    """The infinity norm of ``t`` (NaN if it holds a NaN), by one min-max pass: on the CPU about
-    ten times faster than ``torch.linalg.vector_norm(t, inf)``, which is the same value."""
-    if t.numel() == 0 or t.is_complex():
-        return torch.linalg.vector_norm(t, math.inf)
-    lo, hi = torch.aminmax(t)
-    return torch.maximum(lo.neg(), hi)
-
-
-def max_abs_all(tensors: list[torch.Tensor]) -> list[float]:
-    """:func:`max_abs` of every tensor, as Python floats: one min-max pass each and, for real
-    tensors on one device, a single host sync for all (a step checks them all)."""
-    if any(t.is_complex() for t in tensors) or len({t.device for t in tensors}) > 1:
-        return [float(max_abs(t)) for t in tensors]
-    ends = [end for t in tensors for end in (torch.aminmax(t) if t.numel() else (t.new_zeros(()),) * 2)]
-    if not ends:
-        return []
-    if len({e.dtype for e in ends}) > 1:
-        ends = [e.to(torch.float64) for e in ends]
-    flat = torch.stack(ends).tolist()
-    return [math.nan if math.isnan(lo) or math.isnan(hi) else max(-lo, hi) for lo, hi in zip(flat[::2], flat[1::2])]
-
-
-def coarsen_factor(lr: float, d_max: float, w_max: float, scale: float) -> float:
-    """The power of two by which the int8 grid must coarsen so that one step moves a level by at
-    most MAX_LEVELS (1.0 when it already does)."""
-    levels = lr * d_max * w_max / scale
-    if not math.isfinite(levels):
-        raise FloatingPointError(f"score update is not finite (lr={lr}, max |direction|={d_max})")
-    if levels <= MAX_LEVELS:
-        return 1.0
-    return 2.0 ** math.ceil(math.log2(levels / MAX_LEVELS))
+# ---------------------------------------------------------------- implicit scores
 
 
 @fused("drift", triton="implicit_chunk")
@@ -231,28 +261,13 @@ def implicit_chunk(
     return factor * s0 - drift.unsqueeze(-1) * w  # c = 1, A = 0: exactly s0
 
 
-def implicit_greedy_chunk(
-    drift: torch.Tensor, factor: torch.Tensor, start: torch.Tensor, per_conn: int, cand_key: torch.Tensor,
-    cand_keys: torch.Tensor, step: torch.Tensor, score_key: torch.Tensor, score_keys: torch.Tensor,
-    bound: torch.Tensor,
-) -> torch.Tensor:
-    """``(index, value)``: the (n,) int64 argmax of :func:`implicit_chunk`'s scores (lowest index
-    on ties) and the (n,) fp32 candidate there. Up to UNROLL_MAX_K candidates, and for every K on
-    CUDA (one Triton kernel), no (n, K) tensor is made."""
-    args = (drift, factor, start, per_conn, cand_key, cand_keys, step, score_key, score_keys, bound)
-    if cand_keys.shape[0] <= UNROLL_MAX_K or _rng.use_triton(drift):
-        return implicit_greedy_unrolled(*args)
-    idx = implicit_chunk(*args).argmax(-1)
-    return idx, selected_chunk(idx, start, per_conn, cand_key, cand_keys, step)
-
-
 @fused("drift", triton="implicit_greedy")
 def implicit_greedy_unrolled(
     drift: torch.Tensor, factor: torch.Tensor, start: torch.Tensor, per_conn: int, cand_key: torch.Tensor,
     cand_keys: torch.Tensor, step: torch.Tensor, score_key: torch.Tensor, score_keys: torch.Tensor,
     bound: torch.Tensor,
 ) -> torch.Tensor:
-    """:func:`implicit_greedy_chunk` one candidate at a time, the same values as
+    """:func:`implicit_chunk`'s argmax and its candidate, one candidate at a time, the same values as
     :func:`implicit_chunk`: an elementwise running maximum over a static K compiles to a kernel
     about 6x faster than inductor's argmax over K, and it has the winner's value at hand."""
     n = drift.shape[0]
@@ -322,7 +337,7 @@ def implicit_select_at(
     score_key: torch.Tensor, score_keys: torch.Tensor, bound: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(index, value, lo, hi)`` of connections ``conn``: the greedy index and candidate of
-    :func:`implicit_greedy_chunk` (the same fp32 scores, argmax with the lowest index on ties) and
+    :func:`implicit_greedy_unrolled` (the same fp32 scores, argmax with the lowest index on ties) and
     the interval (lo, hi) of ``a = A / c`` over which that index provably stays the fp32 argmax
     (fp32, rounded inwards; empty, lo > hi, where nothing is proven). See the comment above."""
     w = signed24(bits(conn * per_conn, cand_key, cand_keys)).to(torch.float32) * step

@@ -2,12 +2,12 @@
 
 :func:`incremental_greedy` is the incremental implicit selection of one layer part in one pass:
 the staleness check of every connection and the re-selection of the stale ones, written into the
-cache in place. The torch path (:func:`seedslot.scores.incremental_stale_rows`, then
-:func:`seedslot.scores.implicit_select_at` on the stale rows) costs a numpy scan and a compiled
+cache in place. The torch path (:func:`seedslot.ops._torch.incremental_stale_rows`, then
+:func:`seedslot.ops._torch.implicit_select_at` on the stale rows) costs a numpy scan and a compiled
 call per part, a few tenths of a millisecond each: as much as a small network's whole step. The
 twin computes the same fp32 scores and float64 intervals, operation for operation (LLVM contracts
 nothing into FMAs without fast-math), so a re-selected row gets the same bits; the tests check it
-against the torch path. Importing this module imports numba: :func:`seedslot.rng.cpu_twins` gives
+against the torch path. Importing this module imports numba: :func:`seedslot.ops._backends.numba_kernels` gives
 it where numba is installed, imports and is not disabled (``SEEDSLOT_NUMBA=0``).
 """
 
@@ -19,14 +19,14 @@ from numba import njit
 from torch.autograd.graph import increment_version
 from torch.utils.weak import WeakIdKeyDictionary
 
-from .scores import INCR_ABS, INCR_C_MAX, INCR_C_MIN, INCR_MARGIN, INCR_R_MAX, INCR_U
+from ._torch import INCR_ABS, INCR_C_MAX, INCR_C_MIN, INCR_MARGIN, INCR_R_MAX, INCR_U
 
 __all__ = ["incremental_greedy"]
 
 _MASK, _M1, _M2 = 0xFFFFFFFF, 0x7FEB352D, 0x846CA68B
 _BLOCK = 256  # connections checked per vectorised pass before any is re-selected
 # The proof's constants, passed as arguments: numba's disk cache freezes the globals a kernel reads
-# and is invalidated only by this file's own source, not by seedslot.scores'.
+# and is invalidated only by this file's own source, not by seedslot.ops._torch's.
 _LIMITS = (INCR_MARGIN * INCR_U, INCR_ABS, INCR_C_MIN, INCR_C_MAX, INCR_R_MAX)
 
 
@@ -49,7 +49,7 @@ def _incremental_greedy(drift, factor, lo, hi, sel, val, cand_key, cand_keys, st
         return -2
     w = np.empty(cand_keys.shape[0], np.float32)
     s0 = np.empty(cand_keys.shape[0], np.float32)
-    # a' = A * fl(1/c): two roundings, within the 3u the proof in seedslot.scores allows for fl(A / c)
+    # a' = A * fl(1/c): two roundings, within the 3u the proof in seedslot.ops._torch allows for fl(A / c)
     inv = np.float32(1.0) / c
     sigma = np.float64(step[()]) * 2.0**23
     stale, n = 0, drift.shape[0]
@@ -72,7 +72,7 @@ def _incremental_greedy(drift, factor, lo, hi, sel, val, cand_key, cand_keys, st
 @njit(nogil=True, boundscheck=False, error_model="numpy")
 def _reselect_block(drift, start, end, inv, c, lo, hi, sel, val, offset, per_conn, cand_key, cand_keys, step,
                     score_key, score_keys, bound, w, s0, sigma, limits):
-    """Re-select the stale connections of drift[start:end] (see seedslot.scores' proof): how many,
+    """Re-select the stale connections of drift[start:end] (see seedslot.ops._torch's proof): how many,
     or -1 at a non-finite drift."""
     k = cand_keys.shape[0]
     b, cd = np.float64(bound), np.float64(c)
@@ -153,7 +153,7 @@ def incremental_greedy(drift: torch.Tensor, factor: torch.Tensor, lo: torch.Tens
     whose ratio ``drift / factor`` is not strictly inside its interval: how many were, or < 0 when
     the part must be recomputed in full instead (-1: a drift to re-select is not finite; -2: the
     factor is outside [INCR_C_MIN, INCR_C_MAX]; -3: a tensor is not contiguous). CPU tensors; keys,
-    step and bound as :mod:`seedslot.scores`' kernels take them (0-dim int32 and fp32, (K,) int32)."""
+    step and bound as :mod:`seedslot.ops._torch`'s kernels take them (0-dim int32 and fp32, (K,) int32)."""
     arrays = _views((drift, factor, lo, hi, sel, val, cand_key, cand_keys, step, score_key, score_keys, bound))
     if arrays is None:
         return -3
