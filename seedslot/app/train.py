@@ -40,7 +40,7 @@ from ..layers import SlotLayer
 from ..memory import peak_rss_bytes, state_bytes
 from ..models import MODELS, MODES, build, build_from_checkpoint, count_connections
 from ..optim import SlotSGD
-from ..rng import compile_enabled, torch_seed
+from ..rng import STREAM_VERSION, compile_enabled, torch_seed
 from ..scores import SCORES
 from ..selection import SELECTION
 from ..validate import check_choice, check_float, check_int
@@ -380,11 +380,12 @@ class _State:
                                                                  history=[]))
 
     def payload(self) -> dict:
-        """The checkpoint: state dicts, the RNG states (CUDA's on a CUDA device), pos, tally, config."""
+        """The checkpoint: state dicts, the RNG states (CUDA's on a CUDA device), pos, tally, config,
+        and the random stream version the model's seeds regenerate."""
         return dict(
             model=self.model.state_dict(), optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
             rng=torch.get_rng_state(), **self.pos, tally=self.tally, config=asdict(self.cfg),
-            build_args=self.model.build_args,
+            build_args=self.model.build_args, stream_version=STREAM_VERSION,
             **({"cuda_rng": torch.cuda.get_rng_state(self.device)} if self.device.type == "cuda" else {}),
         )
 
