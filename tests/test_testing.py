@@ -152,3 +152,10 @@ def test_strategies_draw_within_their_ranges(config, layer, offset):
 def test_edge_seeds_are_accepted_by_layers():
     for seed in EDGE_SEEDS:
         assert_same_candidates(ss.SlotLinear(2, 2, seed=seed), ss.SlotLinear(2, 2, seed=seed))
+
+
+def test_readme_example_is_tests_user_example():
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    block = readme.split("## Determinism promise", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    example = open(os.path.join(ROOT, "tests", "test_user_example.py")).read()
+    assert example.endswith(block) and block.startswith("import torch")
