@@ -60,10 +60,11 @@ VIA = ("state_dict", "export", "threads", "process", "device")
 
 
 def _layers(obj: nn.Module) -> dict[str, SlotLayer]:
-    """The slot layers of ``obj`` (itself, if it is one) by qualified name ("" for ``obj`` itself)."""
+    """The slot layers of ``obj`` (itself, if it is one) by qualified name ("" for ``obj`` itself);
+    a layer used in several places under each of its names, as exports list it."""
     if not isinstance(obj, nn.Module):
         raise TypeError(f"expected a slot layer or a module holding slot layers; got {type(obj).__name__}")
-    return {name: m for name, m in obj.named_modules() if isinstance(m, SlotLayer)}
+    return {name: m for name, m in obj.named_modules(remove_duplicate=False) if isinstance(m, SlotLayer)}
 
 
 def _label(name: str) -> str:
@@ -138,12 +139,8 @@ def _export_snapshot(path: str, model: nn.Module | None = None, values: bool = T
     check_stream_version(header.get("stream_version", 1), path)
     payload = body[4 + n:]
     plain = None
-    snap, seen = {}, set()
+    snap = {}
     for cfg in header["layers"]:
-        where = json.dumps(cfg["sections"], sort_keys=True)
-        if where in seen:  # a layer used in several places is stored once, under each name: keep the first
-            continue
-        seen.add(where)
         shape, kw = cfg["weight_shape"], dict(k=cfg["k"], seed=cfg["seed"], candidate_seed=cfg["candidate_seed"],
                                               sharing=cfg["sharing"], scores="implicit", bias=cfg["bias"])
         if cfg["kind"] == "linear":

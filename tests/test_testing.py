@@ -159,3 +159,13 @@ def test_readme_example_is_tests_user_example():
     block = readme.split("## Determinism promise", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
     example = open(os.path.join(ROOT, "tests", "test_user_example.py")).read()
     assert example.endswith(block) and block.startswith("import torch")
+
+
+def test_a_layer_used_twice_counts_under_each_name(tmp_path):
+    shared = ss.SlotLinear(4, 4, k=1, seed=1)
+    model = nn.Sequential(shared, nn.ReLU(), shared, ss.SlotLinear(4, 4, k=1, seed=1))
+    export(model, tmp_path / "m.slot")
+    assert fingerprint(tmp_path / "m.slot") == fingerprint(model)
+    assert_regenerates(model, via=("export", "state_dict"))
+    with pytest.raises(AssertionError, match=r"only in a: \['2'\]"):
+        assert_same_candidates(model, nn.Sequential(shared, nn.ReLU(), nn.ReLU(), ss.SlotLinear(4, 4, k=1, seed=1)))
