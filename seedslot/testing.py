@@ -44,10 +44,10 @@ try:
 except ImportError:  # only the strategies need it
     _st = None
 
-__all__ = ["fingerprint", "assert_same_candidates", "assert_same_selection", "assert_regenerates", "slot_configs",
-           "slot_layers", "connection_offsets", "seeds", "EDGE_SEEDS", "STREAM_VERSION"]
-
 _STRATEGIES = ("slot_configs", "slot_layers", "connection_offsets", "seeds")
+
+__all__ = ["fingerprint", "assert_same_candidates", "assert_same_selection", "assert_regenerates", "EDGE_SEEDS",
+           "STREAM_VERSION", *(_STRATEGIES if _st is not None else ())]
 
 # Seeds at the edges of the integer widths seeds pass through (int32 keys, 64-bit words, files).
 EDGE_SEEDS = (0, 1, 2, 2**31 - 1, 2**31, 2**32 - 1, 2**32, 2**53 + 1, 2**63 - 1, 2**63, 2**64 - 1, 2**64,
