@@ -23,9 +23,10 @@ from typing import Any, Sequence, Union
 import torch
 
 from .files import atomic_write
+from .rng import STREAM_VERSION
 
 __all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "load_state_into", "frame", "unframe",
-           "read_bytes"]
+           "read_bytes", "check_stream_version"]
 
 CHECKPOINT_MAGIC = b"SEEDSLOT"
 CHECKPOINT_VERSION = 1
@@ -44,6 +45,14 @@ class CheckpointError(Exception):
 
     def __init__(self, message: str = "") -> None:
         super().__init__(" ".join(str(message).split()))
+
+
+def check_stream_version(version, source: str) -> None:
+    """CheckpointError unless a file's random stream version is the one this seedslot generates:
+    its seeds would regenerate other weights."""
+    if type(version) is not int or version != STREAM_VERSION:
+        raise CheckpointError(f"{source}: written for random stream version {version!r:.40}; this seedslot "
+                              f"generates stream version {STREAM_VERSION}, so its seeds would give other weights")
 
 
 # ---------------------------------------------------------------- framing (shared with export)

@@ -5,7 +5,8 @@ An export file uses the checkpoint framing (magic, format version, length, SHA-2
 
     JSON length (u32) | JSON header (utf-8) | packed indices and raw tensors
 
-The JSON header holds the model's ``build_args`` (or null), one entry per slot layer (kind,
+The JSON header holds the model's ``build_args`` (or null), the random stream version its seeds
+regenerate (``stream_version``; absent in older files, which are version 1), one entry per slot layer (kind,
 shapes, convolution settings, K, sharing, seeds, sigma, where its packed indices lie) and a table
 of the other tensors (batch-norm statistics, parameters of layers that were not slotified).
 Each part (weight, bias) of a slot layer stores the eval-mode (greedy) candidate index of every
@@ -29,12 +30,13 @@ import torch
 from torch import nn
 
 from .candidates import SHARING, Stream, CandidateKeys, glorot_sigma, grid_step, i32, selected_values
-from .checkpoints import CHECKPOINT_MAGIC, CheckpointError, frame, load_state_into, read_bytes, unframe
+from .checkpoints import (CHECKPOINT_MAGIC, CheckpointError, check_stream_version, frame, load_state_into, read_bytes,
+                          unframe)
 from .convert import to_dense
 from .files import atomic_write
 from .layers import (PADDING_MODES, DenseSlotConv1d, DenseSlotConv2d, DenseSlotConv3d, DenseSlotLinear, SlotConv1d,
                      SlotConv2d, SlotConv3d, SlotLayer, SlotLinear)
-from .rng import key32
+from .rng import STREAM_VERSION, key32
 
 __all__ = ["export", "load_exported", "size_report"]
 
@@ -156,7 +158,7 @@ def _encode(model: nn.Module, build_args: dict | None) -> list[bytes]:
             stored[same] = add(_tensor_bytes(value))
         tensors.append({"name": key, "dtype": dtype, "shape": list(value.shape), "section": stored[same]})
 
-    header = {"build_args": build_args, "layers": layers, "tensors": tensors}
+    header = {"build_args": build_args, "stream_version": STREAM_VERSION, "layers": layers, "tensors": tensors}
     try:
         head = json.dumps(header, separators=(",", ":"), allow_nan=False).encode()
     except (TypeError, ValueError) as e:
@@ -327,6 +329,7 @@ def load_exported(path: str | os.PathLike, model: nn.Module | None = None, map_l
         build_args = header["build_args"]
     except (KeyError, TypeError, ValueError, struct.error) as e:
         raise CheckpointError(f"{source}: tampered: malformed export header ({type(e).__name__}: {e})") from e
+    check_stream_version(header.get("stream_version", 1), source)  # files from before the field: version 1
     if model is None and build_args is None:
         raise ValueError(f"{source} holds no build_args: pass model=, a module with the exported architecture")
     plain = _skeleton(build_args, model, source, len(payload))

@@ -227,12 +227,14 @@ def check_build_args(args, source: str, *, available_bytes: int, export: bool = 
 
 def build_from_checkpoint(payload: dict, source: str) -> nn.Module:
     """The model a training checkpoint's ``build_args`` describe, checked first against what the
-    file holds (:func:`check_build_args`); its state is loaded separately. CheckpointError for a
+    file holds (:func:`check_build_args`) and against the random stream version its seeds were
+    written for; its state is loaded separately. CheckpointError for a
     payload that is not a training checkpoint or whose ``build_args`` cannot be built."""
-    from .checkpoints import CheckpointError
+    from .checkpoints import CheckpointError, check_stream_version
 
     if "model" not in payload or "build_args" not in payload:
         raise CheckpointError(f"{source}: not a seedslot training checkpoint (no model or build_args)")
+    check_stream_version(payload.get("stream_version", 1), source)  # checkpoints from before the field: version 1
     if not isinstance(payload["model"], dict):
         raise CheckpointError(f"{source}: tampered: model must be a state_dict; got {type(payload['model']).__name__}")
     held = sum(t.numel() * t.element_size() for t in payload["model"].values() if isinstance(t, torch.Tensor))

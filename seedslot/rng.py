@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import torch
 
+STREAM_VERSION = 1  # the format of every random stream below; a change to any value a seed gives bumps it
+
 _M1 = 0x7FEB352D
 _M2 = 0x846CA68B
 _M2_I32 = _M2 - (1 << 32)  # same low 32 bits, fits int32

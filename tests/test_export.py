@@ -27,6 +27,7 @@ from seedslot.export import (
     size_report,
 )
 from seedslot.app.export_cmd import run_cli
+from seedslot.testing import assert_regenerates, fingerprint
 
 FAST = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
@@ -101,6 +102,8 @@ def test_round_trip_is_exact(tmp_path, conv, n_in, n_out, ksize, stride, bias, b
         assert got[key].dtype == expected[key].dtype and torch.equal(got[key], expected[key]), key
     x = torch.randn(shape, generator=gen)
     assert torch.equal(loaded(x), model(x))
+    assert fingerprint(path) == fingerprint(model)  # the file's seeds and selections are the model's
+    assert_regenerates(model, via=("export", "state_dict"))
 
 
 @settings(max_examples=40, deadline=None)

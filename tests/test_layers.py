@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 import seedslot as ss
 from seedslot import models, storages
+from seedslot.testing import assert_same_candidates, assert_same_selection
 
 CONV_CASES = [
     dict(stride=1, padding=0, dilation=1, groups=1),
@@ -85,10 +86,10 @@ def test_dense_straight_through_gradient():
 @pytest.mark.parametrize("sharing", ["none", "layer", "global"])
 def test_dense_and_seeded_fp32_are_bit_identical_at_start(kind, sharing):
     seeded, dense = seeded_and_dense(kind, bias=True, k=5, seed=11, sharing=sharing, scores="fp32")
+    assert_same_candidates(seeded, dense)  # weight and bias
     for part in ("weight", "bias"):
-        assert torch.equal(seeded.candidates(part), dense.candidates(part))
         assert torch.equal(getattr(seeded, f"{part}_scores"), getattr(dense, f"{part}_scores").detach())
-    assert torch.equal(seeded.selected_weight(), dense.selected_weight())
+    assert_same_selection(seeded, dense)  # indices and selected values of weight and bias
 
 
 def test_bias_is_a_slot():
@@ -149,7 +150,7 @@ def test_proxy_holds_no_storage_after_copy_and_move():
     clone = copy.deepcopy(layer)
     clone(torch.randn(1, 100))
     assert clone.slot_weight.untyped_storage().nbytes() == 4
-    assert torch.equal(clone.selected_weight(), layer.selected_weight())
+    assert_same_selection(clone, layer)
 
 
 def _bytes_per_conn(model, opt, conns):
@@ -161,9 +162,9 @@ def _bytes_per_conn(model, opt, conns):
 def test_implicit_scores_start_as_the_fp32_scores_bit_for_bit(kind, sharing):
     fp32, _ = seeded_and_dense(kind, bias=True, k=5, seed=11, sharing=sharing, scores="fp32")
     implicit, _ = seeded_and_dense(kind, bias=True, k=5, seed=11, sharing=sharing, scores="implicit")
+    assert_same_selection(implicit, fp32)  # indices and selected values of weight and bias
     for part in ("weight", "bias"):
         assert torch.equal(implicit.score_values(part), getattr(fp32, f"{part}_scores"))
-        assert torch.equal(implicit.selected_index(part), fp32.selected_index(part))
         assert getattr(implicit, f"{part}_drift").shape == fp32.parts[part][0]  # one value per connection
     x = torch.randn(2, 6) if kind == "linear" else torch.randn(2, 4, 7, 7)
     assert torch.equal(implicit(x), fp32(x))
@@ -183,7 +184,8 @@ def test_implicit_state_dict_carries_lambda_and_stays_fp32():
     other.load_state_dict(trained.state_dict())  # seeds and lambda come with the state
     assert other.score_lambda == trained.score_lambda
     assert torch.equal(other.score_values(), trained.score_values())
-    assert torch.equal(other.selected_weight(), trained.selected_weight())
+    assert_same_candidates(other, trained)
+    assert_same_selection(other, trained)
     default = torch.get_default_dtype()
     try:
         torch.set_default_dtype(torch.float64)

@@ -16,6 +16,8 @@ from seedslot.ops import _chunks
 from seedslot.ops import _torch as T
 from seedslot.rng import bits, derive, key32, noise_bits
 
+from seedslot.testing import connection_offsets, seeds
+
 from reference import np_bits, np_noise_bits
 
 keys = st.integers(-(2**31), 2**31 - 1)
@@ -34,6 +36,20 @@ def test_torch_matches_numpy_reference(conn, key_a, keys_b):
     assert np.array_equal(bits(c, key_a, kb).numpy().view(np.uint32), ref)
     ref_noise = np_noise_bits(np.array(conn), key_a, np.array(keys_b))
     assert np.array_equal(noise_bits(c, key_a, kb).numpy().view(np.uint32), ref_noise)
+
+
+@settings(max_examples=40, deadline=None)
+@given(offset=connection_offsets(rows=64), seed=seeds(max_seed=2**100), k=st.integers(1, 9),
+       shared=st.booleans())
+def test_streams_at_any_offset_match_the_reference(offset, seed, k, shared):
+    """Keys from any seed (edge values and beyond 64 bits), connections up to 2**31 - 1."""
+    conn = np.arange(64, dtype=np.int64) + offset
+    key_a, keys_b = C.stream_keys(seed, C.CANDIDATES, k)
+    c = torch.tensor(conn * (0 if shared else 1), dtype=torch.int32)
+    assert np.array_equal(bits(c, key_a, keys_b).numpy().view(np.uint32),
+                          np_bits(conn * (0 if shared else 1), key_a, keys_b.numpy()))
+    assert np.array_equal(noise_bits(c, key_a, keys_b).numpy().view(np.uint32),
+                          np_noise_bits(conn * (0 if shared else 1), key_a, keys_b.numpy()))
 
 
 def test_mix32_known_values():

@@ -40,7 +40,7 @@ from ..memory import peak_rss_bytes, state_bytes
 from ..models import MODELS, MODES, build, build_from_checkpoint, count_connections
 from ..optim import SlotSGD
 from .. import ops
-from ..rng import torch_seed
+from ..rng import STREAM_VERSION, torch_seed
 from ..validate import check_choice, check_float, check_int
 
 __all__ = ["TrainConfig", "resolve", "run", "evaluate", "random_selection_", "make_model", "epoch_batches",
@@ -375,11 +375,12 @@ class _State:
                                                                  history=[]))
 
     def payload(self) -> dict:
-        """The checkpoint: state dicts, the RNG states (CUDA's on a CUDA device), pos, tally, config."""
+        """The checkpoint: state dicts, the RNG states (CUDA's on a CUDA device), pos, tally, config,
+        and the random stream version the model's seeds regenerate."""
         return dict(
             model=self.model.state_dict(), optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
             rng=torch.get_rng_state(), **self.pos, tally=self.tally, config=asdict(self.cfg),
-            build_args=self.model.build_args,
+            build_args=self.model.build_args, stream_version=STREAM_VERSION,
             **({"cuda_rng": torch.cuda.get_rng_state(self.device)} if self.device.type == "cuda" else {}),
         )
 
