@@ -384,7 +384,7 @@ def __getattr__(name: str):
 def _choices() -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
     """The accepted sharing modes, score storages and selection rules, as SlotConfig checks them."""
     from .candidates import SHARING
-    from .scores import SCORES
+    from .storages import SCORES
     from .selection import SELECTION
 
     return SHARING, SCORES, SELECTION
