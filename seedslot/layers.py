@@ -44,11 +44,12 @@ from .config import SlotConfig
 from .rng import key32
 from .optim import guard_slot_proxies
 from .selection import greedy, sample
-from .storages import ScoreStorage, register_proxy, slot_owner
+from .proxies import tag_proxy
+from .storages import ScoreStorage
 from .validate import check_int
 
 __all__ = ["SlotLinear", "SlotConv2d", "DenseSlotLinear", "DenseSlotConv2d", "SlotLayer", "SeededSlotLayer",
-           "DenseSlotLayer", "slot_owner", "SlotConv1d", "SlotConv3d", "DenseSlotConv1d", "DenseSlotConv3d",
+           "DenseSlotLayer", "SlotConv1d", "SlotConv3d", "DenseSlotConv1d", "DenseSlotConv3d",
            "encode_slot_state", "decode_slot_state"]
 
 
@@ -308,7 +309,7 @@ class SeededSlotLayer(SlotLayer):
         for part, (shape, offset) in self.parts.items():
             self.storage.register(self, part, shape, offset)
             self.register_parameter(f"slot_{part}", nn.Parameter(self._zero_proxy(shape, device)))
-            register_proxy(getattr(self, f"slot_{part}"), self, part)
+            tag_proxy(getattr(self, f"slot_{part}"), self, part)
 
     @property
     def scores(self) -> str:
@@ -333,14 +334,14 @@ class SeededSlotLayer(SlotLayer):
         if any(s != 0 for s in p.stride()) or p.device != self._cand_keys.device:
             self._reset_proxy(part)
         elif not torch.compiler.is_compiling():  # inside a graph: registered by __setstate__ / _apply
-            register_proxy(p, self, part)
+            tag_proxy(p, self, part)
         return p
 
     @torch.compiler.disable
     def _reset_proxy(self, part: str) -> None:
         p = getattr(self, f"slot_{part}")
         p.data = self._zero_proxy(self.parts[part][0], self._cand_keys.device, p.dtype)
-        register_proxy(p, self, part)
+        tag_proxy(p, self, part)
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)

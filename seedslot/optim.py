@@ -36,7 +36,7 @@ from torch.optim import Optimizer
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from .updates import max_abs_all
-from .storages import slot_owner
+from .proxies import slot_owner
 from .validate import check_float
 
 

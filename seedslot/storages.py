@@ -13,14 +13,15 @@ keys, ``.to()`` and copies work as for any module) and reads them back by name. 
 What a storage reads from its layer: ``k``, ``seed``, ``sigma``, ``score_lambda``, ``parts`` and the
 keys ``candidate_keys``, ``sample_keys``, ``round_keys`` (see :mod:`seedslot.layers`).
 
-This module also keeps the registry from the layers' proxy Parameters to their layers
-(:func:`slot_owner`), so that the optimizer finds a layer's storage without importing the layers.
+A storage owns the names of its state: a part's tensors are buffers ``{part}_{role}`` of the layer
+(the roles are the storage's ``Part`` fields), reached only through :meth:`ScoreStorage.tensors`.
 """
 
 from __future__ import annotations
 
 import math
 import weakref
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -34,34 +35,41 @@ from .selection import greedy, greedy_values, sample
 from .updates import coarsen_factor, max_abs
 
 __all__ = ["SCORES", "ScoreStorage", "Int8Scores", "Fp32Scores", "ImplicitScores", "IncrementalImplicitScores", "STORAGES",
-           "INCREMENTAL", "storage_for",
-           "register_proxy", "slot_owner"]
+           "INCREMENTAL", "storage_for", "buffer_name"]
 
 SCORES = ("int8", "fp32", "implicit")  # the storages' names
 
-# proxy Parameter -> (layer, part), for SlotSGD. Weak both ways, so it never keeps a model alive.
-_OWNERS: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+def buffer_name(part: str, role: str) -> str:
+    """The layer buffer holding a part's ``role`` (``weight_scores``, ``bias_scale``, ...): the state_dict key."""
+    return f"{part}_{role}"
 
 
-def register_proxy(param: torch.Tensor, layer: nn.Module, part: str) -> None:
-    """Record that ``param`` is the proxy Parameter of ``layer``'s ``part``."""
-    _OWNERS[param] = (weakref.ref(layer), part)
-
-
-def slot_owner(param: torch.Tensor):
-    """The seeded layer and part ("weight" or "bias") a proxy Parameter belongs to, or None."""
-    entry = _OWNERS.get(param)
-    if entry is None:
-        return None
-    layer = entry[0]()
-    return None if layer is None else (layer, entry[1])
+def _offset(layer: nn.Module, part: str) -> int:
+    """The index of the part's first connection."""
+    return layer.parts[part][1]
 
 
 class ScoreStorage:
     """The scores of a seeded layer's parts. Stateless: every method takes the layer and reads the
-    buffers it registered there. ``rows`` below is the number of connections of a part."""
+    buffers it registered there. ``rows`` below is the number of connections of a part.
+
+    ``Part`` names a part's tensors (its fields are the roles, in registration order) and
+    ``ROLES`` says what each is (a memory category: "scores" or "other") and whether a state_dict
+    keeps it."""
 
     name = ""
+    Part: type = tuple
+    ROLES: dict[str, tuple[str, bool]] = {}  # role -> (memory category, persistent)
+
+    def tensors(self, layer: nn.Module, part: str):
+        """The part's tensors, as a ``Part`` (the one place a storage reads its buffers)."""
+        b = layer._buffers  # not Module.__getattr__: read at every selection
+        return self.Part(*(b[buffer_name(part, role)] for role in self.Part._fields))
+
+    def _put(self, layer: nn.Module, part: str, role: str, tensor: torch.Tensor) -> None:
+        """Register (or replace) the part's ``role`` tensor."""
+        layer.register_buffer(buffer_name(part, role), tensor, persistent=self.ROLES[role][1])
 
     def register_layer(self, layer: nn.Module) -> None:
         """Register the layer-wide state (after the layer's keys, before any part)."""
@@ -75,7 +83,7 @@ class ScoreStorage:
 
     def state(self, part: str) -> dict[str, str]:
         """The part's state, as buffer name -> what it is (a memory category: "scores" or "other")."""
-        raise NotImplementedError
+        return {buffer_name(part, role): what for role, (what, _) in self.ROLES.items()}
 
     def load_checks(self, part: str) -> list[tuple[str, object, str]]:
         """``(buffer name, predicate on a loaded float tensor, what it must be)`` for state_dict loads."""
@@ -115,36 +123,40 @@ def _finite(t: torch.Tensor) -> torch.Tensor:
     return torch.isfinite(t)
 
 
+class StoredPart(NamedTuple):
+    scores: torch.Tensor  # (*shape, K) levels or fp32 scores
+    scale: torch.Tensor  # 0-dim fp32: real scores = scores * scale
+
+
 class _Stored(ScoreStorage):
     """K scores per connection held as ``{part}_scores`` (*shape, K) and ``{part}_scale``."""
 
     dtype = torch.float32
+    Part = StoredPart
+    ROLES = {"scores": ("scores", True), "scale": ("other", True)}
 
     def register(self, layer, part, shape, offset):
         device = layer.candidate_keys.keys.device
         init, scale = init_scores(math.prod(shape), layer.k, layer.seed, layer.score_lambda * layer.sigma, offset,
                                   self.dtype, device)
-        layer.register_buffer(f"{part}_scores", init.view(*shape, layer.k))
-        layer.register_buffer(f"{part}_scale", torch.tensor(scale, dtype=torch.float32, device=device))
-
-    def state(self, part):
-        return {f"{part}_scores": "scores", f"{part}_scale": "other"}
+        self._put(layer, part, "scores", init.view(*shape, layer.k))
+        self._put(layer, part, "scale", torch.tensor(scale, dtype=torch.float32, device=device))
 
     def load_checks(self, part):
-        return [(f"{part}_scale", lambda t: (t > 0) & torch.isfinite(t), "finite and > 0"),
-                (f"{part}_scores", _finite, "finite")]
+        return [(buffer_name(part, "scale"), lambda t: (t > 0) & torch.isfinite(t), "finite and > 0"),
+                (buffer_name(part, "scores"), _finite, "finite")]
 
-    @staticmethod
-    def stored(layer, part) -> tuple[torch.Tensor, torch.Tensor]:
+    def stored(self, layer, part) -> tuple[torch.Tensor, torch.Tensor]:
         """(rows, K) stored scores and the 0-dim scale that turns them into real scores."""
-        return getattr(layer, f"{part}_scores").view(-1, layer.k), getattr(layer, f"{part}_scale")
+        scores, scale = self.tensors(layer, part)
+        return scores.view(-1, layer.k), scale
 
     def greedy(self, layer, part):
         return greedy(self.stored(layer, part)[0]), None  # no float temporaries: one pass over the part
 
     def sample(self, layer, part, key):
         scores, scale = self.stored(layer, part)
-        return sample(scores, scale, layer.parts[part][1], key, layer.sample_keys)
+        return sample(scores, scale, _offset(layer, part), key, layer.sample_keys)
 
     def scores(self, layer, part):
         scores, scale = self.stored(layer, part)
@@ -162,7 +174,7 @@ class Fp32Scores(_Stored):
         if weight_decay:
             scores.mul_(1.0 - lr * weight_decay)
         neg_lr = torch.full((), -lr, dtype=torch.float32, device=d.device)
-        ops.fp32_update_(scores, d, neg_lr, layer.parts[part][1], layer.candidate_keys)
+        ops.fp32_update_(scores, d, neg_lr, _offset(layer, part), layer.candidate_keys)
 
 
 class Int8Scores(_Stored):
@@ -173,13 +185,13 @@ class Int8Scores(_Stored):
 
     def greedy(self, layer, part):
         scores, _ = self.stored(layer, part)
-        got = greedy_values(scores, layer.parts[part][1], layer.candidate_keys)  # index and value in one pass
+        got = greedy_values(scores, _offset(layer, part), layer.candidate_keys)  # index and value in one pass
         return got if got is not None else super().greedy(layer, part)
 
     def update(self, layer, part, direction, lr, weight_decay, step):
         scores, scale = self.stored(layer, part)
         d = direction.reshape(-1).to(torch.float32)
-        offset = layer.parts[part][1]
+        offset = _offset(layer, part)
         if weight_decay:  # through the scale: costs nothing
             scale.mul_(1.0 - lr * weight_decay)
             if float(scale) < torch.finfo(torch.float32).tiny:  # scores below the normal fp32 range are 0
@@ -207,11 +219,18 @@ def _initial_score_keys(layer) -> InitialScoreKeys:
     return InitialScoreKeys(b[_SCORE_KEY], b[_SCORE_KEYS], b[_BOUND])
 
 
+class ImplicitPart(NamedTuple):
+    drift: torch.Tensor  # (*shape) fp32 A
+    scale: torch.Tensor  # 0-dim fp32 factor c
+
+
 class ImplicitScores(ScoreStorage):
     """One fp32 drift per connection (``{part}_drift``) and a factor per part (``{part}_scale``):
     the scores ``c * s0 - A * W`` are regenerated at every selection (see :mod:`seedslot.updates`)."""
 
     name = "implicit"
+    Part = ImplicitPart
+    ROLES = {"drift": ("scores", True), "scale": ("other", True)}
 
     def register_layer(self, layer):
         device = layer.candidate_keys.keys.device
@@ -228,33 +247,32 @@ class ImplicitScores(ScoreStorage):
 
     def register(self, layer, part, shape, offset):
         device = layer.candidate_keys.keys.device
-        layer.register_buffer(f"{part}_drift", torch.zeros(shape, dtype=torch.float32, device=device))
-        layer.register_buffer(f"{part}_scale", torch.ones((), dtype=torch.float32, device=device))
-
-    def state(self, part):
-        return {f"{part}_drift": "scores", f"{part}_scale": "other"}
+        self._put(layer, part, "drift", torch.zeros(shape, dtype=torch.float32, device=device))
+        self._put(layer, part, "scale", torch.ones((), dtype=torch.float32, device=device))
 
     def load_checks(self, part):  # the factor may decay to 0
-        return [(f"{part}_scale", lambda t: (t >= 0) & torch.isfinite(t), "finite and >= 0"),
-                (f"{part}_drift", _finite, "finite")]
+        return [(buffer_name(part, "scale"), lambda t: (t >= 0) & torch.isfinite(t), "finite and >= 0"),
+                (buffer_name(part, "drift"), _finite, "finite")]
+
+    def _kernel_args(self, layer, part) -> tuple:
+        """``(drift, factor, offset, candidate keys, initial-score keys)``: what the implicit ops take."""
+        t = self.tensors(layer, part)
+        return t.drift.view(-1), t.scale, _offset(layer, part), layer.candidate_keys, _initial_score_keys(layer)
 
     def greedy(self, layer, part):
-        drift, factor = getattr(layer, f"{part}_drift").view(-1), getattr(layer, f"{part}_scale")
-        return ops.implicit_greedy(drift, factor, layer.parts[part][1], layer.candidate_keys, _initial_score_keys(layer))
+        return ops.implicit_greedy(*self._kernel_args(layer, part))
 
     def sample(self, layer, part, key):
         # a chunk of fp32 scores (an (n, K) temporary), then the same Gumbel-max draw as stored scores
-        drift, factor = getattr(layer, f"{part}_drift").view(-1), getattr(layer, f"{part}_scale")
-        return ops.implicit_sample(drift, factor, layer.parts[part][1], layer.candidate_keys,
-                                   _initial_score_keys(layer), key, layer.sample_keys)
+        return ops.implicit_sample(*self._kernel_args(layer, part), key, layer.sample_keys)
 
     def scores(self, layer, part):
-        drift, factor = getattr(layer, f"{part}_drift").view(-1), getattr(layer, f"{part}_scale")
-        return ops.implicit_scores(drift, factor, layer.parts[part][1], layer.candidate_keys, _initial_score_keys(layer))
+        return ops.implicit_scores(*self._kernel_args(layer, part))
 
     def update(self, layer, part, direction, lr, weight_decay, step):
         # s = c*s0 - A*W: shrinking scales c and A, the step adds to A
-        drift, factor = getattr(layer, f"{part}_drift").view(-1), getattr(layer, f"{part}_scale")
+        t = self.tensors(layer, part)
+        drift, factor = t.drift.view(-1), t.scale
         d = direction.reshape(-1).to(torch.float32)
         if weight_decay:
             shrink = 1.0 - lr * weight_decay
@@ -266,6 +284,15 @@ class ImplicitScores(ScoreStorage):
 # values cache -> the tokens of the autograd graphs that saved it (see lend): a token dies with its
 # graph's saved tensors, after the backward (unless the graph is retained) or with the graph
 _LOANS: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+class IncrementalPart(NamedTuple):
+    drift: torch.Tensor
+    scale: torch.Tensor
+    sel: torch.Tensor  # (rows,) the cached index (uint8 up to K = 256)
+    val: torch.Tensor  # (rows,) fp32 its candidate
+    lo: torch.Tensor  # (rows,) fp32 the interval of drift / scale over which sel holds
+    hi: torch.Tensor
 
 
 class IncrementalImplicitScores(ImplicitScores):
@@ -291,35 +318,34 @@ class IncrementalImplicitScores(ImplicitScores):
     """
 
     incremental = True
+    Part = IncrementalPart
+    ROLES = {**ImplicitScores.ROLES, "sel": ("scores", False), "val": ("scores", False), "lo": ("scores", False),
+             "hi": ("scores", False)}
 
     def register(self, layer, part, shape, offset):
         super().register(layer, part, shape, offset)
         device = layer.candidate_keys.keys.device
         rows = math.prod(shape)
         sel = torch.uint8 if layer.k <= 256 else torch.int16 if layer.k <= 2**15 else torch.int32
-        layer.register_buffer(f"{part}_sel", torch.zeros(rows, dtype=sel, device=device), persistent=False)
-        layer.register_buffer(f"{part}_val", torch.zeros(rows, device=device), persistent=False)
-        layer.register_buffer(f"{part}_lo", torch.full((rows,), math.inf, device=device), persistent=False)
-        layer.register_buffer(f"{part}_hi", torch.full((rows,), -math.inf, device=device), persistent=False)
-
-    def state(self, part):
-        return {**super().state(part), f"{part}_sel": "scores", f"{part}_val": "scores", f"{part}_lo": "scores", f"{part}_hi": "scores"}
+        self._put(layer, part, "sel", torch.zeros(rows, dtype=sel, device=device))
+        self._put(layer, part, "val", torch.zeros(rows, device=device))
+        self._put(layer, part, "lo", torch.full((rows,), math.inf, device=device))
+        self._put(layer, part, "hi", torch.full((rows,), -math.inf, device=device))
 
     def reseed(self, layer):
         super().reseed(layer)
         self.invalidate(layer)
 
-    @staticmethod
-    def invalidate(layer) -> None:
+    def invalidate(self, layer) -> None:
         """Empty every interval: the next selection re-selects every connection."""
         for part in getattr(layer, "parts", {}):
-            lo = layer._buffers.get(f"{part}_lo")
-            if lo is not None:
-                lo.fill_(math.inf)
-                layer._buffers[f"{part}_hi"].fill_(-math.inf)
+            if buffer_name(part, "lo") in layer._buffers:  # not while the layer registers its parts
+                t = self.tensors(layer, part)
+                t.lo.fill_(math.inf)
+                t.hi.fill_(-math.inf)
 
     def lend(self, layer, part, w):
-        if w._base is not layer._buffers[f"{part}_val"]:  # not a view of the cache (a fallback's, a cast's, ...)
+        if w._base is not self.tensors(layer, part).val:  # not a view of the cache (a fallback's, a cast's, ...)
             return None
         token = torch.empty(0)
         _LOANS.setdefault(w._base, weakref.WeakSet()).add(token)
@@ -327,21 +353,23 @@ class IncrementalImplicitScores(ImplicitScores):
 
     @staticmethod
     def _at_args(layer, part):
-        return (getattr(layer, f"{part}_scale"), *layer.candidate_keys, *_initial_score_keys(layer))
+        """The arguments of ``implicit_select_at`` after ``(drift, conn)`` (tests)."""
+        return (layer._buffers[buffer_name(part, "scale")], *layer.candidate_keys, *_initial_score_keys(layer))
 
     def greedy(self, layer, part):
-        b = layer._buffers  # the buffers this storage registered; not Module.__getattr__ (per selection)
-        drift, factor, sel, val, lo, hi = (b[f"{part}_{n}"] for n in ("drift", "scale", "sel", "val", "lo", "hi"))
-        if not ops.incremental_applies(drift):
+        t = self.tensors(layer, part)
+        if not ops.incremental_applies(t.drift):
             return super().greedy(layer, part)
+        val = t.val
         if _LOANS.get(val):  # a live token (a non-empty WeakSet): copy-on-write, the graph keeps val
-            val = b[f"{part}_val"] = val.clone()
-        if not ops.incremental_greedy(drift, factor, sel, val, lo, hi, layer.parts[part][1], layer.candidate_keys,
-                                      _initial_score_keys(layer)):
+            val = val.clone()
+            self._put(layer, part, "val", val)
+        if not ops.incremental_greedy(t.drift, t.scale, t.sel, val, t.lo, t.hi, _offset(layer, part),
+                                      layer.candidate_keys, _initial_score_keys(layer)):
             return super().greedy(layer, part)
         # the cache itself, lent to a training forward's graph (see lend); the index stays uint8,
         # converted only where it is read
-        return sel, val
+        return t.sel, val
 
 
 STORAGES: dict[str, ScoreStorage] = {s.name: s for s in (Int8Scores(), Fp32Scores(), ImplicitScores())}
