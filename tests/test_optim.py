@@ -162,17 +162,25 @@ def test_int8_training_is_reproducible_bit_for_bit():
     assert torch.equal(train(), train())
 
 
+def _bad_step(opt, check, match=None):
+    """A step that must fail: from step() when eager, at the next read (check()) when deferred."""
+    with pytest.raises(FloatingPointError, match=match):
+        opt.step()
+        assert check == "deferred"  # eager raised already
+        opt.check()
+
+
+@pytest.mark.parametrize("check", ss.optim.CHECKS)
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-def test_non_finite_gradient_raises_and_changes_nothing(bad):
+def test_non_finite_gradient_raises_and_changes_nothing(bad, check):
     model = nn.Sequential(nn.Linear(4, 4), ss.SlotLinear(4, 3, k=4))
-    opt = ss.SlotSGD(model.parameters(), lr=0.1, momentum=0.9)
+    opt = ss.SlotSGD(model.parameters(), lr=0.1, momentum=0.9, check=check)
     model(torch.randn(2, 4)).sum().backward()
     opt.step()  # momentum state exists now
     before = copy.deepcopy(model.state_dict())
     model(torch.randn(2, 4)).sum().backward()
     model[1].slot_weight.grad[0, 0] = bad
-    with pytest.raises(FloatingPointError):
-        opt.step()
+    _bad_step(opt, check, "non-finite gradient in parameter 2 of param group 0")
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before if isinstance(before[k], torch.Tensor))
 
@@ -263,25 +271,25 @@ def test_strong_decay_keeps_int8_selection_equal_to_its_scores(scores):
 
 @pytest.mark.parametrize("scores", ["int8", "fp32", "implicit"])
 @pytest.mark.parametrize("momentum", [0.0, 0.9])
-def test_update_beyond_fp32_range_raises_and_changes_nothing(scores, momentum):
+@pytest.mark.parametrize("check", ss.optim.CHECKS)
+def test_update_beyond_fp32_range_raises_and_changes_nothing(scores, momentum, check):
     model = nn.Sequential(nn.Linear(4, 4), ss.SlotLinear(4, 3, k=4, scores=scores))
-    opt = ss.SlotSGD(model.parameters(), lr=1e30, momentum=momentum)
+    opt = ss.SlotSGD(model.parameters(), lr=1e30, momentum=momentum, check=check)
     before = copy.deepcopy(model.state_dict())
     model(torch.randn(2, 4)).sum().backward()
     model[1].slot_weight.grad.fill_(1e12)  # finite, but lr * grad is not an fp32 number
-    with pytest.raises(FloatingPointError, match="update.*param group 0"):
-        opt.step()
+    _bad_step(opt, check, "update.*param group 0")
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before if isinstance(before[k], torch.Tensor))
     assert not opt.state_dict()["state"]
 
 
-def test_update_beyond_fp32_range_of_an_ordinary_parameter_raises():
+@pytest.mark.parametrize("check", ss.optim.CHECKS)
+def test_update_beyond_fp32_range_of_an_ordinary_parameter_raises(check):
     model = nn.Sequential(nn.Linear(4, 4), ss.SlotLinear(4, 3, k=4))
-    opt = ss.SlotSGD(model.parameters(), lr=1e30)
+    opt = ss.SlotSGD(model.parameters(), lr=1e30, check=check)
     model(torch.randn(2, 4)).sum().backward()
     model[0].weight.grad.fill_(1e12)
     before = copy.deepcopy(model.state_dict())
-    with pytest.raises(FloatingPointError, match="update"):
-        opt.step()
+    _bad_step(opt, check, "update of parameter 0 of param group 0")
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items() if isinstance(v, torch.Tensor))
