@@ -217,10 +217,10 @@ class SlotSGD(Optimizer):
         for _, _, group, p, owner in entries:
             lr, mom, wd, nesterov = group["lr"], group["momentum"], group["weight_decay"], group["nesterov"]
             g = p.grad
-            if ok is not None:
-                g = torch.where(ok, g, -0.0)  # x + (-0.0) is x for every x, -0.0 included
             if owner is None and wd:
                 g = g.add(p, alpha=wd)
+            if ok is not None:
+                g = torch.where(ok, g, -0.0)  # x + (-0.0) is x for every x, -0.0 included
             state = self.state[p]
             if mom:
                 buf = state.get("momentum_buffer")
@@ -240,31 +240,35 @@ class SlotSGD(Optimizer):
         """:meth:`_step_each` with torch's multi-tensor ops: a number of launches per param group,
         not per parameter, for the gradients, ordinary parameters and momentum buffers (the score
         updates stay one call per part). The same operations, so the same bits."""
+        spans, start = [], 0  # (start, end, group): entries are in param-group order
+        while start < len(entries):
+            group, end = entries[start][2], start
+            while end < len(entries) and entries[end][2] is group:
+                end += 1
+            spans.append((start, end, group))
+            start = end
         grads = [p.grad for _, _, _, p, _ in entries]
+        for start, end, group in spans:  # coupled weight decay of the ordinary parameters
+            plain = [i for i in range(start, end) if entries[i][4] is None]
+            if group["weight_decay"] and plain:
+                decayed = torch._foreach_add([grads[i] for i in plain], [entries[i][3] for i in plain],
+                                             alpha=group["weight_decay"])
+                for i, g in zip(plain, decayed):
+                    grads[i] = g
         if ok is not None:  # one masked copy of all gradients (torch.where has no multi-tensor form)
             flat = torch.where(ok, torch.cat([g.reshape(-1) for g in grads]), -0.0)
             grads = [t.view(g.shape) for t, g in zip(flat.split([g.numel() for g in grads]), grads)]
-        start = 0
-        while start < len(entries):
-            group = entries[start][2]
-            end = start
-            while end < len(entries) and entries[end][2] is group:
-                end += 1
+        for start, end, group in spans:
             self._group_foreach(entries[start:end], grads[start:end], group, ok)
-            start = end
 
     def _group_foreach(self, entries: list, grads: list, group: dict, ok: torch.Tensor | None) -> None:
-        lr, mom, wd, nesterov = group["lr"], group["momentum"], group["weight_decay"], group["nesterov"]
-        grads = list(grads)
+        lr, mom, nesterov = group["lr"], group["momentum"], group["nesterov"]
+        states = [self.state[e[3]] for e in entries]  # made (maybe empty) for every stepped parameter, as by step_each
         plain = [i for i, e in enumerate(entries) if e[4] is None]
-        if wd and plain:
-            decayed = torch._foreach_add([grads[i] for i in plain], [entries[i][3] for i in plain], alpha=wd)
-            for i, g in zip(plain, decayed):
-                grads[i] = g
         if mom:
             old, bufs, olds = [], [None] * len(entries), []
             for i, (_, _, _, p, _) in enumerate(entries):
-                state = self.state[p]
+                state = states[i]
                 buf = state.get("momentum_buffer")
                 if buf is None:
                     buf = state["momentum_buffer"] = torch.clone(grads[i]).detach()
@@ -280,8 +284,7 @@ class SlotSGD(Optimizer):
         else:
             dirs = grads
         if ok is not None:
-            # finite here: the gradients are masked, the buffers unchanged (an ordinary parameter
-            # that is already inf or NaN, with weight decay, is the exception: it may become NaN)
+            # finite here: the gradients are masked, the buffers unchanged
             dirs = torch._foreach_mul(dirs, ok.to(dirs[0].dtype))
         if plain:
             torch._foreach_add_([entries[i][3] for i in plain], [dirs[i] for i in plain], alpha=-lr)

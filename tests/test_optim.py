@@ -293,3 +293,135 @@ def test_update_beyond_fp32_range_of_an_ordinary_parameter_raises(check):
     before = copy.deepcopy(model.state_dict())
     _bad_step(opt, check, "update of parameter 0 of param group 0")
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items() if isinstance(v, torch.Tensor))
+
+
+# ---------------------------------------------------------------- deferred checks, multi-tensor form
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+def _model(layers, scores, k, seed=0):
+    """A small MLP of ordinary and seeded linears: ``layers`` says which are seeded."""
+    torch.manual_seed(seed)
+    mods, width = [], 5
+    for i, seeded in enumerate(layers):
+        mods.append(ss.SlotLinear(width, 4, k=k, seed=i + 1, scores=scores, bias=i % 2 == 0) if seeded
+                    else nn.Linear(width, 4))
+        mods.append(nn.ReLU())
+        width = 4
+    return nn.Sequential(*mods)
+
+
+def _run(model, steps, bad_at=None, **kw):
+    """Train ``steps`` steps; a NaN gradient at step ``bad_at`` (its error caught where it is raised)."""
+    opt = ss.SlotSGD(model.parameters(), lr=0.2, **kw)
+    g = torch.Generator().manual_seed(3)
+    for s in range(steps):
+        opt.zero_grad()
+        model(torch.randn(6, 5, generator=g)).square().mean().backward()
+        if s == bad_at:
+            next(p for p in model.parameters() if p.grad is not None).grad.view(-1)[0] = math.nan
+        try:
+            opt.step()
+            if s == bad_at + 1 if bad_at is not None else False:
+                opt.check()  # deferred: the bad step and this one were skipped; the error is raised here
+        except FloatingPointError:
+            assert s == bad_at or (s == bad_at + 1 and kw.get("check", "deferred") == "deferred")
+    return model.state_dict(), opt.state_dict()
+
+
+def _same(a, b):
+    (ma, oa), (mb, ob) = a, b
+    assert ma.keys() == mb.keys()
+    for key in ma:
+        if isinstance(ma[key], torch.Tensor):
+            assert ma[key].dtype == mb[key].dtype and torch.equal(ma[key], mb[key]), key
+    assert oa["param_groups"] == ob["param_groups"] and oa["state"].keys() == ob["state"].keys()
+    for i, sa in oa["state"].items():
+        sb = ob["state"][i]
+        assert sa.keys() == sb.keys(), i
+        for key in sa:
+            assert torch.equal(sa[key], sb[key]) if isinstance(sa[key], torch.Tensor) else sa[key] == sb[key]
+
+
+import math  # noqa: E402
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(layers=st.lists(st.booleans(), min_size=1, max_size=4), scores=st.sampled_from(["int8", "fp32", "implicit"]),
+       k=st.sampled_from([2, 3, 8]), momentum=st.sampled_from([0.0, 0.9]), nesterov=st.booleans(),
+       wd=st.sampled_from([0.0, 0.05]))
+def test_every_check_and_foreach_form_gives_the_same_bits(layers, scores, k, momentum, nesterov, wd):
+    # eager per-parameter (today's step) is the reference; deferred checks and the multi-tensor
+    # form (and the device-side weight decay they use) must give its bits exactly
+    nesterov = nesterov and momentum > 0
+    kw = dict(momentum=momentum, nesterov=nesterov, weight_decay=wd)
+    ref = _run(_model(layers, scores, k), 3, check="eager", foreach=False, **kw)
+    for check in ss.optim.CHECKS:
+        for foreach in (False, True):
+            _same(ref, _run(_model(layers, scores, k), 3, check=check, foreach=foreach, **kw))
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+@pytest.mark.parametrize("scores", ["int8", "fp32", "implicit"])
+def test_a_deferred_bad_step_skips_until_read_and_rolls_back(scores, foreach):
+    # deferred: the bad step and the one after it change nothing on the device; check() raises and
+    # rolls the host state back (step counts), so training goes on exactly as eager's
+    # with its error read after step 3, deferred skipped steps 2 and 3: an eager run whose steps 2
+    # and 3 both raised is the reference
+    kw = dict(momentum=0.9, nesterov=True, weight_decay=0.01)
+    eager = _run_bad_twice(scores, foreach, kw)
+    deferred = _run(_model([True, False, True], scores, 4), 6, bad_at=2, check="deferred", foreach=foreach, **kw)
+    _same(eager, deferred)
+
+
+def _run_bad_twice(scores, foreach, kw):
+    model = _model([True, False, True], scores, 4)
+    opt = ss.SlotSGD(model.parameters(), lr=0.2, check="eager", foreach=foreach, **kw)
+    g = torch.Generator().manual_seed(3)
+    for s in range(6):
+        opt.zero_grad()
+        model(torch.randn(6, 5, generator=g)).square().mean().backward()
+        if s in (2, 3):
+            next(p for p in model.parameters() if p.grad is not None).grad.view(-1)[0] = math.nan
+            with pytest.raises(FloatingPointError):
+                opt.step()
+        else:
+            opt.step()
+    return model.state_dict(), opt.state_dict()
+
+
+@pytest.mark.parametrize("scores", ["int8", "fp32", "implicit"])
+def test_deferred_bad_first_step_leaves_no_state_and_state_dict_raises(scores):
+    model = _model([True, True], scores, 4)
+    opt = ss.SlotSGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.1)
+    before = copy.deepcopy(model.state_dict())
+    model(torch.randn(3, 5)).sum().backward()
+    model[0].slot_weight.grad.fill_(math.inf)
+    opt.step()  # no error yet: nothing was read
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items() if isinstance(v, torch.Tensor))
+    with pytest.raises(FloatingPointError, match="non-finite gradient in parameter 0 of param group 0"):
+        opt.state_dict()
+    assert not opt.state_dict()["state"]  # read: the momentum buffers and step counts are gone again
+    opt.check()  # nothing pending any more
+
+
+def test_deferred_check_reads_once_and_only_after_steps(monkeypatch):
+    model = _model([True, False], "int8", 4)
+    opt = ss.SlotSGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.randn(3, 5)).sum().backward()
+    opt.step()
+    opt.check()
+    reads = []
+    monkeypatch.setattr(torch.Tensor, "__bool__", lambda t: reads.append(t) or bool(t.item()))
+    opt.check()  # no step since the last read: no read
+    assert not reads
+
+
+def test_check_and_foreach_arguments_are_checked():
+    params = ss.SlotLinear(4, 3, k=2).parameters()
+    with pytest.raises(ValueError, match="check must be one of 'deferred', 'eager'; got 'later'"):
+        ss.SlotSGD(params, lr=0.1, check="later")
+    with pytest.raises(ValueError, match="foreach must be True or False"):
+        ss.SlotSGD(ss.SlotLinear(4, 3, k=2).parameters(), lr=0.1, foreach=1)
