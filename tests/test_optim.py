@@ -1,10 +1,13 @@
 """SlotSGD: equivalence with torch.optim.SGD on the dense reference, schedulers, state, safety."""
 
 import copy
+import math
 
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import seedslot as ss
@@ -297,8 +300,6 @@ def test_update_beyond_fp32_range_of_an_ordinary_parameter_raises(check):
 
 # ---------------------------------------------------------------- deferred checks, multi-tensor form
 
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
 
 
 def _model(layers, scores, k, seed=0):
@@ -313,7 +314,7 @@ def _model(layers, scores, k, seed=0):
     return nn.Sequential(*mods)
 
 
-def _run(model, steps, bad_at=None, **kw):
+def _train_mlp(model, steps, bad_at=None, **kw):
     """Train ``steps`` steps; a NaN gradient at step ``bad_at`` (its error caught where it is raised)."""
     opt = ss.SlotSGD(model.parameters(), lr=0.2, **kw)
     g = torch.Generator().manual_seed(3)
@@ -345,9 +346,6 @@ def _same(a, b):
             assert torch.equal(sa[key], sb[key]) if isinstance(sa[key], torch.Tensor) else sa[key] == sb[key]
 
 
-import math  # noqa: E402
-
-
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(layers=st.lists(st.booleans(), min_size=1, max_size=4), scores=st.sampled_from(["int8", "fp32", "implicit"]),
        k=st.sampled_from([2, 3, 8]), momentum=st.sampled_from([0.0, 0.9]), nesterov=st.booleans(),
@@ -357,10 +355,10 @@ def test_every_check_and_foreach_form_gives_the_same_bits(layers, scores, k, mom
     # form (and the device-side weight decay they use) must give its bits exactly
     nesterov = nesterov and momentum > 0
     kw = dict(momentum=momentum, nesterov=nesterov, weight_decay=wd)
-    ref = _run(_model(layers, scores, k), 3, check="eager", foreach=False, **kw)
+    ref = _train_mlp(_model(layers, scores, k), 3, check="eager", foreach=False, **kw)
     for check in ss.optim.CHECKS:
         for foreach in (False, True):
-            _same(ref, _run(_model(layers, scores, k), 3, check=check, foreach=foreach, **kw))
+            _same(ref, _train_mlp(_model(layers, scores, k), 3, check=check, foreach=foreach, **kw))
 
 
 @pytest.mark.parametrize("foreach", [False, True])
@@ -372,7 +370,7 @@ def test_a_deferred_bad_step_skips_until_read_and_rolls_back(scores, foreach):
     # and 3 both raised is the reference
     kw = dict(momentum=0.9, nesterov=True, weight_decay=0.01)
     eager = _run_bad_twice(scores, foreach, kw)
-    deferred = _run(_model([True, False, True], scores, 4), 6, bad_at=2, check="deferred", foreach=foreach, **kw)
+    deferred = _train_mlp(_model([True, False, True], scores, 4), 6, bad_at=2, check="deferred", foreach=foreach, **kw)
     _same(eager, deferred)
 
 
