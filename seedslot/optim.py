@@ -41,6 +41,7 @@ from .validate import check_float
 
 
 _FP32_MAX = float(torch.finfo(torch.float32).max)
+CHECKS = ("deferred", "eager")  # when a bad step raises: at the next host read, or from step()
 
 
 def _check_group(group: dict, where: str = "", lr_min_open: bool = False) -> None:
@@ -65,7 +66,15 @@ def _check_group(group: dict, where: str = "", lr_min_open: bool = False) -> Non
 
 
 class SlotSGD(Optimizer):
-    """SGD for seeded slot layers (straight-through score updates) and ordinary parameters."""
+    """SGD for seeded slot layers (straight-through score updates) and ordinary parameters.
+
+    ``check`` says when a bad step (a non-finite gradient, an update beyond the fp32 range) raises:
+    ``"deferred"`` (the default) decides on the device and makes the step a no-op there, raising at
+    the next read (:meth:`check`, :meth:`state_dict`); ``"eager"`` reads the decision back at once
+    (one host sync per step) and raises from ``step()``. ``foreach`` (default True) updates the
+    ordinary parameters and all momentum buffers with torch's multi-tensor ops; False loops per
+    parameter. Every combination gives the same bits.
+    """
 
     def __init__(
         self,
@@ -74,16 +83,77 @@ class SlotSGD(Optimizer):
         momentum: float = 0.0,
         weight_decay: float = 0.0,
         nesterov: bool = False,
+        *,
+        check: str = "deferred",
+        foreach: bool = True,
     ) -> None:
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov)
         _check_group(defaults, lr_min_open=True)
+        if check not in CHECKS:
+            raise ValueError(f"check must be one of {', '.join(map(repr, CHECKS))}; got {check!r}")
+        if not isinstance(foreach, bool):
+            raise ValueError(f"foreach must be True or False; got {foreach!r}")
         super().__init__(params, {key: v if isinstance(v, bool) else float(v) for key, v in defaults.items()})
         for gi, group in enumerate(self.param_groups):
             _check_group(group, f" in param group {gi}", lr_min_open=True)
+        self.check_mode, self.foreach = check, foreach
+        self._pending: _Pending | None = None  # the device-side record of deferred checks since the last read
+        self._caches: dict = {}  # host-built index tensors, made once per set of stepped parameters
+
+    def check(self) -> None:
+        """Raise the FloatingPointError of the first bad step since the last read, if any (one host
+        sync when deferred steps ran since then; nothing otherwise). That step and every later one
+        changed nothing on the device; the host-side state (step counts, buffers they created) is
+        rolled back here, so the optimizer can go on from the state before the bad step."""
+        pending, self._pending = self._pending, None
+        if pending is None or not pending.unread:
+            self._pending = pending
+            if pending is not None:
+                pending.unread = False
+            return
+        pending.unread = False
+        self._pending = pending
+        if not bool(pending.bad):  # the one host read of a good run
+            pending.created.clear()
+            return
+        rows, skipped = pending.snap.tolist(), pending.skipped.tolist()
+        created = pending.created_bad.tolist()
+        message = None
+        for i, (g_max, d_max, lr, bad) in enumerate(rows):
+            if bad and message is None:
+                where = pending.where[i]
+                if not math.isfinite(g_max):
+                    message = f"non-finite gradient in {where}; no score or weight was changed"
+                else:
+                    message = (f"update of {where} is beyond the fp32 range (lr={lr:g}, max |direction| "
+                               f"up to {d_max:g}); no score or weight was changed")
+        for i, p in enumerate(pending.params):  # undo what the host did for the steps the device skipped
+            state = self.state.get(p)
+            if state is None:
+                continue
+            if skipped[i] and "step" in state:
+                state["step"] -= int(skipped[i])
+                if not state["step"]:  # a part's first step was skipped: as if never stepped
+                    del state["step"]
+            if created[i] and i in pending.created:
+                state.pop("momentum_buffer", None)
+            if not state:
+                del self.state[p]
+        pending.created.clear()
+        pending.bad.fill_(False)
+        pending.skipped.zero_()
+        pending.created_bad.fill_(False)
+        raise FloatingPointError(message or "a deferred check failed; no score or weight was changed")
+
+    def state_dict(self) -> dict:
+        """As torch's, after :meth:`check` (a pending bad step raises here)."""
+        self.check()
+        return super().state_dict()
 
     def load_state_dict(self, state_dict: dict) -> None:
         """As torch's, after checking the saved hyper-parameters, counters and momentum buffers
-        (ValueError naming the first bad one; nothing is changed then)."""
+        (ValueError naming the first bad one; nothing is changed then). A deferred check not yet
+        read is dropped: the loaded state replaces what it guarded."""
         groups = state_dict.get("param_groups") if isinstance(state_dict, dict) else None
         state = state_dict.get("state") if isinstance(state_dict, dict) else None
         if not isinstance(groups, list) or not isinstance(state, dict) or len(groups) != len(self.param_groups):
@@ -108,6 +178,7 @@ class SlotSGD(Optimizer):
                     raise ValueError(f"momentum_buffer of {where} must be a finite float tensor of shape "
                                      f"{tuple(p.shape)}; got {got}")
         super().load_state_dict(state_dict)
+        self._pending = None
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -115,43 +186,128 @@ class SlotSGD(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        # Check hyper-parameters, every gradient and every update before touching anything: a bad
-        # one leaves all scores unchanged. One max-norm per tensor (NaN and inf propagate), one sync.
+        # Hyper-parameters are Python numbers: checked on the host, before anything changes.
         for gi, group in enumerate(self.param_groups):
             _check_group(group, f" in param group {gi}")
         entries = [(gi, pi, group, p, slot_owner(p)) for gi, group in enumerate(self.param_groups)
                    for pi, p in enumerate(group["params"]) if p.grad is not None]
-        if entries:
+        if not entries:
+            return loss
+        for _, _, _, p, owner in entries:
+            if owner is None and p.numel() > 1 and 0 in p.stride():
+                raise RuntimeError(
+                    "SlotSGD got a slot proxy parameter whose layer is gone or was copied "
+                    "without a forward pass; run a forward pass before step()"
+                )
+        ok = None
+        if self.check_mode == "eager" or not self._deferrable(entries):
+            # Every gradient and every update checked before touching anything: a bad one leaves
+            # all scores unchanged. One max-norm per tensor (NaN and inf propagate), one sync.
             self._check_updates(entries)
+        else:
+            ok = self._device_check(entries)
+        (self._step_foreach if self.foreach else self._step_each)(entries, ok)
+        return loss
+
+    # ------------------------------------------------------------------ the update
+
+    def _step_each(self, entries: list, ok: torch.Tensor | None) -> None:
+        """The update, one parameter at a time. ``ok`` (deferred checks): a 0-dim bool; where it is
+        False every write below leaves its tensor as it was."""
         for _, _, group, p, owner in entries:
             lr, mom, wd, nesterov = group["lr"], group["momentum"], group["weight_decay"], group["nesterov"]
             g = p.grad
-            if owner is None:
-                if p.numel() > 1 and 0 in p.stride():
-                    raise RuntimeError(
-                        "SlotSGD got a slot proxy parameter whose layer is gone or was copied "
-                        "without a forward pass; run a forward pass before step()"
-                    )
-                if wd:
-                    g = g.add(p, alpha=wd)
+            if owner is None and wd:
+                g = g.add(p, alpha=wd)
+            if ok is not None:
+                g = torch.where(ok, g, -0.0)  # x + (-0.0) is x for every x, -0.0 included
             state = self.state[p]
             if mom:
                 buf = state.get("momentum_buffer")
                 if buf is None:
                     buf = state["momentum_buffer"] = torch.clone(g).detach()
+                    self._created(p, ok)
                 else:
-                    buf.mul_(mom).add_(g)
+                    buf.mul_(mom if ok is None else _keep(ok, mom)).add_(g)
                 d = g.add(buf, alpha=mom) if nesterov else buf
             else:
                 d = g
-            if owner is None:
-                p.add_(d, alpha=-lr)
-            else:
-                layer, part = owner
-                step = state.get("step", 0)
-                layer.update_scores(part, d, lr, wd, step)  # its score storage's update
-                state["step"] = step + 1
-        return loss
+            if ok is not None:
+                d = torch.where(ok, d, 0.0 if owner is None else -0.0)
+            self._apply(p, owner, d, group, ok)
+
+    def _step_foreach(self, entries: list, ok: torch.Tensor | None) -> None:
+        """:meth:`_step_each` with torch's multi-tensor ops: a number of launches per param group,
+        not per parameter, for the gradients, ordinary parameters and momentum buffers (the score
+        updates stay one call per part). The same operations, so the same bits."""
+        spans, start = [], 0  # (start, end, group): entries are in param-group order
+        while start < len(entries):
+            group, end = entries[start][2], start
+            while end < len(entries) and entries[end][2] is group:
+                end += 1
+            spans.append((start, end, group))
+            start = end
+        grads = [p.grad for _, _, _, p, _ in entries]
+        for start, end, group in spans:  # coupled weight decay of the ordinary parameters
+            plain = [i for i in range(start, end) if entries[i][4] is None]
+            if group["weight_decay"] and plain:
+                decayed = torch._foreach_add([grads[i] for i in plain], [entries[i][3] for i in plain],
+                                             alpha=group["weight_decay"])
+                for i, g in zip(plain, decayed):
+                    grads[i] = g
+        if ok is not None:  # one masked copy of all gradients (torch.where has no multi-tensor form)
+            flat = torch.where(ok, torch.cat([g.reshape(-1) for g in grads]), -0.0)
+            grads = [t.view(g.shape) for t, g in zip(flat.split([g.numel() for g in grads]), grads)]
+        for start, end, group in spans:
+            self._group_foreach(entries[start:end], grads[start:end], group, ok)
+
+    def _group_foreach(self, entries: list, grads: list, group: dict, ok: torch.Tensor | None) -> None:
+        lr, mom, nesterov = group["lr"], group["momentum"], group["nesterov"]
+        states = [self.state[e[3]] for e in entries]  # made (maybe empty) for every stepped parameter, as by step_each
+        plain = [i for i, e in enumerate(entries) if e[4] is None]
+        if mom:
+            old, bufs, olds = [], [None] * len(entries), []
+            for i, (_, _, _, p, _) in enumerate(entries):
+                state = states[i]
+                buf = state.get("momentum_buffer")
+                if buf is None:
+                    buf = state["momentum_buffer"] = torch.clone(grads[i]).detach()
+                    self._created(p, ok)
+                else:
+                    old.append(i)
+                    olds.append(buf)
+                bufs[i] = buf
+            if olds:
+                torch._foreach_mul_(olds, mom if ok is None else _keep(ok, mom))
+                torch._foreach_add_(olds, [grads[i] for i in old])
+            dirs = torch._foreach_add(grads, bufs, alpha=mom) if nesterov else bufs
+        else:
+            dirs = grads
+        if ok is not None:
+            # finite here: the gradients are masked, the buffers unchanged
+            dirs = torch._foreach_mul(dirs, ok.to(dirs[0].dtype))
+        if plain:
+            torch._foreach_add_([entries[i][3] for i in plain], [dirs[i] for i in plain], alpha=-lr)
+        for (_, _, _, p, owner), d in zip(entries, dirs):
+            if owner is not None:
+                self._apply(p, owner, d, group, ok)
+
+    def _apply(self, p: torch.Tensor, owner, d: torch.Tensor, group: dict, ok: torch.Tensor | None) -> None:
+        """Move ``p`` (an ordinary parameter) or its layer's part's scores (a proxy) along ``-d``."""
+        lr, wd = group["lr"], group["weight_decay"]
+        if owner is None:
+            p.add_(d, alpha=-lr)
+            return
+        layer, part = owner
+        state = self.state[p]
+        step = state.get("step", 0)
+        if ok is not None and wd:
+            _decay(layer, part, ok, 1.0 - lr * wd)
+            wd = 0.0
+        layer.update_scores(part, d, lr, wd, step)  # its score storage's update
+        state["step"] = step + 1
+
+    # ------------------------------------------------------------------ the checks
 
     def _check_updates(self, entries: list) -> None:
         """FloatingPointError unless every gradient is finite and every parameter's update (a bound
@@ -186,6 +342,148 @@ class SlotSGD(Optimizer):
                     f"update of {where} is beyond the fp32 range (lr={group['lr']:g}, max |direction| "
                     f"up to {d:g}); no score or weight was changed"
                 )
+
+    def _deferrable(self, entries: list) -> bool:
+        """Whether this step can be checked on the device: real floating tensors on one device, and
+        storages whose weight decay :func:`_decay` knows."""
+        device = entries[0][3].device
+        for _, _, group, p, owner in entries:
+            if p.device != device or not p.grad.dtype.is_floating_point or p.grad.is_complex():
+                return False
+            if owner is not None and group["weight_decay"] and owner[0].storage.name not in _DECAYS:
+                return False
+        return True
+
+    def _device_check(self, entries: list) -> torch.Tensor:
+        """:meth:`_check_updates`' decision made on the device, without a host read: the 0-dim bool
+        "this step may write", False from the first bad step until :meth:`check` reads it. The first
+        bad step's numbers are kept for the error message; the steps skipped, for the rollback."""
+        params = [p for group in self.param_groups for p in group["params"]]
+        device = entries[0][3].device
+        pending = self._pending
+        if pending is not None and (len(pending.params) != len(params) or pending.device != device
+                                    or any(a is not b for a, b in zip(pending.params, params))):
+            self.check()  # the parameters changed (add_param_group, a move): read, then start afresh
+            pending = None
+        if pending is None:
+            pending = self._pending = _Pending(self.param_groups, device)
+        index = {id(p): i for i, p in enumerate(params)}
+        rows = [index[id(p)] for _, _, _, p, _ in entries]
+        norms = torch._foreach_norm([p.grad for _, _, _, p, _ in entries], math.inf)
+        zero = norms[0].new_zeros(())
+        bufs, plains = [], []  # (entry index, tensor)
+        for i, (_, _, group, p, owner) in enumerate(entries):
+            buf = self.state.get(p, {}).get("momentum_buffer") if group["momentum"] else None
+            if buf is not None:
+                bufs.append((i, buf))
+            if owner is None and group["weight_decay"]:
+                plains.append((i, p.detach()))
+        b_max, p_max = [zero] * len(entries), [zero] * len(entries)
+        for found, out in ((bufs, b_max), (plains, p_max)):
+            if found:
+                for (i, _), m in zip(found, torch._foreach_norm([t for _, t in found], math.inf)):
+                    out[i] = m
+        stack = torch.stack([torch.stack(norms), torch.stack(b_max), torch.stack(p_max)]).to(torch.float64)
+        cols, start = [], 0  # per param group: the same arithmetic as _check_updates, in float64
+        while start < len(entries):
+            group = entries[start][2]
+            end = start
+            while end < len(entries) and entries[end][2] is group:
+                end += 1
+            gm, bm, pm = stack[:, start:end]
+            lr, mom, wd = group["lr"], group["momentum"], group["weight_decay"]
+            g = gm + wd * pm if wd else gm
+            buf = mom * bm + g if mom else torch.zeros_like(g)  # bm is 0 where there is no buffer yet
+            d = (g + mom * buf if group["nesterov"] else buf) if mom else g
+            sigma = self._cached(("sigma", tuple(max(1.0, e[4][0].sigma if e[4] is not None else 1.0)
+                                                 for e in entries[start:end])), device, torch.float64)
+            update = lr * d * sigma
+            bad = ~torch.isfinite(gm) | ~((buf < _FP32_MAX) & (d < _FP32_MAX) & (update < _FP32_MAX))
+            cols.append(torch.stack([gm, d, torch.full_like(gm, lr), bad.to(torch.float64)], -1))
+            start = end
+        step_rows = torch.cat(cols) if len(cols) > 1 else cols[0]
+        step_bad = step_rows[:, 3].any()
+        first = step_bad & ~pending.bad  # this is the first bad step since the last read
+        idx = self._cached(("rows", tuple(rows)), device, torch.int64)
+        if len(rows) == len(params):
+            full = step_rows
+        else:
+            full = torch.zeros_like(pending.snap).index_copy_(0, idx, step_rows)
+        pending.snap.copy_(torch.where(first, full, pending.snap))
+        pending.bad.logical_or_(step_bad)
+        pending.skipped.index_add_(0, idx, pending.bad.to(torch.int64).expand(len(rows)))
+        pending.unread = True
+        return ~pending.bad
+
+    def _created(self, p: torch.Tensor, ok: torch.Tensor | None) -> None:
+        """Note that ``p``'s momentum buffer was made at this step (dropped again if the step fails)."""
+        if ok is not None:
+            pending = self._pending
+            i = next(i for i, q in enumerate(pending.params) if q is p)
+            pending.created_bad[i] = ~ok
+            pending.created.add(i)
+
+    def _cached(self, key: tuple, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """A device tensor of the numbers in ``key[1]``, copied from the host once per distinct key."""
+        full = (key, device, dtype)
+        t = self._caches.get(full)
+        if t is None:
+            if len(self._caches) > 64:
+                self._caches.clear()
+            t = self._caches[full] = torch.tensor(key[1], dtype=dtype, device=device)
+        return t
+
+
+class _Pending:
+    """What deferred checks keep on the device between host reads (fixed shapes: one row per
+    parameter of the optimizer, in param-group order)."""
+
+    def __init__(self, groups: list, device: torch.device) -> None:
+        self.params = [p for group in groups for p in group["params"]]
+        self.where = [f"parameter {pi} of param group {gi}" for gi, group in enumerate(groups)
+                      for pi in range(len(group["params"]))]
+        n = len(self.params)
+        self.device = device
+        self.bad = torch.zeros((), dtype=torch.bool, device=device)  # a bad step since the last read
+        self.snap = torch.zeros(n, 4, dtype=torch.float64, device=device)  # first bad step: |g|, |d|, lr, bad
+        self.skipped = torch.zeros(n, dtype=torch.int64, device=device)  # steps the device skipped per param
+        self.created_bad = torch.zeros(n, dtype=torch.bool, device=device)  # buffer made by a skipped step
+        self.created: set[int] = set()  # rows whose momentum buffer was made since the last read
+        self.unread = False
+
+
+def _keep(ok: torch.Tensor, factor: float) -> torch.Tensor:
+    """0-dim fp32 ``factor`` where ``ok``, else 1.0 (a multiplication that keeps its tensor)."""
+    return torch.where(ok, factor, 1.0)
+
+
+def _decay_fp32(layer, part, f):
+    getattr(layer, f"{part}_scores").mul_(f)
+
+
+def _decay_int8(layer, part, f):
+    # as Int8Scores.update: through the scale, and scores below the normal fp32 range become 0
+    scores, scale = getattr(layer, f"{part}_scores"), getattr(layer, f"{part}_scale")
+    scale.mul_(f)
+    small = (f != 1.0) & (scale < torch.finfo(torch.float32).tiny)
+    scores.masked_fill_(small, 0)
+    scale.copy_(torch.where(small, layer.score_lambda * layer.sigma / 127.0, scale))
+
+
+def _decay_implicit(layer, part, f):
+    getattr(layer, f"{part}_drift").mul_(f)
+    getattr(layer, f"{part}_scale").mul_(f)
+
+
+# Decoupled weight decay on the device, per storage: what each storage's update does first for a
+# Python ``weight_decay`` (the storage interface takes Python numbers, so a step whose decision is
+# on the device cannot ask it to skip the decay). Bit-equal to the storages' own (tested).
+_DECAYS = {"fp32": _decay_fp32, "int8": _decay_int8, "implicit": _decay_implicit}
+
+
+def _decay(layer, part: str, ok: torch.Tensor, shrink: float) -> None:
+    """Multiply the part's scores by ``shrink`` where ``ok`` (a 0-dim bool), else leave them."""
+    _DECAYS[layer.storage.name](layer, part, _keep(ok, shrink))
 
 
 def _reject_slot_proxies(optimizer: Optimizer, args, kwargs) -> None:

@@ -1,10 +1,13 @@
 """SlotSGD: equivalence with torch.optim.SGD on the dense reference, schedulers, state, safety."""
 
 import copy
+import math
 
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import seedslot as ss
@@ -162,17 +165,25 @@ def test_int8_training_is_reproducible_bit_for_bit():
     assert torch.equal(train(), train())
 
 
+def _bad_step(opt, check, match=None):
+    """A step that must fail: from step() when eager, at the next read (check()) when deferred."""
+    with pytest.raises(FloatingPointError, match=match):
+        opt.step()
+        assert check == "deferred"  # eager raised already
+        opt.check()
+
+
+@pytest.mark.parametrize("check", ss.optim.CHECKS)
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-def test_non_finite_gradient_raises_and_changes_nothing(bad):
+def test_non_finite_gradient_raises_and_changes_nothing(bad, check):
     model = nn.Sequential(nn.Linear(4, 4), ss.SlotLinear(4, 3, k=4))
-    opt = ss.SlotSGD(model.parameters(), lr=0.1, momentum=0.9)
+    opt = ss.SlotSGD(model.parameters(), lr=0.1, momentum=0.9, check=check)
     model(torch.randn(2, 4)).sum().backward()
     opt.step()  # momentum state exists now
     before = copy.deepcopy(model.state_dict())
     model(torch.randn(2, 4)).sum().backward()
     model[1].slot_weight.grad[0, 0] = bad
-    with pytest.raises(FloatingPointError):
-        opt.step()
+    _bad_step(opt, check, "non-finite gradient in parameter 2 of param group 0")
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before if isinstance(before[k], torch.Tensor))
 
@@ -263,25 +274,152 @@ def test_strong_decay_keeps_int8_selection_equal_to_its_scores(scores):
 
 @pytest.mark.parametrize("scores", ["int8", "fp32", "implicit"])
 @pytest.mark.parametrize("momentum", [0.0, 0.9])
-def test_update_beyond_fp32_range_raises_and_changes_nothing(scores, momentum):
+@pytest.mark.parametrize("check", ss.optim.CHECKS)
+def test_update_beyond_fp32_range_raises_and_changes_nothing(scores, momentum, check):
     model = nn.Sequential(nn.Linear(4, 4), ss.SlotLinear(4, 3, k=4, scores=scores))
-    opt = ss.SlotSGD(model.parameters(), lr=1e30, momentum=momentum)
+    opt = ss.SlotSGD(model.parameters(), lr=1e30, momentum=momentum, check=check)
     before = copy.deepcopy(model.state_dict())
     model(torch.randn(2, 4)).sum().backward()
     model[1].slot_weight.grad.fill_(1e12)  # finite, but lr * grad is not an fp32 number
-    with pytest.raises(FloatingPointError, match="update.*param group 0"):
-        opt.step()
+    _bad_step(opt, check, "update.*param group 0")
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before if isinstance(before[k], torch.Tensor))
     assert not opt.state_dict()["state"]
 
 
-def test_update_beyond_fp32_range_of_an_ordinary_parameter_raises():
+@pytest.mark.parametrize("check", ss.optim.CHECKS)
+def test_update_beyond_fp32_range_of_an_ordinary_parameter_raises(check):
     model = nn.Sequential(nn.Linear(4, 4), ss.SlotLinear(4, 3, k=4))
-    opt = ss.SlotSGD(model.parameters(), lr=1e30)
+    opt = ss.SlotSGD(model.parameters(), lr=1e30, check=check)
     model(torch.randn(2, 4)).sum().backward()
     model[0].weight.grad.fill_(1e12)
     before = copy.deepcopy(model.state_dict())
-    with pytest.raises(FloatingPointError, match="update"):
-        opt.step()
+    _bad_step(opt, check, "update of parameter 0 of param group 0")
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items() if isinstance(v, torch.Tensor))
+
+
+# ---------------------------------------------------------------- deferred checks, multi-tensor form
+
+
+
+def _model(layers, scores, k, seed=0):
+    """A small MLP of ordinary and seeded linears: ``layers`` says which are seeded."""
+    torch.manual_seed(seed)
+    mods, width = [], 5
+    for i, seeded in enumerate(layers):
+        mods.append(ss.SlotLinear(width, 4, k=k, seed=i + 1, scores=scores, bias=i % 2 == 0) if seeded
+                    else nn.Linear(width, 4))
+        mods.append(nn.ReLU())
+        width = 4
+    return nn.Sequential(*mods)
+
+
+def _train_mlp(model, steps, bad_at=None, **kw):
+    """Train ``steps`` steps; a NaN gradient at step ``bad_at`` (its error caught where it is raised)."""
+    opt = ss.SlotSGD(model.parameters(), lr=0.2, **kw)
+    g = torch.Generator().manual_seed(3)
+    for s in range(steps):
+        opt.zero_grad()
+        model(torch.randn(6, 5, generator=g)).square().mean().backward()
+        if s == bad_at:
+            next(p for p in model.parameters() if p.grad is not None).grad.view(-1)[0] = math.nan
+        try:
+            opt.step()
+            if s == bad_at + 1 if bad_at is not None else False:
+                opt.check()  # deferred: the bad step and this one were skipped; the error is raised here
+        except FloatingPointError:
+            assert s == bad_at or (s == bad_at + 1 and kw.get("check", "deferred") == "deferred")
+    return model.state_dict(), opt.state_dict()
+
+
+def _same(a, b):
+    (ma, oa), (mb, ob) = a, b
+    assert ma.keys() == mb.keys()
+    for key in ma:
+        if isinstance(ma[key], torch.Tensor):
+            assert ma[key].dtype == mb[key].dtype and torch.equal(ma[key], mb[key]), key
+    assert oa["param_groups"] == ob["param_groups"] and oa["state"].keys() == ob["state"].keys()
+    for i, sa in oa["state"].items():
+        sb = ob["state"][i]
+        assert sa.keys() == sb.keys(), i
+        for key in sa:
+            assert torch.equal(sa[key], sb[key]) if isinstance(sa[key], torch.Tensor) else sa[key] == sb[key]
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(layers=st.lists(st.booleans(), min_size=1, max_size=4), scores=st.sampled_from(["int8", "fp32", "implicit"]),
+       k=st.sampled_from([2, 3, 8]), momentum=st.sampled_from([0.0, 0.9]), nesterov=st.booleans(),
+       wd=st.sampled_from([0.0, 0.05]))
+def test_every_check_and_foreach_form_gives_the_same_bits(layers, scores, k, momentum, nesterov, wd):
+    # eager per-parameter (today's step) is the reference; deferred checks and the multi-tensor
+    # form (and the device-side weight decay they use) must give its bits exactly
+    nesterov = nesterov and momentum > 0
+    kw = dict(momentum=momentum, nesterov=nesterov, weight_decay=wd)
+    ref = _train_mlp(_model(layers, scores, k), 3, check="eager", foreach=False, **kw)
+    for check in ss.optim.CHECKS:
+        for foreach in (False, True):
+            _same(ref, _train_mlp(_model(layers, scores, k), 3, check=check, foreach=foreach, **kw))
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+@pytest.mark.parametrize("scores", ["int8", "fp32", "implicit"])
+def test_a_deferred_bad_step_skips_until_read_and_rolls_back(scores, foreach):
+    # deferred: the bad step and the one after it change nothing on the device; check() raises and
+    # rolls the host state back (step counts), so training goes on exactly as eager's
+    # with its error read after step 3, deferred skipped steps 2 and 3: an eager run whose steps 2
+    # and 3 both raised is the reference
+    kw = dict(momentum=0.9, nesterov=True, weight_decay=0.01)
+    eager = _run_bad_twice(scores, foreach, kw)
+    deferred = _train_mlp(_model([True, False, True], scores, 4), 6, bad_at=2, check="deferred", foreach=foreach, **kw)
+    _same(eager, deferred)
+
+
+def _run_bad_twice(scores, foreach, kw):
+    model = _model([True, False, True], scores, 4)
+    opt = ss.SlotSGD(model.parameters(), lr=0.2, check="eager", foreach=foreach, **kw)
+    g = torch.Generator().manual_seed(3)
+    for s in range(6):
+        opt.zero_grad()
+        model(torch.randn(6, 5, generator=g)).square().mean().backward()
+        if s in (2, 3):
+            next(p for p in model.parameters() if p.grad is not None).grad.view(-1)[0] = math.nan
+            with pytest.raises(FloatingPointError):
+                opt.step()
+        else:
+            opt.step()
+    return model.state_dict(), opt.state_dict()
+
+
+@pytest.mark.parametrize("scores", ["int8", "fp32", "implicit"])
+def test_deferred_bad_first_step_leaves_no_state_and_state_dict_raises(scores):
+    model = _model([True, True], scores, 4)
+    opt = ss.SlotSGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.1)
+    before = copy.deepcopy(model.state_dict())
+    model(torch.randn(3, 5)).sum().backward()
+    model[0].slot_weight.grad.fill_(math.inf)
+    opt.step()  # no error yet: nothing was read
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items() if isinstance(v, torch.Tensor))
+    with pytest.raises(FloatingPointError, match="non-finite gradient in parameter 0 of param group 0"):
+        opt.state_dict()
+    assert not opt.state_dict()["state"]  # read: the momentum buffers and step counts are gone again
+    opt.check()  # nothing pending any more
+
+
+def test_deferred_check_reads_once_and_only_after_steps(monkeypatch):
+    model = _model([True, False], "int8", 4)
+    opt = ss.SlotSGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.randn(3, 5)).sum().backward()
+    opt.step()
+    opt.check()
+    reads = []
+    monkeypatch.setattr(torch.Tensor, "__bool__", lambda t: reads.append(t) or bool(t.item()))
+    opt.check()  # no step since the last read: no read
+    assert not reads
+
+
+def test_check_and_foreach_arguments_are_checked():
+    params = ss.SlotLinear(4, 3, k=2).parameters()
+    with pytest.raises(ValueError, match="check must be one of 'deferred', 'eager'; got 'later'"):
+        ss.SlotSGD(params, lr=0.1, check="later")
+    with pytest.raises(ValueError, match="foreach must be True or False"):
+        ss.SlotSGD(ss.SlotLinear(4, 3, k=2).parameters(), lr=0.1, foreach=1)
