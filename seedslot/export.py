@@ -312,7 +312,7 @@ def load_exported(path: str | os.PathLike, model: nn.Module | None = None, map_l
         header = json.loads(bytes(body[_JSON_LEN.size : _JSON_LEN.size + head_len]))
         payload = body[_JSON_LEN.size + head_len :]
         build_args = header["build_args"]
-    except (KeyError, TypeError, ValueError, struct.error) as e:
+    except (KeyError, TypeError, ValueError, RecursionError, struct.error) as e:
         raise CheckpointError(f"{source}: tampered: malformed export header ({type(e).__name__}: {e})") from e
     if model is None and build_args is None:
         raise ValueError(f"{source} holds no build_args: pass model=, a module with the exported architecture")

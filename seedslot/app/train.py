@@ -35,7 +35,7 @@ from ..config import SlotConfig
 from ..convert import to_dense
 from .devices import resolve_device
 from .distributed import Ranks
-from ..files import atomic_write, remove_stale_temporaries
+from ..files import append_text, atomic_write, check_writable, remove_stale_temporaries
 from ..layers import SlotLayer
 from ..memory import peak_rss_bytes, state_bytes
 from ..models import MODELS, MODES, build, build_from_checkpoint, count_connections
@@ -206,6 +206,9 @@ def _resumed(config: TrainConfig, ckpt: dict, source: str) -> TrainConfig:
             raise ValueError(f"resume continues the run as it was configured: {f.name}={given!r} differs from "
                              f"the checkpoint's {getattr(saved, f.name)!r}")
     changes = {name: getattr(config, name) for name in _RESUME_OVERRIDES if getattr(config, name) is not None}
+    # Where a resumed run writes is decided here, from its own command line only: inside its --out
+    # (the resumed directory) and to its own --json, never to a path the checkpoint holds.
+    changes["json"] = config.json
     try:
         cfg = resolve(dataclasses.replace(saved, **changes, resume=config.resume, out=config.resume))
     except ValueError as e:
@@ -394,6 +397,10 @@ def _check_outputs(cfg: TrainConfig) -> None:
     if cfg.out is not None and os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
         raise ValueError(f"out: {cfg.out} is not a directory")
     if cfg.json is not None:
+        try:
+            check_writable(cfg.json)
+        except ValueError as e:
+            raise ValueError(f"json: {e}") from None
         parent = os.path.dirname(os.path.abspath(cfg.json))
         if os.path.isdir(cfg.json):
             raise ValueError(f"json: {cfg.json} is a directory; pass a file path")
