@@ -381,3 +381,12 @@ def test_a_resumed_run_never_writes_where_the_checkpoint_says(finished_run, tmp_
     mine = tmp_path / "mine.json"
     run(TrainConfig(resume=out, data_dir=data_dir, threads=1, json=str(mine)), progress=False)
     assert json.loads(mine.read_text())["epochs"] == 1
+
+
+@pytest.mark.parametrize("history", [[{"val_accuracy": "x"}], [], [{"epoch": 1, "train_loss": 1.0, "train_accuracy": 2.0,
+                                     "val_loss": None, "val_accuracy": None, "seconds": 1.0}], [[]] * 1])
+def test_a_tampered_tally_history_fails_at_resume_naming_it(finished_run, tmp_path, history):
+    """Issue 24, item 14: not later, in the summary or the metrics rewrite, with a traceback."""
+    data_dir, ckpt = finished_run
+    with pytest.raises(CheckpointError, match=r"tally\['history'\]"):
+        _resume(data_dir, _tampered(ckpt, ("tally", "history"), history, str(tmp_path)))

@@ -329,3 +329,12 @@ def test_cli_export_of_a_tampered_checkpoint_is_one_line(tmp_path, capsys):
     assert run_cli(argparse.Namespace(checkpoint=str(ckpt), out=str(tmp_path / "m.slot"))) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "build_args" in err and not (tmp_path / "m.slot").exists()
+
+
+def test_a_deeply_nested_header_is_a_checkpoint_error(tmp_path):
+    """Issue 24, item 14: not a RecursionError."""
+    good = _lenet_export(tmp_path)
+    path = tmp_path / "deep.slot"
+    path.write_bytes(_reframe(good, lambda h: b"[" * 100000 + b"]" * 100000))
+    with pytest.raises(CheckpointError, match="malformed export header"):
+        load_exported(path)

@@ -2,6 +2,7 @@
 declared sizes exceed what it holds is refused, in bounded memory and time, before anything is
 built, allocated or inflated."""
 
+import gzip
 import io
 import json
 import struct
@@ -129,11 +130,32 @@ def _export_case(data, tmp_path) -> tuple[bytes, callable]:
     return raw, load_exported
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def _idx_case(data) -> tuple[bytes, callable]:
+    from seedslot.app import data as D
+
+    ndim = data.draw(st.integers(1, 4), label="ndim")
+    shape = data.draw(st.lists(st.sampled_from([1, 3, 255, 65535, 2**31, 2**32 - 1]), min_size=ndim, max_size=ndim),
+                      label="shape")
+    held = data.draw(st.integers(0, 64), label="held")
+    raw = b"\0\0\x08" + bytes([ndim]) + struct.pack(f">{ndim}I", *shape) + bytes(held)
+    if data.draw(st.booleans(), label="gzip"):
+        raw = gzip.compress(raw + bytes(data.draw(st.sampled_from([0, 2**20, 2**24]), label="zeros")))
+
+    def load(path):
+        try:
+            D.read_idx(path)
+        except D.DataError as e:
+            raise CheckpointError(str(e)) from None  # the same one-line contract, naming the file
+
+    return raw, load
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_declared_sizes_beyond_the_file_are_refused_in_bounded_memory_and_time(tmp_path, data):
-    fmt = data.draw(st.sampled_from(["checkpoint", "export"]), label="format")
-    raw, load = _checkpoint_case(data) if fmt == "checkpoint" else _export_case(data, tmp_path)
+    fmt = data.draw(st.sampled_from(["checkpoint", "export", "idx"]), label="format")
+    raw, load = {"checkpoint": lambda: _checkpoint_case(data), "export": lambda: _export_case(data, tmp_path),
+                 "idx": lambda: _idx_case(data)}[fmt]()
     path = tmp_path / "hostile.bin"
     path.write_bytes(raw)
     t0 = time.monotonic()
@@ -144,3 +166,38 @@ def test_declared_sizes_beyond_the_file_are_refused_in_bounded_memory_and_time(t
             assert "\n" not in str(e) and str(path) in str(e)
     assert time.monotonic() - t0 < LIMIT_SECONDS
     assert m.peak_increment_bytes < LIMIT_BYTES
+
+
+def test_a_zip_bomb_checkpoint_is_refused_before_anything_is_inflated(tmp_path):
+    """Issue 24, item 13: a few hundred KB whose archive record inflates to 256 MiB."""
+    buf = io.BytesIO()
+    torch.save({"model": {"w": torch.zeros(2**26)}, "build_args": {}}, buf)
+    bomb = io.BytesIO()
+    with zipfile.ZipFile(io.BytesIO(buf.getvalue())) as src, zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as dst:
+        for info in src.infolist():
+            dst.writestr(info.filename, src.read(info.filename))
+    path = tmp_path / "bomb.ckpt"
+    path.write_bytes(b"".join(bytes(p) for p in frame(CHECKPOINT_MAGIC, CHECKPOINT_VERSION, [bomb.getvalue()])))
+    assert path.stat().st_size < 2**21
+    with track() as m:
+        with pytest.raises(CheckpointError, match="compressed"):
+            load_checkpoint(path)
+    assert m.peak_increment_bytes < 2**27
+
+
+def test_a_device_is_not_read_as_a_checkpoint_or_export():
+    for load in (load_checkpoint, load_exported):
+        with pytest.raises(CheckpointError, match="/dev/zero is a character device"):
+            load("/dev/zero")
+
+
+def test_a_tampered_draw_counter_fails_at_load_naming_it():
+    from seedslot.checkpoints import load_state_into
+
+    model = seedslot.models.build("lenet", mode="seeded", k=2, selection="sample", input_size=4)
+    for bad in (torch.tensor(-1), torch.tensor(2**63 - 1), torch.tensor(1.5), torch.zeros(2, dtype=torch.int64)):
+        state = dict(model.state_dict())
+        state["classifier.0.draws"] = bad
+        with pytest.raises(CheckpointError, match="classifier.0.draws"):
+            load_state_into(model, state)
+    assert int(model.classifier[0].draws) == 0

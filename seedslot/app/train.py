@@ -249,14 +249,36 @@ def _restore(ckpt: dict, source: str, cfg: TrainConfig, objects: dict, batches_p
             if isinstance(v, bool) or not ok or (kind is not list and not (math.isfinite(v) and v >= 0)):
                 raise CheckpointError(f"tally[{key!r}] must be a {kind.__name__}"
                                       + ("" if kind is list else " >= 0") + f"; got {v!r:.80}")
-        if not all(isinstance(r, dict) for r in tally["history"]):
-            raise CheckpointError("tally['history'] must be a list of epoch records")
+        _check_history(tally["history"], pos["epoch"])
         torch.set_rng_state(rng)  # rank 0's; other ranks re-key their dropout
         return pos, dict(tally)
     except CheckpointError as e:
         raise CheckpointError(f"{source}: {e}") from None
     except (KeyError, TypeError, RuntimeError) as e:
         raise CheckpointError(f"{source}: not a seedslot training checkpoint ({type(e).__name__}: {e})") from None
+
+
+def _check_history(history: list, epochs_done: int) -> None:
+    """CheckpointError unless ``history`` holds the records of the ``epochs_done`` finished epochs
+    (what the summary and the metrics rewrite read), so that a tampered one fails here, not late."""
+    if len(history) != epochs_done:
+        raise CheckpointError(f"tally['history'] must hold one record per finished epoch ({epochs_done}); "
+                              f"got {len(history)}")
+    for i, r in enumerate(history):
+        if not isinstance(r, dict) or r.get("epoch") != i + 1 or isinstance(r.get("epoch"), bool):
+            raise CheckpointError(f"tally['history'][{i}] must be the record of epoch {i + 1}")
+        for key in ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "seconds"):
+            v = r.get(key)
+            number = isinstance(v, (int, float)) and not isinstance(v, bool)
+            if not (v is None and key.startswith("val") or number and (key.endswith("loss") or 0 <= v <= (
+                    1 if key.endswith("accuracy") else math.inf))):
+                raise CheckpointError(f"tally['history'][{i}][{key!r}] must be a number"
+                                      + (" in [0, 1]" if key.endswith("accuracy") else "")
+                                      + (" or null" if key.startswith("val") else "") + f"; got {v!r:.80}")
+        try:
+            json.dumps(r, allow_nan=True)
+        except (TypeError, ValueError, RecursionError):
+            raise CheckpointError(f"tally['history'][{i}] must hold JSON values only") from None
 
 
 # ---------------------------------------------------------------- pieces of the loop
