@@ -170,3 +170,23 @@ def test_a_live_claim_is_skipped_a_dead_one_taken_over(tiny, tmp_path):
         f.write("999999999")  # no such process: taken over
     S.sweep("headline", out, models=("lenet",), seeds=(0,), write_report=False, **kw)
     assert rid in S.load_records(out)
+
+
+def test_a_claim_nobody_holds_is_provably_stale(tmp_path):
+    """Issue 24, item 10: a sweep killed as PID 1 (a container's entrypoint) left a claim naming the
+    pid its restarted self has again; claims are flocks the kernel drops, so it is taken over."""
+    out = str(tmp_path)
+    os.makedirs(os.path.join(out, "claims"))
+    path = os.path.join(out, "claims", S._digest("r"))
+    with open(path, "w") as f:
+        f.write(str(os.getpid()))  # "our own pid", written by our previous incarnation
+    claim = S._claim(out, "r")
+    assert claim is not None
+    assert S._claim(out, "r") is None  # held: the lock lives as long as this process holds it
+    claim.release()
+    assert not os.path.exists(path)
+    with open(path, "w") as f:
+        f.write(f"{os.getppid()} {S._start_time(os.getppid())}")  # a live process's claim, but not locked
+    claim = S._claim(out, "r")
+    assert claim is not None
+    claim.release()

@@ -70,6 +70,8 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
                    help="evaluate one random candidate per connection (the paper's baseline), no training")
     p.add_argument("--finetune-from", metavar="CKPT", help="train the weights a slot checkpoint selected")
     p.add_argument("--resume", metavar="DIR", help="continue the run saved in DIR/last.ckpt")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in --out (without it, a new run into a run's directory is refused)")
     p.add_argument("--checkpoint-every-steps", type=int, metavar="N", help="also save last.ckpt every N steps")
     p.add_argument("--limit-train", type=int, metavar="N", help="use only the first N training examples")
     p.add_argument("--threads", type=int, metavar="N", help="torch CPU threads")

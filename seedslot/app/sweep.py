@@ -13,6 +13,7 @@ the work instead of doing it twice.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import hashlib
 import json
 import os
@@ -23,7 +24,7 @@ from dataclasses import dataclass
 
 from ..candidates import SHARING
 from .devices import DEVICE_HELP, resolve_device
-from ..files import atomic_write
+from ..files import atomic_write, check_writable
 from .train import CHECKPOINT, TrainConfig, run
 from ..validate import check_choice, check_int
 
@@ -200,7 +201,8 @@ def _append(out: str, record: dict) -> None:
     """Append one whole line; a torn line left by a killed writer is closed off first."""
     path = os.path.join(out, RUNS)
     line = json.dumps(record) + "\n"
-    with open(path, "ab+") as f:
+    check_writable(path)
+    with open(path, "ab+", opener=lambda p, flags: os.open(p, flags | getattr(os, "O_NOFOLLOW", 0))) as f:
         f.seek(0, os.SEEK_END)
         if f.tell():
             f.seek(-1, os.SEEK_END)
@@ -219,29 +221,64 @@ def _digest(rid: str) -> str:
     return hashlib.sha1(rid.encode()).hexdigest()[:16]
 
 
-def _claim(out: str, rid: str) -> str | None:
-    """Claim run ``rid`` for this process: the claim file's path, or None when a live process on
-    this machine holds it. A claim left by a dead process is taken over."""
+class _Claim:
+    """A held claim: its file, locked (``flock``) through the open descriptor."""
+
+    def __init__(self, path: str, fd: int) -> None:
+        self.path, self.fd = path, fd
+
+    def release(self) -> None:
+        try:
+            os.remove(self.path)
+        except FileNotFoundError:
+            pass
+        os.close(self.fd)
+
+
+def _start_time(pid: int) -> str:
+    """The start time of process ``pid`` (clock ticks since boot; "" where /proc cannot tell): with
+    the pid it names one process, never a later one that reuses the pid."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[19].decode()
+    except (OSError, IndexError):
+        return ""
+
+
+def _claim(out: str, rid: str) -> _Claim | None:
+    """Claim run ``rid`` for this process, or None when a live process holds it. A claim is held by
+    an ``flock`` on its file, which the kernel drops when its process dies, however it dies (also
+    as PID 1 of a container): a claim nobody locks is provably stale and is taken over. A claim
+    file of an older seedslot (a pid, no lock) counts as live while a process other than this one
+    has that pid."""
     os.makedirs(os.path.join(out, "claims"), exist_ok=True)
     path = os.path.join(out, "claims", _digest(rid))
-    for _ in range(2):
+    for _ in range(3):
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0), 0o644)
         try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            try:
-                pid = int(open(path).read().strip() or 0)
-            except (OSError, ValueError):
-                pid = 0
-            if pid and _alive(pid):
-                return None
-            try:
-                os.remove(path)  # stale: its process is gone
-            except FileNotFoundError:
-                pass
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if not same:  # its holder released (removed) it between our open and our lock: try afresh
+            os.close(fd)
             continue
-        with os.fdopen(fd, "w") as f:
-            f.write(str(os.getpid()))
-        return path
+        words = os.read(fd, 64).split()
+        if len(words) == 1:  # an older seedslot's claim: a pid only
+            try:
+                pid = int(words[0])
+            except ValueError:
+                pid = 0
+            if pid and pid != os.getpid() and _alive(pid):
+                os.close(fd)
+                return None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()} {_start_time(os.getpid())}".encode(), 0)
+        return _Claim(path, fd)
     return None
 
 
@@ -264,7 +301,8 @@ def _train(spec: dict, out: str, *, dataset: str, data_dir: str | None, threads:
         cfg = TrainConfig(resume=run_dir, data_dir=data_dir, threads=threads, epochs=fields.get("epochs"),
                           device=device)
     else:
-        cfg = TrainConfig(**fields, dataset=dataset, data_dir=data_dir, threads=threads, out=run_dir, device=device)
+        cfg = TrainConfig(**fields, dataset=dataset, data_dir=data_dir, threads=threads, out=run_dir, device=device,
+                          overwrite=True)  # the sweep's own directory, claimed: what a kill left there goes
         if "finetune_after" in spec:
             cfg.finetune_from = os.path.join(_checkpoint_dir(out, spec["finetune_after"]), CHECKPOINT)
     summary = run(cfg, progress=False)
@@ -327,7 +365,7 @@ def sweep(experiment: str, out: str, *, dataset: str = "fashion-mnist", data_dir
                 _append(out, record)
                 done[rid] = record
         finally:
-            os.remove(claim)
+            claim.release()
         log(f"[{i + 1}/{len(specs)}] done: test accuracy {record['test_accuracy']:.2%}, {record['seconds']:.1f} s")
     if write_report:
         report(experiment, out, models=models, seeds=seeds, presets=presets)

@@ -14,6 +14,7 @@ CPU kernels may sum in another order with another count).
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import json
 import math
 import os
@@ -89,6 +90,7 @@ class TrainConfig:
     checkpoint_every_steps: int | None = None  # also save last.ckpt every N steps
     threads: int | None = None  # torch.set_num_threads
     device: str | None = None  # "auto" (CUDA when available), "cpu", "cuda" or "cuda:N"
+    overwrite: bool = False  # a new run may replace the run already in out (else: refused)
 
     def slot_config(self) -> SlotConfig:
         """The slot layers' settings of this run (the library's defaults where a field is None)."""
@@ -200,7 +202,7 @@ def _resumed(config: TrainConfig, ckpt: dict, source: str) -> TrainConfig:
     defaults = TrainConfig()
     for f in dataclasses.fields(TrainConfig):
         given = getattr(config, f.name)
-        if f.name in _RESUME_OVERRIDES or f.name in ("resume", "out"):
+        if f.name in _RESUME_OVERRIDES or f.name in ("resume", "out", "overwrite"):
             continue
         if given != getattr(defaults, f.name) and given != getattr(saved, f.name):
             raise ValueError(f"resume continues the run as it was configured: {f.name}={given!r} differs from "
@@ -208,7 +210,7 @@ def _resumed(config: TrainConfig, ckpt: dict, source: str) -> TrainConfig:
     changes = {name: getattr(config, name) for name in _RESUME_OVERRIDES if getattr(config, name) is not None}
     # Where a resumed run writes is decided here, from its own command line only: inside its --out
     # (the resumed directory) and to its own --json, never to a path the checkpoint holds.
-    changes["json"] = config.json
+    changes["json"], changes["overwrite"] = config.json, False
     try:
         cfg = resolve(dataclasses.replace(saved, **changes, resume=config.resume, out=config.resume))
     except ValueError as e:
@@ -296,8 +298,8 @@ def flip_generator(seed: int, epoch: int, step: int) -> torch.Generator:
 
 
 class _StopOnCtrlC:
-    """While active, the first Ctrl-C asks the loop to stop after the current step (so that what
-    was done can be saved); a second one interrupts at once. With ``agree``, ``asked`` records it
+    """While active, the first Ctrl-C or SIGTERM asks the loop to stop after the current step (so
+    that what was done can be saved); a second one interrupts at once. With ``agree``, ``asked`` records it
     and ``requested`` is set once the ranks agree (:meth:`agree`), so that all stop after the same
     step; without, the Ctrl-C sets ``requested`` at once."""
 
@@ -307,8 +309,8 @@ class _StopOnCtrlC:
         self._previous = None
 
     def __enter__(self) -> "_StopOnCtrlC":
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
+        if threading.current_thread() is threading.main_thread():  # SIGTERM (schedulers, Kubernetes) as Ctrl-C
+            self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
         return self
 
     def _handle(self, signum, frame) -> None:
@@ -316,7 +318,9 @@ class _StopOnCtrlC:
             raise KeyboardInterrupt
         self.asked = True
         self.requested = not self._agree
-        print("\nseedslot: stopping after this step and saving (Ctrl-C again aborts)", file=sys.stderr, flush=True)
+        name = "SIGTERM" if signum == signal.SIGTERM else "Ctrl-C"
+        print(f"\nseedslot: {name}: stopping after this step and saving (Ctrl-C again aborts)", file=sys.stderr,
+              flush=True)
 
     def agree(self, asked_anywhere: bool) -> None:
         """Stop after this step when any rank was asked to (``asked`` summed over the ranks)."""
@@ -324,7 +328,8 @@ class _StopOnCtrlC:
 
     def __exit__(self, *exc) -> None:
         if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+            for sig, handler in self._previous.items():
+                signal.signal(sig, handler)
 
 
 @torch.no_grad()
@@ -441,10 +446,26 @@ class _Outputs:
         _check_outputs(cfg)
         self.out = cfg.out if main else None
         self.json = cfg.json if main else None
+        self._lock = None
         if self.out is not None:
             os.makedirs(self.out, exist_ok=True)
+            self._lock = _lock_dir(self.out)
+            held = [name for name in (CHECKPOINT, METRICS, SUMMARY) if os.path.lexists(os.path.join(self.out, name))]
+            if held and cfg.resume is None:
+                if not cfg.overwrite:
+                    self.close()
+                    raise ValueError(f"out: {self.out} already holds a run ({', '.join(held)}); continue it with "
+                                     f"--resume {self.out}, or pass --overwrite to replace it")
+                for name in held:  # replaced whole, never mixed with the new run's lines
+                    os.remove(os.path.join(self.out, name))
             for name in (CHECKPOINT, METRICS, SUMMARY):  # temporaries left by a kill during a write
                 remove_stale_temporaries(os.path.join(self.out, name))
+
+    def close(self) -> None:
+        """Release ``out`` for the next run."""
+        if self._lock is not None:
+            _unlock_dir(self.out, self._lock)
+            self._lock = None
 
     def save(self, state: _State) -> str | None:
         """Write ``out/last.ckpt``; its path, or None without ``out``."""
@@ -457,8 +478,7 @@ class _Outputs:
     def log(self, record: dict) -> None:
         """Append one line to ``out/metrics.jsonl``."""
         if self.out is not None:
-            with open(os.path.join(self.out, METRICS), "a") as f:
-                f.write(json.dumps(record) + "\n")
+            append_text(os.path.join(self.out, METRICS), json.dumps(record) + "\n")
 
     def rewrite_metrics(self, history: list[dict]) -> None:
         """``out/metrics.jsonl`` as a resumed checkpoint knows it: a kill between an epoch's log
@@ -471,6 +491,41 @@ class _Outputs:
         text = json.dumps(summary, indent=2) + "\n"
         for path in filter(None, [self.json, self.out and os.path.join(self.out, SUMMARY)]):
             atomic_write(path, text)  # never a half-written summary
+
+
+LOCK = ".lock"
+
+
+def _lock_dir(out: str) -> int:
+    """An exclusive lock on ``out`` (``flock`` of ``out/.lock``) for as long as the returned
+    descriptor is open: the kernel drops it when the process dies, so a lock is never stale.
+    ValueError when another run holds it. :func:`_unlock_dir` removes the file again."""
+    path = os.path.join(out, LOCK)
+    for _ in range(3):
+        check_writable(path)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0), 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise ValueError(f"out: {out} is in use by another seedslot run; wait for it to end or pass another "
+                             "--out") from None
+        try:
+            if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # its holder removed it between our open and our lock: lock the new one
+    raise ValueError(f"out: {out} is in use by other seedslot runs; wait for them to end or pass another --out")
+
+
+def _unlock_dir(out: str, fd: int) -> None:
+    """Release :func:`_lock_dir`'s lock, removing its file while still holding it."""
+    try:
+        os.remove(os.path.join(out, LOCK))
+    except FileNotFoundError:
+        pass
+    os.close(fd)
 
 
 def _configure(config: TrainConfig) -> tuple[TrainConfig, dict | None]:
@@ -559,8 +614,9 @@ def run(config: TrainConfig, *, progress: bool = True) -> dict:
 
     Prints the resolved config, a progress bar per epoch and one line per epoch. With ``out``,
     writes ``out/last.ckpt`` every epoch (and every ``checkpoint_every_steps`` steps),
-    ``out/metrics.jsonl`` and ``out/summary.json``. The first Ctrl-C stops after the current step,
-    saves, and returns a summary with ``interrupted`` true.
+    ``out/metrics.jsonl`` and ``out/summary.json``, holding ``out`` locked meanwhile; a new run into an
+    ``out`` that holds a run is refused unless ``overwrite``. The first Ctrl-C or SIGTERM stops after
+    the current step, saves, and returns a summary with ``interrupted`` true.
     """
     t_start = time.perf_counter()
     cfg, ckpt = _configure(config)
@@ -569,81 +625,84 @@ def run(config: TrainConfig, *, progress: bool = True) -> dict:
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
     outputs = _Outputs(cfg, ranks.main)  # before anything is loaded, trained or written
-    data = _load_data(cfg, device)
-    state, net = _build(cfg, data, ckpt, device, ranks)
-    _start(state, ckpt, math.ceil(len(data.train) / cfg.batch_size), ranks.rank)
-    model, optimizer, scheduler, pos, tally = state.model, state.optimizer, state.scheduler, state.pos, state.tally
-    _announce(cfg, ckpt is not None, pos, data, device, ranks.say)
-    if ckpt is not None:
-        outputs.rewrite_metrics(tally["history"])
-    if cfg.random_selection:
-        random_selection_(model, cfg.seed)
-    elif cfg.finetune_from is not None and ckpt is None:
-        ranks.say(f"selected weights before fine-tuning: val {_fmt(*evaluate(model, data.val, data.preprocess))}")
+    try:
+        data = _load_data(cfg, device)
+        state, net = _build(cfg, data, ckpt, device, ranks)
+        _start(state, ckpt, math.ceil(len(data.train) / cfg.batch_size), ranks.rank)
+        model, optimizer, scheduler, pos, tally = state.model, state.optimizer, state.scheduler, state.pos, state.tally
+        _announce(cfg, ckpt is not None, pos, data, device, ranks.say)
+        if ckpt is not None:
+            outputs.rewrite_metrics(tally["history"])
+        if cfg.random_selection:
+            random_selection_(model, cfg.seed)
+        elif cfg.finetune_from is not None and ckpt is None:
+            ranks.say(f"selected weights before fine-tuning: val {_fmt(*evaluate(model, data.val, data.preprocess))}")
 
-    interrupted = False
-    with _StopOnCtrlC(agree=ranks.world > 1) as stop:
-        for epoch in range(pos["epoch"], cfg.epochs):
-            t_epoch = time.perf_counter()
-            model.train()
-            batches = ranks.whole_batches(epoch_batches(len(data.train), cfg.batch_size, cfg.seed, epoch))
-            bar = tqdm(total=len(batches), initial=pos["step_in_epoch"], desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                       unit="batch", leave=False, dynamic_ncols=True, disable=not (progress and ranks.main))
-            for step in range(pos["step_in_epoch"], len(batches)):
-                idx = batches[step].to(device)
-                x = data.preprocess(data.train.images[idx], flip_generator(cfg.seed, epoch, step))
-                x, y, weight = ranks.shard(x, data.train.labels[idx])  # flips drawn for the global batch
-                optimizer.zero_grad(set_to_none=True)
-                logits = net(x)  # (B / world, classes)
-                loss = F.cross_entropy(logits, y)
-                (loss * weight).backward()  # weight 1 (exact) unless the last batch splits unevenly
-                optimizer.step()
+        interrupted = False
+        with _StopOnCtrlC(agree=ranks.world > 1) as stop:
+            for epoch in range(pos["epoch"], cfg.epochs):
+                t_epoch = time.perf_counter()
+                model.train()
+                batches = ranks.whole_batches(epoch_batches(len(data.train), cfg.batch_size, cfg.seed, epoch))
+                bar = tqdm(total=len(batches), initial=pos["step_in_epoch"], desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                           unit="batch", leave=False, dynamic_ncols=True, disable=not (progress and ranks.main))
+                for step in range(pos["step_in_epoch"], len(batches)):
+                    idx = batches[step].to(device)
+                    x = data.preprocess(data.train.images[idx], flip_generator(cfg.seed, epoch, step))
+                    x, y, weight = ranks.shard(x, data.train.labels[idx])  # flips drawn for the global batch
+                    optimizer.zero_grad(set_to_none=True)
+                    logits = net(x)  # (B / world, classes)
+                    loss = F.cross_entropy(logits, y)
+                    (loss * weight).backward()  # weight 1 (exact) unless the last batch splits unevenly
+                    optimizer.step()
 
-                # the global batch's tally, and whether any rank was asked to stop
-                done = ranks.sum([loss.item() * len(y), int((logits.argmax(dim=1) == y).sum()), len(y), stop.asked])
-                stop.agree(bool(done[3]))
-                tally["loss_sum"] += done[0]
-                tally["correct"] += int(done[1])
-                tally["seen"] += int(done[2])
-                pos["step_in_epoch"], pos["global_step"] = step + 1, pos["global_step"] + 1
-                bar.update()
-                bar.set_postfix(loss=f"{tally['loss_sum'] / tally['seen']:.4f}",
-                                acc=f"{tally['correct'] / tally['seen']:.2%}", refresh=False)
+                    # the global batch's tally, and whether any rank was asked to stop
+                    done = ranks.sum([loss.item() * len(y), int((logits.argmax(dim=1) == y).sum()), len(y), stop.asked])
+                    stop.agree(bool(done[3]))
+                    tally["loss_sum"] += done[0]
+                    tally["correct"] += int(done[1])
+                    tally["seen"] += int(done[2])
+                    pos["step_in_epoch"], pos["global_step"] = step + 1, pos["global_step"] + 1
+                    bar.update()
+                    bar.set_postfix(loss=f"{tally['loss_sum'] / tally['seen']:.4f}",
+                                    acc=f"{tally['correct'] / tally['seen']:.2%}", refresh=False)
+                    if stop.requested:
+                        break
+                    if cfg.checkpoint_every_steps and pos["global_step"] % cfg.checkpoint_every_steps == 0:
+                        tally["epoch_seconds"] += time.perf_counter() - t_epoch
+                        t_epoch = time.perf_counter()
+                        outputs.save(state)
+                bar.close()
+                tally["epoch_seconds"] += time.perf_counter() - t_epoch
+                t_epoch = time.perf_counter()
                 if stop.requested:
+                    interrupted = True
                     break
-                if cfg.checkpoint_every_steps and pos["global_step"] % cfg.checkpoint_every_steps == 0:
-                    tally["epoch_seconds"] += time.perf_counter() - t_epoch
-                    t_epoch = time.perf_counter()
-                    outputs.save(state)
-            bar.close()
-            tally["epoch_seconds"] += time.perf_counter() - t_epoch
-            t_epoch = time.perf_counter()
-            if stop.requested:
-                interrupted = True
-                break
 
-            val = evaluate(model, data.val, data.preprocess)
-            lr = optimizer.param_groups[0]["lr"]
-            scheduler.step()
-            record = _epoch_record(epoch, pos, tally, val, lr, tally["epoch_seconds"] + time.perf_counter() - t_epoch,
-                                   device)
-            ranks.say(f"epoch {epoch + 1}/{cfg.epochs}  train {_fmt(record['train_loss'], record['train_accuracy'])}  "
-                      f"val {_fmt(*val)}  lr {lr:g}  {record['seconds']:.1f} s  "
-                      f"peak RSS {record['peak_rss_bytes'] / 2**20:.0f} MiB")
-            outputs.log(record)
-            pos.update(epoch=epoch + 1, step_in_epoch=0)
-            tally.update(loss_sum=0.0, correct=0, seen=0, epoch_seconds=0.0, history=tally["history"] + [record])
-            ranks.check_in_sync(model)  # scores are never sent: prove every rank still holds rank 0's before saving
-            outputs.save(state)
-            if stop.requested:
-                interrupted = pos["epoch"] < cfg.epochs
-                break
+                val = evaluate(model, data.val, data.preprocess)
+                lr = optimizer.param_groups[0]["lr"]
+                scheduler.step()
+                record = _epoch_record(epoch, pos, tally, val, lr, tally["epoch_seconds"] + time.perf_counter() - t_epoch,
+                                       device)
+                ranks.say(f"epoch {epoch + 1}/{cfg.epochs}  train {_fmt(record['train_loss'], record['train_accuracy'])}  "
+                          f"val {_fmt(*val)}  lr {lr:g}  {record['seconds']:.1f} s  "
+                          f"peak RSS {record['peak_rss_bytes'] / 2**20:.0f} MiB")
+                outputs.log(record)
+                pos.update(epoch=epoch + 1, step_in_epoch=0)
+                tally.update(loss_sum=0.0, correct=0, seen=0, epoch_seconds=0.0, history=tally["history"] + [record])
+                ranks.check_in_sync(model)  # scores are never sent: prove every rank still holds rank 0's before saving
+                outputs.save(state)
+                if stop.requested:
+                    interrupted = pos["epoch"] < cfg.epochs
+                    break
 
-    summary = _summary(state, data, ranks, outputs, interrupted, t_start)
-    del net  # the DDP wrapper goes before the process group
-    ranks.close()
-    outputs.write_summary(summary)
-    return summary
+        summary = _summary(state, data, ranks, outputs, interrupted, t_start)
+        del net  # the DDP wrapper goes before the process group
+        ranks.close()
+        outputs.write_summary(summary)
+        return summary
+    finally:
+        outputs.close()
 
 
 def _summary(state: _State, data: _data.Data, ranks: Ranks, outputs: _Outputs, interrupted: bool,
