@@ -119,7 +119,7 @@ def _train(args: argparse.Namespace, argv: list[str]) -> int:
 
         from .distributed import collective_failure
 
-        failure = collective_failure(e) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
+        failure = collective_failure(e) if os.environ.get("WORLD_SIZE", "1") not in ("0", "1") else None
         if failure is None:
             raise
         status = _error(str(failure))
@@ -131,6 +131,10 @@ def _train(args: argparse.Namespace, argv: list[str]) -> int:
             sys.stderr.flush()
             os._exit(status)
         return status
+    if summary.get("diverged"):
+        print(f"seedslot train: error: the run diverged ({summary['diverged_reason']}); summary and last finite "
+              "checkpoint written", file=sys.stderr)
+        return 1
     return 130 if summary["interrupted"] else 0
 
 

@@ -9,6 +9,7 @@ lists, bytes, numbers and numpy arrays: a hostile file cannot run code.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import math
 import os
@@ -342,6 +343,16 @@ class Data:
     def to(self, device) -> "Data":
         """The same data with every split's tensors on ``device``."""
         return replace(self, train=self.train.to(device), val=self.val.to(device), test=self.test.to(device))
+
+    def fingerprint(self) -> str:
+        """SHA-256 (hex) of every split's images and labels: what a run trains and is evaluated on,
+        wherever the files lie, so that a resumed run can tell another dataset's files."""
+        digest = hashlib.sha256()
+        for split in (self.train, self.val, self.test):
+            for t in (split.images, split.labels):
+                digest.update(str((tuple(t.shape), t.dtype)).encode())
+                digest.update(t.detach().cpu().contiguous().numpy().tobytes())
+        return digest.hexdigest()
 
     def describe(self) -> str:
         """One line: where the data came from, the split sizes and the preprocessing."""

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 from ..candidates import SHARING
 from .devices import DEVICE_HELP, resolve_device
+from ..checkpoints import CheckpointError, load_checkpoint
 from ..files import atomic_write, check_writable
 from .train import CHECKPOINT, TrainConfig, run
 from ..validate import check_choice, check_int
@@ -91,7 +92,34 @@ def _finetune_splits(total: int) -> list[int]:
     return sorted({min(max(round(total * f), 1), total - 1) for f in (0.25, 0.5, 0.75)}) if total >= 2 else []
 
 
-def _series(experiment: str, model: str, p: Preset, seeds: list[int]) -> list[tuple[str, list[tuple]]]:
+DEFAULT_DATASET = "fashion-mnist"
+
+
+def _tag(spec: dict, dataset: str) -> dict:
+    """``spec`` on ``dataset``: the dataset is part of the spec, hence of the run's id, except for
+    the default one (so that the ids of existing Fashion-MNIST sweeps stay what they were)."""
+    if dataset == DEFAULT_DATASET:
+        return spec
+    spec = dict(spec, dataset=dataset)
+    if "_select" in spec:
+        spec["_select"] = _tag(spec["_select"], dataset)
+        spec["finetune_after"] = run_id(spec["_select"])
+    return spec
+
+
+def _id_dataset(rid: str) -> str:
+    """The dataset a run id stands for."""
+    return next((part[len("dataset="):] for part in rid.split(",") if part.startswith("dataset=")), DEFAULT_DATASET)
+
+
+def _series(experiment: str, model: str, p: Preset, seeds: list[int],
+            dataset: str = DEFAULT_DATASET) -> list[tuple[str, list[tuple]]]:
+    """:func:`_series_of` with every spec on ``dataset``."""
+    return [(label, [(x, [_tag(s, dataset) for s in group]) for x, group in points])
+            for label, points in _series_of(experiment, model, p, seeds)]
+
+
+def _series_of(experiment: str, model: str, p: Preset, seeds: list[int]) -> list[tuple[str, list[tuple]]]:
     """[(label, [(x, [spec per seed]), ...]), ...] of one experiment on one model; x None marks a
     reference that does not depend on x (drawn as a horizontal line)."""
     per_seed = lambda f: [f(s) for s in seeds]  # noqa: E731
@@ -147,9 +175,10 @@ def _resolve_experiments(experiment: str) -> list[str]:
     return list(EXPERIMENTS) if experiment == "all" else [experiment]
 
 
-def plan(experiment: str, *, models=SWEEP_MODELS, seeds=(0, 1), presets: dict | None = None) -> list[dict]:
-    """Every run ``experiment`` needs, in order, without duplicates (a finetune run follows its
-    selection run)."""
+def plan(experiment: str, *, models=SWEEP_MODELS, seeds=(0, 1), presets: dict | None = None,
+         dataset: str = DEFAULT_DATASET) -> list[dict]:
+    """Every run ``experiment`` needs on ``dataset``, in order, without duplicates (a finetune run
+    follows its selection run)."""
     presets = PRESETS if presets is None else presets
     for m in models:
         check_choice("model", m, SWEEP_MODELS)
@@ -167,7 +196,7 @@ def plan(experiment: str, *, models=SWEEP_MODELS, seeds=(0, 1), presets: dict | 
 
     for name in _resolve_experiments(experiment):
         for m in models:
-            for _, points in _series(name, m, presets[m], list(seeds)):
+            for _, points in _series(name, m, presets[m], list(seeds), dataset):
                 for _, group in points:
                     for spec in group:
                         add(spec)
@@ -192,8 +221,9 @@ def load_records(out: str) -> dict[str, dict]:
                     record = json.loads(line)
                 except json.JSONDecodeError:
                     continue
-                if isinstance(record, dict) and "id" in record:
-                    records[record["id"]] = record
+                if (isinstance(record, dict) and isinstance(record.get("id"), str)
+                        and record.get("dataset", DEFAULT_DATASET) == _id_dataset(record["id"])):
+                    records[record["id"]] = record  # (a run on another dataset under an old id is not this run)
     return records
 
 
@@ -294,10 +324,10 @@ def _alive(pid: int) -> bool:
 
 def _train(spec: dict, out: str, *, dataset: str, data_dir: str | None, threads: int | None,
            device: str | None = None) -> dict:
-    fields = {key: value for key, value in _public(spec).items() if key not in ("save", "finetune_after")}
+    fields = {key: value for key, value in _public(spec).items() if key not in ("save", "finetune_after", "dataset")}
     rid = run_id(spec)
     run_dir = _checkpoint_dir(out, rid)
-    if os.path.exists(os.path.join(run_dir, CHECKPOINT)):  # interrupted earlier: continue it
+    if _resumable(os.path.join(run_dir, CHECKPOINT), dataset):  # interrupted earlier: continue it
         cfg = TrainConfig(resume=run_dir, data_dir=data_dir, threads=threads, epochs=fields.get("epochs"),
                           device=device)
     else:
@@ -320,6 +350,17 @@ def _train(spec: dict, out: str, *, dataset: str, data_dir: str | None, threads:
     )
 
 
+def _resumable(path: str, dataset: str) -> bool:
+    """Whether ``path`` holds a checkpoint of a run on ``dataset`` (one that an older seedslot left
+    under the same id for another dataset is started afresh)."""
+    if not os.path.exists(path):
+        return False
+    try:
+        return load_checkpoint(path)["config"]["dataset"] == dataset
+    except (CheckpointError, KeyError, TypeError):
+        return True  # resuming says what is wrong with it
+
+
 def sweep(experiment: str, out: str, *, dataset: str = "fashion-mnist", data_dir: str | None = None,
           models=SWEEP_MODELS, seeds=(0, 1), presets: dict | None = None, threads: int | None = None,
           device: str | None = None, log=print, write_report: bool = True, ks=None) -> int:
@@ -329,7 +370,9 @@ def sweep(experiment: str, out: str, *, dataset: str = "fashion-mnist", data_dir
     from .data import DATASETS
 
     check_choice("dataset", dataset, DATASETS)
-    specs = plan(experiment, models=models, seeds=seeds, presets=presets)
+    if write_report:
+        _check_matplotlib()  # before anything is trained
+    specs = plan(experiment, models=models, seeds=seeds, presets=presets, dataset=dataset)
     if ks is not None:
         grid = sorted({s["k"] for s in specs if "k" in s})
         if not ks or any(k not in grid for k in ks):
@@ -368,7 +411,7 @@ def sweep(experiment: str, out: str, *, dataset: str = "fashion-mnist", data_dir
             claim.release()
         log(f"[{i + 1}/{len(specs)}] done: test accuracy {record['test_accuracy']:.2%}, {record['seconds']:.1f} s")
     if write_report:
-        report(experiment, out, models=models, seeds=seeds, presets=presets)
+        report(experiment, out, models=models, seeds=seeds, presets=presets, dataset=dataset)
     return trained
 
 
@@ -412,11 +455,11 @@ def _describe(model: str, p: Preset) -> str:
 
 def _table(experiment: str, records: dict, models, seeds, presets: dict, dataset: str = "fashion-mnist",
            out: str | None = None) -> str:
-    lines = [f"### {experiment}: {_TITLES[experiment]}", "",
+    lines = [f"### {experiment}: {_TITLES[experiment]} ({dataset})", "",
              f"Mean over seeds {', '.join(map(str, seeds))} (min–max in brackets). "
              + "; ".join(_describe(m, presets[m]) for m in models) + ".", ""]
     for m in models:
-        series = _series(experiment, m, presets[m], list(seeds))
+        series = _series(experiment, m, presets[m], list(seeds), dataset)
         if experiment == "cost":
             lines += [f"**{_MODEL_NAMES[m]}**", "", "| method | test accuracy (%) | training time (s) | last epoch (s) |",
                       "| --- | --- | --- | --- |"]
@@ -479,7 +522,7 @@ def _plot(experiment: str, records: dict, models, seeds, presets: dict, path: st
 
     fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4.2), squeeze=False)
     for ax, m in zip(axes[0], models):
-        series = _series(experiment, m, presets[m], list(seeds))
+        series = _series(experiment, m, presets[m], list(seeds), dataset)
         if experiment == "cost":
             for j, (label, [(_, group)]) in enumerate(series):
                 color, labelled = f"C{j}", False
@@ -544,12 +587,24 @@ def _plot(experiment: str, records: dict, models, seeds, presets: dict, path: st
     plt.close(fig)
 
 
-def report(experiment: str, out: str, *, models=SWEEP_MODELS, seeds=(0, 1), presets: dict | None = None) -> list[str]:
+def _check_matplotlib() -> None:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise ValueError("sweep draws its plots with matplotlib, which is not installed: pip install matplotlib "
+                         "(checked before any run is trained)") from None
+
+
+def report(experiment: str, out: str, *, models=SWEEP_MODELS, seeds=(0, 1), presets: dict | None = None,
+           dataset: str | None = None) -> list[str]:
     """Write ``out/EXPERIMENT.md`` and ``out/EXPERIMENT.png`` for each experiment (``all``: every
-    one, plus ``out/results.md`` with every table) from the finished runs; returns the paths."""
+    one, plus ``out/results.md`` with every table) from the finished runs on ``dataset`` (None:
+    the dataset of the runs in ``out``); returns the paths."""
     presets = PRESETS if presets is None else presets
+    _check_matplotlib()
     records = load_records(out)
-    dataset = next((r["dataset"] for r in records.values() if "dataset" in r), "fashion-mnist")
+    if dataset is None:
+        dataset = next((r["dataset"] for r in records.values() if "dataset" in r), DEFAULT_DATASET)
     written, tables = [], []
     for name in _resolve_experiments(experiment):
         table = _table(name, records, models, seeds, presets, dataset, out)

@@ -98,6 +98,8 @@ class TrainConfig:
                           scores=self.scores or "int8", score_lambda=self.score_lambda, seed=self.seed)
 
 
+_MAX_THREADS = max(64, 4 * (os.cpu_count() or 1))
+
 # Fields a resumed run may change; everything else comes from the checkpoint.
 _RESUME_OVERRIDES = ("data_dir", "json", "threads", "checkpoint_every_steps", "epochs", "device")
 
@@ -186,6 +188,8 @@ def resolve(config: TrainConfig) -> TrainConfig:
     if out.checkpoint_every_steps is not None and out.out is None:
         raise ValueError("checkpoint_every_steps saves into out: pass out (a directory) too")
     check_int("threads", out.threads, 1, optional=True)
+    if out.threads is not None and out.threads > _MAX_THREADS:  # torch's thread pools crash far above it
+        raise ValueError(f"threads must be an int in [1, {_MAX_THREADS}] (64, or 4 per CPU core); got {out.threads}")
     resolve_device(out.device)  # an unknown or absent device is an error before anything starts
     return out
 
@@ -386,6 +390,14 @@ def _in_step_state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> 
     return state_bytes(model, optimizer) + missing
 
 
+def _on_terminal() -> bool:
+    """Whether the progress bar goes to a terminal: a log file or pipe gets the line per epoch only."""
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
 def _fmt(loss: float | None, accuracy: float | None) -> str:
     if loss is None or accuracy is None:
         return "loss n/a acc n/a"
@@ -408,12 +420,13 @@ class _State:
     pos: dict = dataclasses.field(default_factory=lambda: dict(epoch=0, step_in_epoch=0, global_step=0))
     tally: dict = dataclasses.field(default_factory=lambda: dict(loss_sum=0.0, correct=0, seen=0, epoch_seconds=0.0,
                                                                  history=[]))
+    data_sha256: str | None = None  # the data's fingerprint (Data.fingerprint)
 
     def payload(self) -> dict:
         """The checkpoint: state dicts, the RNG states (CUDA's on a CUDA device), pos, tally, config."""
         return dict(
             model=self.model.state_dict(), optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
-            rng=torch.get_rng_state(), **self.pos, tally=self.tally, config=asdict(self.cfg),
+            rng=torch.get_rng_state(), **self.pos, tally=self.tally, config=asdict(self.cfg), data_sha256=self.data_sha256,
             build_args=self.model.build_args,
             **({"cuda_rng": torch.cuda.get_rng_state(self.device)} if self.device.type == "cuda" else {}),
         )
@@ -468,7 +481,12 @@ class _Outputs:
             self._lock = None
 
     def save(self, state: _State) -> str | None:
-        """Write ``out/last.ckpt``; its path, or None without ``out``."""
+        """Write ``out/last.ckpt``; its path, or None without ``out``. :class:`_Diverged` (on every
+        rank: their states are equal) instead of saving a state that is not finite, which its own
+        resume would refuse: the last finite checkpoint stays."""
+        bad = _first_nonfinite(state)
+        if bad is not None:
+            raise _Diverged(f"{bad} is not finite at epoch {state.pos['epoch'] + 1} step {state.pos['step_in_epoch']}")
         if self.out is None:
             return None
         path = os.path.join(self.out, CHECKPOINT)
@@ -478,7 +496,7 @@ class _Outputs:
     def log(self, record: dict) -> None:
         """Append one line to ``out/metrics.jsonl``."""
         if self.out is not None:
-            append_text(os.path.join(self.out, METRICS), json.dumps(record) + "\n")
+            append_text(os.path.join(self.out, METRICS), json.dumps(_json_safe(record), allow_nan=False) + "\n")
 
     def rewrite_metrics(self, history: list[dict]) -> None:
         """``out/metrics.jsonl`` as a resumed checkpoint knows it: a kill between an epoch's log
@@ -488,12 +506,34 @@ class _Outputs:
 
     def write_summary(self, summary: dict) -> None:
         """Write the summary to ``json`` and ``out/summary.json``."""
-        text = json.dumps(summary, indent=2) + "\n"
+        text = json.dumps(_json_safe(summary), indent=2, allow_nan=False) + "\n"  # strict JSON: no bare NaN
         for path in filter(None, [self.json, self.out and os.path.join(self.out, SUMMARY)]):
             atomic_write(path, text)  # never a half-written summary
 
 
 LOCK = ".lock"
+
+
+def _json_safe(value):
+    """``value`` with every float that is NaN or infinite replaced by None (strict JSON)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def _first_nonfinite(state: "_State") -> str | None:
+    """The name of the first model or optimizer tensor holding a NaN or an infinity, or None."""
+    named = list(state.model.state_dict().items())
+    for i, per_param in enumerate(state.optimizer.state.values()):
+        named += [(f"optimizer {key} of parameter {i}", v) for key, v in per_param.items()]
+    for name, t in named:
+        if isinstance(t, torch.Tensor) and t.dtype.is_floating_point and not bool(torch.isfinite(t).all()):
+            return name
+    return None
 
 
 def _lock_dir(out: str) -> int:
@@ -537,10 +577,20 @@ def _configure(config: TrainConfig) -> tuple[TrainConfig, dict | None]:
     return _resumed(config, ckpt, source), ckpt
 
 
-def _load_data(cfg: TrainConfig, device: torch.device) -> _data.Data:
-    """The run's dataset, split and on ``device``."""
+def _load_data(cfg: TrainConfig, device: torch.device, ckpt: dict | None) -> tuple[_data.Data, str]:
+    """The run's dataset, split and on ``device``, and its fingerprint; ValueError naming
+    ``data_dir`` when a resumed run's checkpoint was trained on other data (e.g. Fashion-MNIST's
+    files where the run had MNIST's: same format, same sizes)."""
     data = _data.load(cfg.dataset, cfg.data_dir, seed=cfg.seed, normalize=cfg.normalize, limit_train=cfg.limit_train)
-    return data.to(device)  # uint8 images move once: no per-batch host-to-device copy
+    fingerprint = data.fingerprint()
+    saved = None if ckpt is None else ckpt.get("data_sha256")  # absent from checkpoints written before it was saved
+    if saved is not None and saved != fingerprint:
+        source = os.path.join(cfg.resume, CHECKPOINT)
+        if not isinstance(saved, str):
+            raise CheckpointError(f"{source}: tampered: data_sha256 must be a string; got {type(saved).__name__}")
+        raise ValueError(f"data_dir: {data.data_dir} holds other {cfg.dataset} data than the run in {cfg.resume} "
+                         "was trained on (the SHA-256 of its examples differs); pass the run's own --data-dir")
+    return data.to(device), fingerprint  # uint8 images move once: no per-batch host-to-device copy
 
 
 def make_model(cfg: TrainConfig, data: _data.Data, ckpt: dict | None) -> nn.Module:
@@ -626,10 +676,11 @@ def run(config: TrainConfig, *, progress: bool = True) -> dict:
     device = resolve_device(cfg.device)
     outputs = _Outputs(cfg, ranks.main)  # before anything is loaded, trained or written
     try:
-        data = _load_data(cfg, device)
+        data, fingerprint = _load_data(cfg, device, ckpt)
         state, net = _build(cfg, data, ckpt, device, ranks)
+        state.data_sha256 = fingerprint
         _start(state, ckpt, math.ceil(len(data.train) / cfg.batch_size), ranks.rank)
-        model, optimizer, scheduler, pos, tally = state.model, state.optimizer, state.scheduler, state.pos, state.tally
+        model, pos, tally = state.model, state.pos, state.tally
         _announce(cfg, ckpt is not None, pos, data, device, ranks.say)
         if ckpt is not None:
             outputs.rewrite_metrics(tally["history"])
@@ -638,65 +689,15 @@ def run(config: TrainConfig, *, progress: bool = True) -> dict:
         elif cfg.finetune_from is not None and ckpt is None:
             ranks.say(f"selected weights before fine-tuning: val {_fmt(*evaluate(model, data.val, data.preprocess))}")
 
-        interrupted = False
-        with _StopOnCtrlC(agree=ranks.world > 1) as stop:
-            for epoch in range(pos["epoch"], cfg.epochs):
-                t_epoch = time.perf_counter()
-                model.train()
-                batches = ranks.whole_batches(epoch_batches(len(data.train), cfg.batch_size, cfg.seed, epoch))
-                bar = tqdm(total=len(batches), initial=pos["step_in_epoch"], desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                           unit="batch", leave=False, dynamic_ncols=True, disable=not (progress and ranks.main))
-                for step in range(pos["step_in_epoch"], len(batches)):
-                    idx = batches[step].to(device)
-                    x = data.preprocess(data.train.images[idx], flip_generator(cfg.seed, epoch, step))
-                    x, y, weight = ranks.shard(x, data.train.labels[idx])  # flips drawn for the global batch
-                    optimizer.zero_grad(set_to_none=True)
-                    logits = net(x)  # (B / world, classes)
-                    loss = F.cross_entropy(logits, y)
-                    (loss * weight).backward()  # weight 1 (exact) unless the last batch splits unevenly
-                    optimizer.step()
+        interrupted, diverged = False, None
+        try:
+            _loop(cfg, state, net, data, ranks, outputs, device, progress)
+        except _Interrupted as e:
+            interrupted = e.unfinished
+        except _Diverged as e:
+            diverged = str(e)
 
-                    # the global batch's tally, and whether any rank was asked to stop
-                    done = ranks.sum([loss.item() * len(y), int((logits.argmax(dim=1) == y).sum()), len(y), stop.asked])
-                    stop.agree(bool(done[3]))
-                    tally["loss_sum"] += done[0]
-                    tally["correct"] += int(done[1])
-                    tally["seen"] += int(done[2])
-                    pos["step_in_epoch"], pos["global_step"] = step + 1, pos["global_step"] + 1
-                    bar.update()
-                    bar.set_postfix(loss=f"{tally['loss_sum'] / tally['seen']:.4f}",
-                                    acc=f"{tally['correct'] / tally['seen']:.2%}", refresh=False)
-                    if stop.requested:
-                        break
-                    if cfg.checkpoint_every_steps and pos["global_step"] % cfg.checkpoint_every_steps == 0:
-                        tally["epoch_seconds"] += time.perf_counter() - t_epoch
-                        t_epoch = time.perf_counter()
-                        outputs.save(state)
-                bar.close()
-                tally["epoch_seconds"] += time.perf_counter() - t_epoch
-                t_epoch = time.perf_counter()
-                if stop.requested:
-                    interrupted = True
-                    break
-
-                val = evaluate(model, data.val, data.preprocess)
-                lr = optimizer.param_groups[0]["lr"]
-                scheduler.step()
-                record = _epoch_record(epoch, pos, tally, val, lr, tally["epoch_seconds"] + time.perf_counter() - t_epoch,
-                                       device)
-                ranks.say(f"epoch {epoch + 1}/{cfg.epochs}  train {_fmt(record['train_loss'], record['train_accuracy'])}  "
-                          f"val {_fmt(*val)}  lr {lr:g}  {record['seconds']:.1f} s  "
-                          f"peak RSS {record['peak_rss_bytes'] / 2**20:.0f} MiB")
-                outputs.log(record)
-                pos.update(epoch=epoch + 1, step_in_epoch=0)
-                tally.update(loss_sum=0.0, correct=0, seen=0, epoch_seconds=0.0, history=tally["history"] + [record])
-                ranks.check_in_sync(model)  # scores are never sent: prove every rank still holds rank 0's before saving
-                outputs.save(state)
-                if stop.requested:
-                    interrupted = pos["epoch"] < cfg.epochs
-                    break
-
-        summary = _summary(state, data, ranks, outputs, interrupted, t_start)
+        summary = _summary(state, data, ranks, outputs, interrupted, t_start, diverged)
         del net  # the DDP wrapper goes before the process group
         ranks.close()
         outputs.write_summary(summary)
@@ -705,14 +706,99 @@ def run(config: TrainConfig, *, progress: bool = True) -> dict:
         outputs.close()
 
 
+class _Interrupted(Exception):
+    """The loop stopped on a Ctrl-C or SIGTERM; ``unfinished``: epochs were left."""
+
+    def __init__(self, unfinished: bool) -> None:
+        super().__init__()
+        self.unfinished = unfinished
+
+
+class _Diverged(Exception):
+    """The loss or the state stopped being finite: nothing more is saved, the last checkpoint stays."""
+
+
+def _loop(cfg: TrainConfig, state: _State, net: nn.Module, data: _data.Data, ranks: Ranks, outputs: _Outputs,
+          device: torch.device, progress: bool) -> None:
+    """The epochs still to run; raises :class:`_Interrupted` or :class:`_Diverged` when it stops early."""
+    model, optimizer, scheduler, pos, tally = state.model, state.optimizer, state.scheduler, state.pos, state.tally
+    with _StopOnCtrlC(agree=ranks.world > 1) as stop:
+        for epoch in range(pos["epoch"], cfg.epochs):
+            t_epoch = time.perf_counter()
+            model.train()
+            batches = ranks.whole_batches(epoch_batches(len(data.train), cfg.batch_size, cfg.seed, epoch))
+            bar = tqdm(total=len(batches), initial=pos["step_in_epoch"], desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                       unit="batch", leave=False, dynamic_ncols=True,
+                       disable=not (progress and ranks.main and _on_terminal()))
+            for step in range(pos["step_in_epoch"], len(batches)):
+                idx = batches[step].to(device)
+                x = data.preprocess(data.train.images[idx], flip_generator(cfg.seed, epoch, step))
+                x, y, weight = ranks.shard(x, data.train.labels[idx])  # flips drawn for the global batch
+                optimizer.zero_grad(set_to_none=True)
+                logits = net(x)  # (B / world, classes)
+                loss = F.cross_entropy(logits, y)
+                (loss * weight).backward()  # weight 1 (exact) unless the last batch splits unevenly
+                optimizer.step()
+
+                # the global batch's tally, and whether any rank was asked to stop
+                done = ranks.sum([loss.item() * len(y), int((logits.argmax(dim=1) == y).sum()), len(y), stop.asked])
+                if not math.isfinite(done[0]):
+                    raise _Diverged(f"the training loss is {done[0]} at epoch {epoch + 1} step {step + 1}")
+                stop.agree(bool(done[3]))
+                tally["loss_sum"] += done[0]
+                tally["correct"] += int(done[1])
+                tally["seen"] += int(done[2])
+                pos["step_in_epoch"], pos["global_step"] = step + 1, pos["global_step"] + 1
+                bar.update()
+                bar.set_postfix(loss=f"{tally['loss_sum'] / tally['seen']:.4f}",
+                                acc=f"{tally['correct'] / tally['seen']:.2%}", refresh=False)
+                if stop.requested:
+                    break
+                if cfg.checkpoint_every_steps and pos["global_step"] % cfg.checkpoint_every_steps == 0:
+                    tally["epoch_seconds"] += time.perf_counter() - t_epoch
+                    t_epoch = time.perf_counter()
+                    outputs.save(state)
+            bar.close()
+            tally["epoch_seconds"] += time.perf_counter() - t_epoch
+            t_epoch = time.perf_counter()
+            if stop.requested:
+                raise _Interrupted(True)
+
+            val = evaluate(model, data.val, data.preprocess)
+            lr = optimizer.param_groups[0]["lr"]
+            scheduler.step()
+            record = _epoch_record(epoch, pos, tally, val, lr, tally["epoch_seconds"] + time.perf_counter() - t_epoch,
+                                   device)
+            ranks.say(f"epoch {epoch + 1}/{cfg.epochs}  train {_fmt(record['train_loss'], record['train_accuracy'])}  "
+                      f"val {_fmt(*val)}  lr {lr:g}  {record['seconds']:.1f} s  "
+                      f"peak RSS {record['peak_rss_bytes'] / 2**20:.0f} MiB")
+            outputs.log(record)
+            pos.update(epoch=epoch + 1, step_in_epoch=0)
+            tally.update(loss_sum=0.0, correct=0, seen=0, epoch_seconds=0.0, history=tally["history"] + [record])
+            ranks.check_in_sync(model)  # scores are never sent: prove every rank still holds rank 0's before saving
+            outputs.save(state)
+            if stop.requested:
+                raise _Interrupted(pos["epoch"] < cfg.epochs)
+
+
 def _summary(state: _State, data: _data.Data, ranks: Ranks, outputs: _Outputs, interrupted: bool,
-             t_start: float) -> dict:
+             t_start: float, diverged: str | None = None) -> dict:
     """Save an interrupted run, or evaluate a finished one on the test split; the run's summary."""
     cfg, model, pos, history = state.cfg, state.model, state.pos, state.tally["history"]
-    if interrupted:
-        path = outputs.save(state)
-        ranks.say(f"interrupted at epoch {pos['epoch'] + 1} step {pos['step_in_epoch']}; "
-                  + (f"saved {path}; continue with --resume {cfg.out}" if path else "nothing saved (no --out)"))
+    if interrupted and diverged is None:
+        try:
+            path = outputs.save(state)
+        except _Diverged as e:
+            diverged = str(e)
+        else:
+            ranks.say(f"interrupted at epoch {pos['epoch'] + 1} step {pos['step_in_epoch']}; "
+                      + (f"saved {path}; continue with --resume {cfg.out}" if path else "nothing saved (no --out)"))
+    if diverged is not None:
+        path = os.path.join(cfg.out, CHECKPOINT) if cfg.out is not None else None
+        kept = (f"the last finite checkpoint, {path}, stays" if path and os.path.exists(path)
+                else "no checkpoint was saved")
+        ranks.say(f"diverged: {diverged}; {kept} (try a smaller --lr)")
+    if diverged is not None or interrupted:
         test_loss = test_acc = None
     else:
         test_loss, test_acc = evaluate(model, data.test, data.preprocess)
@@ -733,7 +819,8 @@ def _summary(state: _State, data: _data.Data, ranks: Ranks, outputs: _Outputs, i
     summary = dict(
         test_accuracy=test_acc, test_loss=test_loss,
         val_accuracy=dict(best=best_val, best_epoch=best_epoch, last=last_val),
-        epochs=pos["epoch"], global_steps=pos["global_step"], interrupted=interrupted,
+        epochs=pos["epoch"], global_steps=pos["global_step"], interrupted=interrupted and diverged is None,
+        diverged=diverged is not None, diverged_reason=diverged,
         seconds=time.perf_counter() - t_start, train_seconds=sum(r["seconds"] for r in history),
         peak_rss_bytes=peak_rss_bytes(), **_cuda_peak(state.device), state_bytes=total_state,
         connections=connections, bytes_per_connection=total_state / connections, compile=compile_enabled(),
