@@ -333,6 +333,12 @@ class SeededSlotLayer(SlotLayer):
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         proxies = {prefix + f"slot_{part}" for part in self.parts}
         state_dict = {k: v for k, v in state_dict.items() if k not in proxies}
+        for name, mine in self._buffers.items():  # another score storage's state is refused, never cast
+            t = state_dict.get(prefix + name)
+            if isinstance(t, torch.Tensor) and mine is not None and (t.dtype == torch.int8) != (mine.dtype == torch.int8):
+                error_msgs.append(f"{prefix}{name} is {t.dtype} in the state, {mine.dtype} in this layer (scores "
+                                  f"{self.scores!r}): a state of another score storage cannot be loaded")
+                return
         for part in self.parts:  # values the update and selection rely on
             for name, ok, accepted in self.storage.load_checks(part):
                 t = state_dict.get(prefix + name)

@@ -376,3 +376,15 @@ def test_slot_config_is_the_keywords_validated_once():
 def test_slot_config_refuses_bad_settings(kwargs, message):
     with pytest.raises(ValueError, match=message):
         ss.SlotConfig(**kwargs)
+
+
+@pytest.mark.parametrize("mine, theirs", [("int8", "fp32"), ("fp32", "int8")])
+def test_a_state_of_another_score_storage_is_refused_not_cast(mine, theirs):
+    """Issue 24, item 5: int8 <- fp32 would cast the scores to zeros; fp32 <- int8 would keep the
+    int8 scale (updates thousands of times too small)."""
+    make = lambda scores: ss.slotify_(torch.nn.Sequential(torch.nn.Linear(5, 4)), k=4, seed=1, scores=scores)  # noqa: E731
+    model, other = make(mine), make(theirs)
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(RuntimeError, match="another score storage"):
+        model.load_state_dict(other.state_dict())
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items() if isinstance(v, torch.Tensor))

@@ -285,3 +285,26 @@ def test_update_beyond_fp32_range_of_an_ordinary_parameter_raises():
     with pytest.raises(FloatingPointError, match="update"):
         opt.step()
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items() if isinstance(v, torch.Tensor))
+
+
+@pytest.mark.parametrize("scores", ["int8", "fp32", "implicit"])
+@pytest.mark.parametrize("lr", [1e36, 1e37, 1e38, 3e38])
+def test_a_huge_lr_never_stores_inf_and_an_error_changes_nothing(scores, lr):
+    """Issue 24, item 7: each update fits fp32, the state after it must too."""
+    torch.manual_seed(0)
+    model = ss.slotify_(nn.Sequential(nn.Linear(4, 3)), k=4, scores=scores)
+    opt = ss.SlotSGD(model.parameters(), lr=lr, momentum=0.0)
+    for _ in range(40):
+        model(torch.randn(5, 4)).sum().backward()
+        before = copy.deepcopy(model.state_dict())
+        try:
+            opt.step()
+        except FloatingPointError as e:
+            assert "no score or weight was changed" in str(e)
+            after = model.state_dict()
+            assert all(torch.equal(v, after[k]) for k, v in before.items() if isinstance(v, torch.Tensor))
+            break
+        finally:
+            opt.zero_grad()
+        state = [v for v in model.state_dict().values() if isinstance(v, torch.Tensor)]
+        assert all(bool(torch.isfinite(v.float()).all()) for v in state)
