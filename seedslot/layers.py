@@ -60,6 +60,11 @@ def _next_draw_key(draws: torch.Tensor, seed: str) -> torch.Tensor:
     and the key derived in Python (``key32`` takes arbitrary ints, hence the seed as a string), so
     a compiled model draws exactly the samples eager does, with no graph break and no recompile.
     """
+    if torch._C._current_graph_task_id() != -1:  # a forward re-run inside backward would draw anew
+        raise RuntimeError("selection='sample' cannot be recomputed: activation checkpointing "
+                           "(torch.utils.checkpoint) re-runs the forward during backward, which would draw another "
+                           "sample than the forward did and give wrong gradients; checkpoint only layers with "
+                           "selection='greedy', or leave the sampling layers out of the checkpointed segment")
     draw = int(draws)
     draws += 1
     return i32(key32(int(seed), SAMPLE, 2, draw), draws.device)
@@ -150,7 +155,9 @@ class SlotLayer(nn.Module):
             raise TypeError(f"{type(self).__name__} computes in a real floating-point dtype; refusing the "
                             f"conversion to {target} (nothing was changed)")
         kept = dict(self._buffers)
-        super()._apply(fn, recurse)
+        # A memory format (channels_last) is for activations: the slot state keeps its own layout,
+        # which every kernel relies on; flat, a tensor takes the device and dtype only.
+        super()._apply(lambda t: fn(t.reshape(-1)).view(t.shape) if t.dim() >= 4 else fn(t), recurse)
         for name, old in kept.items():
             new = self._buffers.get(name)
             if old is not None and new is not None and new.dtype != old.dtype:
