@@ -18,11 +18,12 @@ import io
 import math
 import os
 import struct
+import zipfile
 from typing import Any, Sequence, Union
 
 import torch
 
-from .files import atomic_write
+from .files import atomic_write, read_regular
 from .rng import STREAM_VERSION
 
 __all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "load_state_into", "frame", "unframe",
@@ -97,9 +98,34 @@ def unframe(data: bytes, magic: bytes, max_version: int, what: str, source: str)
 
 
 def read_bytes(path: str | os.PathLike) -> bytes:
-    """The whole content of the file ``path``."""
-    with open(path, "rb") as f:
-        return f.read()
+    """The whole content of the regular file ``path`` (a device or FIFO, which could stream without
+    end, is a CheckpointError naming it)."""
+    try:
+        return read_regular(path, what="seedslot file")
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
+
+
+def check_archive(body: Buffer, source: str) -> None:
+    """CheckpointError unless ``body`` is a zip archive as ``torch.save`` writes it: every record
+    stored (not compressed) and lying inside the body. Read from the central directory alone, so
+    a zip bomb (records that inflate to far more than the file holds) is refused before anything
+    is inflated or allocated."""
+    try:
+        with zipfile.ZipFile(io.BytesIO(body)) as z:
+            infos = z.infolist()
+    except (zipfile.BadZipFile, ValueError, OverflowError, EOFError, NotImplementedError) as e:
+        raise CheckpointError(f"{source}: tampered: the body is not a torch archive ({type(e).__name__}: {e})") from None
+    size = memoryview(body).nbytes
+    total = 0
+    for info in infos:
+        if info.compress_type != zipfile.ZIP_STORED or info.file_size != info.compress_size:
+            raise CheckpointError(f"{source}: tampered: archive record {info.filename!r:.80} is compressed; torch.save "
+                                  "stores records uncompressed")
+        total += info.file_size
+        if info.header_offset + info.file_size > size or total > size:
+            raise CheckpointError(f"{source}: tampered: archive record {info.filename!r:.80} declares "
+                                  f"{info.file_size} bytes; the file holds {size}")
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -139,6 +165,7 @@ def save_checkpoint(path: str | os.PathLike, payload: dict) -> None:
 
 
 def _safe_load(body: Buffer, map_location, source: str):
+    check_archive(body, source)
     try:
         return torch.load(io.BytesIO(body), map_location=map_location, weights_only=True)
     except Exception as e:  # the hash matched, so the file was written with this content on purpose

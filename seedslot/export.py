@@ -327,7 +327,7 @@ def load_exported(path: str | os.PathLike, model: nn.Module | None = None, map_l
         header = json.loads(bytes(body[_JSON_LEN.size : _JSON_LEN.size + head_len]))
         payload = body[_JSON_LEN.size + head_len :]
         build_args = header["build_args"]
-    except (KeyError, TypeError, ValueError, struct.error) as e:
+    except (KeyError, TypeError, ValueError, RecursionError, struct.error) as e:
         raise CheckpointError(f"{source}: tampered: malformed export header ({type(e).__name__}: {e})") from e
     check_stream_version(header.get("stream_version", 1), source)  # files from before the field: version 1
     if model is None and build_args is None:

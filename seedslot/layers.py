@@ -61,6 +61,11 @@ def _next_draw_key(draws: torch.Tensor, seed: str) -> torch.Tensor:
     and the key derived in Python (``key32`` takes arbitrary ints, hence the seed as a string), so
     a compiled model draws exactly the samples eager does, with no graph break and no recompile.
     """
+    if torch._C._current_graph_task_id() != -1:  # a forward re-run inside backward would draw anew
+        raise RuntimeError("selection='sample' cannot be recomputed: activation checkpointing "
+                           "(torch.utils.checkpoint) re-runs the forward during backward, which would draw another "
+                           "sample than the forward did and give wrong gradients; checkpoint only layers with "
+                           "selection='greedy', or leave the sampling layers out of the checkpointed segment")
     draw = int(draws)
     draws += 1
     return i32(key32(int(seed), Stream.SAMPLE, 2, draw), draws.device)
@@ -136,6 +141,14 @@ class SlotLayer(nn.Module):
     selection = property(lambda self: self.config.selection)
     score_lambda = property(lambda self: self.config.score_lambda)
 
+    def _load_from_state_dict(self, state_dict, prefix, *args) -> None:
+        draws = state_dict.get(prefix + "draws")  # a tampered counter fails here, not at a later forward
+        if isinstance(draws, torch.Tensor) and not (draws.dim() == 0 and draws.dtype == torch.int64
+                                                    and 0 <= int(draws) < 2**62):
+            args[-1].append(f"{prefix}draws must be an int64 scalar in [0, 2**62)")  # error_msgs
+            return
+        super()._load_from_state_dict(state_dict, prefix, *args)
+
     def _set_seeds(self, seed: int, candidate_seed: int, device=None) -> None:
         """Derive every stream key (small non-persistent buffers) from the seeds."""
         if seed != self.config.seed:
@@ -174,7 +187,9 @@ class SlotLayer(nn.Module):
             raise TypeError(f"{type(self).__name__} computes in a real floating-point dtype; refusing the "
                             f"conversion to {target} (nothing was changed)")
         kept = dict(self._buffers)
-        super()._apply(fn, recurse)
+        # A memory format (channels_last) is for activations: the slot state keeps its own layout,
+        # which every kernel relies on; flat, a tensor takes the device and dtype only.
+        super()._apply(lambda t: fn(t.reshape(-1)).view(t.shape) if t.dim() >= 4 else fn(t), recurse)
         for name, old in kept.items():
             new = self._buffers.get(name)
             if old is not None and new is not None and new.dtype != old.dtype:
@@ -316,6 +331,14 @@ class SeededSlotLayer(SlotLayer):
         """The name of the score storage: "int8", "fp32" or "implicit"."""
         return self.storage.name
 
+    def _load_from_state_dict(self, state_dict, prefix, *args) -> None:
+        draws = state_dict.get(prefix + "draws")  # a tampered counter fails here, not at a later forward
+        if isinstance(draws, torch.Tensor) and not (draws.dim() == 0 and draws.dtype == torch.int64
+                                                    and 0 <= int(draws) < 2**62):
+            args[-1].append(f"{prefix}draws must be an int64 scalar in [0, 2**62)")  # error_msgs
+            return
+        super()._load_from_state_dict(state_dict, prefix, *args)
+
     def _set_seeds(self, seed: int, candidate_seed: int, device=None) -> None:
         super()._set_seeds(seed, candidate_seed, device)
         if "storage" in self.__dict__:  # not while SlotLayer.__init__ runs: the storage registers later
@@ -364,6 +387,12 @@ class SeededSlotLayer(SlotLayer):
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         proxies = {prefix + f"slot_{part}" for part in self.parts}
         state_dict = {k: v for k, v in state_dict.items() if k not in proxies}
+        for name, mine in self._buffers.items():  # another score storage's state is refused, never cast
+            t = state_dict.get(prefix + name)
+            if isinstance(t, torch.Tensor) and mine is not None and (t.dtype == torch.int8) != (mine.dtype == torch.int8):
+                error_msgs.append(f"{prefix}{name} is {t.dtype} in the state, {mine.dtype} in this layer (scores "
+                                  f"{self.scores!r}): a state of another score storage cannot be loaded")
+                return
         for part in self.parts:  # values the update and selection rely on
             for name, ok, accepted in self.storage.load_checks(part):
                 t = state_dict.get(prefix + name)

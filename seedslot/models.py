@@ -213,8 +213,8 @@ def check_build_args(args, source: str, *, available_bytes: int, export: bool = 
     if max(layers) > _MAX_LAYER:
         raise bad("input_size" if name == "lenet" else "num_classes", f"such that no layer exceeds {_MAX_LAYER} connections")
     k, mode, scores = config.k, args["mode"], config.scores
-    if export:
-        bits = (k - 1).bit_length()  # export.index_bits
+    if export:  # export.index_bits, and at least one bit: a file of K = 1 cannot announce a network for nothing
+        bits = max((k - 1).bit_length(), 1)
     else:
         bits = {"learned": 32, "dense": 64 * k}.get(mode) or {"int8": 8 * k, "fp32": 32 * k, "implicit": 32}[scores]
     if sum(layers) * bits > 8 * available_bytes:
@@ -222,7 +222,22 @@ def check_build_args(args, source: str, *, available_bytes: int, export: bool = 
             f"{source}: tampered: build_args (k={k}, input_size={size}, ...) describe {sum(layers)} connections of "
             f"{bits / 8:g} bytes each; the file holds {available_bytes} bytes"
         )
+    if not export and mode == "seeded" and scores == "implicit" and k > sum(layers):
+        # the file holds one drift per connection and nothing per candidate; building K candidates costs
+        # memory and time in K, so K is bounded by what the file does hold
+        raise bad("k", f"at most the model's {sum(layers)} connections for scores 'implicit'")
     return args
+
+
+def held_bytes(values) -> int:
+    """The bytes the storages of the tensors among ``values`` really hold, each storage once: a
+    stride-0 view (``zeros(1).expand(2**55)``) counts its one element, not its shape's."""
+    storages = {}
+    for t in values:
+        if isinstance(t, torch.Tensor):
+            s = t.untyped_storage()
+            storages[(s.data_ptr(), s.device)] = s.nbytes()
+    return sum(storages.values())
 
 
 def build_from_checkpoint(payload: dict, source: str) -> nn.Module:
@@ -237,8 +252,7 @@ def build_from_checkpoint(payload: dict, source: str) -> nn.Module:
     check_stream_version(payload.get("stream_version", 1), source)  # checkpoints from before the field: version 1
     if not isinstance(payload["model"], dict):
         raise CheckpointError(f"{source}: tampered: model must be a state_dict; got {type(payload['model']).__name__}")
-    held = sum(t.numel() * t.element_size() for t in payload["model"].values() if isinstance(t, torch.Tensor))
-    check_build_args(payload["build_args"], source, available_bytes=held)
+    check_build_args(payload["build_args"], source, available_bytes=held_bytes(payload["model"].values()))
     try:
         return build(**payload["build_args"])
     except (TypeError, ValueError) as e:

@@ -314,7 +314,15 @@ class SlotSGD(Optimizer):
         on ``lr * |direction| * max(1, |W|)``, momentum and coupled decay included) is an fp32 number."""
         tensors = [p.grad for _, _, _, p, _ in entries]
         extra = {}  # entry index -> (index of its momentum buffer or None, index of the parameter or None)
+        held = {}  # entry index -> (indices of its part's float state, scale of int8 levels): bounds the state after
         for i, (_, _, group, p, owner) in enumerate(entries):
+            if owner is not None:
+                part = owner[1] + "_"
+                own = [b for name, b in owner[0]._buffers.items() if name.startswith(part) and b is not None]
+                floats = [b for b in own if b.dtype.is_floating_point]
+                held[i] = (list(range(len(tensors), len(tensors) + len(floats))),
+                           127.0 if any(b.dtype == torch.int8 for b in own) else 1.0)
+                tensors += floats
             buf = self.state.get(p, {}).get("momentum_buffer") if group["momentum"] else None
             plain = owner is None
             b = p_i = None
@@ -337,9 +345,13 @@ class SlotSGD(Optimizer):
                 buf = g if b is None else mom * maxes[b] + g
             d = (g + mom * buf if group["nesterov"] else buf) if mom else g
             update = group["lr"] * d * max(1.0, owner[0].sigma if owner is not None else 1.0)
-            if not (max(buf, d, update) < _FP32_MAX):
+            idx, levels = held.get(i, ([], 1.0))
+            state_max = max([maxes[j] for j in idx], default=0.0)
+            # |state| after the step, at most: an int8 grid may coarsen its scale by up to twice the update
+            after = levels * (state_max + 2.0 * update) if levels > 1 else state_max + update
+            if not (max(buf, d, update, after) < _FP32_MAX):
                 raise FloatingPointError(
-                    f"update of {where} is beyond the fp32 range (lr={group['lr']:g}, max |direction| "
+                    f"update of {where} takes its state beyond the fp32 range (lr={group['lr']:g}, max |direction| "
                     f"up to {d:g}); no score or weight was changed"
                 )
 

@@ -1,6 +1,7 @@
 """Training checkpoints: exact round trip, safe loading, integrity checks, atomic writes."""
 
 import functools
+import json
 import io
 import os
 import signal
@@ -360,3 +361,33 @@ def test_tampered_fields_are_named(finished_run, tmp_path, field, value, words):
     with pytest.raises(CheckpointError, match=words):
         _resume(data_dir, _tampered(ckpt, field, value, str(tmp_path)))
     assert time.monotonic() - t0 < 20
+
+
+def test_a_resumed_run_never_writes_where_the_checkpoint_says(finished_run, tmp_path, monkeypatch):
+    """Issue 24, item 3: the checkpoint's stored json path (absolute or relative to the new working
+    directory) is not honoured; a resumed run writes inside its --out and to its own --json only."""
+    data_dir, ckpt = finished_run
+    victims = [tmp_path / "victim.txt", tmp_path / "cwd" / "relative.txt"]
+    (tmp_path / "cwd").mkdir()
+    for v in victims:
+        v.write_text("precious")
+    monkeypatch.chdir(tmp_path / "cwd")
+    for n, target in enumerate([str(victims[0]), "relative.txt"]):
+        out = _tampered(ckpt, ("config", "json"), target, str(tmp_path / f"t{n}"))
+        _resume(data_dir, out)
+        assert os.path.exists(os.path.join(out, "summary.json"))
+    assert all(v.read_text() == "precious" for v in victims)
+    from seedslot.app.train import TrainConfig, run
+
+    mine = tmp_path / "mine.json"
+    run(TrainConfig(resume=out, data_dir=data_dir, threads=1, json=str(mine)), progress=False)
+    assert json.loads(mine.read_text())["epochs"] == 1
+
+
+@pytest.mark.parametrize("history", [[{"val_accuracy": "x"}], [], [{"epoch": 1, "train_loss": 1.0, "train_accuracy": 2.0,
+                                     "val_loss": None, "val_accuracy": None, "seconds": 1.0}], [[]] * 1])
+def test_a_tampered_tally_history_fails_at_resume_naming_it(finished_run, tmp_path, history):
+    """Issue 24, item 14: not later, in the summary or the metrics rewrite, with a traceback."""
+    data_dir, ckpt = finished_run
+    with pytest.raises(CheckpointError, match=r"tally\['history'\]"):
+        _resume(data_dir, _tampered(ckpt, ("tally", "history"), history, str(tmp_path)))

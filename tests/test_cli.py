@@ -1,6 +1,8 @@
 """The ``seedslot`` command: a happy path on tiny IDX files, and bad input as one line with exit 2."""
 
 import json
+import os
+import stat
 import subprocess
 import sys
 
@@ -87,3 +89,44 @@ def test_help_exits_0():
     with pytest.raises(SystemExit) as e:
         main(["train", "--help"])
     assert e.value.code == 0
+
+
+def test_outputs_are_regular_files_only_one_line_exit_2(mnist_dir, tmp_path, capsys):
+    """Issue 24, items 1 and 16: --json at a FIFO, a symlink or "" and ``export --out /`` are refused
+    before anything is written, naming the path the user gave; nothing replaces what was there."""
+    os.mkfifo(tmp_path / "fifo")
+    (tmp_path / "victim").write_text("precious")
+    (tmp_path / "link.json").symlink_to(tmp_path / "victim")
+    base = ["train", "--dataset", "mnist", "--data-dir", mnist_dir, "--epochs", "1", "--k", "2", "--no-progress"]
+    for target, words in ((tmp_path / "fifo", "is a FIFO"), (tmp_path / "link.json", "is a symlink"),
+                          ("", "not a file path")):
+        assert main([*base, "--json", str(target)]) == 2
+        line = _error_line(capsys)
+        assert words in line and line.count("json") >= 1
+    assert main([*base, "--out", str(tmp_path / "run")]) == 0
+    capsys.readouterr()
+    before = set(os.listdir("/"))
+    assert main(["export", str(tmp_path / "run" / "last.ckpt"), "--out", "/"]) == 2
+    assert "'/'" in _error_line(capsys) and set(os.listdir("/")) == before
+    assert (tmp_path / "victim").read_text() == "precious" and os.path.islink(tmp_path / "link.json")
+    assert stat.S_ISFIFO(os.stat(tmp_path / "fifo").st_mode)
+
+
+def test_odd_input_is_one_line_and_exit_2(mnist_dir, tmp_path, capsys, monkeypatch):
+    """Issue 24, item 16: --threads without bound, WORLD_SIZE that is not a number."""
+    base = ["train", "--dataset", "mnist", "--data-dir", mnist_dir, "--epochs", "1", "--k", "2", "--no-progress"]
+    for n in ("100000", "20000"):
+        assert main([*base, "--threads", n]) == 2
+        assert "threads must be an int in [1, " in _error_line(capsys)
+    monkeypatch.setenv("WORLD_SIZE", "abc")
+    assert main(base) == 2
+    assert "environment variable WORLD_SIZE must be an int >= 0; got 'abc'" in _error_line(capsys)
+
+
+def test_progress_bar_only_on_a_terminal(mnist_dir, capsys):
+    """Issue 24, item 16: a batch job's log gets a line per epoch, not every bar refresh."""
+    argv = ["train", "--dataset", "mnist", "--data-dir", mnist_dir, "--epochs", "2", "--batch-size", "8", "--k", "2",
+            "--threads", "1"]
+    assert main(argv) == 0
+    out, err = capsys.readouterr()
+    assert "batch/s" not in err and "\r" not in err and "epoch 1/2" in out and "epoch 2/2" in out

@@ -4,6 +4,7 @@ import gzip
 import os
 import pickle
 import struct
+import zlib
 
 import numpy as np
 import pytest
@@ -253,3 +254,53 @@ def test_real_fashion_mnist():
     assert (len(d.train), len(d.val), len(d.test)) == (51000, 9000, 10000)
     assert d.train.images.shape[1:] == (1, 28, 28) and d.normalize == "meanstd"
     assert sorted(torch.bincount(d.test.labels).tolist()) == [1000] * 10
+
+
+# ---------------------------------------------------------------- hostile dataset files (issue 24, items 13, 14)
+
+
+def _gz_bomb(path, shape, zeros: int) -> int:
+    """A gzipped IDX file whose header announces ``shape`` and whose stream inflates to ``zeros``
+    zero bytes after it; returns the file's size."""
+    c = zlib.compressobj(9, zlib.DEFLATED, 31)
+    head = b"\0\0\x08" + bytes([len(shape)]) + struct.pack(f">{len(shape)}I", *shape)
+    parts = [c.compress(head)]
+    block = bytes(1 << 24)
+    for _ in range(zeros >> 24):
+        parts.append(c.compress(block))
+    parts.append(c.flush())
+    path.write_bytes(b"".join(parts))
+    return path.stat().st_size
+
+
+def test_a_gzip_bomb_is_refused_before_it_is_inflated(tmp_path):
+    from seedslot.memory import track
+
+    path = tmp_path / "train-images-idx3-ubyte.gz"
+    size = _gz_bomb(path, (65536, 256, 256), 2**28)  # announces 4 GiB, inflates to 256 MiB, holds ~260 KB
+    assert size < 2**20
+    with track() as m:
+        with pytest.raises(D.DataError, match=f"{path}: IDX header announces shape"):
+            D.read_idx(path)
+    assert m.peak_increment_bytes < 2**26
+    (tmp_path / "plain").write_bytes(bytes(1 << 20))  # a CIFAR batch that inflates beyond any batch
+    bomb = tmp_path / "data_batch_1"
+    bomb.write_bytes(gzip.compress(bytes(2**28)))
+    with track() as m:
+        with pytest.raises(D.DataError, match="inflates to more than"):
+            D.read_cifar_batch(bomb)
+    assert m.peak_increment_bytes < 2**28
+
+
+def test_idx_dimensions_whose_product_overflows_name_the_file(tmp_path):
+    path = tmp_path / "t10k-labels-idx1-ubyte"
+    path.write_bytes(b"\0\0\x08\x04" + struct.pack(">4I", 2**16, 2**16, 2**16, 2**16))  # 2**64 wraps to 0
+    with pytest.raises(D.DataError, match=f"{path}: IDX header announces shape"):
+        D.read_idx(path)
+
+
+def test_a_device_or_fifo_is_not_read_as_a_dataset_file(tmp_path):
+    os.mkfifo(tmp_path / "fifo")
+    for path in ("/dev/zero", str(tmp_path / "fifo")):
+        with pytest.raises(D.DataError, match="regular file"):
+            D.read_idx(path)

@@ -4,6 +4,7 @@ import argparse
 import copy
 import json
 import math
+import os
 import time
 
 import pytest
@@ -332,3 +333,29 @@ def test_cli_export_of_a_tampered_checkpoint_is_one_line(tmp_path, capsys):
     assert run_cli(argparse.Namespace(checkpoint=str(ckpt), out=str(tmp_path / "m.slot"))) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "build_args" in err and not (tmp_path / "m.slot").exists()
+
+
+def test_a_deeply_nested_header_is_a_checkpoint_error(tmp_path):
+    """Issue 24, item 14: not a RecursionError."""
+    good = _lenet_export(tmp_path)
+    path = tmp_path / "deep.slot"
+    path.write_bytes(_reframe(good, lambda h: b"[" * 100000 + b"]" * 100000))
+    with pytest.raises(CheckpointError, match="malformed export header"):
+        load_exported(path)
+
+
+def test_export_onto_its_own_checkpoint_keeps_the_training_state(tmp_path, capsys):
+    """Issue 24, item 12: under its own name, another name (a hard link) or onto another checkpoint."""
+    from seedslot.app.cli import main
+
+    model = seedslot.models.build("lenet", mode="seeded", k=2, input_size=4)
+    ckpt = tmp_path / "last.ckpt"
+    save_checkpoint(ckpt, {"model": model.state_dict(), "build_args": model.build_args})
+    os.link(ckpt, tmp_path / "alias.slot")
+    save_checkpoint(tmp_path / "other.ckpt", {"model": model.state_dict(), "build_args": model.build_args})
+    before = ckpt.read_bytes()
+    for out in ("last.ckpt", "alias.slot", "other.ckpt"):
+        assert main(["export", str(ckpt), "--out", str(tmp_path / out)]) == 2
+        assert "checkpoint" in capsys.readouterr().err
+    assert ckpt.read_bytes() == before
+    assert main(["export", str(ckpt), "--out", str(tmp_path / "m.slot")]) == 0

@@ -378,3 +378,60 @@ def test_slot_config_is_the_keywords_validated_once():
 def test_slot_config_refuses_bad_settings(kwargs, message):
     with pytest.raises(ValueError, match=message):
         ss.SlotConfig(**kwargs)
+
+
+@pytest.mark.parametrize("mine, theirs", [("int8", "fp32"), ("fp32", "int8")])
+def test_a_state_of_another_score_storage_is_refused_not_cast(mine, theirs):
+    """Issue 24, item 5: int8 <- fp32 would cast the scores to zeros; fp32 <- int8 would keep the
+    int8 scale (updates thousands of times too small)."""
+    make = lambda scores: ss.slotify_(torch.nn.Sequential(torch.nn.Linear(5, 4)), k=4, seed=1, scores=scores)  # noqa: E731
+    model, other = make(mine), make(theirs)
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(RuntimeError, match="another score storage"):
+        model.load_state_dict(other.state_dict())
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items() if isinstance(v, torch.Tensor))
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_sample_selection_under_activation_checkpointing_is_refused_greedy_is_exact(reentrant):
+    """Issue 24, item 4: the recomputed forward would draw another sample (wrong gradients without
+    a word); greedy recomputes the same selection, so its gradients are bit-equal."""
+    from torch.utils.checkpoint import checkpoint
+
+    x = torch.randn(6, 5, requires_grad=True)
+    for selection in ("greedy", "sample"):
+        def make():
+            return ss.slotify_(torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.ReLU(), torch.nn.Linear(4, 3)),
+                               k=4, seed=2, selection=selection)
+
+        plain, ckpt = make(), make()
+        grads = []
+        for model, use in ((plain, False), (ckpt, True)):
+            model.train()
+            out = checkpoint(model, x, use_reentrant=reentrant) if use else model(x)
+            if selection == "sample" and use:
+                with pytest.raises(RuntimeError, match="selection='sample' cannot be recomputed"):
+                    out.sum().backward()
+                break
+            out.sum().backward()
+            grads.append([p.grad.clone() for p in model.parameters()] + [x.grad.clone()])
+            x.grad = None
+        if selection == "greedy":
+            assert all(torch.equal(a, b) for a, b in zip(*grads))
+
+
+@pytest.mark.parametrize("scores", ["int8", "fp32", "implicit", "dense"])
+def test_channels_last_is_supported_and_leaves_the_model_usable(scores):
+    """Issue 24, item 15: the memory format is for activations; the slot state keeps its layout."""
+    kw = dict(dense=True) if scores == "dense" else dict(scores=scores)
+    model = ss.slotify_(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Conv2d(4, 2, 3)),
+                        k=4, seed=1, **kw)
+    x = torch.randn(2, 3, 9, 9)
+    ref = model(x)
+    model.to(memory_format=torch.channels_last)
+    y = model(x.to(memory_format=torch.channels_last))
+    torch.testing.assert_close(y, ref)
+    assert all(b.is_contiguous() for b in model.buffers())
+    y.sum().backward()
+    (ss.SlotSGD if scores != "dense" else torch.optim.SGD)(model.parameters(), lr=0.1).step()
+    model(x)  # and later forwards

@@ -423,3 +423,26 @@ def test_check_and_foreach_arguments_are_checked():
         ss.SlotSGD(params, lr=0.1, check="later")
     with pytest.raises(ValueError, match="foreach must be True or False"):
         ss.SlotSGD(ss.SlotLinear(4, 3, k=2).parameters(), lr=0.1, foreach=1)
+
+
+@pytest.mark.parametrize("scores", ["int8", "fp32", "implicit"])
+@pytest.mark.parametrize("lr", [1e36, 1e37, 1e38, 3e38])
+def test_a_huge_lr_never_stores_inf_and_an_error_changes_nothing(scores, lr):
+    """Issue 24, item 7: each update fits fp32, the state after it must too."""
+    torch.manual_seed(0)
+    model = ss.slotify_(nn.Sequential(nn.Linear(4, 3)), k=4, scores=scores)
+    opt = ss.SlotSGD(model.parameters(), lr=lr, momentum=0.0)
+    for _ in range(40):
+        model(torch.randn(5, 4)).sum().backward()
+        before = copy.deepcopy(model.state_dict())
+        try:
+            opt.step()
+        except FloatingPointError as e:
+            assert "no score or weight was changed" in str(e)
+            after = model.state_dict()
+            assert all(torch.equal(v, after[k]) for k, v in before.items() if isinstance(v, torch.Tensor))
+            break
+        finally:
+            opt.zero_grad()
+        state = [v for v in model.state_dict().values() if isinstance(v, torch.Tensor)]
+        assert all(bool(torch.isfinite(v.float()).all()) for v in state)

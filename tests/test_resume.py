@@ -144,3 +144,53 @@ def test_resume_of_a_missing_or_corrupt_checkpoint_is_one_line_exit_2(data_dir, 
     assert main(args) == 2
     err = capsys.readouterr().err
     assert err.startswith("seedslot: error: ") and err.count("\n") == 1 and "last.ckpt" in err
+
+
+def test_sigterm_saves_like_ctrl_c_and_resumes_identically(data_dir, uninterrupted, tmp_path):
+    """Issue 24, item 11: what schedulers and Kubernetes send."""
+    assert _interrupt_at(data_dir, tmp_path, signal.SIGTERM, STEPS - 8) == 130
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["interrupted"] is True and summary["global_steps"] == _step(tmp_path) >= STEPS - 8
+    _resume(data_dir, tmp_path)
+    _assert_same_final_state(uninterrupted, tmp_path)
+
+
+def _small(data_dir, out, *extra):
+    return ["train", "--dataset", "mnist", "--data-dir", data_dir, "--epochs", "1", "--batch-size", "64", "--k", "2",
+            "--threads", "1", "--no-progress", "--out", str(out), *extra]
+
+
+def test_out_is_locked_and_a_run_in_it_is_not_replaced_unless_told(data_dir, tmp_path, capsys):
+    """Issue 24, item 9: one run per --out at a time; a new run into a run's directory needs --overwrite."""
+    from seedslot.app.train import _lock_dir, _unlock_dir
+
+    out = tmp_path / "run"
+    out.mkdir()
+    held = _lock_dir(str(out))  # another run holds it
+    assert main(_small(data_dir, out)) == 2
+    assert "is in use by another seedslot run" in capsys.readouterr().err
+    _unlock_dir(str(out), held)
+    assert main(_small(data_dir, out)) == 0
+    first = (out / "last.ckpt").read_bytes()
+    capsys.readouterr()
+    assert main(_small(data_dir, out, "--seed", "1")) == 2
+    err = capsys.readouterr().err
+    assert "already holds a run" in err and "--overwrite" in err and f"--resume {out}" in err
+    assert (out / "last.ckpt").read_bytes() == first
+    assert main(_small(data_dir, out, "--seed", "1", "--overwrite")) == 0
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["kind"] for r in records] == ["epoch", "test"]  # the old run's lines are gone, not mixed in
+    assert load_checkpoint(out / "last.ckpt")["config"]["seed"] == 1
+
+
+def test_a_resumed_run_does_not_write_through_a_symlink_in_out(data_dir, tmp_path, capsys):
+    """Issue 24, item 12: metrics appends and rewrites never follow a symlink placed in --out."""
+    out = tmp_path / "run"
+    assert main(_small(data_dir, out)) == 0
+    victim = tmp_path / "victim"
+    victim.write_text("precious")
+    os.remove(out / "metrics.jsonl")
+    (out / "metrics.jsonl").symlink_to(victim)
+    capsys.readouterr()
+    assert main(_small(data_dir, out, "--resume", str(out))) == 2
+    assert "is a symlink" in capsys.readouterr().err and victim.read_text() == "precious"

@@ -33,11 +33,11 @@ def test_every_experiment_reports_and_resume_trains_nothing(tiny, tmp_path):
     out = str(tmp_path / "sweep")
     for name in S.EXPERIMENTS:
         S.sweep(name, out, write_report=False, **kw)
-        assert {S.run_id(s) for s in S.plan(name)} <= set(S.load_records(out))
+        assert {S.run_id(s) for s in S.plan(name, dataset="mnist")} <= set(S.load_records(out))
     lines = open(os.path.join(out, "runs.jsonl")).read().splitlines()
     ids = [json.loads(line)["id"] for line in lines]
     assert len(ids) == len(set(ids)) == len(calls)  # shared runs trained once
-    assert set(ids) == {S.run_id(s) for s in S.plan("all")}
+    assert set(ids) == {S.run_id(s) for s in S.plan("all", dataset="mnist")}
 
     calls.clear()
     assert S.sweep("all", out, write_report=False, **kw) == 0 and calls == []
@@ -137,7 +137,7 @@ def test_interrupted_run_continues_from_its_checkpoint(tiny, tmp_path, monkeypat
     kw, calls = tiny
     out = str(tmp_path / "sweep")
     monkeypatch.setattr(S, "PRESETS", S.presets_for(epochs=2))
-    spec = S.plan("k", models=("lenet",), seeds=(0,))[0]
+    spec = S.plan("k", models=("lenet",), seeds=(0,), dataset="mnist")[0]
     real_run = S.run
 
     def stop_after_one_epoch(cfg, **kw2):  # the first run dies after its first epoch's checkpoint
@@ -160,7 +160,7 @@ def test_interrupted_run_continues_from_its_checkpoint(tiny, tmp_path, monkeypat
 def test_a_live_claim_is_skipped_a_dead_one_taken_over(tiny, tmp_path):
     kw, calls = tiny
     out = str(tmp_path / "sweep")
-    rid = S.run_id(S.plan("headline", models=("lenet",), seeds=(0,))[0])
+    rid = S.run_id(S.plan("headline", models=("lenet",), seeds=(0,), dataset="mnist")[0])
     os.makedirs(os.path.join(out, "claims"))
     with open(os.path.join(out, "claims", S._digest(rid)), "w") as f:
         f.write(str(os.getppid()))  # alive: another sweep trains it
@@ -170,3 +170,56 @@ def test_a_live_claim_is_skipped_a_dead_one_taken_over(tiny, tmp_path):
         f.write("999999999")  # no such process: taken over
     S.sweep("headline", out, models=("lenet",), seeds=(0,), write_report=False, **kw)
     assert rid in S.load_records(out)
+
+
+def test_a_claim_nobody_holds_is_provably_stale(tmp_path):
+    """Issue 24, item 10: a sweep killed as PID 1 (a container's entrypoint) left a claim naming the
+    pid its restarted self has again; claims are flocks the kernel drops, so it is taken over."""
+    out = str(tmp_path)
+    os.makedirs(os.path.join(out, "claims"))
+    path = os.path.join(out, "claims", S._digest("r"))
+    with open(path, "w") as f:
+        f.write(str(os.getpid()))  # "our own pid", written by our previous incarnation
+    claim = S._claim(out, "r")
+    assert claim is not None
+    assert S._claim(out, "r") is None  # held: the lock lives as long as this process holds it
+    claim.release()
+    assert not os.path.exists(path)
+    with open(path, "w") as f:
+        f.write(f"{os.getppid()} {S._start_time(os.getppid())}")  # a live process's claim, but not locked
+    claim = S._claim(out, "r")
+    assert claim is not None
+    claim.release()
+
+
+def test_run_ids_name_the_dataset_and_old_ids_stay(tiny, tmp_path):
+    """Issue 24, item 6: a Fashion-MNIST request is never answered with MNIST runs. Fashion-MNIST
+    (the default) ids are what they were; another dataset is part of the id and of the table."""
+    kw, calls = tiny
+    spec = S.plan("headline", models=("lenet",), seeds=(0,))[0]
+    assert S.run_id(spec) == "epochs=1,k=2,mode=seeded,model=lenet,scores=int8,seed=0,selection=greedy,sharing=none"
+    mnist = S.plan("finetune", models=("lenet",), seeds=(0,), dataset="mnist")
+    assert all(S.run_id(s).startswith("dataset=mnist,") for s in mnist)
+    assert all(s["finetune_after"] in {S.run_id(t) for t in mnist} for s in mnist if "finetune_after" in s)
+    out = str(tmp_path / "sweep")
+    S.sweep("headline", out, models=("lenet",), seeds=(0,), write_report=False, **kw)
+    S.report("headline", out, models=("lenet",), seeds=(0,))
+    assert "(mnist)" in open(os.path.join(out, "headline.md")).read().splitlines()[0]
+    # an older seedslot recorded MNIST runs under the plain ids: they are not Fashion-MNIST results
+    with open(os.path.join(out, "runs.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    with open(os.path.join(out, "runs.jsonl"), "a") as f:
+        for r in records:
+            f.write(json.dumps(dict(r, id=r["id"].replace("dataset=mnist,", ""))) + "\n")
+    assert set(S.load_records(out)) == {r["id"] for r in records}
+
+
+def test_sweep_checks_matplotlib_before_training(tiny, tmp_path, monkeypatch):
+    """Issue 24, item 16: not a traceback after everything was trained."""
+    import sys
+
+    kw, calls = tiny
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(ValueError, match="matplotlib"):
+        S.sweep("headline", str(tmp_path / "s"), models=("lenet",), seeds=(0,), **kw)
+    assert calls == []

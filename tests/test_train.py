@@ -181,3 +181,38 @@ def test_resume_refuses_what_it_would_ignore(tiny, tmp_path):
     with pytest.raises(ValueError, match="epochs must be >= the 2 epochs the checkpoint has done; got 1"):
         run(TrainConfig(resume=out, epochs=1, data_dir=tiny["data_dir"]), progress=False)
     assert not (tmp_path / "other").exists()
+
+
+def test_resume_with_another_datasets_files_is_refused(tiny, tmp_path):
+    """Issue 24, item 6: same format, same sizes, other examples (e.g. Fashion-MNIST's files given
+    as --data-dir of an MNIST run)."""
+    from test_data import write_mnist
+
+    out = str(tmp_path / "run")
+    run(TrainConfig(epochs=1, out=out, **tiny), progress=False)
+    write_mnist(tmp_path / "other", n_train=40, n_test=10, seed=1)
+    with pytest.raises(ValueError, match=f"data_dir: {tmp_path / 'other'} holds other mnist data"):
+        run(TrainConfig(resume=out, data_dir=str(tmp_path / "other"), threads=1, epochs=2), progress=False)
+    assert run(TrainConfig(resume=out, data_dir=tiny["data_dir"], threads=1, epochs=2), progress=False)["epochs"] == 2
+
+
+def test_a_diverged_run_says_so_writes_json_and_keeps_the_last_finite_checkpoint(tiny, tmp_path, capsys):
+    """Issue 24, item 8: exit status 1 and one line saying so, strict JSON (no bare NaN), and the
+    last finite checkpoint, which the run's own --resume takes."""
+    from seedslot.app.cli import main
+
+    out = tmp_path / "run"
+    argv = ["train", "--dataset", "mnist", "--data-dir", tiny["data_dir"], "--mode", "learned", "--batch-size", "16",
+            "--threads", "1", "--no-progress", "--out", str(out), "--json", str(tmp_path / "s.json"), "--epochs", "4",
+            "--lr", "1e3", "--checkpoint-every-steps", "1"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "diverged" in err[0]
+    for path in (tmp_path / "s.json", out / "summary.json"):
+        summary = json.loads(path.read_text(), parse_constant=lambda c: pytest.fail(f"bare {c} in {path}"))
+        assert summary["diverged"] is True and summary["interrupted"] is False and summary["test_accuracy"] is None
+    ckpt = load_checkpoint(out / "last.ckpt")
+    assert 0 < ckpt["global_step"] < summary["global_steps"] + 1
+    assert all(bool(torch.isfinite(t).all()) for t in ckpt["model"].values() if t.is_floating_point())
+    again = run(TrainConfig(resume=str(out), data_dir=tiny["data_dir"], threads=1), progress=False)
+    assert again["diverged"] is True  # resumed, not refused: the same lr diverges again

@@ -73,6 +73,8 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
                    help="evaluate one random candidate per connection (the paper's baseline), no training")
     p.add_argument("--finetune-from", metavar="CKPT", help="train the weights a slot checkpoint selected")
     p.add_argument("--resume", metavar="DIR", help="continue the run saved in DIR/last.ckpt")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in --out (without it, a new run into a run's directory is refused)")
     p.add_argument("--checkpoint-every-steps", type=int, metavar="N", help="also save last.ckpt every N steps")
     p.add_argument("--limit-train", type=int, metavar="N", help="use only the first N training examples")
     p.add_argument("--threads", type=int, metavar="N", help="torch CPU threads")
@@ -120,7 +122,7 @@ def _train(args: argparse.Namespace, argv: list[str]) -> int:
 
         from .distributed import collective_failure
 
-        failure = collective_failure(e) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
+        failure = collective_failure(e) if os.environ.get("WORLD_SIZE", "1") not in ("0", "1") else None
         if failure is None:
             raise
         status = _error(str(failure))
@@ -132,6 +134,10 @@ def _train(args: argparse.Namespace, argv: list[str]) -> int:
             sys.stderr.flush()
             os._exit(status)
         return status
+    if summary.get("diverged"):
+        print(f"seedslot train: error: the run diverged ({summary['diverged_reason']}); summary and last finite "
+              "checkpoint written", file=sys.stderr)
+        return 1
     return 130 if summary["interrupted"] else 0
 
 

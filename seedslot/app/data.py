@@ -9,17 +9,20 @@ lists, bytes, numbers and numpy arrays: a hostile file cannot run code.
 
 from __future__ import annotations
 
-import gzip
+import hashlib
 import io
+import math
 import os
 import pickle
 import struct
+import zlib
 from dataclasses import dataclass, replace
 from typing import Iterator
 
 import numpy as np
 import torch
 
+from ..files import read_regular
 from ..rng import torch_seed
 from ..validate import check_choice, check_int
 
@@ -68,36 +71,105 @@ class DataError(ValueError):
 # ---------------------------------------------------------------- file formats
 
 
-def _open(path: str) -> bytes:
-    """The file's bytes, gunzipped when it starts with the gzip magic."""
+_MAX_FILE_BYTES = 2**31  # what one dataset file may hold once inflated (MNIST's largest: 47 MB)
+_MAX_CIFAR_BYTES = 2**27  # a CIFAR-10 batch holds 31 MB
+_MAX_RATIO = 1032  # deflate cannot compress further: a larger declared size is not in the file
+_CHUNK = 1 << 20
+
+
+def _read(path: str) -> bytes:
+    """The raw bytes of a regular dataset file (a device or FIFO is refused)."""
     try:
-        with open(path, "rb") as f:
-            raw = f.read()
+        return read_regular(path, _MAX_FILE_BYTES, what="dataset file")
+    except ValueError as e:
+        raise DataError(str(e)) from None
     except OSError as e:
         raise DataError(f"{path}: cannot read it ({e.strerror or e})") from None
-    if raw[:2] == b"\x1f\x8b":
+
+
+class _Inflater:
+    """A gzip stream (several members allowed) inflated in bounded chunks: :meth:`take` returns at
+    most ``n`` more bytes, so nothing is inflated beyond what the caller has checked it needs."""
+
+    def __init__(self, raw: bytes, path: str) -> None:
+        self.raw, self.path, self.pos = raw, path, 0
+        self.z = zlib.decompressobj(31)
+        self.pending = b""
+
+    def take(self, n: int) -> bytes:
+        out = [self.pending[:n]]
+        got = len(out[0])
+        self.pending = self.pending[n:]
         try:
-            raw = gzip.decompress(raw)
-        except (OSError, EOFError, ValueError) as e:
-            raise DataError(f"{path}: corrupted gzip data ({e})") from None
-    return raw
+            while got < n:
+                if self.z.eof:  # another gzip member may follow
+                    rest = self.z.unused_data + self.raw[self.pos :]
+                    if not rest:
+                        break
+                    self.z = zlib.decompressobj(31)
+                    self.raw, self.pos = rest, 0
+                if self.z.unconsumed_tail:
+                    data = self.z.decompress(self.z.unconsumed_tail, min(_CHUNK, n - got))
+                elif self.pos < len(self.raw):
+                    data = self.z.decompress(self.raw[self.pos : self.pos + _CHUNK], min(_CHUNK, n - got))
+                    self.pos += _CHUNK
+                else:
+                    if not self.z.eof:
+                        raise DataError(f"{self.path}: corrupted gzip data (the stream is truncated)")
+                    continue
+                out.append(data)
+                got += len(data)
+        except zlib.error as e:
+            raise DataError(f"{self.path}: corrupted gzip data ({e})") from None
+        return b"".join(out)
+
+    def at_end(self) -> bool:
+        """Whether the stream holds nothing more (checked by inflating at most one byte)."""
+        return not self.take(1)
+
+
+def _open(path: str, limit: int = _MAX_FILE_BYTES) -> bytes:
+    """The file's bytes, gunzipped (in bounded chunks, at most ``limit`` bytes) when it starts
+    with the gzip magic."""
+    raw = _read(path)
+    if raw[:2] != b"\x1f\x8b":
+        return raw
+    limit = min(limit, len(raw) * _MAX_RATIO)
+    z = _Inflater(raw, path)
+    data = z.take(limit)
+    if not z.at_end():
+        raise DataError(f"{path}: inflates to more than {limit} bytes; a dataset file may hold at most that")
+    return data
 
 
 def read_idx(path: str | os.PathLike) -> torch.Tensor:
-    """An IDX file of unsigned bytes (gzipped or not) as a uint8 tensor of the file's shape."""
+    """An IDX file of unsigned bytes (gzipped or not) as a uint8 tensor of the file's shape. The
+    header is read first and the size it declares checked against what the file can hold, so a
+    gzip bomb is refused before it is inflated."""
     path = os.fspath(path)
-    raw = _open(path)
-    if len(raw) < 4 or raw[:2] != b"\0\0" or raw[2] != 0x08 or not 1 <= raw[3] <= 4:
+    raw = _read(path)
+    gz = raw[:2] == b"\x1f\x8b"
+    z = _Inflater(raw, path) if gz else None
+    head4 = z.take(4) if gz else raw[:4]
+    if len(head4) < 4 or head4[:2] != b"\0\0" or head4[2] != 0x08 or not 1 <= head4[3] <= 4:
         raise DataError(f"{path}: not an IDX file of unsigned bytes (expected magic 00 00 08 0N, N = 1..4)")
-    ndim = raw[3]
+    ndim = head4[3]
     head = 4 + 4 * ndim
-    if len(raw) < head:
+    dims = z.take(4 * ndim) if gz else raw[4:head]
+    if len(dims) < 4 * ndim:
         raise DataError(f"{path}: truncated IDX header")
-    shape = struct.unpack(f">{ndim}I", raw[4:head])
-    size = int(np.prod(shape, dtype=np.int64))
-    if len(raw) - head != size:
-        raise DataError(f"{path}: IDX header announces shape {shape} ({size} bytes), the file holds {len(raw) - head}")
-    return torch.from_numpy(np.frombuffer(raw, dtype=np.uint8, offset=head).reshape(shape).copy())
+    shape = struct.unpack(f">{ndim}I", dims)
+    size = math.prod(shape)  # Python ints: no overflow
+    can_hold = len(raw) * _MAX_RATIO if gz else len(raw) - head
+    if size > min(can_hold, _MAX_FILE_BYTES):
+        held = "inflate to at most" if gz else "holds"
+        raise DataError(f"{path}: IDX header announces shape {shape} ({size} bytes), the file {held} "
+                        f"{min(can_hold, _MAX_FILE_BYTES)}")
+    body = z.take(size) if gz else raw[head:]
+    if len(body) != size or (gz and not z.at_end()):
+        n = len(body) if len(body) != size else f"more than {size}"
+        raise DataError(f"{path}: IDX header announces shape {shape} ({size} bytes), the file holds {n}")
+    return torch.from_numpy(np.frombuffer(body, dtype=np.uint8).reshape(shape).copy())
 
 
 def _codecs_encode(text: str, encoding: str = "utf-8") -> bytes:
@@ -132,7 +204,7 @@ class _ArrayUnpickler(pickle.Unpickler):
 def read_cifar_batch(path: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor]:
     """One CIFAR-10 python batch: uint8 images (N, 3, 32, 32) and int64 labels (N,)."""
     path = os.fspath(path)
-    raw = _open(path)
+    raw = _open(path, _MAX_CIFAR_BYTES)
     try:
         obj = _ArrayUnpickler(io.BytesIO(raw), encoding="bytes").load()
     except Exception as e:  # noqa: BLE001 - any unpickling failure means a bad file
@@ -271,6 +343,16 @@ class Data:
     def to(self, device) -> "Data":
         """The same data with every split's tensors on ``device``."""
         return replace(self, train=self.train.to(device), val=self.val.to(device), test=self.test.to(device))
+
+    def fingerprint(self) -> str:
+        """SHA-256 (hex) of every split's images and labels: what a run trains and is evaluated on,
+        wherever the files lie, so that a resumed run can tell another dataset's files."""
+        digest = hashlib.sha256()
+        for split in (self.train, self.val, self.test):
+            for t in (split.images, split.labels):
+                digest.update(str((tuple(t.shape), t.dtype)).encode())
+                digest.update(t.detach().cpu().contiguous().numpy().tobytes())
+        return digest.hexdigest()
 
     def describe(self) -> str:
         """One line: where the data came from, the split sizes and the preprocessing."""

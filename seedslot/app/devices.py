@@ -7,9 +7,24 @@ import re
 
 import torch
 
-__all__ = ["DEVICE_HELP", "resolve_device"]
+__all__ = ["DEVICE_HELP", "resolve_device", "env_int"]
 
 DEVICE_HELP = "auto (CUDA when available, the default), cpu, cuda or cuda:N"
+
+
+def env_int(name: str, default: int) -> int:
+    """The environment variable ``name`` (torchrun's ``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``) as an
+    int >= 0, ``default`` when unset; ValueError naming the variable otherwise."""
+    text = os.environ.get(name)
+    if text is None:
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise ValueError(f"environment variable {name} must be an int >= 0; got {text!r:.80}")
+    return value
 
 
 def resolve_device(name: str | None = "auto") -> torch.device:
@@ -27,7 +42,7 @@ def resolve_device(name: str | None = "auto") -> torch.device:
         raise ValueError(f"device {name!r}: no CUDA device is available here (torch.cuda.is_available() is "
                          "False); use auto or cpu")
     if name in ("auto", "cuda"):
-        index = int(os.environ.get("LOCAL_RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0
+        index = env_int("LOCAL_RANK", 0) if env_int("WORLD_SIZE", 1) > 1 else 0
     else:
         index = int(name.split(":")[1])
     if index >= torch.cuda.device_count():

@@ -41,6 +41,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from ..validate import check_int
+from .devices import env_int
 
 __all__ = ["DistributedError", "init_from_env", "rank_and_world", "wrap", "check_batch_size", "shard",
            "loss_weight", "sum_over_ranks", "check_in_sync", "Ranks", "collective_failure", "shutdown", "launch",
@@ -77,7 +78,7 @@ def init_from_env() -> bool:
     """Join the process group torchrun describes (``WORLD_SIZE`` > 1 in the environment): gloo for
     CPU tensors, nccl for CUDA tensors. A rank that never arrives or dies makes the others fail after
     ``SEEDSLOT_DIST_TIMEOUT`` seconds (default 120) instead of hanging. Returns whether it joined."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+    if env_int("WORLD_SIZE", 1) <= 1 or dist.is_initialized():
         return dist.is_initialized()
     for name in ("RANK", "MASTER_ADDR", "MASTER_PORT"):
         if name not in os.environ:
@@ -87,7 +88,7 @@ def init_from_env() -> bool:
     backend = "gloo"
     if torch.cuda.is_available():  # collectives pick the backend by the tensors' device
         backend = "cpu:gloo,cuda:nccl"
-        local = int(os.environ.get("LOCAL_RANK", "0"))
+        local = env_int("LOCAL_RANK", 0)
         if local < torch.cuda.device_count():
             torch.cuda.set_device(local)
     try:

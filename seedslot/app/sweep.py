@@ -13,6 +13,7 @@ the work instead of doing it twice.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import hashlib
 import json
 import os
@@ -23,7 +24,8 @@ from dataclasses import dataclass
 
 from ..candidates import SHARING
 from .devices import DEVICE_HELP, resolve_device
-from ..files import atomic_write
+from ..checkpoints import CheckpointError, load_checkpoint
+from ..files import atomic_write, check_writable
 from .train import CHECKPOINT, TrainConfig, run
 from ..validate import check_choice, check_int
 
@@ -90,7 +92,34 @@ def _finetune_splits(total: int) -> list[int]:
     return sorted({min(max(round(total * f), 1), total - 1) for f in (0.25, 0.5, 0.75)}) if total >= 2 else []
 
 
-def _series(experiment: str, model: str, p: Preset, seeds: list[int]) -> list[tuple[str, list[tuple]]]:
+DEFAULT_DATASET = "fashion-mnist"
+
+
+def _tag(spec: dict, dataset: str) -> dict:
+    """``spec`` on ``dataset``: the dataset is part of the spec, hence of the run's id, except for
+    the default one (so that the ids of existing Fashion-MNIST sweeps stay what they were)."""
+    if dataset == DEFAULT_DATASET:
+        return spec
+    spec = dict(spec, dataset=dataset)
+    if "_select" in spec:
+        spec["_select"] = _tag(spec["_select"], dataset)
+        spec["finetune_after"] = run_id(spec["_select"])
+    return spec
+
+
+def _id_dataset(rid: str) -> str:
+    """The dataset a run id stands for."""
+    return next((part[len("dataset="):] for part in rid.split(",") if part.startswith("dataset=")), DEFAULT_DATASET)
+
+
+def _series(experiment: str, model: str, p: Preset, seeds: list[int],
+            dataset: str = DEFAULT_DATASET) -> list[tuple[str, list[tuple]]]:
+    """:func:`_series_of` with every spec on ``dataset``."""
+    return [(label, [(x, [_tag(s, dataset) for s in group]) for x, group in points])
+            for label, points in _series_of(experiment, model, p, seeds)]
+
+
+def _series_of(experiment: str, model: str, p: Preset, seeds: list[int]) -> list[tuple[str, list[tuple]]]:
     """[(label, [(x, [spec per seed]), ...]), ...] of one experiment on one model; x None marks a
     reference that does not depend on x (drawn as a horizontal line)."""
     per_seed = lambda f: [f(s) for s in seeds]  # noqa: E731
@@ -146,9 +175,10 @@ def _resolve_experiments(experiment: str) -> list[str]:
     return list(EXPERIMENTS) if experiment == "all" else [experiment]
 
 
-def plan(experiment: str, *, models=SWEEP_MODELS, seeds=(0, 1), presets: dict | None = None) -> list[dict]:
-    """Every run ``experiment`` needs, in order, without duplicates (a finetune run follows its
-    selection run)."""
+def plan(experiment: str, *, models=SWEEP_MODELS, seeds=(0, 1), presets: dict | None = None,
+         dataset: str = DEFAULT_DATASET) -> list[dict]:
+    """Every run ``experiment`` needs on ``dataset``, in order, without duplicates (a finetune run
+    follows its selection run)."""
     presets = PRESETS if presets is None else presets
     for m in models:
         check_choice("model", m, SWEEP_MODELS)
@@ -166,7 +196,7 @@ def plan(experiment: str, *, models=SWEEP_MODELS, seeds=(0, 1), presets: dict | 
 
     for name in _resolve_experiments(experiment):
         for m in models:
-            for _, points in _series(name, m, presets[m], list(seeds)):
+            for _, points in _series(name, m, presets[m], list(seeds), dataset):
                 for _, group in points:
                     for spec in group:
                         add(spec)
@@ -191,8 +221,9 @@ def load_records(out: str) -> dict[str, dict]:
                     record = json.loads(line)
                 except json.JSONDecodeError:
                     continue
-                if isinstance(record, dict) and "id" in record:
-                    records[record["id"]] = record
+                if (isinstance(record, dict) and isinstance(record.get("id"), str)
+                        and record.get("dataset", DEFAULT_DATASET) == _id_dataset(record["id"])):
+                    records[record["id"]] = record  # (a run on another dataset under an old id is not this run)
     return records
 
 
@@ -200,7 +231,8 @@ def _append(out: str, record: dict) -> None:
     """Append one whole line; a torn line left by a killed writer is closed off first."""
     path = os.path.join(out, RUNS)
     line = json.dumps(record) + "\n"
-    with open(path, "ab+") as f:
+    check_writable(path)
+    with open(path, "ab+", opener=lambda p, flags: os.open(p, flags | getattr(os, "O_NOFOLLOW", 0))) as f:
         f.seek(0, os.SEEK_END)
         if f.tell():
             f.seek(-1, os.SEEK_END)
@@ -219,29 +251,64 @@ def _digest(rid: str) -> str:
     return hashlib.sha1(rid.encode()).hexdigest()[:16]
 
 
-def _claim(out: str, rid: str) -> str | None:
-    """Claim run ``rid`` for this process: the claim file's path, or None when a live process on
-    this machine holds it. A claim left by a dead process is taken over."""
+class _Claim:
+    """A held claim: its file, locked (``flock``) through the open descriptor."""
+
+    def __init__(self, path: str, fd: int) -> None:
+        self.path, self.fd = path, fd
+
+    def release(self) -> None:
+        try:
+            os.remove(self.path)
+        except FileNotFoundError:
+            pass
+        os.close(self.fd)
+
+
+def _start_time(pid: int) -> str:
+    """The start time of process ``pid`` (clock ticks since boot; "" where /proc cannot tell): with
+    the pid it names one process, never a later one that reuses the pid."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[19].decode()
+    except (OSError, IndexError):
+        return ""
+
+
+def _claim(out: str, rid: str) -> _Claim | None:
+    """Claim run ``rid`` for this process, or None when a live process holds it. A claim is held by
+    an ``flock`` on its file, which the kernel drops when its process dies, however it dies (also
+    as PID 1 of a container): a claim nobody locks is provably stale and is taken over. A claim
+    file of an older seedslot (a pid, no lock) counts as live while a process other than this one
+    has that pid."""
     os.makedirs(os.path.join(out, "claims"), exist_ok=True)
     path = os.path.join(out, "claims", _digest(rid))
-    for _ in range(2):
+    for _ in range(3):
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0), 0o644)
         try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            try:
-                pid = int(open(path).read().strip() or 0)
-            except (OSError, ValueError):
-                pid = 0
-            if pid and _alive(pid):
-                return None
-            try:
-                os.remove(path)  # stale: its process is gone
-            except FileNotFoundError:
-                pass
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if not same:  # its holder released (removed) it between our open and our lock: try afresh
+            os.close(fd)
             continue
-        with os.fdopen(fd, "w") as f:
-            f.write(str(os.getpid()))
-        return path
+        words = os.read(fd, 64).split()
+        if len(words) == 1:  # an older seedslot's claim: a pid only
+            try:
+                pid = int(words[0])
+            except ValueError:
+                pid = 0
+            if pid and pid != os.getpid() and _alive(pid):
+                os.close(fd)
+                return None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()} {_start_time(os.getpid())}".encode(), 0)
+        return _Claim(path, fd)
     return None
 
 
@@ -257,14 +324,15 @@ def _alive(pid: int) -> bool:
 
 def _train(spec: dict, out: str, *, dataset: str, data_dir: str | None, threads: int | None,
            device: str | None = None) -> dict:
-    fields = {key: value for key, value in _public(spec).items() if key not in ("save", "finetune_after")}
+    fields = {key: value for key, value in _public(spec).items() if key not in ("save", "finetune_after", "dataset")}
     rid = run_id(spec)
     run_dir = _checkpoint_dir(out, rid)
-    if os.path.exists(os.path.join(run_dir, CHECKPOINT)):  # interrupted earlier: continue it
+    if _resumable(os.path.join(run_dir, CHECKPOINT), dataset):  # interrupted earlier: continue it
         cfg = TrainConfig(resume=run_dir, data_dir=data_dir, threads=threads, epochs=fields.get("epochs"),
                           device=device)
     else:
-        cfg = TrainConfig(**fields, dataset=dataset, data_dir=data_dir, threads=threads, out=run_dir, device=device)
+        cfg = TrainConfig(**fields, dataset=dataset, data_dir=data_dir, threads=threads, out=run_dir, device=device,
+                          overwrite=True)  # the sweep's own directory, claimed: what a kill left there goes
         if "finetune_after" in spec:
             cfg.finetune_from = os.path.join(_checkpoint_dir(out, spec["finetune_after"]), CHECKPOINT)
     summary = run(cfg, progress=False)
@@ -282,6 +350,17 @@ def _train(spec: dict, out: str, *, dataset: str, data_dir: str | None, threads:
     )
 
 
+def _resumable(path: str, dataset: str) -> bool:
+    """Whether ``path`` holds a checkpoint of a run on ``dataset`` (one that an older seedslot left
+    under the same id for another dataset is started afresh)."""
+    if not os.path.exists(path):
+        return False
+    try:
+        return load_checkpoint(path)["config"]["dataset"] == dataset
+    except (CheckpointError, KeyError, TypeError):
+        return True  # resuming says what is wrong with it
+
+
 def sweep(experiment: str, out: str, *, dataset: str = "fashion-mnist", data_dir: str | None = None,
           models=SWEEP_MODELS, seeds=(0, 1), presets: dict | None = None, threads: int | None = None,
           device: str | None = None, log=print, write_report: bool = True, ks=None) -> int:
@@ -291,7 +370,9 @@ def sweep(experiment: str, out: str, *, dataset: str = "fashion-mnist", data_dir
     from .data import DATASETS
 
     check_choice("dataset", dataset, DATASETS)
-    specs = plan(experiment, models=models, seeds=seeds, presets=presets)
+    if write_report:
+        _check_matplotlib()  # before anything is trained
+    specs = plan(experiment, models=models, seeds=seeds, presets=presets, dataset=dataset)
     if ks is not None:
         grid = sorted({s["k"] for s in specs if "k" in s})
         if not ks or any(k not in grid for k in ks):
@@ -327,10 +408,10 @@ def sweep(experiment: str, out: str, *, dataset: str = "fashion-mnist", data_dir
                 _append(out, record)
                 done[rid] = record
         finally:
-            os.remove(claim)
+            claim.release()
         log(f"[{i + 1}/{len(specs)}] done: test accuracy {record['test_accuracy']:.2%}, {record['seconds']:.1f} s")
     if write_report:
-        report(experiment, out, models=models, seeds=seeds, presets=presets)
+        report(experiment, out, models=models, seeds=seeds, presets=presets, dataset=dataset)
     return trained
 
 
@@ -374,11 +455,11 @@ def _describe(model: str, p: Preset) -> str:
 
 def _table(experiment: str, records: dict, models, seeds, presets: dict, dataset: str = "fashion-mnist",
            out: str | None = None) -> str:
-    lines = [f"### {experiment}: {_TITLES[experiment]}", "",
+    lines = [f"### {experiment}: {_TITLES[experiment]} ({dataset})", "",
              f"Mean over seeds {', '.join(map(str, seeds))} (min–max in brackets). "
              + "; ".join(_describe(m, presets[m]) for m in models) + ".", ""]
     for m in models:
-        series = _series(experiment, m, presets[m], list(seeds))
+        series = _series(experiment, m, presets[m], list(seeds), dataset)
         if experiment == "cost":
             lines += [f"**{_MODEL_NAMES[m]}**", "", "| method | test accuracy (%) | training time (s) | last epoch (s) |",
                       "| --- | --- | --- | --- |"]
@@ -441,7 +522,7 @@ def _plot(experiment: str, records: dict, models, seeds, presets: dict, path: st
 
     fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4.2), squeeze=False)
     for ax, m in zip(axes[0], models):
-        series = _series(experiment, m, presets[m], list(seeds))
+        series = _series(experiment, m, presets[m], list(seeds), dataset)
         if experiment == "cost":
             for j, (label, [(_, group)]) in enumerate(series):
                 color, labelled = f"C{j}", False
@@ -506,12 +587,24 @@ def _plot(experiment: str, records: dict, models, seeds, presets: dict, path: st
     plt.close(fig)
 
 
-def report(experiment: str, out: str, *, models=SWEEP_MODELS, seeds=(0, 1), presets: dict | None = None) -> list[str]:
+def _check_matplotlib() -> None:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise ValueError("sweep draws its plots with matplotlib, which is not installed: pip install matplotlib "
+                         "(checked before any run is trained)") from None
+
+
+def report(experiment: str, out: str, *, models=SWEEP_MODELS, seeds=(0, 1), presets: dict | None = None,
+           dataset: str | None = None) -> list[str]:
     """Write ``out/EXPERIMENT.md`` and ``out/EXPERIMENT.png`` for each experiment (``all``: every
-    one, plus ``out/results.md`` with every table) from the finished runs; returns the paths."""
+    one, plus ``out/results.md`` with every table) from the finished runs on ``dataset`` (None:
+    the dataset of the runs in ``out``); returns the paths."""
     presets = PRESETS if presets is None else presets
+    _check_matplotlib()
     records = load_records(out)
-    dataset = next((r["dataset"] for r in records.values() if "dataset" in r), "fashion-mnist")
+    if dataset is None:
+        dataset = next((r["dataset"] for r in records.values() if "dataset" in r), DEFAULT_DATASET)
     written, tables = [], []
     for name in _resolve_experiments(experiment):
         table = _table(name, records, models, seeds, presets, dataset, out)

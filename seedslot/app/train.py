@@ -14,6 +14,7 @@ CPU kernels may sum in another order with another count).
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import json
 import math
 import os
@@ -34,7 +35,7 @@ from ..config import SlotConfig
 from ..convert import to_dense
 from .devices import resolve_device
 from .distributed import Ranks
-from ..files import atomic_write, remove_stale_temporaries
+from ..files import append_text, atomic_write, check_writable, remove_stale_temporaries
 from ..layers import SlotLayer
 from ..memory import peak_rss_bytes, state_bytes
 from ..models import MODELS, MODES, build, build_from_checkpoint, count_connections
@@ -88,6 +89,7 @@ class TrainConfig:
     checkpoint_every_steps: int | None = None  # also save last.ckpt every N steps
     threads: int | None = None  # torch.set_num_threads
     device: str | None = None  # "auto" (CUDA when available), "cpu", "cuda" or "cuda:N"
+    overwrite: bool = False  # a new run may replace the run already in out (else: refused)
 
     def slot_config(self) -> SlotConfig:
         """The slot layers' settings of this run (the library's defaults where a field is None)."""
@@ -95,6 +97,8 @@ class TrainConfig:
                           selection=self.selection or "greedy", scores=self.scores or "int8",
                           score_lambda=self.score_lambda, seed=self.seed, incremental=self.incremental)
 
+
+_MAX_THREADS = max(64, 4 * (os.cpu_count() or 1))
 
 # Fields a resumed run may change; everything else comes from the checkpoint.
 _RESUME_OVERRIDES = ("data_dir", "json", "threads", "checkpoint_every_steps", "epochs", "device")
@@ -179,6 +183,8 @@ def resolve(config: TrainConfig) -> TrainConfig:
     if out.checkpoint_every_steps is not None and out.out is None:
         raise ValueError("checkpoint_every_steps saves into out: pass out (a directory) too")
     check_int("threads", out.threads, 1, optional=True)
+    if out.threads is not None and out.threads > _MAX_THREADS:  # torch's thread pools crash far above it
+        raise ValueError(f"threads must be an int in [1, {_MAX_THREADS}] (64, or 4 per CPU core); got {out.threads}")
     resolve_device(out.device)  # an unknown or absent device is an error before anything starts
     return out
 
@@ -195,12 +201,15 @@ def _resumed(config: TrainConfig, ckpt: dict, source: str) -> TrainConfig:
     defaults = TrainConfig()
     for f in dataclasses.fields(TrainConfig):
         given = getattr(config, f.name)
-        if f.name in _RESUME_OVERRIDES or f.name in ("resume", "out"):
+        if f.name in _RESUME_OVERRIDES or f.name in ("resume", "out", "overwrite"):
             continue
         if given != getattr(defaults, f.name) and given != getattr(saved, f.name):
             raise ValueError(f"resume continues the run as it was configured: {f.name}={given!r} differs from "
                              f"the checkpoint's {getattr(saved, f.name)!r}")
     changes = {name: getattr(config, name) for name in _RESUME_OVERRIDES if getattr(config, name) is not None}
+    # Where a resumed run writes is decided here, from its own command line only: inside its --out
+    # (the resumed directory) and to its own --json, never to a path the checkpoint holds.
+    changes["json"], changes["overwrite"] = config.json, False
     try:
         cfg = resolve(dataclasses.replace(saved, **changes, resume=config.resume, out=config.resume))
     except ValueError as e:
@@ -241,14 +250,36 @@ def _restore(ckpt: dict, source: str, cfg: TrainConfig, objects: dict, batches_p
             if isinstance(v, bool) or not ok or (kind is not list and not (math.isfinite(v) and v >= 0)):
                 raise CheckpointError(f"tally[{key!r}] must be a {kind.__name__}"
                                       + ("" if kind is list else " >= 0") + f"; got {v!r:.80}")
-        if not all(isinstance(r, dict) for r in tally["history"]):
-            raise CheckpointError("tally['history'] must be a list of epoch records")
+        _check_history(tally["history"], pos["epoch"])
         torch.set_rng_state(rng)  # rank 0's; other ranks re-key their dropout
         return pos, dict(tally)
     except CheckpointError as e:
         raise CheckpointError(f"{source}: {e}") from None
     except (KeyError, TypeError, RuntimeError) as e:
         raise CheckpointError(f"{source}: not a seedslot training checkpoint ({type(e).__name__}: {e})") from None
+
+
+def _check_history(history: list, epochs_done: int) -> None:
+    """CheckpointError unless ``history`` holds the records of the ``epochs_done`` finished epochs
+    (what the summary and the metrics rewrite read), so that a tampered one fails here, not late."""
+    if len(history) != epochs_done:
+        raise CheckpointError(f"tally['history'] must hold one record per finished epoch ({epochs_done}); "
+                              f"got {len(history)}")
+    for i, r in enumerate(history):
+        if not isinstance(r, dict) or r.get("epoch") != i + 1 or isinstance(r.get("epoch"), bool):
+            raise CheckpointError(f"tally['history'][{i}] must be the record of epoch {i + 1}")
+        for key in ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "seconds"):
+            v = r.get(key)
+            number = isinstance(v, (int, float)) and not isinstance(v, bool)
+            if not (v is None and key.startswith("val") or number and (key.endswith("loss") or 0 <= v <= (
+                    1 if key.endswith("accuracy") else math.inf))):
+                raise CheckpointError(f"tally['history'][{i}][{key!r}] must be a number"
+                                      + (" in [0, 1]" if key.endswith("accuracy") else "")
+                                      + (" or null" if key.startswith("val") else "") + f"; got {v!r:.80}")
+        try:
+            json.dumps(r, allow_nan=True)
+        except (TypeError, ValueError, RecursionError):
+            raise CheckpointError(f"tally['history'][{i}] must hold JSON values only") from None
 
 
 # ---------------------------------------------------------------- pieces of the loop
@@ -266,8 +297,8 @@ def flip_generator(seed: int, epoch: int, step: int) -> torch.Generator:
 
 
 class _StopOnCtrlC:
-    """While active, the first Ctrl-C asks the loop to stop after the current step (so that what
-    was done can be saved); a second one interrupts at once. With ``agree``, ``asked`` records it
+    """While active, the first Ctrl-C or SIGTERM asks the loop to stop after the current step (so
+    that what was done can be saved); a second one interrupts at once. With ``agree``, ``asked`` records it
     and ``requested`` is set once the ranks agree (:meth:`agree`), so that all stop after the same
     step; without, the Ctrl-C sets ``requested`` at once."""
 
@@ -277,8 +308,8 @@ class _StopOnCtrlC:
         self._previous = None
 
     def __enter__(self) -> "_StopOnCtrlC":
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
+        if threading.current_thread() is threading.main_thread():  # SIGTERM (schedulers, Kubernetes) as Ctrl-C
+            self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
         return self
 
     def _handle(self, signum, frame) -> None:
@@ -286,7 +317,9 @@ class _StopOnCtrlC:
             raise KeyboardInterrupt
         self.asked = True
         self.requested = not self._agree
-        print("\nseedslot: stopping after this step and saving (Ctrl-C again aborts)", file=sys.stderr, flush=True)
+        name = "SIGTERM" if signum == signal.SIGTERM else "Ctrl-C"
+        print(f"\nseedslot: {name}: stopping after this step and saving (Ctrl-C again aborts)", file=sys.stderr,
+              flush=True)
 
     def agree(self, asked_anywhere: bool) -> None:
         """Stop after this step when any rank was asked to (``asked`` summed over the ranks)."""
@@ -294,7 +327,8 @@ class _StopOnCtrlC:
 
     def __exit__(self, *exc) -> None:
         if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+            for sig, handler in self._previous.items():
+                signal.signal(sig, handler)
 
 
 @torch.no_grad()
@@ -351,6 +385,14 @@ def _in_step_state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> 
     return state_bytes(model, optimizer) + missing
 
 
+def _on_terminal() -> bool:
+    """Whether the progress bar goes to a terminal: a log file or pipe gets the line per epoch only."""
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
 def _fmt(loss: float | None, accuracy: float | None) -> str:
     if loss is None or accuracy is None:
         return "loss n/a acc n/a"
@@ -373,13 +415,14 @@ class _State:
     pos: dict = dataclasses.field(default_factory=lambda: dict(epoch=0, step_in_epoch=0, global_step=0))
     tally: dict = dataclasses.field(default_factory=lambda: dict(loss_sum=0.0, correct=0, seen=0, epoch_seconds=0.0,
                                                                  history=[]))
+    data_sha256: str | None = None  # the data's fingerprint (Data.fingerprint)
 
     def payload(self) -> dict:
         """The checkpoint: state dicts, the RNG states (CUDA's on a CUDA device), pos, tally, config,
         and the random stream version the model's seeds regenerate."""
         return dict(
             model=self.model.state_dict(), optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
-            rng=torch.get_rng_state(), **self.pos, tally=self.tally, config=asdict(self.cfg),
+            rng=torch.get_rng_state(), **self.pos, tally=self.tally, config=asdict(self.cfg), data_sha256=self.data_sha256,
             build_args=self.model.build_args, stream_version=STREAM_VERSION,
             **({"cuda_rng": torch.cuda.get_rng_state(self.device)} if self.device.type == "cuda" else {}),
         )
@@ -390,6 +433,10 @@ def _check_outputs(cfg: TrainConfig) -> None:
     if cfg.out is not None and os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
         raise ValueError(f"out: {cfg.out} is not a directory")
     if cfg.json is not None:
+        try:
+            check_writable(cfg.json)
+        except ValueError as e:
+            raise ValueError(f"json: {e}") from None
         parent = os.path.dirname(os.path.abspath(cfg.json))
         if os.path.isdir(cfg.json):
             raise ValueError(f"json: {cfg.json} is a directory; pass a file path")
@@ -408,13 +455,34 @@ class _Outputs:
         _check_outputs(cfg)
         self.out = cfg.out if main else None
         self.json = cfg.json if main else None
+        self._lock = None
         if self.out is not None:
             os.makedirs(self.out, exist_ok=True)
+            self._lock = _lock_dir(self.out)
+            held = [name for name in (CHECKPOINT, METRICS, SUMMARY) if os.path.lexists(os.path.join(self.out, name))]
+            if held and cfg.resume is None:
+                if not cfg.overwrite:
+                    self.close()
+                    raise ValueError(f"out: {self.out} already holds a run ({', '.join(held)}); continue it with "
+                                     f"--resume {self.out}, or pass --overwrite to replace it")
+                for name in held:  # replaced whole, never mixed with the new run's lines
+                    os.remove(os.path.join(self.out, name))
             for name in (CHECKPOINT, METRICS, SUMMARY):  # temporaries left by a kill during a write
                 remove_stale_temporaries(os.path.join(self.out, name))
 
+    def close(self) -> None:
+        """Release ``out`` for the next run."""
+        if self._lock is not None:
+            _unlock_dir(self.out, self._lock)
+            self._lock = None
+
     def save(self, state: _State) -> str | None:
-        """Write ``out/last.ckpt``; its path, or None without ``out``."""
+        """Write ``out/last.ckpt``; its path, or None without ``out``. :class:`_Diverged` (on every
+        rank: their states are equal) instead of saving a state that is not finite, which its own
+        resume would refuse: the last finite checkpoint stays."""
+        bad = _first_nonfinite(state)
+        if bad is not None:
+            raise _Diverged(f"{bad} is not finite at epoch {state.pos['epoch'] + 1} step {state.pos['step_in_epoch']}")
         if self.out is None:
             return None
         path = os.path.join(self.out, CHECKPOINT)
@@ -424,8 +492,7 @@ class _Outputs:
     def log(self, record: dict) -> None:
         """Append one line to ``out/metrics.jsonl``."""
         if self.out is not None:
-            with open(os.path.join(self.out, METRICS), "a") as f:
-                f.write(json.dumps(record) + "\n")
+            append_text(os.path.join(self.out, METRICS), json.dumps(_json_safe(record), allow_nan=False) + "\n")
 
     def rewrite_metrics(self, history: list[dict]) -> None:
         """``out/metrics.jsonl`` as a resumed checkpoint knows it: a kill between an epoch's log
@@ -435,9 +502,66 @@ class _Outputs:
 
     def write_summary(self, summary: dict) -> None:
         """Write the summary to ``json`` and ``out/summary.json``."""
-        text = json.dumps(summary, indent=2) + "\n"
+        text = json.dumps(_json_safe(summary), indent=2, allow_nan=False) + "\n"  # strict JSON: no bare NaN
         for path in filter(None, [self.json, self.out and os.path.join(self.out, SUMMARY)]):
             atomic_write(path, text)  # never a half-written summary
+
+
+LOCK = ".lock"
+
+
+def _json_safe(value):
+    """``value`` with every float that is NaN or infinite replaced by None (strict JSON)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def _first_nonfinite(state: "_State") -> str | None:
+    """The name of the first model or optimizer tensor holding a NaN or an infinity, or None."""
+    named = list(state.model.state_dict().items())
+    for i, per_param in enumerate(state.optimizer.state.values()):
+        named += [(f"optimizer {key} of parameter {i}", v) for key, v in per_param.items()]
+    for name, t in named:
+        if isinstance(t, torch.Tensor) and t.dtype.is_floating_point and not bool(torch.isfinite(t).all()):
+            return name
+    return None
+
+
+def _lock_dir(out: str) -> int:
+    """An exclusive lock on ``out`` (``flock`` of ``out/.lock``) for as long as the returned
+    descriptor is open: the kernel drops it when the process dies, so a lock is never stale.
+    ValueError when another run holds it. :func:`_unlock_dir` removes the file again."""
+    path = os.path.join(out, LOCK)
+    for _ in range(3):
+        check_writable(path)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0), 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise ValueError(f"out: {out} is in use by another seedslot run; wait for it to end or pass another "
+                             "--out") from None
+        try:
+            if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # its holder removed it between our open and our lock: lock the new one
+    raise ValueError(f"out: {out} is in use by other seedslot runs; wait for them to end or pass another --out")
+
+
+def _unlock_dir(out: str, fd: int) -> None:
+    """Release :func:`_lock_dir`'s lock, removing its file while still holding it."""
+    try:
+        os.remove(os.path.join(out, LOCK))
+    except FileNotFoundError:
+        pass
+    os.close(fd)
 
 
 def _configure(config: TrainConfig) -> tuple[TrainConfig, dict | None]:
@@ -449,10 +573,20 @@ def _configure(config: TrainConfig) -> tuple[TrainConfig, dict | None]:
     return _resumed(config, ckpt, source), ckpt
 
 
-def _load_data(cfg: TrainConfig, device: torch.device) -> _data.Data:
-    """The run's dataset, split and on ``device``."""
+def _load_data(cfg: TrainConfig, device: torch.device, ckpt: dict | None) -> tuple[_data.Data, str]:
+    """The run's dataset, split and on ``device``, and its fingerprint; ValueError naming
+    ``data_dir`` when a resumed run's checkpoint was trained on other data (e.g. Fashion-MNIST's
+    files where the run had MNIST's: same format, same sizes)."""
     data = _data.load(cfg.dataset, cfg.data_dir, seed=cfg.seed, normalize=cfg.normalize, limit_train=cfg.limit_train)
-    return data.to(device)  # uint8 images move once: no per-batch host-to-device copy
+    fingerprint = data.fingerprint()
+    saved = None if ckpt is None else ckpt.get("data_sha256")  # absent from checkpoints written before it was saved
+    if saved is not None and saved != fingerprint:
+        source = os.path.join(cfg.resume, CHECKPOINT)
+        if not isinstance(saved, str):
+            raise CheckpointError(f"{source}: tampered: data_sha256 must be a string; got {type(saved).__name__}")
+        raise ValueError(f"data_dir: {data.data_dir} holds other {cfg.dataset} data than the run in {cfg.resume} "
+                         "was trained on (the SHA-256 of its examples differs); pass the run's own --data-dir")
+    return data.to(device), fingerprint  # uint8 images move once: no per-batch host-to-device copy
 
 
 def make_model(cfg: TrainConfig, data: _data.Data, ckpt: dict | None) -> nn.Module:
@@ -526,8 +660,9 @@ def run(config: TrainConfig, *, progress: bool = True) -> dict:
 
     Prints the resolved config, a progress bar per epoch and one line per epoch. With ``out``,
     writes ``out/last.ckpt`` every epoch (and every ``checkpoint_every_steps`` steps),
-    ``out/metrics.jsonl`` and ``out/summary.json``. The first Ctrl-C stops after the current step,
-    saves, and returns a summary with ``interrupted`` true.
+    ``out/metrics.jsonl`` and ``out/summary.json``, holding ``out`` locked meanwhile; a new run into an
+    ``out`` that holds a run is refused unless ``overwrite``. The first Ctrl-C or SIGTERM stops after
+    the current step, saves, and returns a summary with ``interrupted`` true.
     """
     t_start = time.perf_counter()
     cfg, ckpt = _configure(config)
@@ -536,26 +671,61 @@ def run(config: TrainConfig, *, progress: bool = True) -> dict:
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
     outputs = _Outputs(cfg, ranks.main)  # before anything is loaded, trained or written
-    data = _load_data(cfg, device)
-    state, net = _build(cfg, data, ckpt, device, ranks)
-    _start(state, ckpt, math.ceil(len(data.train) / cfg.batch_size), ranks.rank)
-    model, optimizer, scheduler, pos, tally = state.model, state.optimizer, state.scheduler, state.pos, state.tally
-    _announce(cfg, ckpt is not None, pos, data, device, ranks.say)
-    if ckpt is not None:
-        outputs.rewrite_metrics(tally["history"])
-    if cfg.random_selection:
-        random_selection_(model, cfg.seed)
-    elif cfg.finetune_from is not None and ckpt is None:
-        ranks.say(f"selected weights before fine-tuning: val {_fmt(*evaluate(model, data.val, data.preprocess))}")
+    try:
+        data, fingerprint = _load_data(cfg, device, ckpt)
+        state, net = _build(cfg, data, ckpt, device, ranks)
+        state.data_sha256 = fingerprint
+        _start(state, ckpt, math.ceil(len(data.train) / cfg.batch_size), ranks.rank)
+        model, pos, tally = state.model, state.pos, state.tally
+        _announce(cfg, ckpt is not None, pos, data, device, ranks.say)
+        if ckpt is not None:
+            outputs.rewrite_metrics(tally["history"])
+        if cfg.random_selection:
+            random_selection_(model, cfg.seed)
+        elif cfg.finetune_from is not None and ckpt is None:
+            ranks.say(f"selected weights before fine-tuning: val {_fmt(*evaluate(model, data.val, data.preprocess))}")
 
-    interrupted = False
+        interrupted, diverged = False, None
+        try:
+            _loop(cfg, state, net, data, ranks, outputs, device, progress)
+        except _Interrupted as e:
+            interrupted = e.unfinished
+        except _Diverged as e:
+            diverged = str(e)
+
+        summary = _summary(state, data, ranks, outputs, interrupted, t_start, diverged)
+        del net  # the DDP wrapper goes before the process group
+        ranks.close()
+        outputs.write_summary(summary)
+        return summary
+    finally:
+        outputs.close()
+
+
+class _Interrupted(Exception):
+    """The loop stopped on a Ctrl-C or SIGTERM; ``unfinished``: epochs were left."""
+
+    def __init__(self, unfinished: bool) -> None:
+        super().__init__()
+        self.unfinished = unfinished
+
+
+class _Diverged(Exception):
+    """The loss or the state stopped being finite: nothing more is saved, the last checkpoint stays."""
+
+
+def _loop(cfg: TrainConfig, state: _State, net: nn.Module, data: _data.Data, ranks: Ranks, outputs: _Outputs,
+          device: torch.device, progress: bool) -> None:
+    """The epochs still to run; raises :class:`_Interrupted` or :class:`_Diverged` when it stops early."""
+    model, optimizer, scheduler, pos, tally = state.model, state.optimizer, state.scheduler, state.pos, state.tally
     with _StopOnCtrlC(agree=ranks.world > 1) as stop:
         for epoch in range(pos["epoch"], cfg.epochs):
             t_epoch = time.perf_counter()
             model.train()
             batches = ranks.whole_batches(epoch_batches(len(data.train), cfg.batch_size, cfg.seed, epoch))
             bar = tqdm(total=len(batches), initial=pos["step_in_epoch"], desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                       unit="batch", leave=False, dynamic_ncols=True, disable=not (progress and ranks.main))
+                       unit="batch", leave=False, dynamic_ncols=True,
+                       disable=not (progress and ranks.main and _on_terminal()))
             for step in range(pos["step_in_epoch"], len(batches)):
                 idx = batches[step].to(device)
                 x = data.preprocess(data.train.images[idx], flip_generator(cfg.seed, epoch, step))
@@ -568,6 +738,8 @@ def run(config: TrainConfig, *, progress: bool = True) -> dict:
 
                 # the global batch's tally, and whether any rank was asked to stop
                 done = ranks.sum([loss.item() * len(y), int((logits.argmax(dim=1) == y).sum()), len(y), stop.asked])
+                if not math.isfinite(done[0]):
+                    raise _Diverged(f"the training loss is {done[0]} at epoch {epoch + 1} step {step + 1}")
                 stop.agree(bool(done[3]))
                 tally["loss_sum"] += done[0]
                 tally["correct"] += int(done[1])
@@ -586,8 +758,7 @@ def run(config: TrainConfig, *, progress: bool = True) -> dict:
             tally["epoch_seconds"] += time.perf_counter() - t_epoch
             t_epoch = time.perf_counter()
             if stop.requested:
-                interrupted = True
-                break
+                raise _Interrupted(True)
 
             val = evaluate(model, data.val, data.preprocess)
             lr = optimizer.param_groups[0]["lr"]
@@ -603,24 +774,27 @@ def run(config: TrainConfig, *, progress: bool = True) -> dict:
             ranks.check_in_sync(model)  # scores are never sent: prove every rank still holds rank 0's before saving
             outputs.save(state)
             if stop.requested:
-                interrupted = pos["epoch"] < cfg.epochs
-                break
-
-    summary = _summary(state, data, ranks, outputs, interrupted, t_start)
-    del net  # the DDP wrapper goes before the process group
-    ranks.close()
-    outputs.write_summary(summary)
-    return summary
+                raise _Interrupted(pos["epoch"] < cfg.epochs)
 
 
 def _summary(state: _State, data: _data.Data, ranks: Ranks, outputs: _Outputs, interrupted: bool,
-             t_start: float) -> dict:
+             t_start: float, diverged: str | None = None) -> dict:
     """Save an interrupted run, or evaluate a finished one on the test split; the run's summary."""
     cfg, model, pos, history = state.cfg, state.model, state.pos, state.tally["history"]
-    if interrupted:
-        path = outputs.save(state)
-        ranks.say(f"interrupted at epoch {pos['epoch'] + 1} step {pos['step_in_epoch']}; "
-                  + (f"saved {path}; continue with --resume {cfg.out}" if path else "nothing saved (no --out)"))
+    if interrupted and diverged is None:
+        try:
+            path = outputs.save(state)
+        except _Diverged as e:
+            diverged = str(e)
+        else:
+            ranks.say(f"interrupted at epoch {pos['epoch'] + 1} step {pos['step_in_epoch']}; "
+                      + (f"saved {path}; continue with --resume {cfg.out}" if path else "nothing saved (no --out)"))
+    if diverged is not None:
+        path = os.path.join(cfg.out, CHECKPOINT) if cfg.out is not None else None
+        kept = (f"the last finite checkpoint, {path}, stays" if path and os.path.exists(path)
+                else "no checkpoint was saved")
+        ranks.say(f"diverged: {diverged}; {kept} (try a smaller --lr)")
+    if diverged is not None or interrupted:
         test_loss = test_acc = None
     else:
         test_loss, test_acc = evaluate(model, data.test, data.preprocess)
@@ -641,7 +815,8 @@ def _summary(state: _State, data: _data.Data, ranks: Ranks, outputs: _Outputs, i
     summary = dict(
         test_accuracy=test_acc, test_loss=test_loss,
         val_accuracy=dict(best=best_val, best_epoch=best_epoch, last=last_val),
-        epochs=pos["epoch"], global_steps=pos["global_step"], interrupted=interrupted,
+        epochs=pos["epoch"], global_steps=pos["global_step"], interrupted=interrupted and diverged is None,
+        diverged=diverged is not None, diverged_reason=diverged,
         seconds=time.perf_counter() - t_start, train_seconds=sum(r["seconds"] for r in history),
         peak_rss_bytes=peak_rss_bytes(), **_cuda_peak(state.device), state_bytes=total_state,
         connections=connections, bytes_per_connection=total_state / connections, compile=ops.backends()["compile"],
