@@ -331,14 +331,6 @@ class SeededSlotLayer(SlotLayer):
         """The name of the score storage: "int8", "fp32" or "implicit"."""
         return self.storage.name
 
-    def _load_from_state_dict(self, state_dict, prefix, *args) -> None:
-        draws = state_dict.get(prefix + "draws")  # a tampered counter fails here, not at a later forward
-        if isinstance(draws, torch.Tensor) and not (draws.dim() == 0 and draws.dtype == torch.int64
-                                                    and 0 <= int(draws) < 2**62):
-            args[-1].append(f"{prefix}draws must be an int64 scalar in [0, 2**62)")  # error_msgs
-            return
-        super()._load_from_state_dict(state_dict, prefix, *args)
-
     def _set_seeds(self, seed: int, candidate_seed: int, device=None) -> None:
         super()._set_seeds(seed, candidate_seed, device)
         if "storage" in self.__dict__:  # not while SlotLayer.__init__ runs: the storage registers later
