@@ -177,7 +177,7 @@ def build(
     """
     check_choice("name", name, ALL_MODELS)
     check_choice("mode", mode, MODES)
-    width = _check_width(name, width)
+    width = check_width(name, width)
     # checked in every mode, so that build_args always mean something
     config = SlotConfig.resolve(config, "build", k=k, seed=seed, sharing=sharing, selection=selection, scores=scores,
                                 score_lambda=score_lambda)
@@ -224,7 +224,7 @@ def _default_size(name: str) -> int:
     return 28 if name == "lenet" else 224 if name in IMAGENET_MODELS else 32
 
 
-def _check_width(name: str, width) -> float:
+def check_width(name: str, width) -> float:
     """``width`` as a float: a finite number in (0, 64], and 1 for models without a width knob."""
     if isinstance(width, bool) or not isinstance(width, (int, float)) or not (math.isfinite(width) and 0 < width <= 64):
         raise ValueError(f"width must be a finite number in (0, 64]; got {width!r}")
@@ -275,7 +275,7 @@ def check_build_args(args, source: str, *, available_bytes: int, export: bool = 
         raise bad("score_lambda", "a finite number > 0 or null")
     name = args["name"]
     try:
-        width = _check_width(name, args.get("width", 1.0))
+        width = check_width(name, args.get("width", 1.0))
     except ValueError as e:
         raise bad("width", f"a finite number in (0, 64], and 1 for models other than {', '.join(WIDTH_MODELS)}") from e
     c = args.get("in_channels") or (1 if name == "lenet" else 3)
