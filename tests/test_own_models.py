@@ -420,3 +420,22 @@ def test_tied_tensors_are_stored_once(tmp_path):
     assert sb - sa >= 13 * 16 * 4 - 16  # b stores the 13x16 fp32 lm_head weight apart from wte's
     plain = ss.load_exported(os.path.join(tmp_path, "a"), model=GPT())
     assert plain.wte.weight is plain.lm_head.weight and torch.equal(plain.wte.weight, a.wte.weight)
+
+
+# ---------------------------------------------------------------- the example of docs/OWN-MODELS.md
+
+
+def test_own_model_example_runs_on_tiny_shapes(tmp_path, capsys):
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "own_model.py")
+    spec = importlib.util.spec_from_file_location("own_model_example", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    out = example.main(["--width", "2", "--k", "4", "--steps", "8", "--n", "8", "--batch-size", "8",
+                        "--image-size", "8", "--out", str(tmp_path)])
+    assert out["same_checkpoint"] and out["same_export"]
+    assert out["export_bytes"] < os.path.getsize(out["checkpoint"]) / 4
+    assert min(out["losses"][-2:]) < out["losses"][0]  # one fixed batch of 8: the loss falls
+    assert {w.reason for w in out["report"].learned} == {"vector"} and len(out["report"].converted) == 21
+    assert "seeded" in capsys.readouterr().out
