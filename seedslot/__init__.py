@@ -5,8 +5,8 @@ from .config import SlotConfig
 from . import export  # the module, callable: seedslot.export(model, path) writes an export
 from .export import CheckpointError, load_exported
 from .convert import ConversionReport, ordinary_parameters, slot_parameters, slotify_, to_dense
-from .layers import (DenseSlotConv1d, DenseSlotConv2d, DenseSlotConv3d, DenseSlotLinear, SlotConv1d, SlotConv2d,
-                     SlotConv3d, SlotLinear)
+from .layers import (DenseSlotConv1d, DenseSlotConv2d, DenseSlotConv3d, DenseSlotEmbedding, DenseSlotLinear,
+                     SlotConv1d, SlotConv2d, SlotConv3d, SlotEmbedding, SlotLinear)
 from .optim import SlotSGD
 
 __all__ = [
@@ -26,6 +26,8 @@ __all__ = [
     "SlotConv3d",
     "DenseSlotConv1d",
     "DenseSlotConv3d",
+    "SlotEmbedding",
+    "DenseSlotEmbedding",
     "ConversionReport",
     "slot_parameters",
     "ordinary_parameters",

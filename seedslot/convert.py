@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from .config import SlotConfig
-from .layers import (DenseSlotConv1d, DenseSlotConv2d, DenseSlotConv3d, DenseSlotLinear, SlotConv1d, SlotConv2d,
-                     SlotConv3d, SlotLayer, SlotLinear)
+from .layers import (DenseSlotConv1d, DenseSlotConv2d, DenseSlotConv3d, DenseSlotEmbedding, DenseSlotLinear,
+                     SlotConv1d, SlotConv2d, SlotConv3d, SlotEmbedding, SlotLayer, SlotLinear)
 from .rng import derive
 
 FilterFn = Callable[[nn.Module, str], bool]
@@ -31,7 +31,7 @@ def _replace(model: nn.Module, fqn: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
 
-_CONVERTIBLE = {nn.Linear: "linear", nn.Conv1d: "conv", nn.Conv2d: "conv", nn.Conv3d: "conv"}
+_CONVERTIBLE = {nn.Linear: "linear", nn.Conv1d: "conv", nn.Conv2d: "conv", nn.Conv3d: "conv", nn.Embedding: "embedding"}
 
 
 @dataclass(frozen=True)
@@ -116,6 +116,8 @@ def _convertible(m: nn.Module) -> str | None:
         return f"{type(m).__name__} is not initialised yet (run one forward first)"
     if not m.weight.dtype.is_floating_point:
         return f"weight dtype {m.weight.dtype} is not floating point"
+    if isinstance(m, nn.Embedding) and (m.padding_idx is not None or m.max_norm is not None or m.sparse):
+        return "an Embedding with padding_idx, max_norm or sparse gradients"
     return None
 
 
@@ -126,6 +128,10 @@ def _state_bytes(m: nn.Module) -> int:
 def _slot_layer(m: nn.Module, fqn: str, config: SlotConfig, dense: bool) -> SlotLayer:
     kw = dict(config=config.replace(seed=layer_seed(config.seed, fqn)), device=m.weight.device,
               candidate_seed=config.seed if config.sharing == "global" else None)
+    if isinstance(m, nn.Embedding):
+        layer = (DenseSlotEmbedding if dense else SlotEmbedding)(m.num_embeddings, m.embedding_dim, **kw)
+        layer.scale_grad_by_freq = m.scale_grad_by_freq
+        return layer
     bias = m.bias is not None
     if isinstance(m, nn.Linear):
         return (DenseSlotLinear if dense else SlotLinear)(m.in_features, m.out_features, bias, **kw)
@@ -153,8 +159,9 @@ def slotify_(
     verbose: bool = False,
     report: bool = False,
 ) -> nn.Module | ConversionReport:
-    """Replace every ``nn.Linear`` and ``nn.Conv1d/2d/3d`` of ``model`` (and every subclass that
-    keeps their forward, e.g. nn.MultiheadAttention's ``out_proj``) by a slot layer, in place.
+    """Replace every ``nn.Linear``, ``nn.Conv1d/2d/3d`` and ``nn.Embedding`` (without padding_idx or
+    max_norm) of ``model``, and every subclass that keeps their forward (e.g. nn.MultiheadAttention's
+    ``out_proj``), by a slot layer, in place.
 
     Returns ``model``, or with ``report=True`` a :class:`ConversionReport` (``verbose=True`` prints
     it): every converted layer with its connections and bytes, every parameter left learned with

@@ -34,8 +34,8 @@ from .checkpoints import (CHECKPOINT_MAGIC, CheckpointError, check_stream_versio
                           unframe)
 from .convert import to_dense
 from .files import atomic_write
-from .layers import (PADDING_MODES, DenseSlotConv1d, DenseSlotConv2d, DenseSlotConv3d, DenseSlotLinear, SlotConv1d,
-                     SlotConv2d, SlotConv3d, SlotLayer, SlotLinear)
+from .layers import (PADDING_MODES, DenseSlotConv1d, DenseSlotConv2d, DenseSlotConv3d, DenseSlotEmbedding,
+                     DenseSlotLinear, SlotConv1d, SlotConv2d, SlotConv3d, SlotEmbedding, SlotLayer, SlotLinear)
 from .rng import STREAM_VERSION, key32
 
 __all__ = ["export", "load_exported", "size_report"]
@@ -44,7 +44,7 @@ EXPORT_MAGIC = b"SEEDEXPT"
 EXPORT_VERSION = 1
 
 _JSON_LEN = struct.Struct("<I")
-_KINDS = {"linear": nn.Linear, "conv1d": nn.Conv1d, "conv2d": nn.Conv2d, "conv3d": nn.Conv3d}
+_KINDS = {"linear": nn.Linear, "conv1d": nn.Conv1d, "conv2d": nn.Conv2d, "conv3d": nn.Conv3d, "embedding": nn.Embedding}
 _CONV_TYPES = (SlotConv1d, SlotConv2d, SlotConv3d, DenseSlotConv1d, DenseSlotConv2d, DenseSlotConv3d)
 _PACK_CHUNK = 1 << 20  # indices packed per step: a multiple of 8, so every step ends on a byte
 _DTYPES = {
@@ -96,6 +96,8 @@ def _unpack(buf: bytes, n: int, bits: int) -> torch.Tensor:
 def _layer_config(m: SlotLayer) -> dict:
     if isinstance(m, (SlotLinear, DenseSlotLinear)):
         cfg: dict[str, Any] = {"kind": "linear"}
+    elif isinstance(m, (SlotEmbedding, DenseSlotEmbedding)):
+        cfg = {"kind": "embedding"}
     elif isinstance(m, _CONV_TYPES):
         padding = m.padding if isinstance(m.padding, str) else list(m.padding)
         cfg = {"kind": f"conv{len(m.kernel_size)}d", "stride": list(m.stride), "padding": padding,
@@ -239,13 +241,13 @@ def _check_layer(cfg, source: str) -> None:
         raise bad("name", "a string")
     if cfg.get("kind") not in _KINDS:
         raise bad("kind", ", ".join(map(repr, _KINDS)))
-    conv = cfg["kind"] != "linear"
+    conv = cfg["kind"].startswith("conv")
     dims = int(cfg["kind"][4]) if conv else 0
     shape = cfg.get("weight_shape")
     if not ints(shape, dims + 2, 1) or math.prod(shape) + shape[0] > 2**31 - 1:
         raise bad("weight_shape", f"{dims + 2} ints >= 1 with at most 2**31 - 1 connections")
-    if not isinstance(cfg.get("bias"), bool):
-        raise bad("bias", "true or false")
+    if not isinstance(cfg.get("bias"), bool) or (cfg["kind"] == "embedding" and cfg["bias"]):
+        raise bad("bias", "false for an embedding" if cfg["kind"] == "embedding" else "true or false")
     for field in ("k", "bits", "seed", "candidate_seed"):
         v = cfg.get(field)
         if isinstance(v, bool) or not isinstance(v, int) or not (1 if field == "k" else 0) <= v < 2**63:
@@ -279,10 +281,13 @@ def _fits(cfg: dict, target: nn.Module) -> str | None:
     kind = _KINDS[cfg["kind"]]
     if not isinstance(target, kind) or type(target).forward is not kind.forward:  # subclasses as slotify_ takes them
         return f"expected {kind.__name__}, the model has {type(target).__name__}"
-    if list(target.weight.shape) != cfg["weight_shape"] or (target.bias is not None) != cfg["bias"]:
+    bias = getattr(target, "bias", None) is not None
+    if list(target.weight.shape) != cfg["weight_shape"] or bias != cfg["bias"]:
         return (f"weight {cfg['weight_shape']} bias={cfg['bias']} exported, the model has "
-                f"{list(target.weight.shape)} bias={target.bias is not None}")
-    if kind is not nn.Linear:
+                f"{list(target.weight.shape)} bias={bias}")
+    if kind is nn.Embedding and target.max_norm is not None:
+        return "an embedding exported, the model's renormalises (max_norm)"
+    if kind not in (nn.Linear, nn.Embedding):
         mine = {"stride": list(target.stride), "dilation": list(target.dilation), "groups": target.groups,
                 "padding": target.padding if isinstance(target.padding, str) else list(target.padding),
                 "padding_mode": target.padding_mode}

@@ -50,7 +50,7 @@ from .validate import check_int
 
 __all__ = ["SlotLinear", "SlotConv2d", "DenseSlotLinear", "DenseSlotConv2d", "SlotLayer", "SeededSlotLayer",
            "DenseSlotLayer", "SlotConv1d", "SlotConv3d", "DenseSlotConv1d", "DenseSlotConv3d",
-           "encode_slot_state", "decode_slot_state"]
+           "encode_slot_state", "decode_slot_state", "SlotEmbedding", "DenseSlotEmbedding"]
 
 
 @torch.library.custom_op("seedslot::next_draw_key", mutates_args=("draws",))
@@ -782,3 +782,54 @@ SlotConv1d = _conv_nd_class(1, SeededSlotLayer, dense=False)
 SlotConv3d = _conv_nd_class(3, SeededSlotLayer, dense=False)
 DenseSlotConv1d = _conv_nd_class(1, DenseSlotLayer, dense=True)
 DenseSlotConv3d = _conv_nd_class(3, DenseSlotLayer, dense=True)
+
+
+
+class _Embedding:
+    """The shape of an embedding table: a Linear from one-hot rows, K candidate rows per entry
+    (Glorot bound of (num_embeddings, embedding_dim), lambda 0.1 as for linear layers). Without
+    ``padding_idx`` and ``max_norm``: a padding row would need a zero candidate, and max_norm
+    rewrites the weights in place."""
+
+    def _setup(self, base, num_embeddings: int, embedding_dim: int, config: SlotConfig, kw: dict) -> None:
+        num_embeddings = check_int("num_embeddings", num_embeddings, 1)
+        embedding_dim = check_int("embedding_dim", embedding_dim, 1)
+        base.__init__(self, (num_embeddings, embedding_dim), embedding_dim, num_embeddings, False, config,
+                      default_lambda=0.1, **kw)
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self.padding_idx, self.max_norm, self.scale_grad_by_freq, self.sparse = None, None, False, False
+
+    def _op(self, x, weight, bias):
+        return F.embedding(x, weight, scale_grad_by_freq=self.scale_grad_by_freq)
+
+    def _plain(self, device=None) -> nn.Module:
+        return nn.Embedding(self.num_embeddings, self.embedding_dim, scale_grad_by_freq=self.scale_grad_by_freq,
+                            device=device)
+
+    def _shape_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}"
+
+
+class SlotEmbedding(_Embedding, SeededSlotLayer):
+    """An nn.Embedding whose entries are chosen among K seeded candidates each. The settings come
+    as ``config`` or as keywords, not both."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, *, config: SlotConfig | None = None, k: int = 8,
+                 seed: int = 0, sharing: str = "none", selection: str = "greedy", scores: str = "int8",
+                 score_lambda: float | None = None, candidate_seed: int | None = None, device=None) -> None:
+        config = SlotConfig.resolve(config, "SlotEmbedding", k=k, seed=seed, sharing=sharing, selection=selection,
+                                    scores=scores, score_lambda=score_lambda)
+        self._setup(SeededSlotLayer, num_embeddings, embedding_dim, config,
+                    dict(candidate_seed=candidate_seed, device=device))
+
+
+class DenseSlotEmbedding(_Embedding, DenseSlotLayer):
+    """The paper's dense formulation of :class:`SlotEmbedding`."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, *, config: SlotConfig | None = None, k: int = 8,
+                 seed: int = 0, sharing: str = "none", selection: str = "greedy", score_lambda: float | None = None,
+                 candidate_seed: int | None = None, device=None) -> None:
+        config = SlotConfig.resolve(config, "DenseSlotEmbedding", k=k, seed=seed, sharing=sharing,
+                                    selection=selection, score_lambda=score_lambda)
+        self._setup(DenseSlotLayer, num_embeddings, embedding_dim, config,
+                    dict(candidate_seed=candidate_seed, device=device))

@@ -19,9 +19,13 @@ from .layers import SlotLayer
 from .rng import torch_seed
 from .validate import check_choice, check_int
 
-__all__ = ["MODELS", "MODES", "build", "build_from_checkpoint", "check_build_args", "count_connections"]
+__all__ = ["MODELS", "IMAGENET_MODELS", "ALL_MODELS", "MODES", "build", "build_from_checkpoint", "check_build_args", "count_connections"]
 
 MODELS = ("lenet", "conv2", "conv4", "conv6", "vgg19")
+# torchvision's vgg19 / vgg19_bn layout (ImageNet: 224x224 inputs, 143.7 M connections), same state_dict names
+IMAGENET_MODELS = ("vgg19-imagenet", "vgg19_bn-imagenet")
+ALL_MODELS = MODELS + IMAGENET_MODELS
+WIDTH_MODELS = ("vgg19", *IMAGENET_MODELS)  # the models a width multiplier applies to
 MODES = ("seeded", "dense", "learned")
 
 _INIT = 0x1417  # stream tag of the Glorot initialisation of learned weights
@@ -71,7 +75,11 @@ def _conv(name: str, c: int, s: int, num_classes: int) -> Net:
     ))
 
 
-def _vgg19(c: int, s: int, num_classes: int) -> Net:
+def _channels(v: int, width: float) -> int:
+    return max(1, round(v * width))
+
+
+def _vgg19(c: int, s: int, num_classes: int, width: float = 1.0) -> Net:
     layers: list[nn.Module] = []
     for v in _VGG19:
         if v == "M":
@@ -79,6 +87,7 @@ def _vgg19(c: int, s: int, num_classes: int) -> Net:
             s //= 2
             _check_size("vgg19", s)
         else:
+            v = _channels(v, width)
             layers += [nn.Conv2d(c, v, 3, padding=1, bias=False), nn.BatchNorm2d(v, affine=False), nn.ReLU()]
             c = v
     # The paper's 2x2 average pool (32x32 inputs arrive here at 2x2); smaller inputs arrive at 1x1.
@@ -86,6 +95,45 @@ def _vgg19(c: int, s: int, num_classes: int) -> Net:
     layers.append(nn.AvgPool2d(pool))
     s //= pool
     return Net(nn.Sequential(*layers), nn.Sequential(nn.Linear(c * s * s, num_classes, bias=False)))
+
+
+class VGG(nn.Module):
+    """torchvision's VGG layout: ``features``, ``avgpool`` (adaptive, 7x7), flatten, ``classifier``."""
+
+    def __init__(self, features: nn.Sequential, classifier: nn.Sequential) -> None:
+        super().__init__()
+        self.features = features
+        self.avgpool = nn.AdaptiveAvgPool2d((7, 7))
+        self.classifier = classifier
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.flatten(self.avgpool(self.features(x)), 1))
+
+
+def _vgg19_imagenet(c: int, s: int, num_classes: int, batch_norm: bool, width: float = 1.0) -> VGG:
+    """torchvision's ``vgg19`` / ``vgg19_bn`` (configuration E, biases, affine batch norm, dropout
+    0.5, a 25088x4096 first classifier layer): the same modules at the same indices, so the same
+    state_dict names. ``width`` scales every channel count and the classifier's 4096."""
+    name = "vgg19_bn-imagenet" if batch_norm else "vgg19-imagenet"
+    layers: list[nn.Module] = []
+    for v in [*_VGG19, "M"]:
+        if v == "M":
+            layers.append(nn.MaxPool2d(2, 2))
+            s //= 2
+            _check_size(name, s)
+        else:
+            v = _channels(v, width)
+            layers.append(nn.Conv2d(c, v, 3, padding=1))
+            if batch_norm:
+                layers.append(nn.BatchNorm2d(v))
+            layers.append(nn.ReLU(inplace=True))
+            c = v
+    hidden = _channels(4096, width)
+    return VGG(nn.Sequential(*layers), nn.Sequential(
+        nn.Linear(c * 7 * 7, hidden), nn.ReLU(True), nn.Dropout(0.5),
+        nn.Linear(hidden, hidden), nn.ReLU(True), nn.Dropout(0.5),
+        nn.Linear(hidden, num_classes),
+    ))
 
 
 def _check_size(name: str, s: int) -> None:
@@ -108,6 +156,7 @@ def build(
     score_lambda: float | None = None,
     incremental: bool = False,
     config: SlotConfig | dict | None = None,
+    width: float = 1.0,
 ) -> nn.Module:
     """The model ``name`` in ``mode``; ``model.build_args`` holds every argument, the slot settings
     as ``config`` (:meth:`SlotConfig.to_dict`), so that ``build(**model.build_args)`` rebuilds it
@@ -116,27 +165,34 @@ def build(
     ``incremental``, not both.
 
     ``in_channels``/``input_size`` default to the paper's dataset: 1x28x28 (MNIST) for lenet,
-    3x32x32 (CIFAR-10) otherwise. ``k``, ``sharing``, ``selection`` and ``scores`` apply to the
+    3x32x32 (CIFAR-10) otherwise, 3x224x224 for the ImageNet layouts (``vgg19-imagenet``,
+    ``vgg19_bn-imagenet``: torchvision's vgg19 / vgg19_bn, biases and all, so that their
+    state_dict names are torchvision's). ``width`` multiplies the channel counts of the VGG-19s
+    (and the ImageNet classifier's 4096): "larger" (or smaller) networks on the same data; it
+    enters ``build_args`` only when it is not 1. ``k``, ``sharing``, ``selection`` and ``scores`` apply to the
     slot modes (``scores`` to "seeded" only); the learned mode draws its Glorot weights from
     ``seed``. ``score_lambda`` scales the score initialisation U(0, lambda*sigma); None is the
     paper's (1 for conv, 0.1 for linear layers; the authors' code uses 1 everywhere).
     """
-    check_choice("name", name, MODELS)
+    check_choice("name", name, ALL_MODELS)
     check_choice("mode", mode, MODES)
+    width = check_width(name, width)
     # checked in every mode, so that build_args always mean something
     if isinstance(config, dict):
         config = SlotConfig.from_dict(config)
     config = SlotConfig.resolve(config, "build", k=k, seed=seed, sharing=sharing, selection=selection, scores=scores,
                                 score_lambda=score_lambda, incremental=incremental)
     in_channels = check_int("in_channels", (1 if name == "lenet" else 3) if in_channels is None else in_channels, 1)
-    input_size = check_int("input_size", (28 if name == "lenet" else 32) if input_size is None else input_size, 1)
+    input_size = check_int("input_size", _default_size(name) if input_size is None else input_size, 1)
     check_int("num_classes", num_classes, 1)
     args = dict(name=name, mode=mode, in_channels=in_channels, num_classes=num_classes, input_size=input_size,
                 config=config.to_dict())
+    if width != 1.0:
+        args["width"] = width
 
     # torch's default layer init draws from the global RNG; building must not shift a run's dropout.
     with torch.random.fork_rng(devices=[]):
-        model = _architecture(name, in_channels, input_size, num_classes)
+        model = _architecture(name, in_channels, input_size, num_classes, width)
 
     if mode == "learned":
         g = torch.Generator().manual_seed(torch_seed(config.seed, _INIT))
@@ -144,23 +200,40 @@ def build(
             for m in model.modules():
                 if isinstance(m, (nn.Linear, nn.Conv2d)):
                     nn.init.xavier_uniform_(m.weight, generator=g)
+                    if m.bias is not None:  # the ImageNet layouts: zero, as torchvision initialises them
+                        nn.init.zeros_(m.bias)
     else:
         slotify_(model, config, dense=mode == "dense")
     model.build_args = args
     return model
 
 
-def _architecture(name: str, c: int, s: int, num_classes: int) -> Net:
+def _architecture(name: str, c: int, s: int, num_classes: int, width: float = 1.0) -> nn.Module:
     if name == "lenet":
         return _lenet(c, s, num_classes)
     if name == "vgg19":
-        return _vgg19(c, s, num_classes)
+        return _vgg19(c, s, num_classes, width)
+    if name in IMAGENET_MODELS:
+        return _vgg19_imagenet(c, s, num_classes, name == "vgg19_bn-imagenet", width)
     return _conv(name, c, s, num_classes)
+
+
+def _default_size(name: str) -> int:
+    return 28 if name == "lenet" else 224 if name in IMAGENET_MODELS else 32
+
+
+def check_width(name: str, width) -> float:
+    """``width`` as a float: a finite number in (0, 64], and 1 for models without a width knob."""
+    if isinstance(width, bool) or not isinstance(width, (int, float)) or not (math.isfinite(width) and 0 < width <= 64):
+        raise ValueError(f"width must be a finite number in (0, 64]; got {width!r}")
+    if width != 1 and name not in WIDTH_MODELS:
+        raise ValueError(f"width applies to {', '.join(WIDTH_MODELS)}; got width={width!r} for {name!r}")
+    return float(width)
 
 
 _MAX_LAYER = 2**31 - 1  # connections of one layer, as slot layers allow
 _SLOT_KEYS = tuple(SlotConfig.__dataclass_fields__)  # flat in build_args written before ``config``
-_BUILD_KEYS = ("name", "mode", "in_channels", "num_classes", "input_size", "config", *_SLOT_KEYS)
+_BUILD_KEYS = ("name", "mode", "in_channels", "num_classes", "input_size", "config", "width", *_SLOT_KEYS)
 
 
 def check_build_args(args, source: str, *, available_bytes: int, export: bool = False) -> dict:
@@ -181,7 +254,7 @@ def check_build_args(args, source: str, *, available_bytes: int, export: bool = 
         if key not in _BUILD_KEYS:
             raise CheckpointError(f"{source}: tampered: build_args has an unknown field {key!r:.80}; "
                                   f"accepted: {', '.join(_BUILD_KEYS)}")
-    for field, accepted in (("name", MODELS), ("mode", MODES)):
+    for field, accepted in (("name", ALL_MODELS), ("mode", MODES)):
         if args.get(field) not in accepted:
             raise bad(field, f"one of {', '.join(map(repr, accepted))}")
     for field in ("in_channels", "input_size", "num_classes"):
@@ -200,13 +273,17 @@ def check_build_args(args, source: str, *, available_bytes: int, export: bool = 
     if config.k > _MAX_LAYER or config.seed >= 2**64:
         raise bad("config", f"k <= {_MAX_LAYER} and seed < 2**64")
     name = args["name"]
+    try:
+        width = check_width(name, args.get("width", 1.0))
+    except ValueError as e:
+        raise bad("width", f"a finite number in (0, 64], and 1 for models other than {', '.join(WIDTH_MODELS)}") from e
     c = args.get("in_channels") or (1 if name == "lenet" else 3)
-    size = args.get("input_size") or (28 if name == "lenet" else 32)
+    size = args.get("input_size") or _default_size(name)
     if c * size * size > _MAX_LAYER:
         raise bad("input_size", f"such that in_channels * input_size**2 <= {_MAX_LAYER}")
     try:
         with torch.device("meta"):
-            plain = _architecture(name, c, size, args.get("num_classes", 10))
+            plain = _architecture(name, c, size, args.get("num_classes", 10), width)
     except ValueError as e:
         raise bad("input_size", f"large enough for {name} ({e})") from None
     layers = [m.weight.numel() for m in plain.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]

@@ -123,6 +123,9 @@ def test_parse_bytes_rejects(text):
     lambda: B.budget_bench("lenet", ks=(2, 1)),
     lambda: B.budget_bench("lenet", ks=()),
     lambda: B.speed_bench("lenet", min_seconds=-1),
+    lambda: B.budget_bench("vgg19-imagenet-x"),
+    lambda: B.budget_bench("vgg19-imagenet", input_size=0),
+    lambda: B.memory_bench("conv4", width=2.0),
 ])
 def test_bad_arguments_raise_before_any_work(call):
     with pytest.raises(ValueError):
@@ -161,3 +164,16 @@ def test_step_breakdown_script_runs_and_restores_what_it_ablates(capsys):
     for name in ("learned", "incremental", "no selection", "no selection, no check"):
         assert f"{name}  " in printed
     assert (storages.IncrementalImplicitScores.greedy, optim.SlotSGD._check_updates) == before
+
+
+def test_budget_and_memory_benches_take_the_imagenet_vgg19(tmp_path, capsys):
+    # The ImageNet layout (torchvision's vgg19_bn) at a width and image size that take seconds here.
+    path = tmp_path / "budget.json"
+    B.main(["budget", "--model", "vgg19_bn-imagenet", "--width", "0.0625", "--input-size", "32", "--batch-size", "1",
+            "--ks", "1,2", "--modes", "dense,seeded", "--budget", "64GiB", "--device", "cpu", "--json", str(path)])
+    out = json.loads(path.read_text())
+    assert out["dense_max_k"] == out["seeded_max_k"] == 2 and out["input_size"] == 32 and out["width"] == 0.0625
+    assert "largest K ratios: seeded/dense 1" in capsys.readouterr().out
+    out = B.memory_bench("vgg19-imagenet", k=2, batch_size=1, steps=1, modes=("seeded",), device="cpu",
+                         input_size=32, width=0.0625)
+    assert out["rows"][0]["connections"] == 78_300 + 344 + 470_026  # conv weights, conv biases, classifier

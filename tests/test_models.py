@@ -178,3 +178,69 @@ def test_slot_config_dict_round_trip_and_errors():
         seedslot.SlotConfig.from_dict({"kk": 3})
     with pytest.raises(ValueError, match="k must be"):
         seedslot.SlotConfig.from_dict({"k": 0})
+
+
+# ---------------------------------------------------------------- the ImageNet layout and the width knob
+
+# torchvision's vgg19 / vgg19_bn: conv (and batch-norm) indices in ``features``, parameter counts.
+_TV_CONVS = {"vgg19-imagenet": [0, 2, 5, 7, 10, 12, 14, 16, 19, 21, 23, 25, 28, 30, 32, 34],
+             "vgg19_bn-imagenet": [0, 3, 7, 10, 14, 17, 20, 23, 27, 30, 33, 36, 40, 43, 46, 49]}
+_TV_PARAMS = {"vgg19-imagenet": 143_667_240, "vgg19_bn-imagenet": 143_678_248}
+
+
+@pytest.mark.parametrize("name", ["vgg19-imagenet", "vgg19_bn-imagenet"])
+def test_imagenet_vgg19_has_torchvisions_names_and_size(name):
+    from seedslot import models
+
+    with torch.device("meta"):
+        plain = models._architecture(name, 3, 224, 1000)
+    keys = []
+    for i in _TV_CONVS[name]:
+        keys += [f"features.{i}.weight", f"features.{i}.bias"]
+        if name == "vgg19_bn-imagenet":
+            keys += [f"features.{i + 1}.{s}" for s in ("weight", "bias", "running_mean", "running_var",
+                                                      "num_batches_tracked")]
+    keys += [f"classifier.{i}.{s}" for i in (0, 3, 6) for s in ("weight", "bias")]
+    assert list(plain.state_dict()) == keys
+    assert sum(p.numel() for p in plain.parameters()) == _TV_PARAMS[name]
+    assert plain.classifier[0].weight.shape == (4096, 25088)
+    assert count_connections(plain) == 143_667_240  # 143.7 M: Linear and Conv2d weights and biases
+    with pytest.raises(ValueError, match="too small"):
+        models._architecture(name, 3, 16, 10)  # five 2x2 max pools need 32 pixels
+
+
+@pytest.mark.parametrize("name", ["vgg19-imagenet", "vgg19_bn-imagenet"])
+def test_imagenet_vgg19_slotified_keys_equal_a_users_slotified_model(name):
+    from seedslot import models
+    from seedslot.convert import slotify_
+
+    zoo = build(name, mode="seeded", k=2, width=1 / 16, input_size=32, seed=4)
+    assert zoo.build_args["input_size"] == 32 and zoo.build_args["width"] == 1 / 16
+    with torch.no_grad():
+        assert zoo.eval()(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    own = models._architecture(name, 3, 32, 10, 1 / 16)  # "the user's torchvision model"
+    slotify_(own, k=2, seed=4)
+    assert list(own.state_dict()) == list(zoo.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(own.state_dict().values(), zoo.state_dict().values()))
+    assert build(name, mode="learned", width=1 / 16, input_size=32).build_args["input_size"] == 32
+    assert build(name, mode="learned", width=1 / 16).build_args["input_size"] == 224  # ImageNet by default
+
+
+def test_width_multiplier_of_the_cifar_vgg19():
+    wide = build("vgg19", mode="learned", width=1.5)
+    convs = [m for m in wide.features if isinstance(m, nn.Conv2d)]
+    assert [m.out_channels for m in convs][:3] == [96, 96, 192] and wide.classifier[0].in_features == 768
+    assert wide.build_args["width"] == 1.5
+    assert "width" not in build("vgg19", mode="learned").build_args  # unchanged build_args at width 1
+    assert count_connections(build("vgg19", mode="learned", width=0.5)) < count_connections(build("vgg19", mode="learned")) / 3
+    with pytest.raises(ValueError, match="width"):
+        build("conv4", mode="learned", width=2)
+    with pytest.raises(ValueError, match="width"):
+        build("vgg19", mode="learned", width=0)
+    from seedslot.checkpoints import CheckpointError
+    from seedslot.models import check_build_args
+
+    args = dict(build("vgg19", mode="learned", width=0.25).build_args)
+    assert check_build_args(args, "f", available_bytes=10**9) == args
+    with pytest.raises(CheckpointError, match="build_args.width"):
+        check_build_args({**args, "name": "lenet"}, "f", available_bytes=10**9)

@@ -180,7 +180,7 @@ def test_report_reasons_and_verbose(capsys):
     assert "encoder.layers.0.self_attn.out_proj: NonDynamicallyQuantizableLinear -> SlotLinear" in text
     assert "encoder.layers.0.self_attn.in_proj_weight: MultiheadAttention" in text and "unsupported" in text
     assert "head.weight: Linear" in text and "filtered" in text
-    assert "embed.weight: Embedding" in text and "pos: Encoder" in text
+    assert "embed: Embedding -> SlotEmbedding" in text and "pos: Encoder" in text
     assert "norm1.weight: LayerNorm, 16 weights, 64 bytes: vector" in text
     assert isinstance(ss.slotify_(ResNet(), k=2), ResNet)  # without report=True: the model, as before
 
@@ -293,7 +293,8 @@ def test_ties_stay_tied_through_training_state_dict_and_copies():
     model = GPT()
     report = ss.slotify_(model, k=4, report=True)
     tied = {w.name for w in report.learned if w.reason == "tied"}
-    assert tied == {"lm_head.weight"} and type(model.lm_head) is nn.Linear
+    assert tied == {"wte.weight", "lm_head.weight"} and type(model.lm_head) is nn.Linear
+    assert type(model.wte) is nn.Embedding and isinstance(model.wpe, ss.SlotEmbedding)
     assert model.wte.weight is model.lm_head.weight
     opts = [ss.SlotSGD(ss.slot_parameters(model), lr=0.01), torch.optim.SGD(ss.ordinary_parameters(model), lr=0.1)]
     loss_of("gpt", model, inputs("gpt")).backward()
@@ -415,8 +416,49 @@ def test_load_exported_refuses_a_skeleton_that_does_not_match(tmp_path):
 def test_tied_tensors_are_stored_once(tmp_path):
     a, b = GPT(tie=True), GPT(tie=False)
     ss.slotify_(a, k=4)
-    ss.slotify_(b, k=4, filter_fn=lambda m, fqn: fqn != "lm_head")  # the same layers seeded, untied
+    ss.slotify_(b, k=4, filter_fn=lambda m, fqn: fqn not in ("wte", "lm_head"))  # the same layers seeded, untied
     sa, sb = ss.export(a, os.path.join(tmp_path, "a")), ss.export(b, os.path.join(tmp_path, "b"))
     assert sb - sa >= 13 * 16 * 4 - 16  # b stores the 13x16 fp32 lm_head weight apart from wte's
     plain = ss.load_exported(os.path.join(tmp_path, "a"), model=GPT())
     assert plain.wte.weight is plain.lm_head.weight and torch.equal(plain.wte.weight, a.wte.weight)
+
+
+# ---------------------------------------------------------------- the example of docs/OWN-MODELS.md
+
+
+def test_own_model_example_runs_on_tiny_shapes(tmp_path, capsys):
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "own_model.py")
+    spec = importlib.util.spec_from_file_location("own_model_example", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    out = example.main(["--width", "2", "--k", "4", "--steps", "8", "--n", "8", "--batch-size", "8",
+                        "--image-size", "8", "--out", str(tmp_path)])
+    assert out["same_checkpoint"] and out["same_export"]
+    assert out["export_bytes"] < os.path.getsize(out["checkpoint"]) / 4
+    assert min(out["losses"][-2:]) < out["losses"][0]  # one fixed batch of 8: the loss falls
+    assert {w.reason for w in out["report"].learned} == {"vector"} and len(out["report"].converted) == 21
+    assert "seeded" in capsys.readouterr().out
+
+
+def test_embeddings_convert_unless_they_pad_or_renormalise(tmp_path):
+    model = nn.Sequential(nn.Embedding(11, 6, scale_grad_by_freq=True), nn.Linear(6, 2))
+    ss.slotify_(model, k=4, seed=2)
+    emb = model[0]
+    assert isinstance(emb, ss.SlotEmbedding) and emb.scale_grad_by_freq and emb.weight.shape == (11, 6)
+    idx = torch.tensor([[1, 2, 2], [10, 0, 1]])
+    assert torch.equal(emb(idx), F.embedding(idx, emb.selected_weight()))
+    model(idx).sum().backward()
+    assert emb.slot_weight.grad is not None  # trains like any slot layer
+    path = os.path.join(tmp_path, "e.slot")
+    ss.export(model.eval(), path)
+    plain = ss.load_exported(path, model=nn.Sequential(nn.Embedding(11, 6), nn.Linear(6, 2)))
+    assert type(plain[0]) is nn.Embedding and torch.equal(plain(idx), model(idx))
+    dense = ss.slotify_(nn.Sequential(nn.Embedding(5, 3)), k=4, dense=True)[0]
+    assert isinstance(dense, ss.DenseSlotEmbedding) and torch.equal(ss.to_dense(nn.Sequential(dense))[0].weight,
+                                                                      dense.selected_weight())
+    padded = nn.Sequential(nn.Embedding(5, 3, padding_idx=0), nn.Embedding(5, 3, max_norm=1.0))
+    report = ss.slotify_(padded, k=4, report=True)
+    assert not report.converted and {w.reason for w in report.learned} == {"unsupported"}
+    assert "padding_idx" in report.learned[0].detail

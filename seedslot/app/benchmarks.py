@@ -91,18 +91,40 @@ def _modes(modes: Sequence[str], allowed: Sequence[str] = MODES) -> tuple[str, .
 # ---------------------------------------------------------------- one training workload
 
 
-def _build(model: str, mode: str, k: int, device: str = "cpu") -> tuple[nn.Module, tuple[int, int, int]]:
-    """The model on ``device`` and the (C, H, W) of its dataset's images. Slot models compute their
-    initial scores (the dense reference its candidates) there: on a GPU that is much faster."""
+def _build(model: str, mode: str, k: int, device: str = "cpu",
+           input_size: int | None = None, width: float = 1.0) -> tuple[nn.Module, tuple[int, int, int]]:
+    """The model on ``device`` and the (C, H, W) of its dataset's images (``input_size``: another
+    height and width, e.g. for the 224x224 ImageNet layout on a small machine; ``width``: the VGG-19s'
+    width multiplier). Slot models compute
+    their initial scores (the dense reference its candidates) there: on a GPU that is much faster."""
+    size = {} if input_size is None else {"input_size": input_size}
+    if width != 1.0:
+        size["width"] = width
     from ..models import build  # imported late: models build on everything else
 
     with torch.device(device if mode != "learned" else "cpu"):  # learned: Glorot draws from a CPU generator
         if mode in ("implicit", "incremental"):
-            net = build(model, mode="seeded", config=SlotConfig(k=k, scores="implicit", incremental=mode == "incremental"))
+            net = build(model, mode="seeded", config=SlotConfig(k=k, scores="implicit", incremental=mode == "incremental"),
+                        **size)
         else:
-            net = build(model, mode=mode, k=k)
+            net = build(model, mode=mode, k=k, **size)
     c, s = net.build_args["in_channels"], net.build_args["input_size"]
     return net, (c, s, s)
+
+
+def _check_model(model: str, input_size: int | None, width: float = 1.0) -> int | None:
+    """ValueError naming ``model``, ``input_size`` or ``width`` before any child process starts."""
+    from ..models import ALL_MODELS, check_width
+
+    if model not in ALL_MODELS:
+        raise ValueError(f"model must be one of {', '.join(map(repr, ALL_MODELS))}; got {model!r}")
+    check_width(model, width)
+    return check_int("input_size", input_size, 1, optional=True)
+
+
+def _shape_fields(input_size: int | None, width: float) -> dict[str, Any]:
+    """The result's ``input_size`` and ``width`` where they are not the model's defaults."""
+    return {**({} if input_size is None else {"input_size": input_size}), **({} if width == 1.0 else {"width": width})}
 
 
 def _sync(device: str) -> None:
@@ -118,10 +140,11 @@ def _now(device: str) -> float:
 class Trainer:
     """A model of one mode, its optimizer and a fixed random batch; ``step()`` trains once."""
 
-    def __init__(self, model: str, mode: str, k: int, batch_size: int, device: str, seed: int = 0) -> None:
+    def __init__(self, model: str, mode: str, k: int, batch_size: int, device: str, seed: int = 0,
+                 input_size: int | None = None, width: float = 1.0) -> None:
         torch.manual_seed(seed)
         self.device = device
-        net, shape = _build(model, mode, k, device)
+        net, shape = _build(model, mode, k, device, input_size, width)
         self.model = net.to(device).train()
         # The paper's greedy learning rates; they do not change what a step costs.
         lr = 0.1 if k <= 8 else 0.01
@@ -157,7 +180,8 @@ class Trainer:
 
 
 def _train(model: str, mode: str, k: int, batch_size: int, steps: int, device: str,
-           cuda_budget_bytes: int | None = None) -> dict[str, Any]:
+           cuda_budget_bytes: int | None = None, input_size: int | None = None,
+           width: float = 1.0) -> dict[str, Any]:
     """Child-process workload: one warm-up step and ``steps`` timed steps."""
     # Compile in this process: its memory is then measured, and no worker escapes the watchdog.
     os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
@@ -166,7 +190,7 @@ def _train(model: str, mode: str, k: int, batch_size: int, steps: int, device: s
         torch.cuda.set_per_process_memory_fraction(min(1.0, cuda_budget_bytes / total), device)
     from ..models import count_connections
 
-    trainer = Trainer(model, mode, k, batch_size, device)
+    trainer = Trainer(model, mode, k, batch_size, device, input_size=input_size, width=width)
     warmup = trainer.step()
     times = [trainer.step() for _ in range(steps)]
     by_category: dict[str, int] = {}
@@ -186,14 +210,16 @@ def _train(model: str, mode: str, k: int, batch_size: int, steps: int, device: s
 
 
 def memory_bench(model: str = "vgg19", k: int = 8, batch_size: int = 64, steps: int = 3,
-                 modes: Sequence[str] = MODES, device: str | None = None) -> dict[str, Any]:
+                 modes: Sequence[str] = MODES, device: str | None = None,
+                 input_size: int | None = None, width: float = 1.0) -> dict[str, Any]:
     """State bytes, peak process memory and step time of each mode, each in a fresh process."""
     k, batch_size = check_int("k", k, 1), check_int("batch_size", batch_size, 1)
+    input_size = _check_model(model, input_size, width)
     steps = check_int("steps", steps, 1)
     modes, device = _modes(modes), _device(device)
     rows = []
     for mode in modes:
-        run = run_in_child(_train, model, mode, k, batch_size, steps, device)
+        run = run_in_child(_train, model, mode, k, batch_size, steps, device, input_size=input_size, width=width)
         if run.error is not None:
             raise RuntimeError(f"memory bench, mode {mode!r}: the child process failed:\n{run.error}")
         v, mem = run.value, run.memory
@@ -214,6 +240,7 @@ def memory_bench(model: str = "vgg19", k: int = 8, batch_size: int = 64, steps: 
         ))
     out: dict[str, Any] = dict(bench="memory", model=model, compiled=ops.backends()["compile"], k=k,
                                batch_size=batch_size, steps=steps, device=device, rows=rows)
+    out.update(_shape_fields(input_size, width))
     by_mode = {r["mode"]: r for r in rows}
     if "dense" in by_mode:
         d = by_mode["dense"]
@@ -231,7 +258,7 @@ _OOM = ("OutOfMemoryError", "out of memory", "can't allocate memory", "MemoryErr
 
 def budget_bench(model: str = "vgg19", budget_bytes: int = 2 * 2**30, batch_size: int = 32,
                  ks: Sequence[int] = BUDGET_KS, modes: Sequence[str] = BUDGET_MODES, steps: int = 1,
-                 device: str | None = None) -> dict[str, Any]:
+                 device: str | None = None, input_size: int | None = None, width: float = 1.0) -> dict[str, Any]:
     """For each mode, the largest K in ``ks`` (increasing) whose training fits ``budget_bytes``.
 
     On CPU the budget bounds the child's whole resident set (a watchdog kills it on crossing);
@@ -243,15 +270,17 @@ def budget_bench(model: str = "vgg19", budget_bytes: int = 2 * 2**30, batch_size
     if not ks or list(ks) != sorted(set(ks)):
         raise ValueError(f"ks must be a non-empty increasing sequence of ints >= 1; got {ks!r}")
     batch_size, steps = check_int("batch_size", batch_size, 1), check_int("steps", steps, 1)
+    input_size = _check_model(model, input_size, width)
     modes, device = _modes(modes), _device(device)
     cuda = device.startswith("cuda")
     out: dict[str, Any] = dict(bench="budget", model=model, compiled=ops.backends()["compile"], budget_bytes=budget_bytes,
                                batch_size=batch_size, steps=steps, device=device, ks=list(ks), trials=[])
+    out.update(_shape_fields(input_size, width))
     for mode in modes:
         best = None
         for k in ks:
             run = run_in_child(_train, model, mode, k, batch_size, steps, device,
-                               cuda_budget_bytes=budget_bytes if cuda else None,
+                               cuda_budget_bytes=budget_bytes if cuda else None, input_size=input_size, width=width,
                                budget_bytes=None if cuda else budget_bytes)
             oom = run.error is not None and any(s in run.error for s in _OOM)
             if run.error is not None and not oom:
@@ -404,6 +433,10 @@ def _report(result: dict[str, Any]) -> str:
     bench = result["bench"]
     if bench == "memory":
         head = f"memory: {result['model']}, K={result['k']}, batch {result['batch_size']}, {result['device']}"
+        if "input_size" in result:
+            head += f", {result['input_size']}x{result['input_size']} inputs"
+        if "width" in result:
+            head += f", width {result['width']:g}"
         cuda = result["device"].startswith("cuda")
         rows = [[r["mode"], r["k"] or "-", _mib(r["state_bytes"]), f"{r['bytes_per_connection']:.2f}",
                  _mib(r["peak_rss_bytes"]), _mib(r["peak_increment_bytes"])]
@@ -427,7 +460,15 @@ def _report(result: dict[str, Any]) -> str:
         rows = [[t["mode"], t["k"], "yes" if t["fits"] else ("killed" if t["killed"] else "no"),
                  _mib(t["peak_rss_bytes"]), f"{t['seconds']:.1f}"] for t in result["trials"]]
         maxes = ", ".join(f"{m}={result[m]}" for m in result if m.endswith("_max_k"))
-        return head + "\n" + _table(["mode", "K", "fits", "peak MiB", "s"], rows) + "\n" + maxes
+        dense = result.get("dense_max_k")
+        ratios = ", ".join(f"{m}/dense {result[f'{m}_max_k'] / dense:g}" for m in (*SLOT_SEEDED, "incremental")
+                           if dense and result.get(f"{m}_max_k") is not None)
+        if "input_size" in result:
+            head += f", {result['input_size']}x{result['input_size']} inputs"
+        if "width" in result:
+            head += f", width {result['width']:g}"
+        return (head + "\n" + _table(["mode", "K", "fits", "peak MiB", "s"], rows) + "\n" + maxes
+                + (f"\nlargest K ratios: {ratios}" if ratios else ""))
     head = (f"speed: {result['model']}, K={result['k']}, batch {result['batch_size']}, {result['device']}, "
             f"{result['threads']} threads, median of {result['repeats']}")
     rows = [[r["mode"], r["k"] or "-", f"{r['step_seconds']:.4f}", f"{r['steps_per_second']:.2f}",
@@ -479,12 +520,16 @@ def _csv(kind):
     return parse
 
 
+INPUT_SIZE_HELP = ("image height and width (default: the model's dataset, 224 for vgg19-imagenet and "
+                   "vgg19_bn-imagenet; e.g. 64 there to fit a small machine)")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the ``memory``, ``budget``, ``speed``, ``ddp`` and ``gpu`` sub-commands."""
     sub = parser.add_subparsers(dest="bench", metavar="BENCH", required=True)
 
     def common(p: argparse.ArgumentParser, model: str | None, batch: int) -> None:
-        p.add_argument("--model", default=model, required=model is None, help="model name (lenet, conv4, vgg19, ...)")
+        p.add_argument("--model", default=model, required=model is None, help="model name (lenet, conv4, vgg19, vgg19-imagenet, ...)")
         p.add_argument("--batch-size", type=int, default=batch)
         p.add_argument("--device", default=None, help=DEVICE_HELP)
         p.add_argument("--json", metavar="PATH", help="also write the results as JSON here")
@@ -494,6 +539,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--k", type=int, default=8)
     p.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up step")
     p.add_argument("--modes", type=_csv(str), default=MODES, help="comma-separated subset of " + ",".join(MODES))
+    p.add_argument("--input-size", type=int, default=None, help=INPUT_SIZE_HELP)
+    p.add_argument("--width", type=float, default=1.0, help="width multiplier of the VGG-19s (default 1)")
 
     p = sub.add_parser("budget", help="largest K whose training step fits a memory budget")
     common(p, "vgg19", 32)
@@ -501,6 +548,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--ks", type=_csv(int), default=BUDGET_KS, help="increasing K values to try (default 1,2,4,...,256)")
     p.add_argument("--steps", type=int, default=1, help="steps after one warm-up step")
     p.add_argument("--modes", type=_csv(str), default=BUDGET_MODES)
+    p.add_argument("--input-size", type=int, default=None, help=INPUT_SIZE_HELP)
+    p.add_argument("--width", type=float, default=1.0, help="width multiplier of the VGG-19s (default 1)")
 
     p = sub.add_parser("speed", help="steps per second per mode, interleaved in one process")
     common(p, None, 64)
@@ -530,9 +579,10 @@ def run_cli(args: argparse.Namespace) -> int:
         return bench_ddp.run_cli(args)
     common = dict(model=args.model, batch_size=args.batch_size, modes=args.modes, device=args.device)
     if args.bench == "memory":
-        result = memory_bench(k=args.k, steps=args.steps, **common)
+        result = memory_bench(k=args.k, steps=args.steps, input_size=args.input_size, width=args.width, **common)
     elif args.bench == "budget":
-        result = budget_bench(budget_bytes=args.budget, ks=args.ks, steps=args.steps, **common)
+        result = budget_bench(budget_bytes=args.budget, ks=args.ks, steps=args.steps, input_size=args.input_size,
+                              width=args.width, **common)
     elif args.bench == "speed":
         result = speed_bench(k=args.k, repeats=args.repeats, min_seconds=args.min_seconds, profile=args.profile,
                              **common)
