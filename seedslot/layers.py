@@ -601,9 +601,10 @@ class _Conv:
                          self.dilation, self.groups, "bias" in self.parts, self.padding_mode, device=device)
 
     def _shape_repr(self) -> str:
+        mode = "" if self.padding_mode == "zeros" else f", padding_mode={self.padding_mode!r}"
         return (
             f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
-            f"padding={self.padding}, dilation={self.dilation}, groups={self.groups}"
+            f"padding={self.padding}, dilation={self.dilation}, groups={self.groups}{mode}"
         )
 
 
