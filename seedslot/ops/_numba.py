@@ -4,7 +4,7 @@
 the staleness check of every connection and the re-selection of the stale ones, written into the
 cache in place. The torch path (:func:`seedslot.ops._torch.incremental_stale_rows`, then
 :func:`seedslot.ops._torch.implicit_select_at` on the stale rows) costs a numpy scan and a compiled
-call per part, a few tenths of a millisecond each: as much as a small network's whole step. The
+call per part, per-call overhead that can be as much as a small network's whole step. The
 twin computes the same fp32 scores and float64 intervals, operation for operation (LLVM contracts
 nothing into FMAs without fast-math), so a re-selected row gets the same bits; the tests check it
 against the torch path. Importing this module imports numba: :func:`seedslot.ops._backends.numba_kernels` gives
