@@ -44,7 +44,7 @@ def test_torch_matches_numpy_reference(conn, key_a, keys_b):
 def test_streams_at_any_offset_match_the_reference(offset, seed, k, shared):
     """Keys from any seed (edge values and beyond 64 bits), connections up to 2**31 - 1."""
     conn = np.arange(64, dtype=np.int64) + offset
-    key_a, keys_b = C.stream_keys(seed, C.CANDIDATES, k)
+    key_a, keys_b = C.stream_keys(seed, C.Stream.CANDIDATES, k)
     c = torch.tensor(conn * (0 if shared else 1), dtype=torch.int32)
     assert np.array_equal(bits(c, key_a, keys_b).numpy().view(np.uint32),
                           np_bits(conn * (0 if shared else 1), key_a, keys_b.numpy()))
