@@ -57,9 +57,19 @@ def slotify_(
                                 scores=scores, score_lambda=score_lambda)
     new: dict[str, nn.Module] = {}
     converted: dict[int, nn.Module | None] = {}  # id(module) -> its slot layer (None: not converted)
+    owners: dict[int, str] = {}  # id(weight or bias Parameter) -> the first layer holding it
     for fqn, m in model.named_modules(remove_duplicate=False):
+        if isinstance(m, SlotLayer) and filter_fn is None and (m.k, m.sharing, m.selection, getattr(
+                m, "scores", config.scores)) != (config.k, config.sharing, config.selection, config.scores):
+            raise ValueError(f"{fqn}: already a slot layer with k={m.k}, sharing={m.sharing!r}, selection="
+                             f"{m.selection!r}, scores={getattr(m, 'scores', None)!r}; slotify_ again does not "
+                             "change it (build the model afresh for another config)")
         if type(m) not in (nn.Linear, nn.Conv2d):
             continue
+        for p in (m.weight, m.bias):
+            if p is not None and owners.setdefault(id(p), fqn) != fqn and id(m) not in converted:
+                raise ValueError(f"{fqn} and {owners[id(p)]} share a Parameter (tied weights): slot layers cannot "
+                                 "tie it; share the module itself instead (one slot layer used in both places)")
         if id(m) in converted:  # a shared module: one slot layer, every place
             if converted[id(m)] is not None:
                 new[fqn] = converted[id(m)]
@@ -81,6 +91,8 @@ def slotify_(
             cls = DenseSlotConv2d if dense else SlotConv2d
             new[fqn] = cls(m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding, m.dilation,
                            m.groups, bias, **kw)
+        if m.weight.dtype != torch.float32:  # the slot layer computes in the layer's dtype, as it did
+            new[fqn].to(m.weight.dtype)
         new[fqn].train(m.training)
         converted[id(m)] = new[fqn]
     for fqn, layer in new.items():
