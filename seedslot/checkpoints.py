@@ -186,6 +186,15 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
     return payload
 
 
+def _stored(t: torch.Tensor) -> torch.Tensor:
+    """The elements ``t``'s storage really holds, flat: a stride-0 view of a huge shape is checked
+    in the memory of the few values behind it, not materialised."""
+    if t.is_contiguous():
+        return t.reshape(-1)
+    s = t.untyped_storage()
+    return torch.empty(0, dtype=t.dtype, device=t.device).set_(s, 0, (s.nbytes() // t.element_size(),))
+
+
 def _check_numbers(value: Any, where: str) -> None:
     """CheckpointError naming the first float that is NaN or infinite (floating tensors included)."""
     if isinstance(value, dict):
@@ -195,7 +204,8 @@ def _check_numbers(value: Any, where: str) -> None:
         for i, v in enumerate(value):
             _check_numbers(v, f"{where}[{i}]")
     elif isinstance(value, float) and not math.isfinite(value) or (
-            isinstance(value, torch.Tensor) and value.dtype.is_floating_point and not bool(torch.isfinite(value).all())):
+            isinstance(value, torch.Tensor) and value.dtype.is_floating_point and not bool(torch.isfinite(
+                _stored(value)).all())):
         raise CheckpointError(f"does not fit the model: state{where} must be finite")
 
 

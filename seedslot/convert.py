@@ -219,6 +219,11 @@ def slotify_(
                 new[fqn] = seen[id(m)]
             continue
         seen[id(m)] = None
+        if isinstance(m, SlotLayer) and filter_fn is None and (m.k, m.sharing, m.selection, getattr(
+                m, "scores", config.scores)) != (config.k, config.sharing, config.selection, config.scores):
+            raise ValueError(f"{fqn}: already a slot layer with k={m.k}, sharing={m.sharing!r}, selection="
+                             f"{m.selection!r}, scores={getattr(m, 'scores', None)!r}; slotify_ again does not "
+                             "change it (build the model afresh for another config)")
         why = _convertible(m)
         if why is not None:
             learned(fqn, m, "unsupported", why)
@@ -236,6 +241,8 @@ def slotify_(
         if not fqn:
             raise ValueError("slotify_ converts the layers inside a model; wrap a lone layer in nn.Sequential")
         layer = _slot_layer(m, fqn, config, dense)
+        if m.weight.dtype != torch.float32:  # the slot layer computes in the layer's dtype, as it did
+            layer.to(m.weight.dtype)
         layer.train(m.training)
         seen[id(m)] = new[fqn] = layer
         reported.update(id(p) for p in m._parameters.values() if p is not None)

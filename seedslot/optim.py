@@ -317,8 +317,8 @@ class SlotSGD(Optimizer):
         held = {}  # entry index -> (indices of its part's float state, scale of int8 levels): bounds the state after
         for i, (_, _, group, p, owner) in enumerate(entries):
             if owner is not None:
-                part = owner[1] + "_"
-                own = [b for name, b in owner[0]._buffers.items() if name.startswith(part) and b is not None]
+                names = [f"{owner[1]}_{what}" for what in ("scores", "scale", "drift")]  # what an update changes
+                own = [b for b in map(owner[0]._buffers.get, names) if b is not None]
                 floats = [b for b in own if b.dtype.is_floating_point]
                 held[i] = (list(range(len(tensors), len(tensors) + len(floats))),
                            127.0 if any(b.dtype == torch.int8 for b in own) else 1.0)

@@ -98,3 +98,18 @@ def test_packed_argmax_equals_argmax_ties_included(k, n, seed, levels):
     g = torch.Generator().manual_seed(seed)
     q = (torch.randint(0, levels, (n, k), generator=g) - 128).to(torch.int8)  # few levels: many ties
     assert torch.equal(packed_argmax.eager(q.view(_WORDS[k])), q.argmax(dim=-1))
+
+
+def test_stream_keys_equal_key32_and_a_large_k_is_fast():
+    """Issue 24, item 17: K = 10**6 built its keys in a Python loop (tens of seconds per layer)."""
+    import time
+
+    from seedslot.candidates import stream_keys
+    from seedslot.rng import key32
+
+    for seed, tag in ((0, 1), (2**63 + 5, 0x1234), (2**70, 7)):
+        _, kb = stream_keys(seed, tag, 300)
+        assert kb.dtype == torch.int32 and kb.tolist() == [key32(seed, tag, 1, j) for j in range(300)]
+    t0 = time.monotonic()
+    stream_keys(3, 4, 10**6)
+    assert time.monotonic() - t0 < 1.0

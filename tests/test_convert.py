@@ -80,3 +80,26 @@ def test_shared_modules_stay_shared(dense):
     assert type(plain[3][0]) is nn.Conv2d and plain[3][1] is plain[3][0]
     x = torch.randn(3, 8)
     assert torch.equal(model[:3](x), plain[:3](x))
+
+
+def test_slotify_api_semantics_are_explicit():
+    """Issue 24, item 17: tied Parameters, dtypes, and a second slotify_ with another config."""
+    import seedslot
+    from torch import nn
+
+    a, b = nn.Linear(3, 3), nn.Linear(3, 3)
+    b.weight = a.weight
+    net = nn.Sequential(a, b)
+    report = seedslot.slotify_(net, k=2, report=True)  # never untied silently: both stay learned, reported
+    assert net[0] is a and net[1] is b and b.weight is a.weight
+    assert {w.reason for w in report.learned if w.name.endswith("weight")} == {"tied"}
+    with pytest.raises(ValueError, match="tied"):
+        seedslot.slotify_(nn.Sequential(a, b), k=2, strict=True)
+    assert type(a) is nn.Linear  # nothing was changed
+    for dtype in (torch.float64, torch.bfloat16):
+        model = seedslot.slotify_(nn.Sequential(nn.Linear(4, 3)).to(dtype), k=4)
+        assert model(torch.randn(2, 4, dtype=dtype)).dtype == dtype
+    model = seedslot.slotify_(nn.Sequential(nn.Linear(3, 3)), k=2)
+    with pytest.raises(ValueError, match="already a slot layer with k=2"):
+        seedslot.slotify_(model, k=4)
+    seedslot.slotify_(model, k=2)  # the same config: nothing to do

@@ -280,3 +280,16 @@ def test_bench_ddp_reports_bytes_per_step(tmp_path, capsys):
     assert r["bytes_per_step"] == dict(dense=4 * 4 * connections, seeded=4 * connections)
     assert set(r["step_seconds"]) == set(r["allreduce_seconds"]) == {"dense", "seeded"}
     assert "seeded/dense bytes: 0.2500 (1/K = 0.2500)" in capsys.readouterr().out
+
+
+def test_nproc_with_a_rank_side_error_is_one_line_and_exit_2(tmp_path):
+    """Issue 24, item 16: not the error once per rank and then torchrun's traceback with exit 1."""
+    write_mnist(tmp_path / "d", n_train=64, n_test=10)
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "last.ckpt").write_bytes(b"not a checkpoint")  # every rank refuses to resume it
+    cmd = [sys.executable, "-m", "seedslot", "train", "--data-dir", str(tmp_path / "d"), "--no-progress",
+           "--resume", str(tmp_path / "o"), "--nproc", "2"]
+    r = subprocess.run(cmd, env=dict(os.environ, **ENV), capture_output=True, text=True, timeout=240)
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert len(lines) == 1 and "last.ckpt" in lines[0] and ": error: " in lines[0], r.stderr[-3000:]

@@ -223,3 +223,13 @@ def test_sweep_checks_matplotlib_before_training(tiny, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="matplotlib"):
         S.sweep("headline", str(tmp_path / "s"), models=("lenet",), seeds=(0,), **kw)
     assert calls == []
+
+
+def test_runs_jsonl_appends_never_follow_a_symlink(tmp_path):
+    """Issue 24, item 12."""
+    victim = tmp_path / "victim"
+    victim.write_text("precious")
+    (tmp_path / "runs.jsonl").symlink_to(victim)
+    with pytest.raises(ValueError, match="is a symlink"):
+        S._append(str(tmp_path), {"id": "x"})
+    assert victim.read_text() == "precious"

@@ -201,3 +201,16 @@ def test_a_tampered_draw_counter_fails_at_load_naming_it():
         with pytest.raises(CheckpointError, match="classifier.0.draws"):
             load_state_into(model, state)
     assert int(model.classifier[0].draws) == 0
+
+
+def test_a_stride_0_view_in_optimizer_or_scheduler_state_is_checked_without_materialising():
+    from seedslot.checkpoints import load_state_into
+
+    model = nn.Linear(3, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.StepLR(opt, 1)
+    state = dict(sched.state_dict(), hostile=torch.tensor([float("nan")]).expand(2**40))
+    with track() as m:
+        with pytest.raises(CheckpointError, match="must be finite"):
+            load_state_into(sched, state)
+    assert m.peak_increment_bytes < 2**28

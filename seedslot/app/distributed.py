@@ -28,6 +28,7 @@ import hashlib
 import inspect
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -292,11 +293,38 @@ def launch(argv: Sequence[str], nproc: int) -> int:
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGINT, lambda *_: interrupted.append(1)) if main_thread else None
     try:
-        status = subprocess.call(cmd, env=env)
-        return 130 if interrupted and status else status
+        proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True, errors="replace")
+        errors = _relay_stderr(proc.stderr)
+        status = proc.wait()
+        if interrupted and status:
+            return 130
+        return 2 if errors and status else status
     finally:
         if main_thread:
             signal.signal(signal.SIGINT, previous)
+
+
+def _relay_stderr(stream) -> int:
+    """Copy the ranks' and torchrun's stderr to ours, except that an error line several ranks print
+    (``seedslot...: error: ...``) is shown once, and once a rank has said what went wrong, torchrun's
+    own report of the failed child (a long traceback) is left out. Returns the error lines seen."""
+    seen: set[str] = set()
+    skipping = False
+    for line in stream:
+        text = line.rstrip("\n")
+        if text.startswith("seedslot") and ": error: " in text:
+            if text not in seen:
+                seen.add(text)
+                sys.stderr.write(line)
+                sys.stderr.flush()
+            continue
+        if seen and (skipping or text.startswith(("Traceback (most recent call last)", "[W", "="))
+                     or re.match(r"[IWE]\d{4} ", text) or "torch.distributed" in text or "ChildFailedError" in text):
+            skipping = True  # the rest is torchrun's report of the failure already said
+            continue
+        sys.stderr.write(line)
+        sys.stderr.flush()
+    return len(seen)
 
 
 class ByteCounter:

@@ -456,15 +456,15 @@ class _Outputs:
         self.out = cfg.out if main else None
         self.json = cfg.json if main else None
         self._lock = None
+        held = [name for name in (CHECKPOINT, METRICS, SUMMARY)
+                if cfg.out is not None and os.path.lexists(os.path.join(cfg.out, name))]
+        if held and cfg.resume is None and not cfg.overwrite:  # on every rank: they all stop
+            raise ValueError(f"out: {cfg.out} already holds a run ({', '.join(held)}); continue it with "
+                             f"--resume {cfg.out}, or pass --overwrite to replace it")
         if self.out is not None:
             os.makedirs(self.out, exist_ok=True)
             self._lock = _lock_dir(self.out)
-            held = [name for name in (CHECKPOINT, METRICS, SUMMARY) if os.path.lexists(os.path.join(self.out, name))]
             if held and cfg.resume is None:
-                if not cfg.overwrite:
-                    self.close()
-                    raise ValueError(f"out: {self.out} already holds a run ({', '.join(held)}); continue it with "
-                                     f"--resume {self.out}, or pass --overwrite to replace it")
                 for name in held:  # replaced whole, never mixed with the new run's lines
                     os.remove(os.path.join(self.out, name))
             for name in (CHECKPOINT, METRICS, SUMMARY):  # temporaries left by a kill during a write
