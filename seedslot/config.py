@@ -14,7 +14,20 @@ from .selection import SELECTION
 from .storages import ScoreStorage, storage_for
 from .validate import check_choice, check_int
 
-__all__ = ["SlotConfig"]
+__all__ = ["SlotConfig", "UNSET"]
+
+
+class _Unset:
+    """The default of a slot keyword (``k``, ``seed``, ...) of the layers, ``slotify_`` and
+    ``build``: "not given", told apart from a value equal to SlotConfig's default."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "<SlotConfig's default>"
+
+
+UNSET = _Unset()
 
 
 @dataclass(frozen=True)
@@ -80,14 +93,14 @@ class SlotConfig:
 
     @classmethod
     def resolve(cls, config: "SlotConfig | None", where: str, **keywords) -> "SlotConfig":
-        """``config``, or a SlotConfig of the keyword settings; ValueError if both differ from the
-        defaults (``where`` names the caller in the message)."""
+        """``config``, or a SlotConfig of the keyword settings given (not :data:`UNSET`); ValueError
+        if both come (``where`` names the caller in the message), even a keyword equal to its default."""
+        given = {key: v for key, v in keywords.items() if v is not UNSET}
         if config is None:
-            return cls(**keywords)
+            return cls(**given)
         if not isinstance(config, SlotConfig):
             raise ValueError(f"config must be a SlotConfig; got {type(config).__name__}")
-        given = sorted(key for key, v in keywords.items() if v != cls.__dataclass_fields__[key].default)
         if given:
             raise ValueError(f"{where} takes the slot settings as config or as keywords, not both; got config "
-                             f"and {', '.join(given)}")
+                             f"and {', '.join(sorted(given))}")
         return config

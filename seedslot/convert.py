@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .config import SlotConfig
+from .config import UNSET, SlotConfig
 from .layers import (DenseSlotConv1d, DenseSlotConv2d, DenseSlotConv3d, DenseSlotEmbedding, DenseSlotLinear,
                      SlotConv1d, SlotConv2d, SlotConv3d, SlotEmbedding, SlotLayer, SlotLinear)
 from .rng import derive
@@ -148,13 +148,13 @@ def slotify_(
     filter_fn: FilterFn | None = None,
     *,
     dense: bool = False,
-    k: int = 8,
-    seed: int = 0,
-    sharing: str = "none",
-    selection: str = "greedy",
-    scores: str = "int8",
-    score_lambda: float | None = None,
-    incremental: bool = False,
+    k: int = UNSET,
+    seed: int = UNSET,
+    sharing: str = UNSET,
+    selection: str = UNSET,
+    scores: str = UNSET,
+    score_lambda: float | None = UNSET,
+    incremental: bool = UNSET,
     strict: bool = False,
     verbose: bool = False,
     report: bool = False,

@@ -40,7 +40,7 @@ from .candidates import (
     selected_values,
     stream_keys,
 )
-from .config import SlotConfig
+from .config import UNSET, SlotConfig
 from .rng import key32
 from .optim import guard_slot_proxies
 from .selection import greedy, sample
@@ -703,8 +703,8 @@ class SlotLinear(_Linear, SeededSlotLayer):
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, *, config: SlotConfig | None = None,
-                 k: int = 8, seed: int = 0, sharing: str = "none", selection: str = "greedy", scores: str = "int8",
-                 score_lambda: float | None = None, incremental: bool = False, candidate_seed: int | None = None,
+                 k: int = UNSET, seed: int = UNSET, sharing: str = UNSET, selection: str = UNSET, scores: str = UNSET,
+                 score_lambda: float | None = UNSET, incremental: bool = UNSET, candidate_seed: int | None = None,
                  device=None) -> None:
         config = SlotConfig.resolve(config, "SlotLinear", k=k, seed=seed, sharing=sharing, selection=selection,
                                     scores=scores, score_lambda=score_lambda, incremental=incremental)
@@ -717,9 +717,9 @@ class SlotConv2d(_Conv, SeededSlotLayer):
     The settings come as ``config`` or as keywords, not both."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
-                 groups: int = 1, bias: bool = False, *, config: SlotConfig | None = None, k: int = 8, seed: int = 0,
-                 sharing: str = "none", selection: str = "greedy", scores: str = "int8",
-                 score_lambda: float | None = None, incremental: bool = False, candidate_seed: int | None = None,
+                 groups: int = 1, bias: bool = False, *, config: SlotConfig | None = None, k: int = UNSET, seed: int = UNSET,
+                 sharing: str = UNSET, selection: str = UNSET, scores: str = UNSET,
+                 score_lambda: float | None = UNSET, incremental: bool = UNSET, candidate_seed: int | None = None,
                  device=None) -> None:
         config = SlotConfig.resolve(config, "SlotConv2d", k=k, seed=seed, sharing=sharing, selection=selection,
                                     scores=scores, score_lambda=score_lambda, incremental=incremental)
@@ -732,8 +732,8 @@ class DenseSlotLinear(_Linear, DenseSlotLayer):
     ``scores`` does not apply)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, *, config: SlotConfig | None = None,
-                 k: int = 8, seed: int = 0, sharing: str = "none", selection: str = "greedy",
-                 score_lambda: float | None = None, candidate_seed: int | None = None, device=None) -> None:
+                 k: int = UNSET, seed: int = UNSET, sharing: str = UNSET, selection: str = UNSET,
+                 score_lambda: float | None = UNSET, candidate_seed: int | None = None, device=None) -> None:
         config = SlotConfig.resolve(config, "DenseSlotLinear", k=k, seed=seed, sharing=sharing, selection=selection,
                                     score_lambda=score_lambda)
         self._setup(DenseSlotLayer, in_features, out_features, bias, config,
@@ -745,8 +745,8 @@ class DenseSlotConv2d(_Conv, DenseSlotLayer):
     ``scores`` does not apply)."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
-                 groups: int = 1, bias: bool = False, *, config: SlotConfig | None = None, k: int = 8, seed: int = 0,
-                 sharing: str = "none", selection: str = "greedy", score_lambda: float | None = None,
+                 groups: int = 1, bias: bool = False, *, config: SlotConfig | None = None, k: int = UNSET, seed: int = UNSET,
+                 sharing: str = UNSET, selection: str = UNSET, score_lambda: float | None = UNSET,
                  candidate_seed: int | None = None, device=None) -> None:
         config = SlotConfig.resolve(config, "DenseSlotConv2d", k=k, seed=seed, sharing=sharing, selection=selection,
                                     score_lambda=score_lambda)
@@ -761,13 +761,13 @@ def _conv_nd_class(dims: int, base, dense: bool):
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
                  groups: int = 1, bias: bool = False, padding_mode: str = "zeros", *,
-                 config: SlotConfig | None = None, k: int = 8, seed: int = 0, sharing: str = "none",
-                 selection: str = "greedy", scores: str = "int8", score_lambda: float | None = None,
+                 config: SlotConfig | None = None, k: int = UNSET, seed: int = UNSET, sharing: str = UNSET,
+                 selection: str = UNSET, scores: str = UNSET, score_lambda: float | None = UNSET,
                  candidate_seed: int | None = None, device=None) -> None:
         settings = dict(k=k, seed=seed, sharing=sharing, selection=selection, score_lambda=score_lambda)
         if not dense:
             settings["scores"] = scores
-        elif scores != "int8":
+        elif scores is not UNSET:
             raise ValueError(f"{name} keeps fp32 scores and candidates; scores does not apply (got {scores!r})")
         config = SlotConfig.resolve(config, name, **settings)
         self._setup(base, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
@@ -815,9 +815,9 @@ class SlotEmbedding(_Embedding, SeededSlotLayer):
     """An nn.Embedding whose entries are chosen among K seeded candidates each. The settings come
     as ``config`` or as keywords, not both."""
 
-    def __init__(self, num_embeddings: int, embedding_dim: int, *, config: SlotConfig | None = None, k: int = 8,
-                 seed: int = 0, sharing: str = "none", selection: str = "greedy", scores: str = "int8",
-                 score_lambda: float | None = None, candidate_seed: int | None = None, device=None) -> None:
+    def __init__(self, num_embeddings: int, embedding_dim: int, *, config: SlotConfig | None = None, k: int = UNSET,
+                 seed: int = UNSET, sharing: str = UNSET, selection: str = UNSET, scores: str = UNSET,
+                 score_lambda: float | None = UNSET, candidate_seed: int | None = None, device=None) -> None:
         config = SlotConfig.resolve(config, "SlotEmbedding", k=k, seed=seed, sharing=sharing, selection=selection,
                                     scores=scores, score_lambda=score_lambda)
         self._setup(SeededSlotLayer, num_embeddings, embedding_dim, config,
@@ -827,8 +827,8 @@ class SlotEmbedding(_Embedding, SeededSlotLayer):
 class DenseSlotEmbedding(_Embedding, DenseSlotLayer):
     """The paper's dense formulation of :class:`SlotEmbedding`."""
 
-    def __init__(self, num_embeddings: int, embedding_dim: int, *, config: SlotConfig | None = None, k: int = 8,
-                 seed: int = 0, sharing: str = "none", selection: str = "greedy", score_lambda: float | None = None,
+    def __init__(self, num_embeddings: int, embedding_dim: int, *, config: SlotConfig | None = None, k: int = UNSET,
+                 seed: int = UNSET, sharing: str = UNSET, selection: str = UNSET, score_lambda: float | None = UNSET,
                  candidate_seed: int | None = None, device=None) -> None:
         config = SlotConfig.resolve(config, "DenseSlotEmbedding", k=k, seed=seed, sharing=sharing,
                                     selection=selection, score_lambda=score_lambda)

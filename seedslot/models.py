@@ -13,7 +13,7 @@ import math
 import torch
 from torch import nn
 
-from .config import SlotConfig
+from .config import UNSET, SlotConfig
 from .convert import slotify_
 from .layers import SlotLayer
 from .rng import torch_seed
@@ -145,16 +145,16 @@ def build(
     name: str,
     *,
     mode: str,
-    k: int = 8,
-    seed: int = 0,
-    sharing: str = "none",
-    selection: str = "greedy",
-    scores: str = "int8",
+    k: int = UNSET,
+    seed: int = UNSET,
+    sharing: str = UNSET,
+    selection: str = UNSET,
+    scores: str = UNSET,
     in_channels: int | None = None,
     num_classes: int = 10,
     input_size: int | None = None,
-    score_lambda: float | None = None,
-    incremental: bool = False,
+    score_lambda: float | None = UNSET,
+    incremental: bool = UNSET,
     config: SlotConfig | dict | None = None,
     width: float = 1.0,
 ) -> nn.Module:

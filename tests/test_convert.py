@@ -103,3 +103,22 @@ def test_slotify_api_semantics_are_explicit():
     with pytest.raises(ValueError, match="already a slot layer with k=2"):
         seedslot.slotify_(model, k=4)
     seedslot.slotify_(model, k=2)  # the same config: nothing to do
+
+
+def test_a_keyword_next_to_a_config_is_refused_even_at_its_default():
+    """Issue 24, item 17: ``SlotLinear(config=SlotConfig(k=4), k=8)`` used to ignore ``k=8`` (the default)."""
+    import seedslot
+    from seedslot.models import build
+
+    config = seedslot.SlotConfig(k=4)
+    every = ({"k": 8}, {"seed": 0}, {"scores": "int8"}, {"score_lambda": None}, {"incremental": False})
+    makers = [(lambda **kw: seedslot.SlotLinear(3, 2, config=config, **kw), every),
+              (lambda **kw: seedslot.slotify_(nn.Sequential(nn.Linear(3, 2)), config, **kw), every),
+              (lambda **kw: build("lenet", mode="seeded", config=config, **kw), every),
+              (lambda **kw: seedslot.SlotConv1d(3, 2, 3, config=config, **kw), ({"k": 8}, {"scores": "int8"})),
+              (lambda **kw: seedslot.DenseSlotConv2d(3, 2, 3, config=config, **kw), ({"k": 8}, {"seed": 0}))]
+    for make, keywords in makers:
+        for kw in keywords:
+            with pytest.raises(ValueError, match=f"not both; got config and {next(iter(kw))}"):
+                make(**kw)
+    assert seedslot.SlotLinear(3, 2, k=8).config.k == 8 and seedslot.SlotLinear(3, 2).config.k == 8
