@@ -29,6 +29,7 @@ and SlotSGD at ``step()``, before changing anything. Ordinary and dense referenc
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Iterable
 
 import torch
@@ -93,26 +94,42 @@ class SlotSGD(Optimizer):
             raise ValueError(f"check must be one of {', '.join(map(repr, CHECKS))}; got {check!r}")
         if not isinstance(foreach, bool):
             raise ValueError(f"foreach must be True or False; got {foreach!r}")
+        self._owners: dict = {}  # proxy Parameter (held by param_groups anyway) -> (weak ref to its layer, part)
         super().__init__(params, {key: v if isinstance(v, bool) else float(v) for key, v in defaults.items()})
         for gi, group in enumerate(self.param_groups):
             _check_group(group, f" in param group {gi}", lr_min_open=True)
         self.check_mode, self.foreach = check, foreach
-        self._pending: _Pending | None = None  # the device-side record of deferred checks since the last read
+        # the device-side record of deferred checks since the last read: made by add_param_group
         self._caches: dict = {}  # host-built index tensors, made once per set of stepped parameters
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        for p in self.param_groups[-1]["params"]:
+            self._owner(p)  # looked up now, on the host: a compiled step then finds it remembered
+        if getattr(self, "_pending", None) is not None:
+            self.check()  # a pending bad step is raised before the rows change
+        self._pending = _Pending.of(self.param_groups)  # made on the host: a compiled step only updates it
+
+    def __getstate__(self) -> dict:  # torch's keeps defaults, state and param_groups; the checks pend on no copy
+        return {**super().__getstate__(), "check_mode": self.check_mode, "foreach": self.foreach}
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("check_mode", "deferred")
+        self.__dict__.setdefault("foreach", True)
+        self.__dict__.setdefault("_pending", _Pending.of(self.param_groups))
+        self.__dict__.setdefault("_caches", {})
+        self.__dict__.setdefault("_owners", {})
 
     def check(self) -> None:
         """Raise the FloatingPointError of the first bad step since the last read, if any (one host
         sync when deferred steps ran since then; nothing otherwise). That step and every later one
         changed nothing on the device; the host-side state (step counts, buffers they created) is
         rolled back here, so the optimizer can go on from the state before the bad step."""
-        pending, self._pending = self._pending, None
+        pending = self._pending
         if pending is None or not pending.unread:
-            self._pending = pending
-            if pending is not None:
-                pending.unread = False
             return
         pending.unread = False
-        self._pending = pending
         if not bool(pending.bad):  # the one host read of a good run
             pending.created.clear()
             return
@@ -178,7 +195,7 @@ class SlotSGD(Optimizer):
                     raise ValueError(f"momentum_buffer of {where} must be a finite float tensor of shape "
                                      f"{tuple(p.shape)}; got {got}")
         super().load_state_dict(state_dict)
-        self._pending = None
+        self._pending = _Pending.of(self.param_groups)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -189,7 +206,7 @@ class SlotSGD(Optimizer):
         # Hyper-parameters are Python numbers: checked on the host, before anything changes.
         for gi, group in enumerate(self.param_groups):
             _check_group(group, f" in param group {gi}")
-        entries = [(gi, pi, group, p, slot_owner(p)) for gi, group in enumerate(self.param_groups)
+        entries = [(gi, pi, group, p, self._owner(p)) for gi, group in enumerate(self.param_groups)
                    for pi, p in enumerate(group["params"]) if p.grad is not None]
         if not entries:
             return loss
@@ -208,6 +225,22 @@ class SlotSGD(Optimizer):
             ok = self._device_check(entries)
         (self._step_foreach if self.foreach else self._step_each)(entries, ok)
         return loss
+
+    def _owner(self, p: torch.Tensor):
+        """:func:`slot_owner`, remembered per proxy: the registry is a weak dictionary, which
+        torch.compile does not trace, so a compiled step looks up only a proxy it has not seen yet.
+        Proxies are expanded 0-dim tensors: an ordinary parameter needs no lookup."""
+        entry = self._owners.get(p)
+        if entry is not None:
+            layer = entry[0]()
+            if layer is not None:
+                return layer, entry[1]
+        if 0 not in p.stride():
+            return None
+        owner = slot_owner(p)
+        if owner is not None:
+            self._owners[p] = (weakref.ref(owner[0]), owner[1])
+        return owner
 
     # ------------------------------------------------------------------ the update
 
@@ -437,6 +470,11 @@ class SlotSGD(Optimizer):
 class _Pending:
     """What deferred checks keep on the device between host reads (fixed shapes: one row per
     parameter of the optimizer, in param-group order)."""
+
+    @staticmethod
+    def of(groups: list) -> "_Pending | None":
+        params = [p for group in groups for p in group["params"]]
+        return _Pending(groups, params[0].device) if params else None
 
     def __init__(self, groups: list, device: torch.device) -> None:
         self.params = [p for group in groups for p in group["params"]]
