@@ -89,6 +89,7 @@ class TrainConfig:
     checkpoint_every_steps: int | None = None  # also save last.ckpt every N steps
     threads: int | None = None  # torch.set_num_threads
     device: str | None = None  # "auto" (CUDA when available), "cpu", "cuda" or "cuda:N"
+    compile: str | None = None  # "off" (default), "default" or "reduce-overhead": torch.compile the step
 
     def slot_config(self) -> SlotConfig:
         """The slot layers' settings of this run (the library's defaults where a field is None)."""
@@ -97,7 +98,7 @@ class TrainConfig:
 
 
 # Fields a resumed run may change; everything else comes from the checkpoint.
-_RESUME_OVERRIDES = ("data_dir", "json", "threads", "checkpoint_every_steps", "epochs", "device")
+_RESUME_OVERRIDES = ("data_dir", "json", "threads", "checkpoint_every_steps", "epochs", "device", "compile")
 
 
 def resolve(config: TrainConfig) -> TrainConfig:
@@ -163,7 +164,9 @@ def resolve(config: TrainConfig) -> TrainConfig:
         batch_size=128 if c.batch_size is None else c.batch_size, lr=float(lr),
         momentum=0.9 if c.momentum is None else float(c.momentum), weight_decay=float(weight_decay),
         lr_milestones=milestones, normalize=c.normalize or _data.DEFAULT_NORMALIZE[c.dataset],
+        compile=c.compile or "off",
     )
+    check_choice("compile", out.compile, COMPILE)
     check_int("batch_size", out.batch_size, 1)
     check_float("lr", out.lr, 0.0, lo_open=True)
     check_float("momentum", out.momentum, 0.0, 1.0)
@@ -483,6 +486,19 @@ def make_model(cfg: TrainConfig, data: _data.Data, ckpt: dict | None) -> nn.Modu
     return model
 
 
+COMPILE = ("off", "default", "reduce-overhead")  # TrainConfig.compile: torch.compile's mode, or none
+
+
+def _compiled(cfg: TrainConfig, net: nn.Module, optimizer: torch.optim.Optimizer):
+    """The forward and the optimizer step the loop calls: as they are with compile "off" (eager,
+    today's bits), else each through ``torch.compile`` in that mode ("reduce-overhead": CUDA graphs
+    on CUDA; SlotSGD's deferred checks keep its step free of host reads)."""
+    if cfg.compile == "off":
+        return net, optimizer.step
+    mode = None if cfg.compile == "default" else cfg.compile
+    return torch.compile(net, mode=mode), torch.compile(optimizer.step, mode=mode)
+
+
 def _build(cfg: TrainConfig, data: _data.Data, ckpt: dict | None, device: torch.device,
            ranks: Ranks) -> tuple[_State, nn.Module]:
     """The model on ``device``, its optimizer and scheduler (at their start), and the module the
@@ -552,6 +568,7 @@ def run(config: TrainConfig, *, progress: bool = True) -> dict:
     elif cfg.finetune_from is not None and ckpt is None:
         ranks.say(f"selected weights before fine-tuning: val {_fmt(*evaluate(model, data.val, data.preprocess))}")
 
+    forward, optimizer_step = _compiled(cfg, net, optimizer)
     interrupted = False
     with _StopOnCtrlC(agree=ranks.world > 1) as stop:
         for epoch in range(pos["epoch"], cfg.epochs):
@@ -565,13 +582,15 @@ def run(config: TrainConfig, *, progress: bool = True) -> dict:
                 x = data.preprocess(data.train.images[idx], flip_generator(cfg.seed, epoch, step))
                 x, y, weight = ranks.shard(x, data.train.labels[idx])  # flips drawn for the global batch
                 optimizer.zero_grad(set_to_none=True)
-                logits = net(x)  # (B / world, classes)
+                logits = forward(x)  # (B / world, classes)
                 loss = F.cross_entropy(logits, y)
                 (loss * weight).backward()  # weight 1 (exact) unless the last batch splits unevenly
-                optimizer.step()
+                optimizer_step()
 
                 # the global batch's tally, and whether any rank was asked to stop
                 done = ranks.sum([loss.item() * len(y), int((logits.argmax(dim=1) == y).sum()), len(y), stop.asked])
+                if isinstance(optimizer, SlotSGD):
+                    optimizer.check()  # the host reads the loss here anyway: a deferred bad step raises now
                 stop.agree(bool(done[3]))
                 tally["loss_sum"] += done[0]
                 tally["correct"] += int(done[1])
