@@ -19,7 +19,20 @@ flip every score); SlotSGD refuses it at construction and, before changing anyth
 whose hyper-parameters (e.g. set by a scheduler) break it.
 
 Like gradients, the update itself is checked before anything changes: a step whose update is not
-an fp32 number (e.g. lr 1e30 times gradients of 1e12) raises FloatingPointError.
+an fp32 number (e.g. lr 1e30 times gradients of 1e12) raises FloatingPointError. By default
+(``check="deferred"``) that check is made on the device, with no host read: a bad step's writes
+become no-ops there (masked gradients and directions, momentum multiplied by 1, weight decay by 1),
+and so do those of every later step until the host reads the verdict, at :meth:`SlotSGD.check` or
+:meth:`SlotSGD.state_dict` (the training loop calls ``check()`` where it reads the loss). The error
+then names the first bad parameter of the first bad step, as ``check="eager"`` does from ``step()``
+(one host sync per step), and the host-side state the skipped steps advanced (step counts, momentum
+buffers they created) is rolled back, so that either mode continues with the same bits. Deferred
+needs all parameters on one device and real floating gradients; other steps are checked eagerly.
+Hyper-parameters are Python numbers: they are checked on the host before anything changes.
+
+``foreach=True`` (default) updates the ordinary parameters and the momentum buffers of every part
+with torch's multi-tensor ops (like torch.optim.SGD's foreach): launches per param group, not per
+layer. Each score storage's update stays one call per part (``layer.update_scores``).
 
 Building the first seeded layer registers a global optimizer step pre-hook: any other optimizer
 (torch.optim.SGD, Adam, ...) that holds a seeded layer's proxy parameter raises TypeError naming it
