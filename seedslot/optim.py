@@ -112,7 +112,7 @@ class SlotSGD(Optimizer):
         for gi, group in enumerate(self.param_groups):
             _check_group(group, f" in param group {gi}", lr_min_open=True)
         self.check_mode, self.foreach = check, foreach
-        # the device-side record of deferred checks since the last read: made by add_param_group
+        # self._pending, the device-side record of deferred checks since the last read: made by add_param_group
         self._caches: dict = {}  # host-built index tensors, made once per set of stepped parameters
 
     def add_param_group(self, param_group: dict) -> None:
@@ -145,6 +145,7 @@ class SlotSGD(Optimizer):
         pending.unread = False
         if not bool(pending.bad):  # the one host read of a good run
             pending.created.clear()
+            pending.fresh.clear()
             return
         rows, skipped = pending.snap.tolist(), pending.skipped.tolist()
         created = pending.created_bad.tolist()
@@ -167,9 +168,10 @@ class SlotSGD(Optimizer):
                     del state["step"]
             if created[i] and i in pending.created:
                 state.pop("momentum_buffer", None)
-            if not state:
+            if skipped[i] and i in pending.fresh and not state:  # an entry a skipped step made
                 del self.state[p]
         pending.created.clear()
+        pending.fresh.clear()
         pending.bad.fill_(False)
         pending.skipped.zero_()
         pending.created_bad.fill_(False)
@@ -415,6 +417,7 @@ class SlotSGD(Optimizer):
             pending = self._pending = _Pending(self.param_groups, device)
         index = {id(p): i for i, p in enumerate(params)}
         rows = [index[id(p)] for _, _, _, p, _ in entries]
+        pending.fresh.update(i for i, (_, _, _, p, _) in zip(rows, entries) if p not in self.state)
         norms = torch._foreach_norm([p.grad for _, _, _, p, _ in entries], math.inf)
         zero = norms[0].new_zeros(())
         bufs, plains = [], []  # (entry index, tensor)
@@ -500,6 +503,7 @@ class _Pending:
         self.skipped = torch.zeros(n, dtype=torch.int64, device=device)  # steps the device skipped per param
         self.created_bad = torch.zeros(n, dtype=torch.bool, device=device)  # buffer made by a skipped step
         self.created: set[int] = set()  # rows whose momentum buffer was made since the last read
+        self.fresh: set[int] = set()  # rows that had no optimizer state at the last read
         self.unread = False
 
 
