@@ -423,3 +423,33 @@ def test_check_and_foreach_arguments_are_checked():
         ss.SlotSGD(params, lr=0.1, check="later")
     with pytest.raises(ValueError, match="foreach must be True or False"):
         ss.SlotSGD(ss.SlotLinear(4, 3, k=2).parameters(), lr=0.1, foreach=1)
+
+
+def _optimizer_ops(plain_layers: int, momentum: float, wd: float) -> int:
+    """ATen operators (views aside) one steady-state SlotSGD.step dispatches for a seeded layer
+    followed by ``plain_layers`` ordinary linears."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.count += not func.is_view
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    model = nn.Sequential(ss.SlotLinear(5, 4, k=2, seed=1, scores="implicit"), *(nn.Linear(4, 4) for _ in range(plain_layers)))
+    opt = ss.SlotSGD(model.parameters(), lr=0.1, momentum=momentum, weight_decay=wd)
+    for _ in range(2):
+        opt.zero_grad()
+        model(torch.randn(3, 5)).sum().backward()
+        with Ops() as ops:
+            opt.step()
+    return ops.count
+
+
+@pytest.mark.parametrize("momentum, wd", [(0.0, 0.0), (0.9, 0.01)])
+def test_optimizer_ops_per_step_do_not_grow_with_ordinary_layers(momentum, wd):
+    # deferred checks and the multi-tensor form: the gradients, ordinary parameters and momentum
+    # buffers of any number of layers take the same operators (each seeded part adds its update)
+    assert _optimizer_ops(1, momentum, wd) == _optimizer_ops(4, momentum, wd)
