@@ -276,7 +276,7 @@ class SlotSGD(Optimizer):
                     buf = state["momentum_buffer"] = torch.clone(g).detach()
                     self._created(p, ok)
                 else:
-                    buf.mul_(mom if ok is None else _keep(ok, mom)).add_(g)
+                    buf.mul_(mom if ok is None else _keep(ok, mom, buf.dtype)).add_(g)
                 d = g.add(buf, alpha=mom) if nesterov else buf
             else:
                 d = g
@@ -326,7 +326,7 @@ class SlotSGD(Optimizer):
                     olds.append(buf)
                 bufs[i] = buf
             if olds:
-                torch._foreach_mul_(olds, mom if ok is None else _keep(ok, mom))
+                torch._foreach_mul_(olds, mom if ok is None else _keep(ok, mom, olds[0].dtype))
                 torch._foreach_add_(olds, [grads[i] for i in old])
             dirs = torch._foreach_add(grads, bufs, alpha=mom) if nesterov else bufs
         else:
@@ -392,11 +392,13 @@ class SlotSGD(Optimizer):
                 )
 
     def _deferrable(self, entries: list) -> bool:
-        """Whether this step can be checked on the device: real floating tensors on one device, and
-        storages whose weight decay :func:`_decay` knows."""
-        device = entries[0][3].device
+        """Whether this step can be checked on the device: gradients of one dtype, fp32 or fp64 (see
+        :func:`_keep`), on one device, and storages whose weight decay :func:`_decay` knows."""
+        device, dtype = entries[0][3].device, entries[0][3].grad.dtype
+        if dtype not in (torch.float32, torch.float64):
+            return False
         for _, _, group, p, owner in entries:
-            if p.device != device or not p.grad.dtype.is_floating_point or p.grad.is_complex():
+            if p.device != device or p.grad.dtype != dtype or p.dtype != dtype:
                 return False
             if owner is not None and group["weight_decay"] and owner[0].storage.name not in _DECAYS:
                 return False
@@ -507,9 +509,11 @@ class _Pending:
         self.unread = False
 
 
-def _keep(ok: torch.Tensor, factor: float) -> torch.Tensor:
-    """0-dim fp32 ``factor`` where ``ok``, else 1.0 (a multiplication that keeps its tensor)."""
-    return torch.where(ok, factor, 1.0)
+def _keep(ok: torch.Tensor, factor: float, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """0-dim ``factor`` where ``ok``, else 1.0 (a multiplication that keeps its tensor). In fp32 or
+    fp64, multiplying by it gives the bits of multiplying by the Python number (which torch rounds to
+    the tensor's dtype); not so in half precision, which deferred checks therefore leave out."""
+    return torch.where(ok, torch.full((), factor, dtype=dtype, device=ok.device), 1.0)
 
 
 def _decay_fp32(layer, part, f):

@@ -453,3 +453,19 @@ def test_optimizer_ops_per_step_do_not_grow_with_ordinary_layers(momentum, wd):
     # deferred checks and the multi-tensor form: the gradients, ordinary parameters and momentum
     # buffers of any number of layers take the same operators (each seeded part adds its update)
     assert _optimizer_ops(1, momentum, wd) == _optimizer_ops(4, momentum, wd)
+
+
+def test_deferred_checks_give_eager_bits_in_float64():
+    # the momentum factor is a tensor on the deferred path: in fp64 it must hold the double itself
+    def run(check):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+        opt = ss.SlotSGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.01, check=check)
+        g = torch.Generator().manual_seed(1)
+        for _ in range(3):
+            opt.zero_grad()
+            model(torch.randn(3, 5, generator=g, dtype=torch.float64)).square().sum().backward()
+            opt.step()
+        return [p.detach().clone() for p in model.parameters()]
+
+    assert all(torch.equal(a, b) for a, b in zip(run("eager"), run("deferred")))
