@@ -19,7 +19,20 @@ flip every score); SlotSGD refuses it at construction and, before changing anyth
 whose hyper-parameters (e.g. set by a scheduler) break it.
 
 Like gradients, the update itself is checked before anything changes: a step whose update is not
-an fp32 number (e.g. lr 1e30 times gradients of 1e12) raises FloatingPointError.
+an fp32 number (e.g. lr 1e30 times gradients of 1e12) raises FloatingPointError. By default
+(``check="deferred"``) that check is made on the device, with no host read: a bad step's writes
+become no-ops there (masked gradients and directions, momentum multiplied by 1, weight decay by 1),
+and so do those of every later step until the host reads the verdict, at :meth:`SlotSGD.check` or
+:meth:`SlotSGD.state_dict` (the training loop calls ``check()`` where it reads the loss). The error
+then names the first bad parameter of the first bad step, as ``check="eager"`` does from ``step()``
+(one host sync per step), and the host-side state the skipped steps advanced (step counts, momentum
+buffers they created) is rolled back, so that either mode continues with the same bits. Deferred
+needs all parameters on one device and real floating gradients; other steps are checked eagerly.
+Hyper-parameters are Python numbers: they are checked on the host before anything changes.
+
+``foreach=True`` (default) updates the ordinary parameters and the momentum buffers of every part
+with torch's multi-tensor ops (like torch.optim.SGD's foreach): launches per param group, not per
+layer. Each score storage's update stays one call per part (``layer.update_scores``).
 
 Building the first seeded layer registers a global optimizer step pre-hook: any other optimizer
 (torch.optim.SGD, Adam, ...) that holds a seeded layer's proxy parameter raises TypeError naming it
@@ -29,6 +42,7 @@ and SlotSGD at ``step()``, before changing anything. Ordinary and dense referenc
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Iterable
 
 import torch
@@ -93,28 +107,45 @@ class SlotSGD(Optimizer):
             raise ValueError(f"check must be one of {', '.join(map(repr, CHECKS))}; got {check!r}")
         if not isinstance(foreach, bool):
             raise ValueError(f"foreach must be True or False; got {foreach!r}")
+        self._owners: dict = {}  # proxy Parameter (held by param_groups anyway) -> (weak ref to its layer, part)
         super().__init__(params, {key: v if isinstance(v, bool) else float(v) for key, v in defaults.items()})
         for gi, group in enumerate(self.param_groups):
             _check_group(group, f" in param group {gi}", lr_min_open=True)
         self.check_mode, self.foreach = check, foreach
-        self._pending: _Pending | None = None  # the device-side record of deferred checks since the last read
+        # self._pending, the device-side record of deferred checks since the last read: made by add_param_group
         self._caches: dict = {}  # host-built index tensors, made once per set of stepped parameters
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        for p in self.param_groups[-1]["params"]:
+            self._owner(p)  # looked up now, on the host: a compiled step then finds it remembered
+        if getattr(self, "_pending", None) is not None:
+            self.check()  # a pending bad step is raised before the rows change
+        self._pending = _Pending.of(self.param_groups)  # made on the host: a compiled step only updates it
+
+    def __getstate__(self) -> dict:  # torch's keeps defaults, state and param_groups; the checks pend on no copy
+        return {**super().__getstate__(), "check_mode": self.check_mode, "foreach": self.foreach}
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("check_mode", "deferred")
+        self.__dict__.setdefault("foreach", True)
+        self.__dict__.setdefault("_pending", _Pending.of(self.param_groups))
+        self.__dict__.setdefault("_caches", {})
+        self.__dict__.setdefault("_owners", {})
 
     def check(self) -> None:
         """Raise the FloatingPointError of the first bad step since the last read, if any (one host
         sync when deferred steps ran since then; nothing otherwise). That step and every later one
         changed nothing on the device; the host-side state (step counts, buffers they created) is
         rolled back here, so the optimizer can go on from the state before the bad step."""
-        pending, self._pending = self._pending, None
+        pending = self._pending
         if pending is None or not pending.unread:
-            self._pending = pending
-            if pending is not None:
-                pending.unread = False
             return
         pending.unread = False
-        self._pending = pending
         if not bool(pending.bad):  # the one host read of a good run
             pending.created.clear()
+            pending.fresh.clear()
             return
         rows, skipped = pending.snap.tolist(), pending.skipped.tolist()
         created = pending.created_bad.tolist()
@@ -137,9 +168,10 @@ class SlotSGD(Optimizer):
                     del state["step"]
             if created[i] and i in pending.created:
                 state.pop("momentum_buffer", None)
-            if not state:
+            if skipped[i] and i in pending.fresh and not state:  # an entry a skipped step made
                 del self.state[p]
         pending.created.clear()
+        pending.fresh.clear()
         pending.bad.fill_(False)
         pending.skipped.zero_()
         pending.created_bad.fill_(False)
@@ -178,7 +210,7 @@ class SlotSGD(Optimizer):
                     raise ValueError(f"momentum_buffer of {where} must be a finite float tensor of shape "
                                      f"{tuple(p.shape)}; got {got}")
         super().load_state_dict(state_dict)
-        self._pending = None
+        self._pending = _Pending.of(self.param_groups)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -189,7 +221,7 @@ class SlotSGD(Optimizer):
         # Hyper-parameters are Python numbers: checked on the host, before anything changes.
         for gi, group in enumerate(self.param_groups):
             _check_group(group, f" in param group {gi}")
-        entries = [(gi, pi, group, p, slot_owner(p)) for gi, group in enumerate(self.param_groups)
+        entries = [(gi, pi, group, p, self._owner(p)) for gi, group in enumerate(self.param_groups)
                    for pi, p in enumerate(group["params"]) if p.grad is not None]
         if not entries:
             return loss
@@ -209,13 +241,29 @@ class SlotSGD(Optimizer):
         (self._step_foreach if self.foreach else self._step_each)(entries, ok)
         return loss
 
+    def _owner(self, p: torch.Tensor):
+        """:func:`slot_owner`, remembered per proxy: the registry is a weak dictionary, which
+        torch.compile does not trace, so a compiled step looks up only a proxy it has not seen yet.
+        Proxies are expanded 0-dim tensors: an ordinary parameter needs no lookup."""
+        entry = self._owners.get(p)
+        if entry is not None:
+            layer = entry[0]()
+            if layer is not None:
+                return layer, entry[1]
+        if 0 not in p.stride():
+            return None
+        owner = slot_owner(p)
+        if owner is not None:
+            self._owners[p] = (weakref.ref(owner[0]), owner[1])
+        return owner
+
     # ------------------------------------------------------------------ the update
 
     def _step_each(self, entries: list, ok: torch.Tensor | None) -> None:
         """The update, one parameter at a time. ``ok`` (deferred checks): a 0-dim bool; where it is
         False every write below leaves its tensor as it was."""
         for _, _, group, p, owner in entries:
-            lr, mom, wd, nesterov = group["lr"], group["momentum"], group["weight_decay"], group["nesterov"]
+            mom, wd, nesterov = group["momentum"], group["weight_decay"], group["nesterov"]
             g = p.grad
             if owner is None and wd:
                 g = g.add(p, alpha=wd)
@@ -228,7 +276,7 @@ class SlotSGD(Optimizer):
                     buf = state["momentum_buffer"] = torch.clone(g).detach()
                     self._created(p, ok)
                 else:
-                    buf.mul_(mom if ok is None else _keep(ok, mom)).add_(g)
+                    buf.mul_(mom if ok is None else _keep(ok, mom, buf.dtype)).add_(g)
                 d = g.add(buf, alpha=mom) if nesterov else buf
             else:
                 d = g
@@ -278,7 +326,7 @@ class SlotSGD(Optimizer):
                     olds.append(buf)
                 bufs[i] = buf
             if olds:
-                torch._foreach_mul_(olds, mom if ok is None else _keep(ok, mom))
+                torch._foreach_mul_(olds, mom if ok is None else _keep(ok, mom, olds[0].dtype))
                 torch._foreach_add_(olds, [grads[i] for i in old])
             dirs = torch._foreach_add(grads, bufs, alpha=mom) if nesterov else bufs
         else:
@@ -317,11 +365,8 @@ class SlotSGD(Optimizer):
         held = {}  # entry index -> (indices of its part's float state, scale of int8 levels): bounds the state after
         for i, (_, _, group, p, owner) in enumerate(entries):
             if owner is not None:
-                names = [f"{owner[1]}_{what}" for what in ("scores", "scale", "drift")]  # what an update changes
-                own = [b for b in map(owner[0]._buffers.get, names) if b is not None]
-                floats = [b for b in own if b.dtype.is_floating_point]
-                held[i] = (list(range(len(tensors), len(tensors) + len(floats))),
-                           127.0 if any(b.dtype == torch.int8 for b in own) else 1.0)
+                floats, levels = owner[0].storage.moved(*owner)
+                held[i] = (list(range(len(tensors), len(tensors) + len(floats))), levels)
                 tensors += floats
             buf = self.state.get(p, {}).get("momentum_buffer") if group["momentum"] else None
             plain = owner is None
@@ -356,13 +401,13 @@ class SlotSGD(Optimizer):
                 )
 
     def _deferrable(self, entries: list) -> bool:
-        """Whether this step can be checked on the device: real floating tensors on one device, and
-        storages whose weight decay :func:`_decay` knows."""
-        device = entries[0][3].device
+        """Whether this step can be checked on the device: gradients of one dtype, fp32 or fp64 (see
+        :func:`_keep`), on one device, and storages whose weight decay :func:`_decay` knows."""
+        device, dtype = entries[0][3].device, entries[0][3].grad.dtype
+        if dtype not in (torch.float32, torch.float64):
+            return False
         for _, _, group, p, owner in entries:
-            if p.device != device or not p.grad.dtype.is_floating_point or p.grad.is_complex():
-                return False
-            if owner is not None and group["weight_decay"] and owner[0].storage.name not in _DECAYS:
+            if p.device != device or p.grad.dtype != dtype or p.dtype != dtype:
                 return False
         return True
 
@@ -381,6 +426,7 @@ class SlotSGD(Optimizer):
             pending = self._pending = _Pending(self.param_groups, device)
         index = {id(p): i for i, p in enumerate(params)}
         rows = [index[id(p)] for _, _, _, p, _ in entries]
+        pending.fresh.update(i for i, (_, _, _, p, _) in zip(rows, entries) if p not in self.state)
         norms = torch._foreach_norm([p.grad for _, _, _, p, _ in entries], math.inf)
         zero = norms[0].new_zeros(())
         bufs, plains = [], []  # (entry index, tensor)
@@ -395,14 +441,23 @@ class SlotSGD(Optimizer):
             if found:
                 for (i, _), m in zip(found, torch._foreach_norm([t for _, t in found], math.inf)):
                     out[i] = m
-        stack = torch.stack([torch.stack(norms), torch.stack(b_max), torch.stack(p_max)]).to(torch.float64)
+        # the state an update moves (scores, scales, drifts), bounded after the step as _check_updates does
+        s_max, levels = [zero] * len(entries), [1.0] * len(entries)
+        moved = [(i, *e[4][0].storage.moved(*e[4])) for i, e in enumerate(entries) if e[4] is not None]
+        flat = [t for _, ts, _ in moved for t in ts]
+        if flat:
+            maxes = iter(torch._foreach_norm(flat, math.inf))
+            for i, ts, lv in moved:
+                s_max[i], levels[i] = torch.stack([next(maxes).to(zero.dtype) for _ in ts]).amax(), lv
+        stack = torch.stack([torch.stack(norms), torch.stack(b_max), torch.stack(p_max),
+                             torch.stack(s_max)]).to(torch.float64)
         cols, start = [], 0  # per param group: the same arithmetic as _check_updates, in float64
         while start < len(entries):
             group = entries[start][2]
             end = start
             while end < len(entries) and entries[end][2] is group:
                 end += 1
-            gm, bm, pm = stack[:, start:end]
+            gm, bm, pm, sm = stack[:, start:end]
             lr, mom, wd = group["lr"], group["momentum"], group["weight_decay"]
             g = gm + wd * pm if wd else gm
             buf = mom * bm + g if mom else torch.zeros_like(g)  # bm is 0 where there is no buffer yet
@@ -410,7 +465,11 @@ class SlotSGD(Optimizer):
             sigma = self._cached(("sigma", tuple(max(1.0, e[4][0].sigma if e[4] is not None else 1.0)
                                                  for e in entries[start:end])), device, torch.float64)
             update = lr * d * sigma
-            bad = ~torch.isfinite(gm) | ~((buf < _FP32_MAX) & (d < _FP32_MAX) & (update < _FP32_MAX))
+            lv = self._cached(("levels", tuple(levels[start:end])), device, torch.float64)
+            # |state| after the step, at most: an int8 grid may coarsen its scale by up to twice the update
+            after = torch.where(lv > 1, lv * (sm + 2.0 * update), sm + update)
+            bad = ~torch.isfinite(gm) | ~((buf < _FP32_MAX) & (d < _FP32_MAX) & (update < _FP32_MAX)
+                                          & (after < _FP32_MAX))
             cols.append(torch.stack([gm, d, torch.full_like(gm, lr), bad.to(torch.float64)], -1))
             start = end
         step_rows = torch.cat(cols) if len(cols) > 1 else cols[0]
@@ -450,6 +509,11 @@ class _Pending:
     """What deferred checks keep on the device between host reads (fixed shapes: one row per
     parameter of the optimizer, in param-group order)."""
 
+    @staticmethod
+    def of(groups: list) -> "_Pending | None":
+        params = [p for group in groups for p in group["params"]]
+        return _Pending(groups, params[0].device) if params else None
+
     def __init__(self, groups: list, device: torch.device) -> None:
         self.params = [p for group in groups for p in group["params"]]
         self.where = [f"parameter {pi} of param group {gi}" for gi, group in enumerate(groups)
@@ -461,41 +525,20 @@ class _Pending:
         self.skipped = torch.zeros(n, dtype=torch.int64, device=device)  # steps the device skipped per param
         self.created_bad = torch.zeros(n, dtype=torch.bool, device=device)  # buffer made by a skipped step
         self.created: set[int] = set()  # rows whose momentum buffer was made since the last read
+        self.fresh: set[int] = set()  # rows that had no optimizer state at the last read
         self.unread = False
 
 
-def _keep(ok: torch.Tensor, factor: float) -> torch.Tensor:
-    """0-dim fp32 ``factor`` where ``ok``, else 1.0 (a multiplication that keeps its tensor)."""
-    return torch.where(ok, factor, 1.0)
-
-
-def _decay_fp32(layer, part, f):
-    getattr(layer, f"{part}_scores").mul_(f)
-
-
-def _decay_int8(layer, part, f):
-    # as Int8Scores.update: through the scale, and scores below the normal fp32 range become 0
-    scores, scale = getattr(layer, f"{part}_scores"), getattr(layer, f"{part}_scale")
-    scale.mul_(f)
-    small = (f != 1.0) & (scale < torch.finfo(torch.float32).tiny)
-    scores.masked_fill_(small, 0)
-    scale.copy_(torch.where(small, layer.score_lambda * layer.sigma / 127.0, scale))
-
-
-def _decay_implicit(layer, part, f):
-    getattr(layer, f"{part}_drift").mul_(f)
-    getattr(layer, f"{part}_scale").mul_(f)
-
-
-# Decoupled weight decay on the device, per storage: what each storage's update does first for a
-# Python ``weight_decay`` (the storage interface takes Python numbers, so a step whose decision is
-# on the device cannot ask it to skip the decay). Bit-equal to the storages' own (tested).
-_DECAYS = {"fp32": _decay_fp32, "int8": _decay_int8, "implicit": _decay_implicit}
+def _keep(ok: torch.Tensor, factor: float, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """0-dim ``factor`` where ``ok``, else 1.0 (a multiplication that keeps its tensor). In fp32 or
+    fp64, multiplying by it gives the bits of multiplying by the Python number (which torch rounds to
+    the tensor's dtype); not so in half precision, which deferred checks therefore leave out."""
+    return torch.where(ok, torch.full((), factor, dtype=dtype, device=ok.device), 1.0)
 
 
 def _decay(layer, part: str, ok: torch.Tensor, shrink: float) -> None:
     """Multiply the part's scores by ``shrink`` where ``ok`` (a 0-dim bool), else leave them."""
-    _DECAYS[layer.storage.name](layer, part, _keep(ok, shrink))
+    layer.storage.decay(layer, part, _keep(ok, shrink))
 
 
 def _reject_slot_proxies(optimizer: Optimizer, args, kwargs) -> None:

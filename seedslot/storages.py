@@ -115,6 +115,16 @@ class ScoreStorage:
         by ``(1 - lr * weight_decay)``; ``step`` keys stochastic rounding."""
         raise NotImplementedError
 
+    def decay(self, layer: nn.Module, part: str, factor: torch.Tensor) -> None:
+        """Multiply every score of a part by the 0-dim ``factor`` on the device (no host read): the
+        decoupled weight decay of an update, for an optimizer that decides it on the device."""
+        raise NotImplementedError
+
+    def moved(self, layer: nn.Module, part: str) -> tuple[list[torch.Tensor], float]:
+        """The float tensors an update moves, and how many of their units one real score unit can
+        take (int8 levels: 127, else 1): what bounds the state after a step."""
+        raise NotImplementedError
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
 
@@ -163,10 +173,20 @@ class _Stored(ScoreStorage):
         return scores.to(torch.float32) * scale
 
 
+    def moved(self, layer, part):
+        scores, scale = self.tensors(layer, part)
+        if scores.dtype.is_floating_point:
+            return [scores, scale], 1.0
+        return [scale], 127.0
+
+
 class Fp32Scores(_Stored):
     """K fp32 scores per connection, for ablations."""
 
     name = "fp32"
+
+    def decay(self, layer, part, factor):
+        self.tensors(layer, part).scores.mul_(factor)
 
     def update(self, layer, part, direction, lr, weight_decay, step):
         scores, _ = self.stored(layer, part)
@@ -187,6 +207,14 @@ class Int8Scores(_Stored):
         scores, _ = self.stored(layer, part)
         got = greedy_values(scores, _offset(layer, part), layer.candidate_keys)  # index and value in one pass
         return got if got is not None else super().greedy(layer, part)
+
+    def decay(self, layer, part, factor):
+        # as update's: through the scale, and scores below the normal fp32 range become 0
+        scores, scale = self.tensors(layer, part)
+        scale.mul_(factor)
+        small = (factor != 1.0) & (scale < torch.finfo(torch.float32).tiny)
+        scores.masked_fill_(small, 0)
+        scale.copy_(torch.where(small, layer.score_lambda * layer.sigma / 127.0, scale))
 
     def update(self, layer, part, direction, lr, weight_decay, step):
         scores, scale = self.stored(layer, part)
@@ -268,6 +296,14 @@ class ImplicitScores(ScoreStorage):
 
     def scores(self, layer, part):
         return ops.implicit_scores(*self._kernel_args(layer, part))
+
+    def decay(self, layer, part, factor):
+        drift, scale = self.tensors(layer, part)[:2]
+        drift.mul_(factor)
+        scale.mul_(factor)
+
+    def moved(self, layer, part):
+        return list(self.tensors(layer, part)[:2]), 1.0
 
     def update(self, layer, part, direction, lr, weight_decay, step):
         # s = c*s0 - A*W: shrinking scales c and A, the step adds to A

@@ -9,7 +9,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import seedslot as ss
-from seedslot import candidates as C
 from seedslot.ops import _chunks
 
 

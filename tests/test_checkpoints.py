@@ -96,7 +96,7 @@ def test_round_trip_restores_training_exactly(tmp_path):
 def test_payload_with_arbitrary_objects_is_refused_before_writing(tmp_path):
     path = tmp_path / "c.ckpt"
     for bad, where in (({"model": nn.Linear(2, 2)}, "['model']"), ({"x": [1, {"f": print}]}, "['x'][1]['f']")):
-        with pytest.raises(ValueError, match=rf"payload\[.*: must hold only tensors") as info:
+        with pytest.raises(ValueError, match=r"payload\[.*: must hold only tensors") as info:
             save_checkpoint(path, bad)
         assert where in str(info.value)
     with pytest.raises(ValueError, match="payload must be a dict"):

@@ -446,3 +446,49 @@ def test_a_huge_lr_never_stores_inf_and_an_error_changes_nothing(scores, lr):
             opt.zero_grad()
         state = [v for v in model.state_dict().values() if isinstance(v, torch.Tensor)]
         assert all(bool(torch.isfinite(v.float()).all()) for v in state)
+
+
+def _optimizer_ops(plain_layers: int, momentum: float, wd: float) -> int:
+    """ATen operators (views aside) one steady-state SlotSGD.step dispatches for a seeded layer
+    followed by ``plain_layers`` ordinary linears."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.count += not func.is_view
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    model = nn.Sequential(ss.SlotLinear(5, 4, k=2, seed=1, scores="implicit"), *(nn.Linear(4, 4) for _ in range(plain_layers)))
+    opt = ss.SlotSGD(model.parameters(), lr=0.1, momentum=momentum, weight_decay=wd)
+    for _ in range(2):
+        opt.zero_grad()
+        model(torch.randn(3, 5)).sum().backward()
+        with Ops() as ops:
+            opt.step()
+    return ops.count
+
+
+@pytest.mark.parametrize("momentum, wd", [(0.0, 0.0), (0.9, 0.01)])
+def test_optimizer_ops_per_step_do_not_grow_with_ordinary_layers(momentum, wd):
+    # deferred checks and the multi-tensor form: the gradients, ordinary parameters and momentum
+    # buffers of any number of layers take the same operators (each seeded part adds its update)
+    assert _optimizer_ops(1, momentum, wd) == _optimizer_ops(4, momentum, wd)
+
+
+def test_deferred_checks_give_eager_bits_in_float64():
+    # the momentum factor is a tensor on the deferred path: in fp64 it must hold the double itself
+    def run(check):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+        opt = ss.SlotSGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.01, check=check)
+        g = torch.Generator().manual_seed(1)
+        for _ in range(3):
+            opt.zero_grad()
+            model(torch.randn(3, 5, generator=g, dtype=torch.float64)).square().sum().backward()
+            opt.step()
+        return [p.detach().clone() for p in model.parameters()]
+
+    assert all(torch.equal(a, b) for a, b in zip(run("eager"), run("deferred")))

@@ -25,11 +25,15 @@ import re
 import statistics
 import sys
 import time
+import warnings
+from copy import deepcopy
 from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from . import bench_ddp
 from .devices import DEVICE_HELP, resolve_device
@@ -358,9 +362,10 @@ def _rounds(trainers: dict[str, Trainer], repeats: int, n_steps: dict[str, int],
 def _profile(trainers: dict[str, Trainer], repeats: int, n_steps: dict[str, int], device: str) -> dict[str, Any]:
     """Per mode: the seconds of each of :data:`SEGMENTS` (per round the median over its steps, then
     the median over rounds, interleaved as in the timing), and torch.profiler's events by self time
-    over one measurement's steps, with the self time of all of them: operators, and annotated
-    regions such as ``Optimizer.step`` whose self time is the Python inside them (what is left of a
-    step is Python outside any event, and numba, which the profiler does not see)."""
+    over one measurement's steps (the busiest eight, and the ``Optimizer.step`` region whatever its
+    rank), with the self time of all of them: operators, and annotated regions such as
+    ``Optimizer.step`` whose self time is the Python inside them (what is left of a step is Python
+    outside any event, and numba, which the profiler does not see); and :func:`_host_counts`."""
     from torch.profiler import ProfilerActivity, profile
 
     def segments(t: Trainer, n: int) -> tuple[float, ...]:
@@ -375,14 +380,84 @@ def _profile(trainers: dict[str, Trainer], repeats: int, n_steps: dict[str, int]
             wall = sum(t.step() for _ in range(n)) / n
         events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
         out[m] = dict(
+            **_host_counts(t, device),
             segments=dict(zip(SEGMENTS, map(statistics.median, zip(*seconds[m])))),
             profiled_step_seconds=wall,
             event_self_seconds=sum(e.self_cpu_time_total for e in events) * 1e-6 / n,
             top_ops=[dict(name=e.key, self_seconds=e.self_cpu_time_total * 1e-6 / n, calls=e.count / n,
                           **({"device_seconds": e.self_device_time_total * 1e-6 / n} if cuda else {}))
-                     for e in events[:8]],
+                     for e in events[:8] + [e for e in events[8:] if e.key.startswith("Optimizer.step#")]],
         )
     return out
+
+
+HOST_READS = ("item", "tolist", "numpy", "__bool__", "__float__", "__int__", "__index__")
+
+
+class _HostReads(TorchFunctionMode):
+    """Counts the calls that read a tensor's value into Python (:data:`HOST_READS`): on CUDA each
+    is a synchronisation; on the CPU, where nothing needs one, they are what would be."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") in HOST_READS:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+class _Dispatched(TorchDispatchMode):
+    """Counts the ATen operators dispatched (a multi-tensor op is one; what torch.compile fused
+    runs eagerly under the mode and counts as its eager operators)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _host_counts(t: Trainer, device: str, steps: int = 2) -> dict[str, Any]:
+    """What keeps the host in a steady-state step of ``t``: host syncs per step (CUDA: what
+    torch.cuda's sync debug mode reports; CPU: the :data:`HOST_READS` calls), graph breaks of
+    ``torch._dynamo.explain`` over a whole training step and over the optimizer's step alone (on
+    a copy of the trainer, after an eager step), and ATen operators dispatched per step."""
+    t.step()  # steady state: momentum buffers exist, caches are filled
+    if device.startswith("cuda"):
+        before = torch.cuda.get_sync_debug_mode()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                for _ in range(steps):
+                    t.step()
+            finally:
+                torch.cuda.set_sync_debug_mode(before)
+        syncs, counted = sum("synchroniz" in str(w.message) for w in caught), "torch.cuda sync debug mode"
+    else:
+        reads = _HostReads()
+        with reads:
+            for _ in range(steps):
+                t.step()
+        syncs, counted = reads.count, "host reads: Tensor." + "/".join(HOST_READS)
+    ops = _Dispatched()
+    with ops:
+        t.step()
+    twin = deepcopy(t)  # model and optimizer copied together: the optimizer holds the copy's parameters
+    twin.step()  # the copied layers register their proxies eagerly
+    torch._dynamo.reset()
+    whole = torch._dynamo.explain(twin.step)()
+    twin.optimizer.zero_grad(set_to_none=True)
+    F.cross_entropy(twin.model(twin.x), twin.y).backward()
+    opt = torch._dynamo.explain(twin.optimizer.step)()
+    torch._dynamo.reset()
+    return dict(host_syncs_per_step=syncs / steps, host_syncs_counted=counted,
+                graph_breaks_per_step=whole.graph_break_count, optimizer_graph_breaks=opt.graph_break_count,
+                dispatched_ops_per_step=ops.count)
 
 
 def median_seconds(fn, repeats: int, device: str = "cpu") -> float:
@@ -499,6 +574,15 @@ def _profile_report(prof: dict[str, Any]) -> str:
     cols = (*SEGMENTS, "total")
     text = ("where a step goes: ms of each part, medians (total: their sum)" + (" (x learned)" if base else "") + "\n"
             + _table(["mode", *cols], [[m, *(cell(p["segments"], s) for s in cols)] for m, p in prof.items()]))
+    if all("host_syncs_per_step" in p for p in prof.values()):
+        ref = prof.get("learned")
+        text += ("\n\nwhat keeps the host in a step, per step (" + next(iter(prof.values()))["host_syncs_counted"]
+                 + "; graph breaks from torch._dynamo.explain)\n" + _table(
+                     ["mode", "host syncs", "graph breaks: step", "optimizer step", "dispatched ops"],
+                     [[m, f"{p['host_syncs_per_step']:g}", p["graph_breaks_per_step"], p["optimizer_graph_breaks"],
+                       f"{p['dispatched_ops_per_step']}" + (f" ({p['dispatched_ops_per_step'] / ref['dispatched_ops_per_step']:.2f}x)"
+                                                             if ref and ref["dispatched_ops_per_step"] else "")]
+                      for m, p in prof.items()]))
     for m, p in prof.items():
         ops = ", ".join(f"{o['name']} {o['self_seconds'] * 1e3:.3f} ms ({o['calls']:g} calls)" for o in p["top_ops"][:5])
         text += (f"\n{m}, torch.profiler per step: events' self time {p['event_self_seconds'] * 1e3:.3f} ms of "

@@ -22,6 +22,8 @@ from ..storages import SCORES
 from ..selection import SELECTION
 from ..validate import check_int
 
+COMPILE = ("off", "default", "reduce-overhead")  # train.COMPILE (train is imported only when a run starts)
+
 __all__ = ["main"]
 
 # commands whose module provides add_arguments(parser) and run_cli(args) (see _delegated): one-line help
@@ -79,6 +81,9 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit-train", type=int, metavar="N", help="use only the first N training examples")
     p.add_argument("--threads", type=int, metavar="N", help="torch CPU threads")
     p.add_argument("--device", help=DEVICE_HELP)
+    p.add_argument("--compile", choices=COMPILE,
+                   help="torch.compile the forward and the optimizer step in this mode (default off: eager); "
+                        "reduce-overhead adds CUDA graphs on CUDA")
     p.add_argument("--nproc", type=int, metavar="N",
                    help="train on N local processes with DistributedDataParallel (gloo on CPU), "
                    "as `torchrun --nproc-per-node N -m seedslot train ...`")

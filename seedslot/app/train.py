@@ -90,6 +90,7 @@ class TrainConfig:
     threads: int | None = None  # torch.set_num_threads
     device: str | None = None  # "auto" (CUDA when available), "cpu", "cuda" or "cuda:N"
     overwrite: bool = False  # a new run may replace the run already in out (else: refused)
+    compile: str | None = None  # "off" (default), "default" or "reduce-overhead": torch.compile the step
 
     def slot_config(self) -> SlotConfig:
         """The slot layers' settings of this run (the library's defaults where a field is None)."""
@@ -101,7 +102,7 @@ class TrainConfig:
 _MAX_THREADS = max(64, 4 * (os.cpu_count() or 1))
 
 # Fields a resumed run may change; everything else comes from the checkpoint.
-_RESUME_OVERRIDES = ("data_dir", "json", "threads", "checkpoint_every_steps", "epochs", "device")
+_RESUME_OVERRIDES = ("data_dir", "json", "threads", "checkpoint_every_steps", "epochs", "device", "compile")
 
 
 def resolve(config: TrainConfig) -> TrainConfig:
@@ -164,7 +165,9 @@ def resolve(config: TrainConfig) -> TrainConfig:
         batch_size=128 if c.batch_size is None else c.batch_size, lr=float(lr),
         momentum=0.9 if c.momentum is None else float(c.momentum), weight_decay=float(weight_decay),
         lr_milestones=milestones, normalize=c.normalize or _data.DEFAULT_NORMALIZE[c.dataset],
+        compile=c.compile or "off",
     )
+    check_choice("compile", out.compile, COMPILE)
     check_int("batch_size", out.batch_size, 1)
     check_float("lr", out.lr, 0.0, lo_open=True)
     check_float("momentum", out.momentum, 0.0, 1.0)
@@ -613,6 +616,19 @@ def make_model(cfg: TrainConfig, data: _data.Data, ckpt: dict | None) -> nn.Modu
     return model
 
 
+COMPILE = ("off", "default", "reduce-overhead")  # TrainConfig.compile: torch.compile's mode, or none
+
+
+def _compiled(cfg: TrainConfig, net: nn.Module, optimizer: torch.optim.Optimizer):
+    """The forward and the optimizer step the loop calls: as they are with compile "off" (eager,
+    today's bits), else each through ``torch.compile`` in that mode ("reduce-overhead": CUDA graphs
+    on CUDA; SlotSGD's deferred checks keep its step free of host reads)."""
+    if cfg.compile == "off":
+        return net, optimizer.step
+    mode = None if cfg.compile == "default" else cfg.compile
+    return torch.compile(net, mode=mode), torch.compile(optimizer.step, mode=mode)
+
+
 def _build(cfg: TrainConfig, data: _data.Data, ckpt: dict | None, device: torch.device,
            ranks: Ranks) -> tuple[_State, nn.Module]:
     """The model on ``device``, its optimizer and scheduler (at their start), and the module the
@@ -718,6 +734,7 @@ def _loop(cfg: TrainConfig, state: _State, net: nn.Module, data: _data.Data, ran
           device: torch.device, progress: bool) -> None:
     """The epochs still to run; raises :class:`_Interrupted` or :class:`_Diverged` when it stops early."""
     model, optimizer, scheduler, pos, tally = state.model, state.optimizer, state.scheduler, state.pos, state.tally
+    forward, optimizer_step = _compiled(cfg, net, optimizer)
     with _StopOnCtrlC(agree=ranks.world > 1) as stop:
         for epoch in range(pos["epoch"], cfg.epochs):
             t_epoch = time.perf_counter()
@@ -731,15 +748,17 @@ def _loop(cfg: TrainConfig, state: _State, net: nn.Module, data: _data.Data, ran
                 x = data.preprocess(data.train.images[idx], flip_generator(cfg.seed, epoch, step))
                 x, y, weight = ranks.shard(x, data.train.labels[idx])  # flips drawn for the global batch
                 optimizer.zero_grad(set_to_none=True)
-                logits = net(x)  # (B / world, classes)
+                logits = forward(x)  # (B / world, classes)
                 loss = F.cross_entropy(logits, y)
                 (loss * weight).backward()  # weight 1 (exact) unless the last batch splits unevenly
-                optimizer.step()
+                optimizer_step()
 
                 # the global batch's tally, and whether any rank was asked to stop
                 done = ranks.sum([loss.item() * len(y), int((logits.argmax(dim=1) == y).sum()), len(y), stop.asked])
                 if not math.isfinite(done[0]):
                     raise _Diverged(f"the training loss is {done[0]} at epoch {epoch + 1} step {step + 1}")
+                if isinstance(optimizer, SlotSGD):
+                    optimizer.check()  # the host reads the loss here anyway: a deferred bad step raises now
                 stop.agree(bool(done[3]))
                 tally["loss_sum"] += done[0]
                 tally["correct"] += int(done[1])

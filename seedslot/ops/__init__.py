@@ -31,7 +31,6 @@ op                        what one call computes, for connections ``start, start
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import torch
