@@ -245,7 +245,10 @@ def check_build_args(args, source: str, *, available_bytes: int, export: bool = 
     from .checkpoints import CheckpointError
 
     def bad(field: str, accepted: str):
-        value = args.get(field, "(missing)")
+        if field in _SLOT_KEYS and isinstance(args.get("config"), dict):  # a slot setting, inside config
+            field, value = f"config.{field}", args["config"].get(field, "(missing)")
+        else:
+            value = args.get(field, "(missing)")
         return CheckpointError(f"{source}: tampered: build_args.{field} must be {accepted}; got {value!r:.80}")
 
     if not isinstance(args, dict):

@@ -47,10 +47,11 @@ def test_a_stride_0_view_does_not_count_as_bytes_the_file_holds(tmp_path, monkey
 
 def test_implicit_scores_cannot_announce_a_k_the_file_does_not_hold(tmp_path, monkeypatch):
     model = seedslot.models.build("lenet", mode="seeded", k=2, scores="implicit", input_size=4)
-    payload = {"model": dict(model.state_dict()), "build_args": {**model.build_args, "k": 2**31 - 1}}
+    args = model.build_args
+    payload = {"model": dict(model.state_dict()), "build_args": {**args, "config": {**args["config"], "k": 2**31 - 1}}}
     save_checkpoint(tmp_path / "c.ckpt", payload)
     _no_build(monkeypatch)
-    with pytest.raises(CheckpointError, match="build_args.k"):
+    with pytest.raises(CheckpointError, match="build_args.config.k"):
         seedslot.models.build_from_checkpoint(load_checkpoint(tmp_path / "c.ckpt"), "c.ckpt")
 
 
