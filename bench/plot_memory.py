@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 
-LABELS = {"dense": "dense reference (paper)", "seeded": "seedslot int8", "implicit": "seedslot implicit"}
+LABELS = {"dense": "dense reference (paper)", "int8": "seedslot int8", "implicit": "seedslot implicit"}
 
 
 def _load(path: str) -> dict:
@@ -36,8 +36,9 @@ def main(argv=None) -> None:
     cuda = budget["device"].startswith("cuda")
     peak = (lambda t: t["cuda_max_reserved_bytes"]) if cuda else (lambda t: t["peak_rss_bytes"])
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for j, mode in enumerate(("dense", "seeded", "implicit")):
-        trials = [t for t in budget["trials"] if t["mode"] == mode]
+    for j, mode in enumerate(("dense", "int8", "implicit")):
+        # "seeded": int8's name in files of older runs
+        trials = [t for t in budget["trials"] if t["mode"] == mode or (mode, t["mode"]) == ("int8", "seeded")]
         fits = [t for t in trials if t["fits"]]
         ax.plot([t["k"] for t in fits], [peak(t) / 2**30 for t in fits], "o-", color=f"C{j}", label=LABELS[mode])
         over = [t for t in trials if not t["fits"]]

@@ -17,17 +17,17 @@ ORDER = ("lenet", "conv2", "conv4", "conv6", "vgg19")
 
 
 def row(result: dict) -> str:
-    med = {r["mode"]: r for r in result["rows"]}
+    med = {"int8" if r["mode"] == "seeded" else r["mode"]: r for r in result["rows"]}  # "seeded": older files
     learned = med["learned"]["step_seconds"] if "learned" in med else None
 
     def ratio(mode: str) -> str:
         return f"{med[mode]['step_seconds'] / learned:.3f}" if mode in med and learned else "-"
 
     step = lambda mode: f"{med[mode]['step_seconds']:.4f}" if mode in med else "-"  # noqa: E731
-    first = ", ".join(f"{m} {med[m]['first_step_seconds']:.1f}" for m in ("seeded", "implicit", "incremental")
+    first = ", ".join(f"{m} {med[m]['first_step_seconds']:.1f}" for m in ("int8", "implicit", "incremental")
                       if m in med and "first_step_seconds" in med[m])
     floor = f"{result['int8_floor_seconds']:.4f}" if "int8_floor_seconds" in result else "-"
-    return (f"| {result['model']} | {result['k']} | {step('learned')} | {step('seeded')} | {ratio('seeded')} | "
+    return (f"| {result['model']} | {result['k']} | {step('learned')} | {step('int8')} | {ratio('int8')} | "
             f"{floor} | {ratio('implicit')} | {ratio('incremental')} | {first} |")
 
 

@@ -15,7 +15,7 @@ def test_memory_bench_cli_writes_rows(tmp_path, capsys):
     assert B.main(["memory", *TINY, "--steps", "1", "--device", "cpu", "--json", str(path)]) == 0
     out = json.loads(path.read_text())
     rows = {r["mode"]: r for r in out["rows"]}
-    assert list(rows) == ["learned", "dense", "seeded", "implicit"]
+    assert list(rows) == ["learned", "dense", "int8", "implicit"]
     for r in rows.values():
         for key in ("mode", "k", "state_bytes", "peak_rss_bytes", "peak_increment_bytes", "step_seconds"):
             assert key in r
@@ -26,12 +26,12 @@ def test_memory_bench_cli_writes_rows(tmp_path, capsys):
     # drift+grad+momentum (12) implicit
     assert rows["learned"]["bytes_per_connection"] == pytest.approx(12, rel=0.01)
     assert rows["dense"]["bytes_per_connection"] == pytest.approx(16 * 2, rel=0.01)
-    assert rows["seeded"]["bytes_per_connection"] == pytest.approx(2 + 8, rel=0.01)
+    assert rows["int8"]["bytes_per_connection"] == pytest.approx(2 + 8, rel=0.01)
     assert rows["implicit"]["bytes_per_connection"] == pytest.approx(12, rel=0.01)
     assert out["ratios"]["state_implicit_over_dense"] == rows["implicit"]["state_bytes"] / rows["dense"]["state_bytes"]
-    assert out["ratios"]["state_seeded_over_dense"] == rows["seeded"]["state_bytes"] / rows["dense"]["state_bytes"]
+    assert out["ratios"]["state_int8_over_dense"] == rows["int8"]["state_bytes"] / rows["dense"]["state_bytes"]
     table = capsys.readouterr().out
-    assert "seeded" in table and "+peak MiB" in table
+    assert "int8" in table and "+peak MiB" in table
 
 
 def test_budget_bench_search_and_stop(tmp_path):
@@ -39,20 +39,20 @@ def test_budget_bench_search_and_stop(tmp_path):
     B.main(["budget", "--model", "lenet", "--batch-size", "2", "--ks", "1,2", "--budget", "64GiB",
             "--device", "cpu", "--json", str(path)])
     out = json.loads(path.read_text())
-    assert out["dense_max_k"] == out["seeded_max_k"] == out["implicit_max_k"] == 2
+    assert out["dense_max_k"] == out["int8_max_k"] == out["implicit_max_k"] == 2
     assert [(t["mode"], t["k"], t["fits"]) for t in out["trials"]] == [
-        (m, k, True) for m in ("dense", "seeded", "implicit") for k in (1, 2)]
+        (m, k, True) for m in ("dense", "int8", "implicit") for k in (1, 2)]
     # a budget below the bare interpreter: the first K fails, the watchdog kills it, the search stops
-    out = B.budget_bench("lenet", budget_bytes="1MiB", batch_size=2, ks=(1, 2), modes=("seeded",), device="cpu")
-    assert out["seeded_max_k"] is None
+    out = B.budget_bench("lenet", budget_bytes="1MiB", batch_size=2, ks=(1, 2), modes=("int8",), device="cpu")
+    assert out["int8_max_k"] is None
     assert [(t["k"], t["fits"], t["killed"]) for t in out["trials"]] == [(1, False, True)]
 
 
 def test_speed_bench_ratios(tmp_path, capsys):
     out = B.speed_bench("lenet", k=2, batch_size=2, repeats=2, min_seconds=0.0, warmup=1, device="cpu")
     med = {r["mode"]: r["step_seconds"] for r in out["rows"]}
-    assert out["ratios"]["seeded_over_dense"] == med["seeded"] / med["dense"]
-    assert out["ratios"]["seeded_over_learned"] == med["seeded"] / med["learned"]
+    assert out["ratios"]["int8_over_dense"] == med["int8"] / med["dense"]
+    assert out["ratios"]["int8_over_learned"] == med["int8"] / med["learned"]
     assert out["ratios"]["implicit_over_dense"] == med["implicit"] / med["dense"]
     assert all(len(r["step_seconds_all"]) == 2 for r in out["rows"])
     assert all(r["first_step_seconds"] > 0 for r in out["rows"])  # the compiling step, apart
@@ -61,7 +61,7 @@ def test_speed_bench_ratios(tmp_path, capsys):
     assert out["int8_floor_seconds"] == med["learned"] + 1.2 * out["regen_seconds"]
     path = tmp_path / "speed.json"
     B.main(["speed", *TINY, "--repeats", "1", "--min-seconds", "0", "--modes", "seeded,dense", "--json", str(path)])
-    assert set(json.loads(path.read_text())["ratios"]) == {"seeded_over_dense"}
+    assert set(json.loads(path.read_text())["ratios"]) == {"int8_over_dense"}
     printed = capsys.readouterr().out
     assert "time ratios" in printed and "regenerating the K candidates" in printed
 
@@ -197,8 +197,8 @@ def test_budget_and_memory_benches_take_the_imagenet_vgg19(tmp_path, capsys):
     B.main(["budget", "--model", "vgg19_bn-imagenet", "--width", "0.0625", "--input-size", "32", "--batch-size", "1",
             "--ks", "1,2", "--modes", "dense,seeded", "--budget", "64GiB", "--device", "cpu", "--json", str(path)])
     out = json.loads(path.read_text())
-    assert out["dense_max_k"] == out["seeded_max_k"] == 2 and out["input_size"] == 32 and out["width"] == 0.0625
-    assert "largest K ratios: seeded/dense 1" in capsys.readouterr().out
-    out = B.memory_bench("vgg19-imagenet", k=2, batch_size=1, steps=1, modes=("seeded",), device="cpu",
+    assert out["dense_max_k"] == out["int8_max_k"] == 2 and out["input_size"] == 32 and out["width"] == 0.0625
+    assert "largest K ratios: int8/dense 1" in capsys.readouterr().out
+    out = B.memory_bench("vgg19-imagenet", k=2, batch_size=1, steps=1, modes=("int8",), device="cpu",
                          input_size=32, width=0.0625)
     assert out["rows"][0]["connections"] == 78_300 + 344 + 470_026  # conv weights, conv biases, classifier

@@ -226,13 +226,13 @@ def report(result: dict[str, Any]) -> str:
         for m, r in by.items():
             rows.append((f"{mem['model']} K={mem['k']} batch {mem['batch_size']}: {_name(m)} max_memory_allocated",
                          f"{r['cuda_max_allocated_bytes'] / 2**20:,.0f} MiB"))
-        for m in ("seeded", "implicit"):
+        for m in ("int8", "seeded", "implicit"):  # "seeded": int8 in files of older runs
             if m in by and "dense" in by:
                 q = by[m]["cuda_max_allocated_bytes"] / by["dense"]["cuda_max_allocated_bytes"]
                 rows.append((f"{mem['model']} K={mem['k']}: peak {_name(m)} / dense", f"{q:.3f}"))
     if "budget" in result:
         b = result["budget"]
-        for m in ("dense", "seeded", "implicit"):
+        for m in ("dense", "int8", "seeded", "implicit"):
             if f"{m}_max_k" in b:
                 rows.append((f"largest K under {b['budget_bytes'] / 2**30:g} GiB ({b['model']}, batch {b['batch_size']}):"
                              f" {_name(m)}", f"{b[f'{m}_max_k']} (tried {', '.join(map(str, b['ks']))})"))

@@ -2,7 +2,7 @@
 
 Each benchmark runs full training steps (forward, cross-entropy, backward, optimizer step) on random
 inputs of the model's dataset shape: :class:`~seedslot.SlotSGD` with momentum 0.9 for the seeded
-models (mode ``seeded``: int8 scores; ``implicit``: ``scores="implicit"``), ``torch.optim.SGD``
+models (mode ``int8``: int8 scores; ``implicit``: ``scores="implicit"``), ``torch.optim.SGD``
 with momentum 0.9 for the dense reference and for ordinary weights.
 
 * :func:`memory_bench`: each mode in its own fresh process; state bytes and peak process memory.
@@ -47,8 +47,8 @@ from ..validate import check_int
 
 __all__ = ["MODES", "memory_bench", "budget_bench", "speed_bench", "median_seconds", "parse_bytes", "add_arguments", "run_cli", "main"]
 
-MODES = ("learned", "dense", "seeded", "implicit")  # seeded: int8 scores; implicit: scores="implicit"
-SLOT_SEEDED = ("seeded", "implicit")
+MODES = ("learned", "dense", "int8", "implicit")  # weight training, the dense reference, seedslot's storages
+SLOT_SEEDED = ("int8", "implicit")
 SPEED_MODES = (*MODES, "incremental")  # speed only: implicit with SlotConfig(incremental=True)
 SEGMENTS = ("zero_grad", "forward", "backward", "step")  # of a training step (forward includes the loss)
 BUDGET_MODES = ("dense", *SLOT_SEEDED)  # learned weights have no K
@@ -85,7 +85,7 @@ def _device(device: str | None) -> str:
 
 
 def _modes(modes: Sequence[str], allowed: Sequence[str] = MODES) -> tuple[str, ...]:
-    modes = tuple(modes)
+    modes = tuple("int8" if m == "seeded" else m for m in modes)  # "seeded": int8's name in older command lines
     bad = [m for m in modes if m not in allowed]
     if not modes or bad or len(set(modes)) != len(modes):
         raise ValueError(f"modes must be distinct values among {', '.join(map(repr, allowed))}; got {modes!r}")
@@ -110,6 +110,8 @@ def _build(model: str, mode: str, k: int, device: str = "cpu",
         if mode in ("implicit", "incremental"):
             net = build(model, mode="seeded", config=SlotConfig(k=k, scores="implicit", incremental=mode == "incremental"),
                         **size)
+        elif mode == "int8":
+            net = build(model, mode="seeded", config=SlotConfig(k=k, scores="int8"), **size)
         else:
             net = build(model, mode=mode, k=k, **size)
     c, s = net.build_args["in_channels"], net.build_args["input_size"]
@@ -340,9 +342,9 @@ def speed_bench(model: str = "lenet", k: int = 8, batch_size: int = 64, repeats:
                 out["ratios"][f"{m}_over_{other}"] = med[m] / med[other]
     if profile:
         out["profile"] = _profile(trainers, repeats, n_steps, device)
-    if "seeded" in trainers:
+    if "int8" in trainers:
         # the floor of an int8 step: its update regenerates the K candidates of every connection
-        out["regen_seconds"] = _regen_seconds(trainers["seeded"].model, repeats)
+        out["regen_seconds"] = _regen_seconds(trainers["int8"].model, repeats)
         if "learned" in med:
             out["int8_floor_seconds"] = med["learned"] + 1.2 * out["regen_seconds"]
     return out
@@ -554,7 +556,7 @@ def _report(result: dict[str, Any]) -> str:
     if "regen_seconds" in result:
         text += f"\nregenerating the K candidates of every connection once: {result['regen_seconds']:.4f} s"
     if "int8_floor_seconds" in result:
-        text += (f"\nint8 step {_med_of(result, 'seeded'):.4f} s against learned + 1.2 x regeneration = "
+        text += (f"\nint8 step {_med_of(result, 'int8'):.4f} s against learned + 1.2 x regeneration = "
                  f"{result['int8_floor_seconds']:.4f} s")
     if "profile" in result:
         text += "\n" + _profile_report(result["profile"])
