@@ -41,7 +41,7 @@ def tag_proxy(param: torch.Tensor, layer: nn.Module, part: str) -> None:
 
 def slot_owner(param: torch.Tensor):
     """The seeded layer and part ("weight" or "bias") a proxy Parameter belongs to, or None."""
-    entry = getattr(param, "__dict__", {}).get(_ATTR)
+    entry = getattr(param, _ATTR, None)  # a plain attribute read: torch.compile traces it
     if entry is None or entry.layer is None:
         return None
     layer = entry.layer()
