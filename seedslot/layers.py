@@ -696,10 +696,10 @@ class SlotLinear(_Linear, SeededSlotLayer):
     """A Linear whose weights are chosen among K seeded candidates per connection.
 
     ``scores="int8"`` stores K int8 scores per connection (``"fp32"``: K fp32 scores, for
-    ablations; ``"implicit"``: one fp32 drift, see :mod:`seedslot.updates`; ``incremental=True``
+    ablations; ``"implicit"``: one fp32 drift, see :mod:`seedslot.storages`; ``incremental=True``
     re-selects only what can have changed). ``score_lambda`` defaults to the paper's 0.1 for
-    linear layers. The layer keeps its settings as ``config`` (its own seed included). The settings come as ``config`` (a
-    :class:`~seedslot.SlotConfig`) or as keywords, not both.
+    linear layers. The settings come as ``config`` (a :class:`~seedslot.SlotConfig`) or as
+    keywords, not both; the layer keeps them as ``config`` (its own seed included).
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, *, config: SlotConfig | None = None,
