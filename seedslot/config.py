@@ -9,9 +9,8 @@ import math
 from dataclasses import dataclass
 
 from .candidates import SHARING
-from .storages import SCORES
 from .selection import SELECTION
-from .storages import ScoreStorage, storage_for
+from .storages import SCORES, ScoreStorage, storage_for
 from .validate import check_choice, check_int
 
 __all__ = ["SlotConfig", "UNSET"]
