@@ -17,11 +17,10 @@ from __future__ import annotations
 import enum
 import math
 
-import numpy as np
 import torch
 
 from .ops import CandidateKeys, candidate_values, i32, initial_scores, selected_values
-from .rng import derive, key32
+from .rng import key32, keys32
 
 __all__ = ["SHARING", "Stream", "CandidateKeys", "glorot_sigma", "grid_step", "stream_keys", "init_scores",
            "candidate_values", "selected_values", "i32"]
@@ -52,14 +51,7 @@ def grid_step(bound: float) -> torch.Tensor:
 
 def stream_keys(seed: int, tag: int, k: int, device=None) -> tuple[int, torch.Tensor]:
     """``(key_a, keys_b)`` of one stream: keys_b has one int32 key per candidate."""
-    # key32(seed, tag, 1, j) for every j at once: derive's last step (splitmix64 of the prefix's hash
-    # xor j) in uint64 arithmetic, so that a large K costs no Python loop
-    x = np.uint64(derive(seed, tag, 1)) ^ np.arange(k, dtype=np.uint64)
-    x = x + np.uint64(0x9E3779B97F4A7C15)
-    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    x = x ^ (x >> np.uint64(31))
-    kb = torch.from_numpy((x & np.uint64(0xFFFFFFFF)).astype(np.uint32).view(np.int32)).to(device)
+    kb = torch.from_numpy(keys32(seed, tag, 1, count=k)).to(device)
     return key32(seed, tag, 0), kb
 
 

@@ -13,6 +13,7 @@ uint32, and right shifts are masked to make them logical. The numpy reference us
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 STREAM_VERSION = 1  # the format of every random stream below; a change to any value a seed gives bumps it
@@ -23,7 +24,8 @@ _M2_I32 = _M2 - (1 << 32)  # same low 32 bits, fits int32
 _MASK64 = (1 << 64) - 1
 
 
-def _splitmix64(x: int) -> int:
+def _splitmix64(x):
+    """SplitMix64's finaliser on a Python int, or elementwise on a numpy uint64 array."""
     x = (x + 0x9E3779B97F4A7C15) & _MASK64
     x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
     x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
@@ -53,6 +55,14 @@ def key32(*words: int) -> int:
     """A 32-bit key as a signed int32 value (what torch int32 tensors hold)."""
     k = derive(*words) & 0xFFFFFFFF
     return k - (1 << 32) if k >= (1 << 31) else k
+
+
+def keys32(*words: int, count: int) -> np.ndarray:
+    """``[key32(*words, j) for j in range(count)]`` as an int32 array, without a Python loop:
+    derive's last fold, :func:`_splitmix64` of the prefix's hash xor j, in uint64 arithmetic
+    (which wraps as the masked int arithmetic does)."""
+    x = _splitmix64(np.uint64(derive(*words)) ^ np.arange(count, dtype=np.uint64))
+    return (x & np.uint64(0xFFFFFFFF)).astype(np.uint32).view(np.int32)
 
 
 def mix32(x: torch.Tensor) -> torch.Tensor:
