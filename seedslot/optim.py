@@ -42,7 +42,6 @@ and SlotSGD at ``step()``, before changing anything. Ordinary and dense referenc
 from __future__ import annotations
 
 import math
-import weakref
 from typing import Iterable
 
 import torch
@@ -107,7 +106,6 @@ class SlotSGD(Optimizer):
             raise ValueError(f"check must be one of {', '.join(map(repr, CHECKS))}; got {check!r}")
         if not isinstance(foreach, bool):
             raise ValueError(f"foreach must be True or False; got {foreach!r}")
-        self._owners: dict = {}  # proxy Parameter (held by param_groups anyway) -> (weak ref to its layer, part)
         super().__init__(params, {key: v if isinstance(v, bool) else float(v) for key, v in defaults.items()})
         for gi, group in enumerate(self.param_groups):
             _check_group(group, f" in param group {gi}", lr_min_open=True)
@@ -117,8 +115,6 @@ class SlotSGD(Optimizer):
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
-        for p in self.param_groups[-1]["params"]:
-            self._owner(p)  # looked up now, on the host: a compiled step then finds it remembered
         if getattr(self, "_pending", None) is not None:
             self.check()  # a pending bad step is raised before the rows change
         self._pending = _Pending.of(self.param_groups)  # made on the host: a compiled step only updates it
@@ -132,7 +128,6 @@ class SlotSGD(Optimizer):
         self.__dict__.setdefault("foreach", True)
         self.__dict__.setdefault("_pending", _Pending.of(self.param_groups))
         self.__dict__.setdefault("_caches", {})
-        self.__dict__.setdefault("_owners", {})
 
     def check(self) -> None:
         """Raise the FloatingPointError of the first bad step since the last read, if any (one host
@@ -221,7 +216,7 @@ class SlotSGD(Optimizer):
         # Hyper-parameters are Python numbers: checked on the host, before anything changes.
         for gi, group in enumerate(self.param_groups):
             _check_group(group, f" in param group {gi}")
-        entries = [(gi, pi, group, p, self._owner(p)) for gi, group in enumerate(self.param_groups)
+        entries = [(gi, pi, group, p, slot_owner(p)) for gi, group in enumerate(self.param_groups)
                    for pi, p in enumerate(group["params"]) if p.grad is not None]
         if not entries:
             return loss
@@ -240,24 +235,6 @@ class SlotSGD(Optimizer):
             ok = self._device_check(entries)
         (self._step_foreach if self.foreach else self._step_each)(entries, ok)
         return loss
-
-    def _owner(self, p: torch.Tensor):
-        """:func:`slot_owner`, remembered per proxy: the registry is a weak dictionary, which
-        torch.compile does not trace, so a compiled step looks up only a proxy it has not seen yet.
-        Proxies are expanded 0-dim tensors: an ordinary parameter needs no lookup."""
-        entry = self._owners.get(p)
-        if entry is not None:
-            layer = entry[0]()
-            if layer is not None:
-                return layer, entry[1]
-        if 0 not in p.stride():
-            return None
-        owner = slot_owner(p)
-        if owner is not None:
-            self._owners[p] = (weakref.ref(owner[0]), owner[1])
-        return owner
-
-    # ------------------------------------------------------------------ the update
 
     def _step_each(self, entries: list, ok: torch.Tensor | None) -> None:
         """The update, one parameter at a time. ``ok`` (deferred checks): a 0-dim bool; where it is
