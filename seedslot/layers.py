@@ -440,7 +440,8 @@ class SeededSlotLayer(SlotLayer):
         return w
 
     @torch.no_grad()
-    def update_scores(self, part: str, direction: torch.Tensor, lr: float, weight_decay: float, step: int) -> None:
+    def update_scores(self, part: str, direction: torch.Tensor, lr: float, weight_decay: float,
+                      step: int | torch.Tensor) -> None:
         """``s_k -= lr * direction * W_k`` for every connection of a part (called by SlotSGD).
 
         ``weight_decay`` shrinks every score by ``(1 - lr * weight_decay)`` first (for int8, through

@@ -112,6 +112,7 @@ class SlotSGD(Optimizer):
         self.check_mode, self.foreach = check, foreach
         # self._pending, the device-side record of deferred checks since the last read: made by add_param_group
         self._caches: dict = {}  # host-built index tensors, made once per set of stepped parameters
+        self._counts: dict = {}  # proxy -> its step count on the device (see _count)
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
@@ -128,6 +129,7 @@ class SlotSGD(Optimizer):
         self.__dict__.setdefault("foreach", True)
         self.__dict__.setdefault("_pending", _Pending.of(self.param_groups))
         self.__dict__.setdefault("_caches", {})
+        self.__dict__.setdefault("_counts", {})
 
     def check(self) -> None:
         """Raise the FloatingPointError of the first bad step since the last read, if any (one host
@@ -206,6 +208,7 @@ class SlotSGD(Optimizer):
                                      f"{tuple(p.shape)}; got {got}")
         super().load_state_dict(state_dict)
         self._pending = _Pending.of(self.param_groups)
+        self._counts.clear()  # made again from the loaded steps
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -329,8 +332,20 @@ class SlotSGD(Optimizer):
         if ok is not None and wd:
             _decay(layer, part, ok, 1.0 - lr * wd)
             wd = 0.0
-        layer.update_scores(part, d, lr, wd, step)  # its score storage's update
+        count = self._count(p, step) if layer.storage.keyed_by_step else step
+        layer.update_scores(part, d, lr, wd, count)  # its score storage's update
         state["step"] = step + 1
+        if count is not step:  # a skipped step (ok False) does not count, as check() rolls back step
+            count.add_(1 if ok is None else ok.to(torch.int64))
+
+    def _count(self, p: torch.Tensor, step: int) -> torch.Tensor:
+        """``state["step"]`` of ``p`` as a 0-dim int64 tensor on its device, made from the int once
+        (after construction or a load) and then advanced there: what keys a storage's stochastic
+        rounding, without a host-to-device copy or a new compiled graph per step."""
+        count = self._counts.get(p)
+        if count is None:
+            count = self._counts[p] = torch.full((), step, dtype=torch.int64, device=p.device)
+        return count
 
     # ------------------------------------------------------------------ the checks
 

@@ -65,6 +65,30 @@ def keys32(*words: int, count: int) -> np.ndarray:
     return (x & np.uint64(0xFFFFFFFF)).astype(np.uint32).view(np.int32)
 
 
+def _int64(v: int) -> int:
+    """The int64 with the bits of the uint64 ``v``."""
+    return v - (1 << 64) if v >= (1 << 63) else v
+
+
+def _shr64(x: torch.Tensor, s: int) -> torch.Tensor:
+    """Logical right shift of int64 tensors (torch's is arithmetic)."""
+    return (x >> s) & ((1 << (64 - s)) - 1)
+
+
+def key32_at(words: tuple[int, ...], counter: torch.Tensor) -> torch.Tensor:
+    """``key32(*words, n)`` as a 0-dim int32 tensor on ``counter``'s device, ``n`` the value of the
+    0-dim integer tensor ``counter`` (a step or draw count, 0 <= n < 2**63): derive's last fold,
+    :func:`_splitmix64` of the prefix's hash xor n, in int64 arithmetic (bitwise ops and the low 64
+    bits of sums and products are those of uint64), so a counter kept on the device is never read
+    back to the host."""
+    x = counter.to(torch.int64) ^ _int64(derive(*words))
+    x = x + _int64(0x9E3779B97F4A7C15)
+    x = (x ^ _shr64(x, 30)) * _int64(0xBF58476D1CE4E5B9)
+    x = (x ^ _shr64(x, 27)) * _int64(0x94D049BB133111EB)
+    x = (x ^ _shr64(x, 31)) & 0xFFFFFFFF
+    return torch.where(x >= 1 << 31, x - (1 << 32), x).to(torch.int32)
+
+
 def mix32(x: torch.Tensor) -> torch.Tensor:
     """lowbias32 on int32 tensors with uint32 semantics."""
     x = x ^ ((x >> 16) & 0xFFFF)

@@ -30,7 +30,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from . import ops
 from .candidates import Stream, init_scores, stream_keys
 from .ops import InitialScoreKeys, i32
-from .rng import key32
+from .rng import key32_at
 from .selection import greedy, greedy_values, sample
 from .updates import coarsen_factor, max_abs
 
@@ -59,6 +59,7 @@ class ScoreStorage:
     keeps it."""
 
     name = ""
+    keyed_by_step = False  # whether update() draws random numbers keyed by its step (then a 0-dim tensor)
     Part: type = tuple
     ROLES: dict[str, tuple[str, bool]] = {}  # role -> (memory category, persistent)
 
@@ -112,7 +113,8 @@ class ScoreStorage:
     def update(self, layer: nn.Module, part: str, direction: torch.Tensor, lr: float, weight_decay: float,
                step: int) -> None:
         """``s_k -= lr * direction * W_k`` for every connection of a part, after shrinking every score
-        by ``(1 - lr * weight_decay)``; ``step`` keys stochastic rounding."""
+        by ``(1 - lr * weight_decay)``; ``step`` (an int, or a 0-dim int64 tensor on the device)
+        keys stochastic rounding."""
         raise NotImplementedError
 
     def decay(self, layer: nn.Module, part: str, factor: torch.Tensor) -> None:
@@ -202,6 +204,7 @@ class Int8Scores(_Stored):
 
     name = "int8"
     dtype = torch.int8
+    keyed_by_step = True
 
     def greedy(self, layer, part):
         scores, _ = self.stored(layer, part)
@@ -219,23 +222,19 @@ class Int8Scores(_Stored):
     def update(self, layer, part, direction, lr, weight_decay, step):
         scores, scale = self.stored(layer, part)
         d = direction.reshape(-1).to(torch.float32)
-        offset = _offset(layer, part)
+        offset, dev = _offset(layer, part), d.device
         if weight_decay:  # through the scale: costs nothing
-            scale.mul_(1.0 - lr * weight_decay)
-            if float(scale) < torch.finfo(torch.float32).tiny:  # scores below the normal fp32 range are 0
-                scores.zero_()
-                scale.fill_(layer.score_lambda * layer.sigma / 127.0)
-        # one host sync for both numbers the grid decision needs
-        d_max, scale_now = torch.stack([max_abs(d) if d.numel() else d.new_zeros(()), scale]).tolist()
-        factor = coarsen_factor(lr, d_max, layer.sigma, scale_now)
+            self.decay(layer, part, torch.full((), 1.0 - lr * weight_decay, device=dev))
+        # the grid decision, on the device: requantize_ leaves the levels at factor 1
+        factor = coarsen_factor(lr, max_abs(d) if d.numel() else d.new_zeros(()), layer.sigma, scale)
+        count = step if isinstance(step, torch.Tensor) else torch.full((), step, dtype=torch.int64, device=dev)
         round_keys = layer.round_keys
-        if factor != 1.0:
-            inv = torch.full((), 1.0 / factor, dtype=torch.float32, device=d.device)
-            ops.requantize_(scores, inv, offset, i32(key32(layer.seed, Stream.REQUANT, 2, step), d.device), round_keys)
-            scale.mul_(factor)
+        ops.requantize_(scores, (1.0 / factor).to(torch.float32), offset,
+                        key32_at((layer.seed, Stream.REQUANT, 2), count), round_keys)
+        scale.mul_(factor)
         coef = (-lr / scale).to(torch.float32)
-        round_a = i32(key32(layer.seed, Stream.ROUND, 2, step), d.device)
-        ops.int8_update_(scores, d, coef, offset, layer.candidate_keys, round_a, round_keys)
+        ops.int8_update_(scores, d, coef, offset, layer.candidate_keys, key32_at((layer.seed, Stream.ROUND, 2), count),
+                         round_keys)
 
 
 _BOUND, _SCORE_KEY, _SCORE_KEYS = "_score_bound", "_score_key", "_score_keys"

@@ -14,7 +14,8 @@ counter-based random function: unbiased, and reproducible from the seed and the 
 connection's largest level passes 127 all its K levels are shifted down together (selection is
 invariant to that), so the top stays at 127 and only levels 255 below it are clipped at -128. A
 step that could move a level by more than ``MAX_LEVELS`` first coarsens the grid by a power of two
-(requantising stochastically), so no update can overflow int8 whatever its size.
+(requantising stochastically), so no update can overflow int8 whatever its size. The device makes
+that decision (:func:`coarsen_factor`): a step reads nothing back to the host.
 
 ``scores="implicit"`` stores no score at all. Every straight-through update moves a connection's K
 scores along the same direction, ``-W``, and a decoupled weight decay rescales them all, so the
@@ -59,12 +60,14 @@ def max_abs_all(tensors: list[torch.Tensor]) -> list[float]:
     return [math.nan if math.isnan(lo) or math.isnan(hi) else max(-lo, hi) for lo, hi in zip(flat[::2], flat[1::2])]
 
 
-def coarsen_factor(lr: float, d_max: float, w_max: float, scale: float) -> float:
+def coarsen_factor(lr: float, d_max: torch.Tensor, w_max: float, scale: torch.Tensor) -> torch.Tensor:
     """The power of two by which the int8 grid must coarsen so that one step moves a level by at
-    most MAX_LEVELS (1.0 when it already does)."""
-    levels = lr * d_max * w_max / scale
-    if not math.isfinite(levels):
-        raise FloatingPointError(f"score update is not finite (lr={lr}, max |direction|={d_max})")
-    if levels <= MAX_LEVELS:
-        return 1.0
-    return 2.0 ** math.ceil(math.log2(levels / MAX_LEVELS))
+    most MAX_LEVELS (1 when it already does), as a 0-dim float64 tensor decided on the device: the
+    fp32 ``d_max`` (max |direction|) and ``scale`` are never read back. The caller (SlotSGD) has
+    checked that the update is finite."""
+    levels = d_max.to(torch.float64) * lr * w_max / scale.to(torch.float64)
+    # 2**ceil(log2(x)), exactly: x = m * 2**e with m in [0.5, 1), so 2**e, or 2**(e-1) when m = 0.5
+    # (math.log2 would round some x just above a power of two down to it)
+    mantissa, exponent = torch.frexp(levels / MAX_LEVELS)
+    power = torch.ldexp(torch.ones_like(levels), exponent - (mantissa == 0.5).to(exponent.dtype))
+    return torch.where(levels <= MAX_LEVELS, 1.0, power)

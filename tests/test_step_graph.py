@@ -40,20 +40,13 @@ def _explain_step(scores):
     return torch._dynamo.explain(opt.step)()
 
 
-@pytest.mark.parametrize("scores", ["fp32", "implicit"])
+@pytest.mark.parametrize("scores", ["int8", "fp32", "implicit"])
 def test_slotsgd_step_is_one_graph(scores):
     explained = _explain_step(scores)
     assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
 
 
-@pytest.mark.xfail(strict=True, reason="seedslot/storages.py Int8Scores.update reads the grid decision back "
-                                       "(torch.stack([max_abs(d), scale]).tolist()): a host sync per part")
-def test_slotsgd_int8_step_is_one_graph():
-    explained = _explain_step("int8")
-    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
-
-
-@pytest.mark.parametrize("scores", ["fp32", "implicit"])
+@pytest.mark.parametrize("scores", ["int8", "fp32", "implicit"])
 def test_forward_stays_one_graph(scores):
     model, _ = _mlp(scores)
     torch._dynamo.reset()
@@ -61,7 +54,7 @@ def test_forward_stays_one_graph(scores):
     assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
 
 
-@pytest.mark.parametrize("scores", ["fp32", "implicit"])
+@pytest.mark.parametrize("scores", ["int8", "fp32", "implicit"])
 def test_fullgraph_compiled_step_gives_eager_bits(scores):
     # dynamo's graph run by the eager backend: the same ops, so the same bits as the eager step
     eager, opt_e = _mlp(scores)

@@ -22,7 +22,7 @@ op                        what one call computes, for connections ``start, start
 ``sample``                a Gumbel-max draw from softmax(scores * scale)
 ``int8_update``           the int8 levels after one stochastically rounded update
 ``fp32_update``           fp32 scores after one update
-``requantize``            int8 levels on a coarser grid, rounded stochastically
+``requantize``            int8 levels on a coarser grid, rounded stochastically (in place)
 ``implicit_scores``       the implicit scores ``c * s0 - A * W``: (n, K) fp32
 ``implicit_greedy``       their greedy index and selected value, without the (n, K) scores
 ``incremental_greedy``    re-selection, in place, of the cached connections that went stale
@@ -154,9 +154,24 @@ _fp32_update = _fused_op(
     "fp32_update", f"(Tensor s, Tensor d, Tensor neg_lr, Tensor start, {_KEYS}) -> Tensor", T.fp32_update_chunk,
     lambda s, *_: torch.empty_like(s, memory_format=torch.contiguous_format))
 
-_requantize = _fused_op(
-    "requantize", "(Tensor q, Tensor inv_factor, Tensor start, Tensor round_a, Tensor round_b) -> Tensor",
-    T.requantize_chunk, lambda q, *_: torch.empty_like(q, memory_format=torch.contiguous_format))
+def _requantize_cpu(q, inv_factor, start, round_a, round_b):
+    if float(inv_factor) == 1.0:  # a CPU value: no device read, and nothing to do
+        return
+    q.copy_(T.requantize_chunk(q, inv_factor, start, round_a, round_b))
+
+
+def _requantize_cuda(q, inv_factor, start, round_a, round_b):
+    if _backends.triton_on() and q.is_contiguous():  # the kernel reads the factor: no work at 1
+        from ._triton import requantize_rows_
+        requantize_rows_(q, inv_factor, start, round_a, round_b)
+    else:
+        q.copy_(T.requantize_chunk(q, inv_factor, start, round_a, round_b))
+
+
+# in place: the int8 update requantises at every step whatever the factor its device decided
+_requantize = _declare(
+    "requantize", "(Tensor(a!) q, Tensor inv_factor, Tensor start, Tensor round_a, Tensor round_b) -> ()",
+    _requantize_cpu, _requantize_cuda, lambda *_: None, mutates=("q",))
 
 _implicit_scores = _fused_op(
     "implicit_scores", f"({_IMPLICIT}) -> Tensor", T.implicit_chunk,
@@ -342,9 +357,10 @@ def fp32_update_(scores: torch.Tensor, d: torch.Tensor, neg_lr: torch.Tensor, of
 
 def requantize_(scores: torch.Tensor, inv_factor: torch.Tensor, offset: int, round_a: torch.Tensor,
                 round_b: torch.Tensor) -> None:
-    """int8 levels on a grid ``1 / inv_factor`` times coarser, rounded stochastically, in place."""
-    chunked(scores, offset, _ranges(scores.shape[0], scores.shape[1], scores),
-            lambda a, b, start: _requantize(scores[a:b], inv_factor, start, round_a, round_b))
+    """int8 levels on a grid ``1 / inv_factor`` times coarser, rounded stochastically, in place;
+    unchanged, at no cost, where the 0-dim ``inv_factor`` is 1 (read by the kernel, not the host)."""
+    for a, b in _ranges(scores.shape[0], scores.shape[1], scores):
+        _requantize(scores[a:b], inv_factor, i32(offset + a, scores.device), round_a, round_b)
 
 
 def implicit_scores(drift: torch.Tensor, factor: torch.Tensor, offset: int, ck: CandidateKeys,

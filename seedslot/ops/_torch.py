@@ -233,9 +233,12 @@ def fp32_update_chunk(
 def requantize_chunk(
     q: torch.Tensor, inv_factor: torch.Tensor, start: torch.Tensor, round_a: torch.Tensor, round_b: torch.Tensor
 ) -> torch.Tensor:
-    """Levels on a grid ``factor`` times coarser, rounded stochastically."""
+    """Levels on a grid ``factor`` times coarser, rounded stochastically; the levels themselves at
+    factor 1 (where ``floor(q + r)`` could round ``q + r`` up in fp32), so a caller may requantise
+    whatever the factor its device decided."""
     r = unit24(noise_bits(connections(start, q.shape[0], 1, q.device), round_a, round_b))
-    return torch.floor(q.to(torch.float32) * inv_factor + r).clamp(-128.0, 127.0).to(torch.int8)
+    coarse = torch.floor(q.to(torch.float32) * inv_factor + r).clamp(-128.0, 127.0).to(torch.int8)
+    return torch.where(inv_factor == 1.0, q, coarse)
 
 
 # ---------------------------------------------------------------- implicit scores

@@ -13,7 +13,8 @@ torch function (ops._torch)                 Triton wrapper
 ``selected_chunk``                         :func:`selected_chunk`
 ``int8_update_rows/unrolled``              :func:`int8_update` (one kernel for any K)
 ``fp32_update_chunk``                      :func:`fp32_update_chunk`
-``requantize_chunk``                       :func:`requantize_chunk`
+``requantize_chunk``                       :func:`requantize_chunk`, in place :func:`requantize_rows_`
+                                           (the ``requantize`` op's CUDA kernel)
 ``implicit_chunk``                         :func:`implicit_chunk`
 ``implicit_greedy_unrolled``               :func:`implicit_greedy` (the ``implicit_greedy`` op's
                                            CUDA kernel for every K)
@@ -67,7 +68,7 @@ except ImportError:  # pragma: no cover - exercised where triton is absent
 
 __all__ = [
     "available", "candidate_chunk", "selected_chunk", "int8_update", "fp32_update_chunk", "requantize_chunk",
-    "implicit_chunk", "implicit_greedy", "packed_argmax", "greedy", "sample_chunk",
+    "requantize_rows_", "implicit_chunk", "implicit_greedy", "packed_argmax", "greedy", "sample_chunk",
 ]
 
 # Column tiles hold at most this many candidates, and a program about TILE values.
@@ -237,23 +238,25 @@ if triton is not None:
             tl.store(out + base[:, None] + cols[None, :], s + dl[:, None] * w, mask=mask)
 
     @triton.jit
-    def _requantize_kernel(out, q_p, q_s0, q_s1, inv_p, start_p, n, K, round_a_p, round_b_p,
+    def _requantize_kernel(q_p, inv_p, start_p, n, K, round_a_p, round_b_p,
                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        rmask = rows < n
-        hr = _mix32(_conn(_u32(start_p), rows, 1) ^ _u32(round_a_p))
+        """In place, on contiguous (n, K) levels; at factor 1 (``inv == 1``) nothing is read or written."""
         inv = tl.load(inv_p)
-        base = rows.to(tl.int64) * K
-        for k0 in range(0, K, BLOCK_K):
-            cols = k0 + tl.arange(0, BLOCK_K)
-            cmask = cols < K
-            mask = rmask[:, None] & cmask[None, :]
-            rb = tl.load(round_b_p + cols, mask=cmask, other=0).to(tl.uint32, bitcast=True)
-            r = _unit24(_noise_round(hr[:, None] ^ rb[None, :]))
-            q = tl.load(q_p + rows.to(tl.int64)[:, None] * q_s0 + cols.to(tl.int64)[None, :] * q_s1, mask=mask,
-                        other=0).to(tl.float32)
-            v = tl.minimum(tl.maximum(tl.floor(q * inv + r), -128.0), 127.0)
-            tl.store(out + base[:, None] + cols[None, :], v.to(tl.int8), mask=mask)
+        if inv != 1.0:
+            rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+            rmask = rows < n
+            hr = _mix32(_conn(_u32(start_p), rows, 1) ^ _u32(round_a_p))
+            base = rows.to(tl.int64) * K
+            for k0 in range(0, K, BLOCK_K):
+                cols = k0 + tl.arange(0, BLOCK_K)
+                cmask = cols < K
+                mask = rmask[:, None] & cmask[None, :]
+                rb = tl.load(round_b_p + cols, mask=cmask, other=0).to(tl.uint32, bitcast=True)
+                r = _unit24(_noise_round(hr[:, None] ^ rb[None, :]))
+                at = q_p + base[:, None] + cols[None, :]
+                q = tl.load(at, mask=mask, other=0).to(tl.float32)
+                v = tl.minimum(tl.maximum(tl.floor(q * inv + r), -128.0), 127.0)
+                tl.store(at, v.to(tl.int8), mask=mask)
 
     # ------------------------------------------------------------ implicit scores
 
@@ -431,11 +434,21 @@ def fp32_update_chunk(s, d, neg_lr, start, per_conn: int, key_a, keys_b, step) -
 
 
 def requantize_chunk(q, inv_factor, start, round_a, round_b) -> torch.Tensor:
-    """:func:`seedslot.ops._torch.requantize_chunk` as a Triton kernel."""
+    """:func:`seedslot.ops._torch.requantize_chunk` as a Triton kernel (:func:`requantize_rows_` on a copy)."""
+    out = q.contiguous().clone()
+    requantize_rows_(out, inv_factor, start, round_a, round_b)
+    return out
+
+
+def requantize_rows_(q, inv_factor, start, round_a, round_b) -> None:
+    """:func:`requantize_chunk` in place on contiguous levels: one launch that does nothing at factor 1."""
+    _need()
     (n, k), dev = q.shape, q.device
-    return _rows_out(_requantize_kernel, n, k, torch.int8, dev, q, q.stride(0), q.stride(1),
-                     _scalar(inv_factor, torch.float32, dev), _scalar(start, torch.int32, dev), n, k,
-                     _scalar(round_a, torch.int32, dev), round_b.contiguous())
+    if n and k:
+        bn, bk = _blocks(k)
+        _launch(_requantize_kernel, n, bn, dev, q, _scalar(inv_factor, torch.float32, dev),
+                _scalar(start, torch.int32, dev), n, k, _scalar(round_a, torch.int32, dev), round_b.contiguous(),
+                BLOCK_N=bn, BLOCK_K=bk)
 
 
 def implicit_chunk(drift, factor, start, per_conn: int, cand_key, cand_keys, step, score_key, score_keys,
