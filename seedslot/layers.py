@@ -41,7 +41,7 @@ from .candidates import (
     stream_keys,
 )
 from .config import UNSET, SlotConfig
-from .rng import key32
+from .rng import key32, key32_at
 from .optim import guard_slot_proxies
 from .selection import greedy, sample
 from .proxies import tag_proxy
@@ -57,18 +57,18 @@ __all__ = ["SlotLinear", "SlotConv2d", "DenseSlotLinear", "DenseSlotConv2d", "Sl
 def _next_draw_key(draws: torch.Tensor, seed: str) -> torch.Tensor:
     """Advance a layer's draw counter and return the 0-dim int32 sampling key of the draw it held.
 
-    One opaque op, in eager mode and inside a user's torch.compile graph alike: the counter is read
-    and the key derived in Python (``key32`` takes arbitrary ints, hence the seed as a string), so
-    a compiled model draws exactly the samples eager does, with no graph break and no recompile.
+    One opaque op, in eager mode and inside a user's torch.compile graph alike (the seed passes as a
+    string: seeds are arbitrary ints), so a compiled model draws exactly the samples eager does,
+    with no graph break and no recompile. The key is derived on the counter's device: no host read.
     """
     if torch._C._current_graph_task_id() != -1:  # a forward re-run inside backward would draw anew
         raise RuntimeError("selection='sample' cannot be recomputed: activation checkpointing "
                            "(torch.utils.checkpoint) re-runs the forward during backward, which would draw another "
                            "sample than the forward did and give wrong gradients; checkpoint only layers with "
                            "selection='greedy', or leave the sampling layers out of the checkpointed segment")
-    draw = int(draws)
+    key = key32_at((int(seed), Stream.SAMPLE, 2), draws)
     draws += 1
-    return i32(key32(int(seed), Stream.SAMPLE, 2, draw), draws.device)
+    return key
 
 
 @_next_draw_key.register_fake
