@@ -4,6 +4,7 @@ import argparse
 import json
 
 import pytest
+import torch
 
 from seedslot.app import benchmarks as B
 
@@ -203,3 +204,16 @@ def test_budget_and_memory_benches_take_the_imagenet_vgg19(tmp_path, capsys):
     out = B.memory_bench("vgg19-imagenet", k=2, batch_size=1, steps=1, modes=("int8",), device="cpu",
                          input_size=32, width=0.0625)
     assert out["rows"][0]["connections"] == 78_300 + 344 + 470_026  # conv weights, conv biases, classifier
+
+
+def test_speed_bench_compiles_every_mode_when_asked(tmp_path, monkeypatch):
+    # issue 26: both sides at their best: weight training's step goes through torch.compile too
+    calls = []
+    monkeypatch.setattr(torch, "compile", lambda fn, mode=None: calls.append(mode) or fn)
+    path = tmp_path / "speed.json"
+    B.main(["speed", *TINY, "--repeats", "1", "--min-seconds", "0", "--modes", "learned,int8", "--device", "cpu",
+            "--compile", "reduce-overhead", "--json", str(path)])
+    assert calls == ["reduce-overhead"] * 4  # forward and optimizer step of each mode
+    assert json.loads(path.read_text())["compile"] == "reduce-overhead"
+    with pytest.raises(ValueError, match="compile must be one of 'off', 'default', 'reduce-overhead'; got 'max'"):
+        B.speed_bench("lenet", modes=["learned"], compile="max")

@@ -221,7 +221,7 @@ def test_a_diverged_run_says_so_writes_json_and_keeps_the_last_finite_checkpoint
 def test_compile_is_checked_and_named_like_the_cli():
     from seedslot.app import cli, train
 
-    assert cli.COMPILE == train.COMPILE and resolve(TrainConfig()).compile == "off"
+    assert cli.COMPILE is train.COMPILE and resolve(TrainConfig()).compile == "off"
     with pytest.raises(ValueError, match="compile must be one of 'off', 'default', 'reduce-overhead'"):
         resolve(TrainConfig(compile="max"))
     parser = cli._parser()

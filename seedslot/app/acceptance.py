@@ -21,6 +21,7 @@ from typing import Any, Sequence
 import torch
 
 from .benchmarks import budget_bench, median_seconds, memory_bench, speed_bench
+from .compiling import COMPILE
 from ..candidates import SHARING
 from .devices import resolve_device
 from ..files import atomic_write
@@ -169,8 +170,10 @@ PARTS = ("identities", "speed", "memory", "budget", "train")
 
 
 def gpu_acceptance(device: str = "cuda", budget_bytes: int = 2 * 2**30, data_dir: str | None = None,
-                   quick: bool = False, parts: Sequence[str] = PARTS, log=print) -> dict[str, Any]:
-    """The acceptance run's ``parts``; ``ok`` is False when an identity fails."""
+                   quick: bool = False, parts: Sequence[str] = PARTS, log=print,
+                   compile: str = "reduce-overhead") -> dict[str, Any]:
+    """The acceptance run's ``parts``; ``ok`` is False when an identity fails. The speed part runs
+    every mode, weight training included, through ``torch.compile`` in mode ``compile``."""
     dev = resolve_device(device)
     if dev.type != "cuda":
         raise ValueError(f"device {device!r}: the GPU acceptance run needs a CUDA device")
@@ -188,7 +191,8 @@ def gpu_acceptance(device: str = "cuda", budget_bytes: int = 2 * 2**30, data_dir
         log(f"identities ({model}, K=8): {'all equal' if out['ok'] else 'FAILED'} ({time.perf_counter() - t0:.0f} s)")
     if "speed" in parts:
         out["regeneration_values_per_second"] = regeneration_rate(device)
-        out["speed"] = speed_bench(model, k=8, batch_size=128, device=device, repeats=3 if quick else 5)
+        out["speed"] = speed_bench(model, k=8, batch_size=128, device=device, repeats=3 if quick else 5,
+                                   compile=compile)
         log(f"speed: {out['speed']['ratios']} ({time.perf_counter() - t0:.0f} s)")
     if "memory" in parts:
         out["memory"] = [memory_bench(model, k=k, batch_size=128, steps=2, device=device)
@@ -217,7 +221,8 @@ def report(result: dict[str, Any]) -> str:
                      f"{result['regeneration_values_per_second'] / 1e9:.1f} G values/s"))
         sp = result["speed"]
         for r in sp["rows"]:
-            rows.append((f"{sp['model']} batch {sp['batch_size']} K={sp['k']}: {_name(r['mode'])} step",
+            rows.append((f"{sp['model']} batch {sp['batch_size']} K={sp['k']}, compile {sp.get('compile', 'off')}: "
+                         f"{_name(r['mode'])} step",
                          f"{r['step_seconds'] * 1e3:.2f} ms"))
         for name, v in sp["ratios"].items():
             rows.append((f"step time {_name(name).replace('_over_', ' / ')}", f"{v:.3f}"))
@@ -269,6 +274,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", help="MNIST directory for the short training run (default: synthetic data)")
     p.add_argument("--quick", action="store_true", help="Lenet instead of VGG-19, fewer K: a smoke test")
     p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)} (default all)")
+    p.add_argument("--compile", choices=COMPILE, default="reduce-overhead",
+                   help="torch.compile mode of every mode's step in the speed part (default reduce-overhead)")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON here")
     p.add_argument("--report", nargs="+", metavar="JSON", help="only print the table of these (partial) runs' JSON")
 
@@ -285,7 +292,7 @@ def run_cli(args: argparse.Namespace) -> int:
     else:
         parts = [p.strip() for p in args.parts.split(",") if p.strip()]
         result = gpu_acceptance(args.device, parse_bytes(args.budget), args.data_dir, args.quick, parts,
-                                log=lambda s: print(s, file=sys.stderr, flush=True))
+                                log=lambda s: print(s, file=sys.stderr, flush=True), compile=args.compile)
     print(report(result), flush=True)
     if args.json:
         atomic_write(args.json, json.dumps(result, indent=2) + "\n")

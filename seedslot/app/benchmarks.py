@@ -40,6 +40,7 @@ from .devices import DEVICE_HELP, resolve_device
 from ..files import atomic_write
 from ..memory import CATEGORIES, state_breakdown, state_bytes
 from .child import run_in_child
+from .compiling import COMPILE, compiled
 from ..config import SlotConfig
 from ..optim import SlotSGD
 from .. import ops
@@ -147,7 +148,7 @@ class Trainer:
     """A model of one mode, its optimizer and a fixed random batch; ``step()`` trains once."""
 
     def __init__(self, model: str, mode: str, k: int, batch_size: int, device: str, seed: int = 0,
-                 input_size: int | None = None, width: float = 1.0) -> None:
+                 input_size: int | None = None, width: float = 1.0, compile: str = "off") -> None:
         torch.manual_seed(seed)
         self.device = device
         net, shape = _build(model, mode, k, device, input_size, width)
@@ -161,13 +162,14 @@ class Trainer:
         g = torch.Generator().manual_seed(seed)
         self.x = torch.randn(batch_size, *shape, generator=g).to(device)
         self.y = torch.randint(0, 10, (batch_size,), generator=g).to(device)
+        self.forward, self.optimizer_step = compiled(self.model, self.optimizer, compile)
 
     def step(self) -> float:
         """One training step; returns its wall-clock seconds."""
         t0 = _now(self.device)
         self.optimizer.zero_grad(set_to_none=True)
-        F.cross_entropy(self.model(self.x), self.y).backward()
-        self.optimizer.step()
+        F.cross_entropy(self.forward(self.x), self.y).backward()
+        self.optimizer_step()
         return _now(self.device) - t0
 
     def step_segments(self) -> tuple[float, ...]:
@@ -176,11 +178,11 @@ class Trainer:
         marks = [_now(self.device)]
         self.optimizer.zero_grad(set_to_none=True)
         marks.append(_now(self.device))
-        loss = F.cross_entropy(self.model(self.x), self.y)
+        loss = F.cross_entropy(self.forward(self.x), self.y)
         marks.append(_now(self.device))
         loss.backward()
         marks.append(_now(self.device))
-        self.optimizer.step()
+        self.optimizer_step()
         marks.append(_now(self.device))
         return tuple(b - a for a, b in zip(marks, marks[1:]))
 
@@ -309,8 +311,10 @@ def budget_bench(model: str = "vgg19", budget_bytes: int = 2 * 2**30, batch_size
 
 def speed_bench(model: str = "lenet", k: int = 8, batch_size: int = 64, repeats: int = 5,
                 min_seconds: float = 0.5, warmup: int = 2, modes: Sequence[str] = MODES,
-                device: str | None = None, profile: bool = False) -> dict[str, Any]:
-    """Steps per second of each mode, measured round robin in one process.
+                device: str | None = None, profile: bool = False, compile: str = "off") -> dict[str, Any]:
+    """Steps per second of each mode, measured round robin in one process; with ``compile`` (a
+    mode of :data:`.compiling.COMPILE`) every mode's forward and optimizer step, weight training's
+    included, run through ``torch.compile``.
 
     Each measurement runs enough steps to last ``min_seconds`` (judged from the warm-up); the
     order of the modes rotates between repeats, and the report takes medians over ``repeats``.
@@ -322,7 +326,9 @@ def speed_bench(model: str = "lenet", k: int = 8, batch_size: int = 64, repeats:
     if isinstance(min_seconds, bool) or not isinstance(min_seconds, (int, float)) or not min_seconds >= 0:
         raise ValueError(f"min_seconds must be a number >= 0; got {min_seconds!r}")
     modes, device = _modes(modes, SPEED_MODES), _device(device)
-    trainers = {m: Trainer(model, m, k, batch_size, device) for m in modes}
+    if compile not in COMPILE:
+        raise ValueError(f"compile must be one of {', '.join(map(repr, COMPILE))}; got {compile!r}")
+    trainers = {m: Trainer(model, m, k, batch_size, device, compile=compile) for m in modes}
     n_steps, first = {}, {}
     for m, t in trainers.items():
         warm = [t.step() for _ in range(warmup)]  # the first compiles: reported apart, never timed
@@ -333,7 +339,7 @@ def speed_bench(model: str = "lenet", k: int = 8, batch_size: int = 64, repeats:
                  step_seconds=statistics.median(per_step[m]), steps_per_second=1.0 / statistics.median(per_step[m]),
                  step_seconds_all=per_step[m], first_step_seconds=first[m]) for m in modes]
     out: dict[str, Any] = dict(bench="speed", model=model, compiled=ops.backends()["compile"], numba=ops.backends()["numba"],
-                               k=k, batch_size=batch_size, repeats=repeats, device=device,
+                               compile=compile, k=k, batch_size=batch_size, repeats=repeats, device=device,
                                threads=torch.get_num_threads(), rows=rows, ratios={})
     med = {r["mode"]: r["step_seconds"] for r in rows}
     for m in (*SLOT_SEEDED, "incremental"):
@@ -449,7 +455,11 @@ def _host_counts(t: Trainer, device: str, steps: int = 2) -> dict[str, Any]:
     ops = _Dispatched()
     with ops:
         t.step()
-    twin = deepcopy(t)  # model and optimizer copied together: the optimizer holds the copy's parameters
+    compiled_fns, (t.forward, t.optimizer_step) = (t.forward, t.optimizer_step), (t.model, t.optimizer.step)
+    try:  # explain traces the eager step itself
+        twin = deepcopy(t)  # model and optimizer copied together: the optimizer holds the copy's parameters
+    finally:
+        t.forward, t.optimizer_step = compiled_fns
     twin.step()  # the copied layers register their proxies eagerly
     torch._dynamo.reset()
     whole = torch._dynamo.explain(twin.step)()
@@ -646,6 +656,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--profile", action="store_true",
                    help="also time each part of a step (zero_grad, forward, backward, optimizer step) and list "
                         "torch.profiler's busiest events, per mode")
+    p.add_argument("--compile", choices=COMPILE, default="off",
+                   help="torch.compile every mode's forward and optimizer step in this mode (default off)")
 
     bench_ddp.add_arguments(sub.add_parser("ddp", help="multi-process training traffic and speed"))
 
@@ -671,7 +683,7 @@ def run_cli(args: argparse.Namespace) -> int:
                               width=args.width, **common)
     elif args.bench == "speed":
         result = speed_bench(k=args.k, repeats=args.repeats, min_seconds=args.min_seconds, profile=args.profile,
-                             **common)
+                             compile=args.compile, **common)
     else:
         raise ValueError(f"bench must be one of 'memory', 'budget', 'speed', 'ddp'; got {args.bench!r}")
     print(_report(result), flush=True)

@@ -15,6 +15,7 @@ from typing import Sequence
 from ..candidates import SHARING
 from ..checkpoints import CheckpointError
 from .data import DATASETS, NORMALIZE
+from .compiling import COMPILE
 from .devices import DEVICE_HELP
 from .allocator import return_large_frees
 from ..models import MODELS, MODES
@@ -22,7 +23,6 @@ from ..storages import SCORES
 from ..selection import SELECTION
 from ..validate import check_int
 
-COMPILE = ("off", "default", "reduce-overhead")  # train.COMPILE (train is imported only when a run starts)
 
 __all__ = ["main"]
 

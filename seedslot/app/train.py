@@ -33,6 +33,7 @@ from . import data as _data
 from ..checkpoints import CheckpointError, load_checkpoint, load_state_into, save_checkpoint
 from ..config import SlotConfig
 from ..convert import to_dense
+from .compiling import COMPILE, compiled
 from .devices import resolve_device
 from .distributed import Ranks
 from ..files import append_text, atomic_write, check_writable, remove_stale_temporaries
@@ -616,17 +617,9 @@ def make_model(cfg: TrainConfig, data: _data.Data, ckpt: dict | None) -> nn.Modu
     return model
 
 
-COMPILE = ("off", "default", "reduce-overhead")  # TrainConfig.compile: torch.compile's mode, or none
-
-
 def _compiled(cfg: TrainConfig, net: nn.Module, optimizer: torch.optim.Optimizer):
-    """The forward and the optimizer step the loop calls: as they are with compile "off" (eager,
-    today's bits), else each through ``torch.compile`` in that mode ("reduce-overhead": CUDA graphs
-    on CUDA; SlotSGD's deferred checks keep its step free of host reads)."""
-    if cfg.compile == "off":
-        return net, optimizer.step
-    mode = None if cfg.compile == "default" else cfg.compile
-    return torch.compile(net, mode=mode), torch.compile(optimizer.step, mode=mode)
+    """The forward and the optimizer step the loop calls (see :func:`.compiling.compiled`)."""
+    return compiled(net, optimizer, cfg.compile)
 
 
 def _build(cfg: TrainConfig, data: _data.Data, ckpt: dict | None, device: torch.device,
