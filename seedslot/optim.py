@@ -316,9 +316,31 @@ class SlotSGD(Optimizer):
             dirs = torch._foreach_mul(dirs, ok.to(dirs[0].dtype))
         if plain:
             torch._foreach_add_([entries[i][3] for i in plain], [dirs[i] for i in plain], alpha=-lr)
-        for (_, _, _, p, owner), d in zip(entries, dirs):
-            if owner is not None:
-                self._apply(p, owner, d, group, ok)
+        self._update_scores([(e[3], e[4], d) for e, d in zip(entries, dirs) if e[4] is not None], group, ok)
+
+    def _update_scores(self, seeded: list, group: dict, ok: torch.Tensor | None) -> None:
+        """:meth:`_apply` of every ``(proxy, owner, direction)`` of ``seeded``, one param group's: one
+        ``update_group`` call per score storage and device, whose launches do not grow with the
+        number of parts, and the step counts advanced by one multi-tensor op."""
+        lr, wd = group["lr"], group["weight_decay"]
+        by: dict = {}  # (storage, device) -> its parts, in order
+        for p, owner, d in seeded:
+            by.setdefault((owner[0].storage, p.device), []).append((p, owner, d))
+        for (storage, device), got in by.items():
+            decay = None
+            if wd:  # decoupled: one factor for all the parts, 1 where a deferred check failed
+                decay = _keep(ok, 1.0 - lr * wd) if ok is not None else torch.full(
+                    (), 1.0 - lr * wd, dtype=torch.float32, device=device)
+            steps = [self.state[p].get("step", 0) for p, _, _ in got]
+            counts = [self._count(p, s) for (p, _, _), s in zip(got, steps)] if storage.keyed_by_step else steps
+            storage.update_group([owner for _, owner, _ in got], [d for _, _, d in got], lr, decay, counts)
+            for (p, _, _), s in zip(got, steps):
+                self.state[p]["step"] = s + 1
+            if storage.keyed_by_step:  # a skipped step (ok False) does not count, as check() rolls back step
+                if ok is None:
+                    torch._foreach_add_(counts, 1)
+                else:  # the list form: dynamo reads a tensor scalar of a multi-tensor op back to the host
+                    torch._foreach_add_(counts, [ok.to(torch.int64)] * len(counts))
 
     def _apply(self, p: torch.Tensor, owner, d: torch.Tensor, group: dict, ok: torch.Tensor | None) -> None:
         """Move ``p`` (an ordinary parameter) or its layer's part's scores (a proxy) along ``-d``."""
