@@ -456,15 +456,20 @@ class SlotSGD(Optimizer):
                 for (i, _), m in zip(found, torch._foreach_norm([t for _, t in found], math.inf)):
                     out[i] = m
         # the state an update moves (scores, scales, drifts), bounded after the step as _check_updates does
-        s_max, levels = [zero] * len(entries), [1.0] * len(entries)
+        levels = [1.0] * len(entries)
         moved = [(i, *e[4][0].storage.moved(*e[4])) for i, e in enumerate(entries) if e[4] is not None]
         flat = [t for _, ts, _ in moved for t in ts]
-        if flat:
-            maxes = iter(torch._foreach_norm(flat, math.inf))
-            for i, ts, lv in moved:
-                s_max[i], levels[i] = torch.stack([next(maxes).to(zero.dtype) for _ in ts]).amax(), lv
-        stack = torch.stack([torch.stack(norms), torch.stack(b_max), torch.stack(p_max),
-                             torch.stack(s_max)]).to(torch.float64)
+        if flat:  # each entry's largest, through an (entries, most tensors) table: launches per step, not per part
+            width = max(len(ts) for _, ts, _ in moved)
+            at = self._cached(("moved", tuple(i * width + j for i, ts, _ in moved for j in range(len(ts)))),
+                              device, torch.int64)
+            maxes = torch.stack(torch._foreach_norm(flat, math.inf)).to(zero.dtype)
+            s_max = zero.new_zeros(len(entries) * width).index_copy_(0, at, maxes).view(-1, width).amax(1)
+            for i, _, lv in moved:
+                levels[i] = lv
+        else:
+            s_max = zero.new_zeros(len(entries))
+        stack = torch.stack([torch.stack(norms), torch.stack(b_max), torch.stack(p_max), s_max]).to(torch.float64)
         cols, start = [], 0  # per param group: the same arithmetic as _check_updates, in float64
         while start < len(entries):
             group = entries[start][2]
