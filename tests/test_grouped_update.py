@@ -198,3 +198,15 @@ def test_launches_per_step_do_not_grow_with_the_layers(scores):
     assert _step_launches(scores, 2) == _step_launches(scores, 6)
     # the counter sees the per-part path grow
     assert _step_launches(scores, 2, foreach=False)[0] < _step_launches(scores, 6, foreach=False)[0]
+
+
+@triton_runs
+@pytest.mark.parametrize("scores", ["int8", "fp32"])
+def test_packed_step_is_one_graph(monkeypatch, scores):
+    # the packed path, as SlotSGD takes it on CUDA, reads nothing back to the host either
+    from test_step_graph import _explain_step
+
+    if DEV.type == "cpu":
+        monkeypatch.setattr(_backends, "cuda_kernels_on_cpu", True)
+    explained = _explain_step(scores)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
