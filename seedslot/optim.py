@@ -31,8 +31,13 @@ needs all parameters on one device and real floating gradients; other steps are 
 Hyper-parameters are Python numbers: they are checked on the host before anything changes.
 
 ``foreach=True`` (default) updates the ordinary parameters and the momentum buffers of every part
-with torch's multi-tensor ops (like torch.optim.SGD's foreach): launches per param group, not per
-layer. Each score storage's update stays one call per part (``layer.update_scores``).
+with torch's multi-tensor ops (like torch.optim.SGD's foreach), and the scores of all parts of one
+storage with one ``ScoreStorage.update_group`` call per param group: implicit drifts by multi-tensor
+ops, int8 and fp32 scores on CUDA by packed Triton kernels over a table of the parts (one launch
+per column tile width), their per-part numbers (the int8 grid decision, scales, rounding keys) as
+vectors. The optimizer's launches per step do not depend on the number of layers (on the CPU the
+int8 and fp32 kernels still run once per part, as the per-part update does). ``foreach=False``
+updates one parameter at a time (``layer.update_scores``); both give the same bits.
 
 Building the first seeded layer registers a global optimizer step pre-hook: any other optimizer
 (torch.optim.SGD, Adam, ...) that holds a seeded layer's proxy parameter raises TypeError naming it
@@ -85,8 +90,9 @@ class SlotSGD(Optimizer):
     ``"deferred"`` (the default) decides on the device and makes the step a no-op there, raising at
     the next read (:meth:`check`, :meth:`state_dict`); ``"eager"`` reads the decision back at once
     (one host sync per step) and raises from ``step()``. ``foreach`` (default True) updates the
-    ordinary parameters and all momentum buffers with torch's multi-tensor ops; False loops per
-    parameter. Every combination gives the same bits.
+    ordinary parameters, all momentum buffers and all scores with multi-tensor ops and packed
+    kernels (launches per step independent of the number of layers); False loops per parameter.
+    Every combination gives the same bits.
     """
 
     def __init__(
@@ -266,8 +272,8 @@ class SlotSGD(Optimizer):
 
     def _step_foreach(self, entries: list, ok: torch.Tensor | None) -> None:
         """:meth:`_step_each` with torch's multi-tensor ops: a number of launches per param group,
-        not per parameter, for the gradients, ordinary parameters and momentum buffers (the score
-        updates stay one call per part). The same operations, so the same bits."""
+        not per parameter, for the gradients, ordinary parameters, momentum buffers and scores
+        (:meth:`_update_scores`). The same operations, so the same bits."""
         spans, start = [], 0  # (start, end, group): entries are in param-group order
         while start < len(entries):
             group, end = entries[start][2], start

@@ -9,7 +9,8 @@ One class per storage, chosen once from its name (:func:`storage_for`) when a la
 A storage holds no tensors itself: it registers its state as buffers of the layer (so state_dict
 keys, ``.to()`` and copies work as for any module) and reads them back by name. The interface,
 :class:`ScoreStorage`, is what a seeded layer and SlotSGD use: register the state, select greedily
-(with the selected values when they come for free), sample, materialise the scores, update them.
+(with the selected values when they come for free), sample, materialise the scores, update them
+(a part at a time, or all of a step's parts of one storage at once: :meth:`ScoreStorage.update_group`).
 What a storage reads from its layer: ``k``, ``seed``, ``sigma``, ``score_lambda``, ``parts`` and the
 keys ``candidate_keys``, ``sample_keys``, ``round_keys`` (see :mod:`seedslot.layers`).
 

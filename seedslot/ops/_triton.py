@@ -20,7 +20,15 @@ torch function (ops._torch)                 Triton wrapper
                                            CUDA kernel for every K)
 ``packed_argmax``, ``argmax_rows``         :func:`packed_argmax`, :func:`greedy`
 ``sample_chunk``                           :func:`sample_chunk`
+requantize then ``int8_update``, per part  :func:`int8_update_group` (many parts, in place)
+decay then ``fp32_update_chunk``, per part :func:`fp32_update_group` (many parts, in place)
 =========================================  ===================================================
+
+The group kernels take a list of layer parts as one device table (an int64 row per part: the
+addresses of its scores and keys, its rows, K, offsets), made once per distinct list and cached,
+and a flat grid of row blocks; each program finds its part by a binary search of the cumulative
+block counts. Parts are launched together by column tile width, so a step launches each at most
+seven times whatever the number of layers.
 
 Each kernel loops over the K candidates of a block of connections in column tiles of at most
 ``MAX_BLOCK_K`` (K is a runtime value: no padding of K to a power of two, one compiled kernel per
