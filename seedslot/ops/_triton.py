@@ -296,8 +296,9 @@ if triton is not None:
         q = tl.load(q_p + rows.to(tl.int64)[:, None] * K + cols[None, :], mask=mask, other=0).to(tl.float32)
         if ZERO:
             q = tl.where(zero, 0.0, q)
-        rq = _unit24(_noise_round(hq[:, None] ^ rb[None, :]))
-        q = tl.where(inv != 1.0, tl.minimum(tl.maximum(tl.floor(q * inv + rq), -128.0), 127.0), q)
+        if inv != 1.0:  # a coarser grid (rare): the levels are left as they are at factor 1
+            rq = _unit24(_noise_round(hq[:, None] ^ rb[None, :]))
+            q = tl.minimum(tl.maximum(tl.floor(q * inv + rq), -128.0), 127.0)
         w = _signed24(_mix32(hc[:, None] ^ kb[None, :])) * step
         r = _unit24(_noise_round(hr[:, None] ^ rb[None, :]))
         return tl.floor(q + dc[:, None] * w + r), mask
