@@ -39,7 +39,8 @@ def build(specs):
     layers = []
     for i, s in enumerate(specs):
         kw = dict(k=s["k"], seed=i + 1, sharing=s["sharing"], bias=s["bias"])
-        kw.update(scores="implicit", incremental=True) if s["scores"] == "incremental" else kw.update(scores=s["scores"])
+        incremental = s["scores"] == "incremental"
+        kw.update(scores="implicit" if incremental else s["scores"], incremental=incremental)
         layer = ss.SlotConv2d(2, 3, 2, **kw) if s["conv"] else ss.SlotLinear(5, 3 + i, **kw)
         if s["tiny"] and s["scores"] == "int8":
             layer.weight_scale.fill_(1.2e-38)  # 0.95 of it is below float32's tiny: decay zeroes the levels
