@@ -31,8 +31,13 @@ needs all parameters on one device and real floating gradients; other steps are 
 Hyper-parameters are Python numbers: they are checked on the host before anything changes.
 
 ``foreach=True`` (default) updates the ordinary parameters and the momentum buffers of every part
-with torch's multi-tensor ops (like torch.optim.SGD's foreach): launches per param group, not per
-layer. Each score storage's update stays one call per part (``layer.update_scores``).
+with torch's multi-tensor ops (like torch.optim.SGD's foreach), and the scores of all parts of one
+storage with one ``ScoreStorage.update_group`` call per param group: implicit drifts by multi-tensor
+ops, int8 and fp32 scores on CUDA by packed Triton kernels over a table of the parts (one launch
+per column tile width), their per-part numbers (the int8 grid decision, scales, rounding keys) as
+vectors. The optimizer's launches per step do not depend on the number of layers (on the CPU the
+int8 and fp32 kernels still run once per part, as the per-part update does). ``foreach=False``
+updates one parameter at a time (``layer.update_scores``); both give the same bits.
 
 Building the first seeded layer registers a global optimizer step pre-hook: any other optimizer
 (torch.optim.SGD, Adam, ...) that holds a seeded layer's proxy parameter raises TypeError naming it
@@ -85,8 +90,9 @@ class SlotSGD(Optimizer):
     ``"deferred"`` (the default) decides on the device and makes the step a no-op there, raising at
     the next read (:meth:`check`, :meth:`state_dict`); ``"eager"`` reads the decision back at once
     (one host sync per step) and raises from ``step()``. ``foreach`` (default True) updates the
-    ordinary parameters and all momentum buffers with torch's multi-tensor ops; False loops per
-    parameter. Every combination gives the same bits.
+    ordinary parameters, all momentum buffers and all scores with multi-tensor ops and packed
+    kernels (launches per step independent of the number of layers); False loops per parameter.
+    Every combination gives the same bits.
     """
 
     def __init__(
@@ -266,8 +272,8 @@ class SlotSGD(Optimizer):
 
     def _step_foreach(self, entries: list, ok: torch.Tensor | None) -> None:
         """:meth:`_step_each` with torch's multi-tensor ops: a number of launches per param group,
-        not per parameter, for the gradients, ordinary parameters and momentum buffers (the score
-        updates stay one call per part). The same operations, so the same bits."""
+        not per parameter, for the gradients, ordinary parameters, momentum buffers and scores
+        (:meth:`_update_scores`). The same operations, so the same bits."""
         spans, start = [], 0  # (start, end, group): entries are in param-group order
         while start < len(entries):
             group, end = entries[start][2], start
@@ -316,9 +322,31 @@ class SlotSGD(Optimizer):
             dirs = torch._foreach_mul(dirs, ok.to(dirs[0].dtype))
         if plain:
             torch._foreach_add_([entries[i][3] for i in plain], [dirs[i] for i in plain], alpha=-lr)
-        for (_, _, _, p, owner), d in zip(entries, dirs):
-            if owner is not None:
-                self._apply(p, owner, d, group, ok)
+        self._update_scores([(e[3], e[4], d) for e, d in zip(entries, dirs) if e[4] is not None], group, ok)
+
+    def _update_scores(self, seeded: list, group: dict, ok: torch.Tensor | None) -> None:
+        """:meth:`_apply` of every ``(proxy, owner, direction)`` of ``seeded``, one param group's: one
+        ``update_group`` call per score storage and device, whose launches do not grow with the
+        number of parts, and the step counts advanced by one multi-tensor op."""
+        lr, wd = group["lr"], group["weight_decay"]
+        by: dict = {}  # (storage, device) -> its parts, in order
+        for p, owner, d in seeded:
+            by.setdefault((owner[0].storage, p.device), []).append((p, owner, d))
+        for (storage, device), got in by.items():
+            decay = None
+            if wd:  # decoupled: one factor for all the parts, 1 where a deferred check failed
+                decay = _keep(ok, 1.0 - lr * wd) if ok is not None else torch.full(
+                    (), 1.0 - lr * wd, dtype=torch.float32, device=device)
+            steps = [self.state[p].get("step", 0) for p, _, _ in got]
+            counts = [self._count(p, s) for (p, _, _), s in zip(got, steps)] if storage.keyed_by_step else steps
+            storage.update_group([owner for _, owner, _ in got], [d for _, _, d in got], lr, decay, counts)
+            for (p, _, _), s in zip(got, steps):
+                self.state[p]["step"] = s + 1
+            if storage.keyed_by_step:  # a skipped step (ok False) does not count, as check() rolls back step
+                if ok is None:
+                    torch._foreach_add_(counts, 1)
+                else:  # the list form: dynamo reads a tensor scalar of a multi-tensor op back to the host
+                    torch._foreach_add_(counts, [ok.to(torch.int64)] * len(counts))
 
     def _apply(self, p: torch.Tensor, owner, d: torch.Tensor, group: dict, ok: torch.Tensor | None) -> None:
         """Move ``p`` (an ordinary parameter) or its layer's part's scores (a proxy) along ``-d``."""
@@ -434,15 +462,20 @@ class SlotSGD(Optimizer):
                 for (i, _), m in zip(found, torch._foreach_norm([t for _, t in found], math.inf)):
                     out[i] = m
         # the state an update moves (scores, scales, drifts), bounded after the step as _check_updates does
-        s_max, levels = [zero] * len(entries), [1.0] * len(entries)
+        levels = [1.0] * len(entries)
         moved = [(i, *e[4][0].storage.moved(*e[4])) for i, e in enumerate(entries) if e[4] is not None]
         flat = [t for _, ts, _ in moved for t in ts]
-        if flat:
-            maxes = iter(torch._foreach_norm(flat, math.inf))
-            for i, ts, lv in moved:
-                s_max[i], levels[i] = torch.stack([next(maxes).to(zero.dtype) for _ in ts]).amax(), lv
-        stack = torch.stack([torch.stack(norms), torch.stack(b_max), torch.stack(p_max),
-                             torch.stack(s_max)]).to(torch.float64)
+        if flat:  # each entry's largest, through an (entries, most tensors) table: launches per step, not per part
+            width = max(len(ts) for _, ts, _ in moved)
+            at = self._cached(("moved", tuple(i * width + j for i, ts, _ in moved for j in range(len(ts)))),
+                              device, torch.int64)
+            maxes = torch.stack(torch._foreach_norm(flat, math.inf)).to(zero.dtype)
+            s_max = zero.new_zeros(len(entries) * width).index_copy_(0, at, maxes).view(-1, width).amax(1)
+            for i, _, lv in moved:
+                levels[i] = lv
+        else:
+            s_max = zero.new_zeros(len(entries))
+        stack = torch.stack([torch.stack(norms), torch.stack(b_max), torch.stack(p_max), s_max]).to(torch.float64)
         cols, start = [], 0  # per param group: the same arithmetic as _check_updates, in float64
         while start < len(entries):
             group = entries[start][2]

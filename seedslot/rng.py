@@ -81,7 +81,19 @@ def key32_at(words: tuple[int, ...], counter: torch.Tensor) -> torch.Tensor:
     :func:`_splitmix64` of the prefix's hash xor n, in int64 arithmetic (bitwise ops and the low 64
     bits of sums and products are those of uint64), so a counter kept on the device is never read
     back to the host."""
-    x = counter.to(torch.int64) ^ _int64(derive(*words))
+    return key32_fold(key_prefix(*words), counter)
+
+
+def key_prefix(*words: int) -> int:
+    """The int64 that :func:`key32_at` folds its counter into: :func:`derive`'s hash of ``words``."""
+    return _int64(derive(*words))
+
+
+def key32_fold(prefix: int | torch.Tensor, counter: torch.Tensor) -> torch.Tensor:
+    """:func:`key32_at` from the :func:`key_prefix` of its words, elementwise: ``prefix`` may be an
+    int64 tensor of several prefixes and ``counter`` a tensor of as many counts (one key each, in the
+    same integer operations, so the same bits as one call per pair)."""
+    x = counter.to(torch.int64) ^ prefix
     x = x + _int64(0x9E3779B97F4A7C15)
     x = (x ^ _shr64(x, 30)) * _int64(0xBF58476D1CE4E5B9)
     x = (x ^ _shr64(x, 27)) * _int64(0x94D049BB133111EB)

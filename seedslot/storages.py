@@ -9,7 +9,8 @@ One class per storage, chosen once from its name (:func:`storage_for`) when a la
 A storage holds no tensors itself: it registers its state as buffers of the layer (so state_dict
 keys, ``.to()`` and copies work as for any module) and reads them back by name. The interface,
 :class:`ScoreStorage`, is what a seeded layer and SlotSGD use: register the state, select greedily
-(with the selected values when they come for free), sample, materialise the scores, update them.
+(with the selected values when they come for free), sample, materialise the scores, update them
+(a part at a time, or all of a step's parts of one storage at once: :meth:`ScoreStorage.update_group`).
 What a storage reads from its layer: ``k``, ``seed``, ``sigma``, ``score_lambda``, ``parts`` and the
 keys ``candidate_keys``, ``sample_keys``, ``round_keys`` (see :mod:`seedslot.layers`).
 
@@ -30,7 +31,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from . import ops
 from .candidates import Stream, init_scores, stream_keys
 from .ops import InitialScoreKeys, i32
-from .rng import key32_at
+from .rng import key32_at, key32_fold, key_prefix
 from .selection import greedy, greedy_values, sample
 from .updates import coarsen_factor, max_abs
 
@@ -122,6 +123,17 @@ class ScoreStorage:
         decoupled weight decay of an update, for an optimizer that decides it on the device."""
         raise NotImplementedError
 
+    def update_group(self, parts: list[tuple[nn.Module, str]], directions: list[torch.Tensor], lr: float,
+                     decay: torch.Tensor | None, steps: list) -> None:
+        """:meth:`decay` by the 0-dim fp32 ``decay`` (None: none) then :meth:`update` of every
+        ``(layer, part)`` of ``parts`` (layers of this storage, on one device), with the same bits:
+        SlotSGD's multi-tensor step. Here a call per part; a storage overrides it where its updates
+        can run as a number of launches that does not grow with the number of parts."""
+        for (layer, part), direction, step in zip(parts, directions, steps):
+            if decay is not None:
+                self.decay(layer, part, decay)
+            self.update(layer, part, direction, lr, 0.0, step)
+
     def moved(self, layer: nn.Module, part: str) -> tuple[list[torch.Tensor], float]:
         """The float tensors an update moves, and how many of their units one real score unit can
         take (int8 levels: 127, else 1): what bounds the state after a step."""
@@ -133,6 +145,34 @@ class ScoreStorage:
 
 def _finite(t: torch.Tensor) -> torch.Tensor:
     return torch.isfinite(t)
+
+
+_CONSTANTS: dict = {}
+
+
+def _constants(values: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A device vector of per-part constants (sigmas, key prefixes) for a group update, copied from
+    the host once per distinct tuple: a steady-state step copies nothing to the device."""
+    key = (values, dtype, device)
+    t = _CONSTANTS.get(key)
+    if t is None:
+        if len(_CONSTANTS) >= 256:
+            _CONSTANTS.clear()
+        t = _CONSTANTS[key] = torch.tensor(values, dtype=dtype, device=device)
+    return t
+
+
+def _concatenated(directions: list[torch.Tensor]) -> torch.Tensor:
+    """The parts' directions as one fp32 vector, in order (what the packed kernels read)."""
+    return torch.cat([d.reshape(-1) for d in directions]).to(torch.float32)
+
+
+def _packed(storage: "_Stored", parts: list) -> tuple[list[torch.Tensor], list[int], list] | None:
+    """The parts' (rows, K) scores, offsets and candidate keys where :func:`ops.packs_parts`, else None."""
+    scores = [storage.stored(layer, part)[0] for layer, part in parts]
+    if not ops.packs_parts(scores):
+        return None
+    return scores, [_offset(layer, part) for layer, part in parts], [layer.candidate_keys for layer, _ in parts]
 
 
 class StoredPart(NamedTuple):
@@ -198,6 +238,14 @@ class Fp32Scores(_Stored):
         neg_lr = torch.full((), -lr, dtype=torch.float32, device=d.device)
         ops.fp32_update_(scores, d, neg_lr, _offset(layer, part), layer.candidate_keys)
 
+    def update_group(self, parts, directions, lr, decay, steps):
+        packed = _packed(self, parts)
+        if packed is None:
+            return super().update_group(parts, directions, lr, decay, steps)
+        scores, offsets, cks = packed
+        neg_lr = torch.full((), -lr, dtype=torch.float32, device=scores[0].device)
+        ops.fp32_update_group_(scores, _concatenated(directions), neg_lr, decay, offsets, cks)
+
 
 class Int8Scores(_Stored):
     """K int8 levels per connection and one fp32 scale per part (see :mod:`seedslot.updates`)."""
@@ -235,6 +283,38 @@ class Int8Scores(_Stored):
         coef = (-lr / scale).to(torch.float32)
         ops.int8_update_(scores, d, coef, offset, layer.candidate_keys, key32_at((layer.seed, Stream.ROUND, 2), count),
                          round_keys)
+
+    def update_group(self, parts, directions, lr, decay, steps):
+        # update()'s arithmetic on vectors of one value per part (the same elementwise operations,
+        # so the same bits), then one packed op for every part's levels
+        packed = _packed(self, parts)
+        if packed is None:
+            return super().update_group(parts, directions, lr, decay, steps)
+        scores, offsets, cks = packed
+        dev, layers = scores[0].device, [layer for layer, _ in parts]
+        held = [self.tensors(layer, part).scale for layer, part in parts]
+        scales = torch.stack(held)
+        zero = None
+        if decay is not None:  # decay()'s, the levels zeroed by the packed op
+            scales.mul_(decay)
+            zero = (decay != 1.0) & (scales < torch.finfo(torch.float32).tiny)
+            fresh = _constants(tuple(layer.score_lambda * layer.sigma / 127.0 for layer in layers), torch.float32, dev)
+            scales = torch.where(zero, fresh, scales)
+        d = _concatenated(directions)
+        d_max = torch.stack(torch._foreach_norm(list(d.split([s.shape[0] for s in scores])), math.inf))
+        factor = coarsen_factor(lr, d_max, _constants(tuple(layer.sigma for layer in layers), torch.float64, dev),
+                                scales)
+        counts = torch.stack([s if isinstance(s, torch.Tensor) else torch.full((), s, dtype=torch.int64, device=dev)
+                              for s in steps])
+        requant, rounding = (key32_fold(_constants(tuple(key_prefix(layer.seed, stream, 2) for layer in layers),
+                                                   torch.int64, dev), counts)
+                             for stream in (Stream.REQUANT, Stream.ROUND))
+        inv = (1.0 / factor).to(torch.float32)
+        scales.mul_(factor)
+        coef = (-lr / scales).to(torch.float32)
+        ops.int8_update_group_(scores, d, coef, inv, zero, requant, rounding, offsets, cks,
+                               [layer.round_keys for layer in layers])
+        torch._foreach_copy_(held, list(scales.unbind()))
 
 
 _BOUND, _SCORE_KEY, _SCORE_KEYS = "_score_bound", "_score_key", "_score_keys"
@@ -314,6 +394,14 @@ class ImplicitScores(ScoreStorage):
             drift.mul_(shrink)
             factor.mul_(shrink)
         drift.add_(d, alpha=lr)
+
+    def update_group(self, parts, directions, lr, decay, steps):
+        # update()'s operations as multi-tensor ops, on every device: a few launches for all parts
+        held = [self.tensors(layer, part) for layer, part in parts]
+        drifts = [t.drift.view(-1) for t in held]
+        if decay is not None:
+            torch._foreach_mul_(drifts + [t.scale for t in held], decay)
+        torch._foreach_add_(drifts, [d.reshape(-1).to(torch.float32) for d in directions], alpha=lr)
 
 
 # values cache -> the tokens of the autograd graphs that saved it (see lend): a token dies with its

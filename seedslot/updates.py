@@ -60,11 +60,12 @@ def max_abs_all(tensors: list[torch.Tensor]) -> list[float]:
     return [math.nan if math.isnan(lo) or math.isnan(hi) else max(-lo, hi) for lo, hi in zip(flat[::2], flat[1::2])]
 
 
-def coarsen_factor(lr: float, d_max: torch.Tensor, w_max: float, scale: torch.Tensor) -> torch.Tensor:
+def coarsen_factor(lr: float, d_max: torch.Tensor, w_max: float | torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """The power of two by which the int8 grid must coarsen so that one step moves a level by at
-    most MAX_LEVELS (1 when it already does), as a 0-dim float64 tensor decided on the device: the
-    fp32 ``d_max`` (max |direction|) and ``scale`` are never read back. The caller (SlotSGD) has
-    checked that the update is finite."""
+    most MAX_LEVELS (1 when it already does), as a float64 tensor decided on the device: the fp32
+    ``d_max`` (max |direction|) and ``scale`` are never read back. Elementwise: 0-dim for one part,
+    or vectors of one value per part (``w_max`` then a float64 vector) with the same bits. The
+    caller (SlotSGD) has checked that the update is finite."""
     levels = d_max.to(torch.float64) * lr * w_max / scale.to(torch.float64)
     # 2**ceil(log2(x)), exactly: x = m * 2**e with m in [0.5, 1), so 2**e, or 2**(e-1) when m = 0.5
     # (math.log2 would round some x just above a power of two down to it)

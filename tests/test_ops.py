@@ -111,5 +111,5 @@ def test_the_random_function_module_holds_only_the_random_function():
 
     public = {n for n in vars(rng) if not n.startswith("_") and callable(getattr(rng, n))
               and getattr(getattr(rng, n), "__module__", None) == rng.__name__}
-    assert public == {"derive", "torch_seed", "key32", "keys32", "key32_at", "mix32", "bits", "noise_bits", "noise_round",
-                      "signed24", "unit24"}
+    assert public == {"derive", "torch_seed", "key32", "keys32", "key32_at", "key_prefix", "key32_fold", "mix32", "bits",
+                      "noise_bits", "noise_round", "signed24", "unit24"}

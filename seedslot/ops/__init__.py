@@ -23,6 +23,8 @@ op                        what one call computes, for connections ``start, start
 ``int8_update``           the int8 levels after one stochastically rounded update
 ``fp32_update``           fp32 scores after one update
 ``requantize``            int8 levels on a coarser grid, rounded stochastically (in place)
+``int8_update_group``     zero, requantize and update the levels of a list of parts (in place)
+``fp32_update_group``     decay and update the fp32 scores of a list of parts (in place)
 ``implicit_scores``       the implicit scores ``c * s0 - A * W``: (n, K) fp32
 ``implicit_greedy``       their greedy index and selected value, without the (n, K) scores
 ``incremental_greedy``    re-selection, in place, of the cached connections that went stale
@@ -42,7 +44,8 @@ from ._backends import compile_enabled, runs_triton
 from ._chunks import chunked, chunked_new, i32, row_chunks
 
 __all__ = ["backends", "CandidateKeys", "InitialScoreKeys", "i32", "candidate_values", "selected_values", "initial_scores",
-           "greedy", "greedy_values", "sample", "int8_update_", "fp32_update_", "requantize_", "implicit_scores",
+           "greedy", "greedy_values", "sample", "int8_update_", "fp32_update_", "requantize_", "packs_parts",
+           "int8_update_group_", "fp32_update_group_", "implicit_scores",
            "implicit_greedy", "implicit_sample", "incremental_applies", "incremental_greedy", "INCREMENTAL_REBUILD_SHARE"]
 
 
@@ -172,6 +175,52 @@ def _requantize_cuda(q, inv_factor, start, round_a, round_b):
 _requantize = _declare(
     "requantize", "(Tensor(a!) q, Tensor inv_factor, Tensor start, Tensor round_a, Tensor round_b) -> ()",
     _requantize_cpu, _requantize_cuda, lambda *_: None, mutates=("q",))
+
+
+
+def _int8_group_cpu(q, d, coef, inv, zero, requant_keys, round_keys, offsets, per_conn, key_a, keys_b, step, round_b):
+    """The group update as the per-part ops, part after part (what the packed kernel equals)."""
+    for i, (qi, di) in enumerate(zip(q, d.split([t.shape[0] for t in q]))):
+        if zero is not None:
+            qi.masked_fill_(zero[i], 0)
+        requantize_(qi, inv[i], offsets[i], requant_keys[i], round_b[i])
+        int8_update_(qi, di, coef[i], offsets[i], CandidateKeys(per_conn[i], key_a[i], keys_b[i], step[i]),
+                     round_keys[i], round_b[i])
+
+
+def _int8_group_cuda(*args):
+    if _backends.triton_on():  # one launch per column tile width, whatever the number of parts
+        from ._triton import int8_update_group
+        return int8_update_group(*args)
+    return _int8_group_cpu(*args)
+
+
+_int8_group = _declare(
+    "int8_update_group",
+    "(Tensor(a!)[] q, Tensor d, Tensor coef, Tensor inv, Tensor? zero, Tensor requant_keys, Tensor round_keys, "
+    "int[] offsets, int[] per_conn, Tensor[] key_a, Tensor[] keys_b, Tensor[] step, Tensor[] round_b) -> ()",
+    _int8_group_cpu, _int8_group_cuda, lambda *_: None, mutates=("q",))
+
+
+def _fp32_group_cpu(s, d, neg_lr, decay, offsets, per_conn, key_a, keys_b, step):
+    for i, (si, di) in enumerate(zip(s, d.split([t.shape[0] for t in s]))):
+        if decay is not None:
+            si.mul_(decay)
+        fp32_update_(si, di, neg_lr, offsets[i], CandidateKeys(per_conn[i], key_a[i], keys_b[i], step[i]))
+
+
+def _fp32_group_cuda(*args):
+    if _backends.triton_on():
+        from ._triton import fp32_update_group
+        return fp32_update_group(*args)
+    return _fp32_group_cpu(*args)
+
+
+_fp32_group = _declare(
+    "fp32_update_group",
+    "(Tensor(a!)[] s, Tensor d, Tensor neg_lr, Tensor? decay, int[] offsets, int[] per_conn, Tensor[] key_a, "
+    "Tensor[] keys_b, Tensor[] step) -> ()",
+    _fp32_group_cpu, _fp32_group_cuda, lambda *_: None, mutates=("s",))
 
 _implicit_scores = _fused_op(
     "implicit_scores", f"({_IMPLICIT}) -> Tensor", T.implicit_chunk,
@@ -361,6 +410,35 @@ def requantize_(scores: torch.Tensor, inv_factor: torch.Tensor, offset: int, rou
     unchanged, at no cost, where the 0-dim ``inv_factor`` is 1 (read by the kernel, not the host)."""
     for a, b in _ranges(scores.shape[0], scores.shape[1], scores):
         _requantize(scores[a:b], inv_factor, i32(offset + a, scores.device), round_a, round_b)
+
+
+def packs_parts(scores: list[torch.Tensor]) -> bool:
+    """Whether :func:`int8_update_group_` and :func:`fp32_update_group_` update these parts by
+    packed launches (Triton kernels over a table of the parts, contiguous scores), not part by part."""
+    return bool(scores) and runs_triton(scores[0]) and all(s.is_contiguous() for s in scores)
+
+
+def _unzip(cks: list[CandidateKeys]) -> tuple[list, list, list, list]:
+    return ([c.per_conn for c in cks], [c.key for c in cks], [c.keys for c in cks], [c.step for c in cks])
+
+
+def int8_update_group_(scores: list[torch.Tensor], d: torch.Tensor, coef: torch.Tensor, inv: torch.Tensor,
+                       zero: torch.Tensor | None, requant_keys: torch.Tensor, round_keys: torch.Tensor,
+                       offsets: list[int], cks: list[CandidateKeys], round_b: list[torch.Tensor]) -> None:
+    """For every part ``i`` of ``scores`` ((rows, K) int8 levels), in place: levels zeroed where
+    ``zero[i]``, :func:`requantize_` by ``inv[i]`` (keys ``requant_keys[i]``), then
+    :func:`int8_update_` with ``coef[i]`` (keys ``round_keys[i]``); ``d`` the parts' directions
+    concatenated, the vectors one value per part. Where :func:`packs_parts`, a number of launches
+    that does not grow with the number of parts."""
+    _int8_group(scores, d, coef, inv, zero, requant_keys, round_keys, offsets, *_unzip(cks), round_b)
+
+
+def fp32_update_group_(scores: list[torch.Tensor], d: torch.Tensor, neg_lr: torch.Tensor, decay: torch.Tensor | None,
+                       offsets: list[int], cks: list[CandidateKeys]) -> None:
+    """For every part of ``scores`` ((rows, K) fp32), in place: multiplied by the 0-dim ``decay``
+    (None: not), then :func:`fp32_update_`; ``d`` the parts' directions concatenated. Where
+    :func:`packs_parts`, a number of launches that does not grow with the number of parts."""
+    _fp32_group(scores, d, neg_lr, decay, offsets, *_unzip(cks))
 
 
 def implicit_scores(drift: torch.Tensor, factor: torch.Tensor, offset: int, ck: CandidateKeys,

@@ -20,7 +20,15 @@ torch function (ops._torch)                 Triton wrapper
                                            CUDA kernel for every K)
 ``packed_argmax``, ``argmax_rows``         :func:`packed_argmax`, :func:`greedy`
 ``sample_chunk``                           :func:`sample_chunk`
+requantize then ``int8_update``, per part  :func:`int8_update_group` (many parts, in place)
+decay then ``fp32_update_chunk``, per part :func:`fp32_update_group` (many parts, in place)
 =========================================  ===================================================
+
+The group kernels take a list of layer parts as one device table (an int64 row per part: the
+addresses of its scores and keys, its rows, K, offsets), made once per distinct list and cached,
+and a flat grid of row blocks; each program finds its part by a binary search of the cumulative
+block counts. Parts are launched together by column tile width, so a step launches each at most
+seven times whatever the number of layers.
 
 Each kernel loops over the K candidates of a block of connections in column tiles of at most
 ``MAX_BLOCK_K`` (K is a runtime value: no padding of K to a power of two, one compiled kernel per
@@ -68,7 +76,7 @@ except ImportError:  # pragma: no cover - exercised where triton is absent
 
 __all__ = [
     "available", "candidate_chunk", "selected_chunk", "int8_update", "fp32_update_chunk", "requantize_chunk",
-    "requantize_rows_", "implicit_chunk", "implicit_greedy", "packed_argmax", "greedy", "sample_chunk",
+    "requantize_rows_", "int8_update_group", "fp32_update_group", "implicit_chunk", "implicit_greedy", "packed_argmax", "greedy", "sample_chunk",
 ]
 
 # Column tiles hold at most this many candidates, and a program about TILE values.
@@ -257,6 +265,122 @@ if triton is not None:
                 q = tl.load(at, mask=mask, other=0).to(tl.float32)
                 v = tl.minimum(tl.maximum(tl.floor(q * inv + r), -128.0), 127.0)
                 tl.store(at, v.to(tl.int8), mask=mask)
+
+    # ------------------------------------------------------------ score updates of many parts
+
+    @triton.jit
+    def _group_part(table_p, blocks_p, n_parts, LOG_PARTS: tl.constexpr):
+        """This program's part (the address of its row of the table) and block of rows in it: the
+        last part whose first block (``blocks_p``, cumulative, n_parts + 1 values from 0) is at
+        most the program id, by binary search (invariant: blocks[lo] <= pid < blocks[hi])."""
+        pid = tl.program_id(0)
+        lo = pid * 0
+        hi = lo + n_parts
+        for _ in tl.static_range(LOG_PARTS):
+            mid = (lo + hi) // 2
+            go = tl.load(blocks_p + mid) <= pid
+            lo = tl.where(go, mid, lo)
+            hi = tl.where(go, hi, mid)
+        return table_p + lo * 11, pid - tl.load(blocks_p + lo)
+
+    @triton.jit
+    def _group_levels(q_p, rows, rmask, cols, K, hc, hr, hq, dc, inv, zero, keys_b_p, round_b_p, step,
+                      ZERO: tl.constexpr):
+        """:func:`_int8_levels` after the part's requantize (levels zeroed first where ``zero``, as
+        the storage's weight decay does below the fp32 range): the levels requantize_ would store,
+        kept in registers (integers in [-128, 127], so the int8 round trip changes nothing)."""
+        cmask = cols < K
+        mask = rmask[:, None] & cmask[None, :]
+        kb = tl.load(keys_b_p + cols, mask=cmask, other=0).to(tl.uint32, bitcast=True)
+        rb = tl.load(round_b_p + cols, mask=cmask, other=0).to(tl.uint32, bitcast=True)
+        q = tl.load(q_p + rows.to(tl.int64)[:, None] * K + cols[None, :], mask=mask, other=0).to(tl.float32)
+        if ZERO:
+            q = tl.where(zero, 0.0, q)
+        if inv != 1.0:  # a coarser grid (rare): the levels are left as they are at factor 1
+            rq = _unit24(_noise_round(hq[:, None] ^ rb[None, :]))
+            q = tl.minimum(tl.maximum(tl.floor(q * inv + rq), -128.0), 127.0)
+        w = _signed24(_mix32(hc[:, None] ^ kb[None, :])) * step
+        r = _unit24(_noise_round(hr[:, None] ^ rb[None, :]))
+        return tl.floor(q + dc[:, None] * w + r), mask
+
+    @triton.jit
+    def _int8_group_kernel(table_p, blocks_p, n_parts, d_p, coef_p, inv_p, zero_p, requant_p, round_p,
+                           LOG_PARTS: tl.constexpr, ZERO: tl.constexpr, ONE_TILE: tl.constexpr,
+                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """requantize_rows_ then the int8 update, in place, of a block of rows of one part of a packed
+        list (see :func:`int8_update_group`); per part, the values of index ``i`` of the vectors."""
+        row, block = _group_part(table_p, blocks_p, n_parts, LOG_PARTS)
+        q_p = tl.load(row).to(tl.pointer_type(tl.int8))
+        key_a_p = tl.load(row + 1).to(tl.pointer_type(tl.int32))
+        keys_b_p = tl.load(row + 2).to(tl.pointer_type(tl.int32))
+        step_p = tl.load(row + 3).to(tl.pointer_type(tl.float32))
+        round_b_p = tl.load(row + 4).to(tl.pointer_type(tl.int32))
+        n, start = tl.load(row + 5), tl.load(row + 6).to(tl.int32).to(tl.uint32, bitcast=True)
+        per_conn, K = tl.load(row + 7).to(tl.uint32), tl.load(row + 8).to(tl.int32)
+        d_off, i = tl.load(row + 9), tl.load(row + 10)
+        rows = block * BLOCK_N + tl.arange(0, BLOCK_N)
+        rmask = rows < n
+        hc = _mix32(_conn(start, rows, per_conn) ^ _u32(key_a_p))
+        hr = _mix32(_conn(start, rows, 1) ^ _u32(round_p + i))
+        hq = _mix32(_conn(start, rows, 1) ^ _u32(requant_p + i))
+        dc = tl.load(d_p + d_off + rows, mask=rmask, other=0.0) * tl.load(coef_p + i)
+        inv = tl.load(inv_p + i)
+        zero = tl.load(zero_p + i) != 0
+        step = tl.load(step_p)
+        base = rows.to(tl.int64) * K
+        if ONE_TILE:  # every part of this launch has K <= BLOCK_K
+            cols = tl.arange(0, BLOCK_K)
+            t, mask = _group_levels(q_p, rows, rmask, cols, K, hc, hr, hq, dc, inv, zero, keys_b_p, round_b_p, step,
+                                    ZERO)
+            top = tl.max(tl.where(mask, t, float("-inf")), axis=1)
+            shift = tl.maximum(top - 127.0, 0.0)
+            v = tl.minimum(tl.maximum(t - shift[:, None], -128.0), 127.0)
+            tl.store(q_p + base[:, None] + cols[None, :], v.to(tl.int8), mask=mask)
+        else:  # as _int8_update_kernel's two passes; a row's tiles are read before it writes them
+            top = tl.full((BLOCK_N,), float("-inf"), tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                cols = k0 + tl.arange(0, BLOCK_K)
+                t, mask = _group_levels(q_p, rows, rmask, cols, K, hc, hr, hq, dc, inv, zero, keys_b_p, round_b_p,
+                                        step, ZERO)
+                top = tl.maximum(top, tl.max(tl.where(mask, t, float("-inf")), axis=1))
+            shift = tl.maximum(top - 127.0, 0.0)
+            for k0 in range(0, K, BLOCK_K):
+                cols = k0 + tl.arange(0, BLOCK_K)
+                t, mask = _group_levels(q_p, rows, rmask, cols, K, hc, hr, hq, dc, inv, zero, keys_b_p, round_b_p,
+                                        step, ZERO)
+                v = tl.minimum(tl.maximum(t - shift[:, None], -128.0), 127.0)
+                tl.store(q_p + base[:, None] + cols[None, :], v.to(tl.int8), mask=mask)
+
+    @triton.jit
+    def _fp32_group_kernel(table_p, blocks_p, n_parts, d_p, neg_lr_p, decay_p, LOG_PARTS: tl.constexpr,
+                           DECAY: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """The fp32 update, in place, of a block of rows of one part of a packed list, each score
+        first multiplied by ``decay`` (rounded on its own: no FMA, as two torch ops)."""
+        row, block = _group_part(table_p, blocks_p, n_parts, LOG_PARTS)
+        s_p = tl.load(row).to(tl.pointer_type(tl.float32))
+        key_a_p = tl.load(row + 1).to(tl.pointer_type(tl.int32))
+        keys_b_p = tl.load(row + 2).to(tl.pointer_type(tl.int32))
+        step_p = tl.load(row + 3).to(tl.pointer_type(tl.float32))
+        n, start = tl.load(row + 5), tl.load(row + 6).to(tl.int32).to(tl.uint32, bitcast=True)
+        per_conn, K = tl.load(row + 7).to(tl.uint32), tl.load(row + 8).to(tl.int32)
+        d_off = tl.load(row + 9)
+        rows = block * BLOCK_N + tl.arange(0, BLOCK_N)
+        rmask = rows < n
+        hc = _mix32(_conn(start, rows, per_conn) ^ _u32(key_a_p))
+        dl = tl.load(d_p + d_off + rows, mask=rmask, other=0.0) * tl.load(neg_lr_p)
+        step = tl.load(step_p)
+        base = rows.to(tl.int64) * K
+        for k0 in range(0, K, BLOCK_K):
+            cols = k0 + tl.arange(0, BLOCK_K)
+            cmask = cols < K
+            mask = rmask[:, None] & cmask[None, :]
+            kb = tl.load(keys_b_p + cols, mask=cmask, other=0).to(tl.uint32, bitcast=True)
+            w = _signed24(_mix32(hc[:, None] ^ kb[None, :])) * step
+            at = s_p + base[:, None] + cols[None, :]
+            s = tl.load(at, mask=mask)
+            if DECAY:
+                s = s * tl.load(decay_p)
+            tl.store(at, s + dl[:, None] * w, mask=mask)
 
     # ------------------------------------------------------------ implicit scores
 
@@ -449,6 +573,78 @@ def requantize_rows_(q, inv_factor, start, round_a, round_b) -> None:
         _launch(_requantize_kernel, n, bn, dev, q, _scalar(inv_factor, torch.float32, dev),
                 _scalar(start, torch.int32, dev), n, k, _scalar(round_a, torch.int32, dev), round_b.contiguous(),
                 BLOCK_N=bn, BLOCK_K=bk)
+
+
+# A part's row of the packed tables of the group updates: the addresses of its scores, candidate
+# key_a, keys_b, grid step and rounding keys_b, then its rows, first connection, per_conn, K, first
+# direction in the concatenated directions and index in the per-part vectors.
+_FIELDS = 11
+_TABLES: dict = {}  # (rows of the table, BLOCK_N, device) -> (table, blocks, programs)
+
+
+def _part_table(fields: tuple, block_n: int, dev) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The device table of ``fields`` (one row per part) and its cumulative block counts, made once
+    per distinct list: a step finds the same tensors (what a CUDA graph replays) and copies nothing
+    to the device. Keyed by every value it holds, so a moved or replaced tensor makes a new one."""
+    key = (fields, block_n, dev)
+    got = _TABLES.get(key)
+    if got is None:
+        if len(_TABLES) >= 64:
+            _TABLES.clear()
+        blocks = [0]
+        for f in fields:
+            blocks.append(blocks[-1] + triton.cdiv(f[5], block_n))
+        got = _TABLES[key] = (torch.tensor(fields, dtype=torch.int64, device=dev),
+                              torch.tensor(blocks, dtype=torch.int32, device=dev), blocks[-1])
+    return got
+
+
+def _groups(scores, offsets, per_conn, key_a, keys_b, step, round_b):
+    """The parts' table rows grouped by column tile width (a launch each): ``(fields, BLOCK_N,
+    BLOCK_K, one tile)``. Parts with no values are left out."""
+    by_tile: dict = {}
+    d_off = 0
+    for i, s in enumerate(scores):
+        n, k = s.shape
+        if n and k:
+            rb = round_b[i].data_ptr() if round_b is not None else 0
+            by_tile.setdefault(_blocks(k), []).append(
+                (s.data_ptr(), key_a[i].data_ptr(), keys_b[i].data_ptr(), step[i].data_ptr(), rb, n, offsets[i],
+                 per_conn[i], k, d_off, i))
+        d_off += n
+    return [(tuple(rows), bn, bk, all(r[8] <= bk for r in rows)) for (bn, bk), rows in by_tile.items()]
+
+
+def _log_parts(n: int) -> int:
+    return max(1, (n - 1).bit_length())
+
+
+def int8_update_group(q, d, coef, inv, zero, requant_keys, round_keys, offsets, per_conn, key_a, keys_b, step,
+                      round_b) -> None:
+    """:func:`requantize_rows_` then :func:`int8_update` of every part, in place, by one launch per
+    column tile width (at most 7, whatever the number of parts): ``q`` the parts' contiguous (rows,
+    K) levels, ``d`` their directions concatenated, ``coef``, ``inv``, ``zero`` (None: no part
+    zeroed), ``requant_keys`` and ``round_keys`` vectors with one value per part."""
+    _need()
+    dev = d.device
+    zero_t = zero.to(torch.int8) if zero is not None else inv  # not read without a zero flag
+    for fields, bn, bk, one_tile in _groups(q, offsets, per_conn, key_a, keys_b, step, round_b):
+        table, blocks, programs = _part_table(fields, bn, dev)
+        _launch(_int8_group_kernel, programs, 1, dev, table, blocks, len(fields), d, coef, inv, zero_t, requant_keys,
+                round_keys, LOG_PARTS=_log_parts(len(fields)), ZERO=zero is not None, ONE_TILE=one_tile,
+                BLOCK_N=bn, BLOCK_K=bk)
+
+
+def fp32_update_group(s, d, neg_lr, decay, offsets, per_conn, key_a, keys_b, step) -> None:
+    """:func:`fp32_update_chunk` of every part, in place, after multiplying its scores by ``decay``
+    (None: no decay), by one launch per column tile width (at most 7, whatever the number of parts)."""
+    _need()
+    dev = d.device
+    for fields, bn, bk, _ in _groups(s, offsets, per_conn, key_a, keys_b, step, None):
+        table, blocks, programs = _part_table(fields, bn, dev)
+        _launch(_fp32_group_kernel, programs, 1, dev, table, blocks, len(fields), d, neg_lr,
+                decay if decay is not None else neg_lr,
+                LOG_PARTS=_log_parts(len(fields)), DECAY=decay is not None, BLOCK_N=bn, BLOCK_K=bk)
 
 
 def implicit_chunk(drift, factor, start, per_conn: int, cand_key, cand_keys, step, score_key, score_keys,
