@@ -364,7 +364,7 @@ def test_ties_stay_tied_through_training_state_dict_and_copies():
 # ---------------------------------------------------------------- state, compile, export
 
 
-@pytest.mark.parametrize("name", ["resnet", "encoder"])
+@pytest.mark.parametrize("name", ["resnet", "encoder", "decoder", "attention"])
 def test_state_dict_holds_tensors_only_and_reloads(name, tmp_path):
     model = make(name)
     ss.slotify_(model, k=4, seed=3, scores="implicit")
