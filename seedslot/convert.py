@@ -35,14 +35,14 @@ def _replace(model: nn.Module, fqn: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
 
-# and subclasses that keep their forward
-_CONVERTIBLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
-                nn.Embedding, nn.MultiheadAttention)
+_TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+# What slotify_ converts, and their subclasses that keep their forward.
+_CONVERTIBLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, *_TRANSPOSED, nn.Embedding, nn.MultiheadAttention)
 _CONV_TRANSPOSE = {1: (SlotConvTranspose1d, DenseSlotConvTranspose1d), 2: (SlotConvTranspose2d, DenseSlotConvTranspose2d),
                    3: (SlotConvTranspose3d, DenseSlotConvTranspose3d)}
 _CONV = {1: (SlotConv1d, DenseSlotConv1d), 2: (SlotConv2d, DenseSlotConv2d), 3: (SlotConv3d, DenseSlotConv3d)}
-# The parameters a conversion replaces (the others of the module stay as they are); and an
-# nn.MultiheadAttention's add_bias_kv biases, (1, 1, E) though they are vectors.
+# nn.MultiheadAttention's parameters: the input projection its conversion replaces; add_bias_kv's
+# biases, (1, 1, E) but vectors, which stay learned; and every one it may hold.
 _ATTENTION_PARAMS = ("in_proj_weight", "in_proj_bias")
 _ATTENTION_VECTORS = ("bias_k", "bias_v")
 _ATTENTION_ALL = (*_ATTENTION_PARAMS, *_ATTENTION_VECTORS, "q_proj_weight", "k_proj_weight", "v_proj_weight")
@@ -146,7 +146,7 @@ def _convertible(m: nn.Module) -> str | None:
         return f"weight dtype {weight.dtype} is not floating point"
     if isinstance(m, nn.Embedding) and (m.padding_idx is not None or m.max_norm is not None or m.sparse):
         return "an Embedding with padding_idx, max_norm or sparse gradients"
-    if isinstance(m, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)) and m.padding_mode != "zeros":
+    if isinstance(m, _TRANSPOSED) and m.padding_mode != "zeros":
         return f"padding_mode {m.padding_mode!r}: a transposed convolution pads with zeros only"
     return None
 
@@ -181,7 +181,7 @@ def _new_slot_layer(m: nn.Module, fqn: str, config: SlotConfig, dense: bool, dev
     if isinstance(m, nn.Linear):
         return (DenseSlotLinear if dense else SlotLinear)(m.in_features, m.out_features, bias, **kw)
     dims = len(m.kernel_size)
-    if isinstance(m, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
+    if isinstance(m, _TRANSPOSED):
         return _CONV_TRANSPOSE[dims][dense](m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding,
                                             m.output_padding, m.groups, bias, m.dilation, **kw)
     layer = _CONV[dims][dense](m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding, m.dilation,
@@ -277,7 +277,7 @@ def slotify_(
                              f"{m.selection!r}, scores={getattr(m, 'scores', None)!r}; slotify_ again does not "
                              "change it (build the model afresh for another config)")
         if isinstance(m, SlotMultiheadAttention):  # converted before: its in_proj and out_proj come next
-            learned(fqn, m, "unsupported", "", only=_ATTENTION_VECTORS)
+            learned(fqn, m, "vector", f"add_bias_kv's bias of {type(m).__name__}", only=_ATTENTION_VECTORS)
             continue
         why = _convertible(m)
         if why is not None:
@@ -304,7 +304,7 @@ def slotify_(
                                             type(m).__name__, type(layer).__name__, connections, _state_bytes(layer),
                                             tuple(f"{fqn}.{pname}" for pname, _ in replaced)))
         if isinstance(m, nn.MultiheadAttention):  # the module keeps its place; out_proj converts on its own
-            learned(fqn, m, "unsupported", "", only=_ATTENTION_VECTORS)
+            learned(fqn, m, "vector", f"add_bias_kv's bias of {type(m).__name__}", only=_ATTENTION_VECTORS)
             layer = SlotMultiheadAttention(m, layer)
         seen[id(m)] = new[fqn] = layer
     if strict:
