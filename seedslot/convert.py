@@ -292,7 +292,8 @@ def slotify_(
         tied = {pname: others for pname, others in tied.items() if others}
         if tied:
             pname, others = next(iter(tied.items()))
-            learned(fqn, m, "tied", f"{fqn + '.' if fqn else ''}{pname} is also {', '.join(others)}")
+            learned(fqn, m, "tied", f"{fqn + '.' if fqn else ''}{pname} is also {', '.join(others)}", only=names)
+            learned(fqn, m, "unsupported", "")  # an attention's bias_k and bias_v: vectors
             continue
         if not fqn:
             raise ValueError("slotify_ converts the layers inside a model; wrap a lone layer in nn.Sequential")

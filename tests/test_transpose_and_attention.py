@@ -200,11 +200,12 @@ def test_attention_fast_path_computes_with_the_selection(monkeypatch):
 
 
 def test_separate_query_key_value_weights_are_reported_unsupported():
-    model = attention(kdim=6, vdim=5)
+    model = attention(kdim=6, vdim=5, add_bias_kv=True)
     report = ss.slotify_(model, k=4, report=True)
     assert type(model[0]) is nn.MultiheadAttention and isinstance(model[0].out_proj, ss.SlotLinear)
     unsupported = {w.name: w.detail for w in report.learned if w.reason == "unsupported"}
     assert set(unsupported) == {"0.q_proj_weight", "0.k_proj_weight", "0.v_proj_weight"}
+    assert {w.name for w in report.learned if w.reason == "vector"} == {"0.in_proj_bias", "0.bias_k", "0.bias_v"}
     assert "kdim=6, vdim=5" in unsupported["0.q_proj_weight"]
     with pytest.raises(ValueError, match=r"strict=True\): 0\.q_proj_weight \(MultiheadAttention\)"):
         ss.slotify_(attention(kdim=6, vdim=5), strict=True)
@@ -220,6 +221,8 @@ def test_attention_ties_filters_sharing_and_bias_kv():
     report = ss.slotify_(model, k=4, report=True)
     assert type(model["a"]) is type(model["b"]) is nn.MultiheadAttention
     assert model["a"].in_proj_weight is model["b"].in_proj_weight
+    assert {w.name: w.reason for w in report.learned if w.name.startswith("b.") and "proj" not in w.name} == {
+        "b.bias_k": "vector", "b.bias_v": "vector"}  # not tied: only the projections are
     assert {w.name for w in report.learned if w.reason == "tied"} >= {"a.in_proj_weight", "b.in_proj_weight"}
     with pytest.raises(ValueError, match=r"a\.in_proj_weight \(MultiheadAttention\) would stay learned: tied"):
         ss.slotify_(tied(), strict=True)
