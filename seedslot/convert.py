@@ -293,7 +293,8 @@ def slotify_(
         if tied:
             pname, others = next(iter(tied.items()))
             learned(fqn, m, "tied", f"{fqn + '.' if fqn else ''}{pname} is also {', '.join(others)}", only=names)
-            learned(fqn, m, "unsupported", "")  # an attention's bias_k and bias_v: vectors
+            if isinstance(m, nn.MultiheadAttention):
+                learned(fqn, m, "vector", f"add_bias_kv's bias of {type(m).__name__}", only=_ATTENTION_VECTORS)
             continue
         if not fqn:
             raise ValueError("slotify_ converts the layers inside a model; wrap a lone layer in nn.Sequential")
