@@ -265,6 +265,10 @@ def slotify_(
             out.learned.append(LearnedWeight(name, type(m).__name__, p.dim(),
                                              p.numel(), p.numel() * p.element_size(), reason_, detail_))
 
+    def kv_biases(fqn: str, m: nn.Module) -> None:
+        """An attention's bias_k and bias_v, (1, 1, E) vectors that stay learned whatever its projections do."""
+        learned(fqn, m, "vector", f"add_bias_kv's bias of {type(m).__name__}", only=_ATTENTION_VECTORS)
+
     for fqn, m in model.named_modules(remove_duplicate=False):
         if id(m) in seen:  # a shared module: one slot layer, every place
             if seen[id(m)] is not None:
@@ -277,7 +281,7 @@ def slotify_(
                              f"{m.selection!r}, scores={getattr(m, 'scores', None)!r}; slotify_ again does not "
                              "change it (build the model afresh for another config)")
         if isinstance(m, SlotMultiheadAttention):  # converted before: its in_proj and out_proj come next
-            learned(fqn, m, "vector", f"add_bias_kv's bias of {type(m).__name__}", only=_ATTENTION_VECTORS)
+            kv_biases(fqn, m)
             continue
         why = _convertible(m)
         if why is not None:
@@ -294,7 +298,7 @@ def slotify_(
             pname, others = next(iter(tied.items()))
             learned(fqn, m, "tied", f"{fqn + '.' if fqn else ''}{pname} is also {', '.join(others)}", only=names)
             if isinstance(m, nn.MultiheadAttention):
-                learned(fqn, m, "vector", f"add_bias_kv's bias of {type(m).__name__}", only=_ATTENTION_VECTORS)
+                kv_biases(fqn, m)
             continue
         if not fqn:
             raise ValueError("slotify_ converts the layers inside a model; wrap a lone layer in nn.Sequential")
@@ -306,7 +310,7 @@ def slotify_(
                                             type(m).__name__, type(layer).__name__, connections, _state_bytes(layer),
                                             tuple(f"{fqn}.{pname}" for pname, _ in replaced)))
         if isinstance(m, nn.MultiheadAttention):  # the module keeps its place; out_proj converts on its own
-            learned(fqn, m, "vector", f"add_bias_kv's bias of {type(m).__name__}", only=_ATTENTION_VECTORS)
+            kv_biases(fqn, m)
             layer = SlotMultiheadAttention(m, layer)
         seen[id(m)] = new[fqn] = layer
     if strict:
