@@ -301,13 +301,19 @@ def test_weight_and_bias_properties_are_the_selection_read_only():
     assert layer.slot_weight.grad is not None and layer.slot_bias.grad is not None
 
 
-def test_transformer_encoder_fast_path_runs_in_eval():
+def test_transformer_encoder_fast_path_runs_in_eval(monkeypatch):
     model = Encoder()
     ss.slotify_(model, k=4)
+    assert isinstance(model.encoder.layers[0].self_attn, ss.SlotMultiheadAttention)
     model.eval()
     x = inputs("encoder")
+    calls = []
+    fused = torch._transformer_encoder_layer_fwd
+    monkeypatch.setattr(torch, "_transformer_encoder_layer_fwd", lambda *a: calls.append(a) or fused(*a))
     with torch.no_grad():  # eval + no_grad: nn.TransformerEncoderLayer's fast path reads the weights
         fast = model(x)
+    assert len(calls) == 2  # both layers, with the selected input projections
+    assert torch.equal(calls[0][3], model.encoder.layers[0].self_attn.in_proj.selected_weight())
     with torch.enable_grad():  # the ordinary path: same outputs up to the fused kernel's rounding
         slow = model(x)
     torch.testing.assert_close(fast, slow.detach(), rtol=1e-4, atol=1e-5)
