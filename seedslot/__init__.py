@@ -5,8 +5,11 @@ from .config import SlotConfig
 from . import export  # the module, callable: seedslot.export(model, path) writes an export
 from .export import CheckpointError, load_exported
 from .convert import ConversionReport, ordinary_parameters, slot_parameters, slotify_, to_dense
-from .layers import (DenseSlotConv1d, DenseSlotConv2d, DenseSlotConv3d, DenseSlotEmbedding, DenseSlotLinear,
-                     SlotConv1d, SlotConv2d, SlotConv3d, SlotEmbedding, SlotLinear)
+from .layers import (DenseSlotConv1d, DenseSlotConv2d, DenseSlotConv3d, DenseSlotConvTranspose1d,
+                     DenseSlotConvTranspose2d, DenseSlotConvTranspose3d, DenseSlotEmbedding, DenseSlotLinear,
+                     SlotConv1d, SlotConv2d, SlotConv3d, SlotConvTranspose1d, SlotConvTranspose2d, SlotConvTranspose3d,
+                     SlotEmbedding, SlotLinear)
+from .attention import SlotMultiheadAttention
 from .optim import SlotSGD
 
 __all__ = [
@@ -31,5 +34,12 @@ __all__ = [
     "ConversionReport",
     "slot_parameters",
     "ordinary_parameters",
+    "SlotConvTranspose1d",
+    "SlotConvTranspose2d",
+    "SlotConvTranspose3d",
+    "DenseSlotConvTranspose1d",
+    "DenseSlotConvTranspose2d",
+    "DenseSlotConvTranspose3d",
+    "SlotMultiheadAttention",
 ]
 __version__ = "0.1.0"

@@ -1,4 +1,5 @@
-"""Whole-model conversion: ``slotify_`` turns Linear/ConvNd into slot layers in place (in the spirit
+"""Whole-model conversion: ``slotify_`` turns Linear/ConvNd/ConvTransposeNd/Embedding and
+nn.MultiheadAttention's input projection into slot layers in place (in the spirit
 of torchao's ``quantize_``), ``to_dense`` turns a slot model back into an ordinary one holding the
 selected weights (for deployment and for the paper's fine-tuning experiment)."""
 
@@ -14,8 +15,11 @@ import torch
 from torch import nn
 
 from .config import UNSET, SlotConfig
-from .layers import (DenseSlotConv1d, DenseSlotConv2d, DenseSlotConv3d, DenseSlotEmbedding, DenseSlotLinear,
-                     SlotConv1d, SlotConv2d, SlotConv3d, SlotEmbedding, SlotLayer, SlotLinear)
+from .attention import SlotMultiheadAttention
+from .layers import (DenseSlotConv1d, DenseSlotConv2d, DenseSlotConv3d, DenseSlotConvTranspose1d,
+                     DenseSlotConvTranspose2d, DenseSlotConvTranspose3d, DenseSlotEmbedding, DenseSlotLinear,
+                     SlotConv1d, SlotConv2d, SlotConv3d, SlotConvTranspose1d, SlotConvTranspose2d,
+                     SlotConvTranspose3d, SlotEmbedding, SlotLayer, SlotLinear)
 from .rng import derive
 
 FilterFn = Callable[[nn.Module, str], bool]
@@ -31,18 +35,29 @@ def _replace(model: nn.Module, fqn: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
 
-_CONVERTIBLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding)  # and subclasses that keep their forward
+_TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+# What slotify_ converts, and their subclasses that keep their forward.
+_CONVERTIBLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, *_TRANSPOSED, nn.Embedding, nn.MultiheadAttention)
+_CONV_TRANSPOSE = {1: (SlotConvTranspose1d, DenseSlotConvTranspose1d), 2: (SlotConvTranspose2d, DenseSlotConvTranspose2d),
+                   3: (SlotConvTranspose3d, DenseSlotConvTranspose3d)}
+_CONV = {1: (SlotConv1d, DenseSlotConv1d), 2: (SlotConv2d, DenseSlotConv2d), 3: (SlotConv3d, DenseSlotConv3d)}
+# nn.MultiheadAttention's parameters: the input projection its conversion replaces; add_bias_kv's
+# biases, (1, 1, E) but vectors, which stay learned; and every one it may hold.
+_ATTENTION_PARAMS = ("in_proj_weight", "in_proj_bias")
+_ATTENTION_VECTORS = ("bias_k", "bias_v")
+_ATTENTION_ALL = (*_ATTENTION_PARAMS, *_ATTENTION_VECTORS, "q_proj_weight", "k_proj_weight", "v_proj_weight")
 
 
 @dataclass(frozen=True)
 class ConvertedLayer:
     """A layer ``slotify_`` turned into a slot layer: its connections and the bytes of its slot state."""
 
-    name: str
+    name: str  # the slot layer's qualified name
     source: str  # the type it had
     target: str  # the slot layer's type
     connections: int
     bytes: int
+    replaces: tuple[str, ...] = ()  # the qualified names of the parameters it replaced (its first name's)
 
 
 @dataclass(frozen=True)
@@ -102,22 +117,37 @@ class ConversionReport:
         return "\n".join(lines)
 
 
+def _converted_params(m: nn.Module) -> tuple[str, ...]:
+    """The names of the parameters of ``m`` that its conversion replaces."""
+    return _ATTENTION_PARAMS if isinstance(m, nn.MultiheadAttention) else ("weight", "bias")
+
+
 def _convertible(m: nn.Module) -> str | None:
-    """Why module ``m`` cannot become a slot layer, or None if it can (an nn.Linear or nn.ConvNd,
-    or a subclass that neither overrides ``forward`` nor holds anything besides weight and bias)."""
+    """Why module ``m`` cannot become a slot layer, or None if it can (an nn.Linear, nn.ConvNd,
+    nn.ConvTransposeNd, nn.Embedding or nn.MultiheadAttention, or a subclass that neither overrides
+    ``forward`` nor holds anything besides their parameters and, for attention, ``out_proj``)."""
     base = next((b for b in _CONVERTIBLE if isinstance(m, b)), None)
     if base is None:
         return f"no slot layer for {type(m).__name__}"
     if type(m).forward is not base.forward:
         return f"{type(m).__name__} overrides {base.__name__}.forward"
-    if set(m._parameters) - {"weight", "bias"} or m._buffers or m._modules:
-        return f"{type(m).__name__} holds more than {base.__name__}'s weight and bias"
-    if isinstance(m.weight, nn.parameter.UninitializedParameter):
+    attention = base is nn.MultiheadAttention
+    owned = "parameters and out_proj" if attention else "weight and bias"
+    if (set(m._parameters) - set(_ATTENTION_ALL if attention else ("weight", "bias")) or m._buffers
+            or set(m._modules) - ({"out_proj"} if attention else set())):
+        return f"{type(m).__name__} holds more than {base.__name__}'s {owned}"
+    if attention and not m._qkv_same_embed_dim:
+        return (f"kdim={m.kdim}, vdim={m.vdim} differ from embed_dim={m.embed_dim}: separate q/k/v projection "
+                "weights are not converted")
+    weight = m.in_proj_weight if attention else m.weight
+    if isinstance(weight, nn.parameter.UninitializedParameter):
         return f"{type(m).__name__} is not initialised yet (run one forward first)"
-    if not m.weight.dtype.is_floating_point:
-        return f"weight dtype {m.weight.dtype} is not floating point"
+    if not weight.dtype.is_floating_point:
+        return f"weight dtype {weight.dtype} is not floating point"
     if isinstance(m, nn.Embedding) and (m.padding_idx is not None or m.max_norm is not None or m.sparse):
         return "an Embedding with padding_idx, max_norm or sparse gradients"
+    if isinstance(m, _TRANSPOSED) and m.padding_mode != "zeros":
+        return f"padding_mode {m.padding_mode!r}: a transposed convolution pads with zeros only"
     return None
 
 
@@ -126,8 +156,23 @@ def _state_bytes(m: nn.Module) -> int:
 
 
 def _slot_layer(m: nn.Module, fqn: str, config: SlotConfig, dense: bool) -> SlotLayer:
-    kw = dict(config=config.replace(seed=layer_seed(config.seed, fqn)), device=m.weight.device,
+    """The slot layer that replaces ``m`` (for nn.MultiheadAttention: its input projection, named
+    ``fqn.in_proj``), seeded by its name, in ``m``'s dtype and mode."""
+    weight = m.in_proj_weight if isinstance(m, nn.MultiheadAttention) else m.weight
+    layer = _new_slot_layer(m, fqn, config, dense, weight.device)
+    if weight.dtype != torch.float32:  # the slot layer computes in the layer's dtype, as it did
+        layer.to(weight.dtype)
+    return layer.train(m.training)
+
+
+def _new_slot_layer(m: nn.Module, fqn: str, config: SlotConfig, dense: bool, device) -> SlotLayer:
+    if isinstance(m, nn.MultiheadAttention):
+        fqn += ".in_proj"
+    kw = dict(config=config.replace(seed=layer_seed(config.seed, fqn)), device=device,
               candidate_seed=config.seed if config.sharing == "global" else None)
+    if isinstance(m, nn.MultiheadAttention):
+        e = m.embed_dim
+        return (DenseSlotLinear if dense else SlotLinear)(e, 3 * e, m.in_proj_bias is not None, **kw)
     if isinstance(m, nn.Embedding):
         layer = (DenseSlotEmbedding if dense else SlotEmbedding)(m.num_embeddings, m.embedding_dim, **kw)
         layer.scale_grad_by_freq = m.scale_grad_by_freq
@@ -136,9 +181,11 @@ def _slot_layer(m: nn.Module, fqn: str, config: SlotConfig, dense: bool) -> Slot
     if isinstance(m, nn.Linear):
         return (DenseSlotLinear if dense else SlotLinear)(m.in_features, m.out_features, bias, **kw)
     dims = len(m.kernel_size)
-    cls = {1: (SlotConv1d, DenseSlotConv1d), 2: (SlotConv2d, DenseSlotConv2d), 3: (SlotConv3d, DenseSlotConv3d)}
-    layer = cls[dims][dense](m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding, m.dilation,
-                             m.groups, bias, **kw)
+    if isinstance(m, _TRANSPOSED):
+        return _CONV_TRANSPOSE[dims][dense](m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding,
+                                            m.output_padding, m.groups, bias, m.dilation, **kw)
+    layer = _CONV[dims][dense](m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding, m.dilation,
+                               m.groups, bias, **kw)
     return layer.set_padding_mode(m.padding_mode)
 
 
@@ -159,9 +206,12 @@ def slotify_(
     verbose: bool = False,
     report: bool = False,
 ) -> nn.Module | ConversionReport:
-    """Replace every ``nn.Linear``, ``nn.Conv1d/2d/3d`` and ``nn.Embedding`` (without padding_idx or
-    max_norm) of ``model``, and every subclass that keeps their forward (e.g. nn.MultiheadAttention's
-    ``out_proj``), by a slot layer, in place.
+    """Replace every ``nn.Linear``, ``nn.Conv1d/2d/3d``, ``nn.ConvTranspose1d/2d/3d`` and
+    ``nn.Embedding`` (without padding_idx or max_norm) of ``model``, and every subclass that keeps
+    their forward (e.g. nn.MultiheadAttention's ``out_proj``), by a slot layer, in place. An
+    ``nn.MultiheadAttention`` with one ``in_proj_weight`` (kdim == vdim == embed_dim) becomes a
+    :class:`~seedslot.SlotMultiheadAttention` whose input projection is the slot linear layer
+    ``in_proj``; separate q/k/v projection weights stay learned (reported "unsupported").
 
     Returns ``model``, or with ``report=True`` a :class:`ConversionReport` (``verbose=True`` prints
     it): every converted layer with its connections and bytes, every parameter left learned with
@@ -194,9 +244,9 @@ def slotify_(
     seen: dict[int, nn.Module | None] = {}  # id(module) -> its slot layer (None: not converted)
     reported: set[int] = set()  # parameters already in the report
 
-    def learned(fqn: str, m: nn.Module, reason: str, detail: str) -> None:
+    def learned(fqn: str, m: nn.Module, reason: str, detail: str, only: tuple[str, ...] | None = None) -> None:
         for pname, p in m._parameters.items():
-            if p is None:
+            if p is None or (only is not None and pname not in only):
                 continue
             name = f"{fqn}.{pname}" if fqn else pname
             if id(p) in reported:  # tied: listed once more under this name, counted once
@@ -208,10 +258,16 @@ def slotify_(
             reported.add(id(p))
             if reason == "unsupported" and p.dim() < 2:
                 reason_, detail_ = "vector", f"a 1-D parameter of {type(m).__name__}"
+            elif reason == "unsupported" and isinstance(m, nn.MultiheadAttention) and pname in _ATTENTION_VECTORS:
+                reason_, detail_ = "vector", f"add_bias_kv's bias of {type(m).__name__}"
             else:
                 reason_, detail_ = reason, detail
             out.learned.append(LearnedWeight(name, type(m).__name__, p.dim(),
                                              p.numel(), p.numel() * p.element_size(), reason_, detail_))
+
+    def kv_biases(fqn: str, m: nn.Module) -> None:
+        """An attention's bias_k and bias_v, (1, 1, E) vectors that stay learned whatever its projections do."""
+        learned(fqn, m, "vector", f"add_bias_kv's bias of {type(m).__name__}", only=_ATTENTION_VECTORS)
 
     for fqn, m in model.named_modules(remove_duplicate=False):
         if id(m) in seen:  # a shared module: one slot layer, every place
@@ -224,6 +280,9 @@ def slotify_(
             raise ValueError(f"{fqn}: already a slot layer with k={m.k}, sharing={m.sharing!r}, selection="
                              f"{m.selection!r}, scores={getattr(m, 'scores', None)!r}; slotify_ again does not "
                              "change it (build the model afresh for another config)")
+        if isinstance(m, SlotMultiheadAttention):  # converted before: its in_proj and out_proj come next
+            kv_biases(fqn, m)
+            continue
         why = _convertible(m)
         if why is not None:
             learned(fqn, m, "unsupported", why)
@@ -231,24 +290,29 @@ def slotify_(
         if filter_fn is not None and not filter_fn(m, fqn):
             learned(fqn, m, "filtered", "filter_fn")
             continue
+        names = _converted_params(m)
         tied = {pname: [o for o in owners[id(p)] if o.rpartition(".")[0] != fqn]
-                for pname, p in m._parameters.items() if p is not None}
+                for pname, p in m._parameters.items() if p is not None and pname in names}
         tied = {pname: others for pname, others in tied.items() if others}
         if tied:
             pname, others = next(iter(tied.items()))
-            learned(fqn, m, "tied", f"{fqn + '.' if fqn else ''}{pname} is also {', '.join(others)}")
+            learned(fqn, m, "tied", f"{fqn + '.' if fqn else ''}{pname} is also {', '.join(others)}", only=names)
+            if isinstance(m, nn.MultiheadAttention):
+                kv_biases(fqn, m)
             continue
         if not fqn:
             raise ValueError("slotify_ converts the layers inside a model; wrap a lone layer in nn.Sequential")
         layer = _slot_layer(m, fqn, config, dense)
-        if m.weight.dtype != torch.float32:  # the slot layer computes in the layer's dtype, as it did
-            layer.to(m.weight.dtype)
-        layer.train(m.training)
-        seen[id(m)] = new[fqn] = layer
-        reported.update(id(p) for p in m._parameters.values() if p is not None)
+        replaced = [(pname, p) for pname, p in m._parameters.items() if p is not None and pname in names]
+        reported.update(id(p) for _, p in replaced)
         connections = sum(math.prod(shape) for shape, _ in layer.parts.values())
-        out.converted.append(ConvertedLayer(fqn, type(m).__name__, type(layer).__name__, connections,
-                                            _state_bytes(layer)))
+        out.converted.append(ConvertedLayer(f"{fqn}.in_proj" if isinstance(m, nn.MultiheadAttention) else fqn,
+                                            type(m).__name__, type(layer).__name__, connections, _state_bytes(layer),
+                                            tuple(f"{fqn}.{pname}" for pname, _ in replaced)))
+        if isinstance(m, nn.MultiheadAttention):  # the module keeps its place; out_proj converts on its own
+            kv_biases(fqn, m)
+            layer = SlotMultiheadAttention(m, layer)
+        seen[id(m)] = new[fqn] = layer
     if strict:
         bad = [w for w in out.learned if w.strict_violation]
         if bad:
@@ -284,24 +348,33 @@ def _split(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
 
 @torch.no_grad()
 def to_dense(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` with every slot layer replaced by ``nn.Linear``/``nn.Conv2d`` holding
-    its selected (eval-mode) weights: the same outputs in eval mode, trainable by any optimizer."""
-    out = copy.deepcopy(model)
-    done: dict[int, nn.Module] = {}  # id(slot layer) -> its plain layer: shared layers stay shared
-    for fqn, m in list(out.named_modules(remove_duplicate=False)):
-        if not isinstance(m, SlotLayer):
+    """A copy of ``model`` with every slot layer replaced by the ordinary layer (``nn.Linear``,
+    ``nn.ConvNd``, ...) holding its selected (eval-mode) weights, and every
+    :class:`~seedslot.SlotMultiheadAttention` by an ``nn.MultiheadAttention``: the same outputs in
+    eval mode, trainable by any optimizer, with the unconverted model's state_dict keys."""
+    out = _swap(copy.deepcopy(model), SlotMultiheadAttention, lambda m: m._plain(device=m.in_proj.draws.device))
+    return _swap(out, SlotLayer, _plain_layer)
+
+
+def _plain_layer(m: SlotLayer) -> nn.Module:
+    plain = m._plain(device=m.draws.device)
+    plain.weight.copy_(m.selected_weight())
+    if "bias" in m.parts:
+        plain.bias.copy_(m.selected_bias())
+    return plain.train(m.training)
+
+
+def _swap(root: nn.Module, kind: type, make: Callable[[nn.Module], nn.Module]) -> nn.Module:
+    """``root`` with every module of type ``kind`` replaced by ``make(module)`` in place (a module
+    used in several places by one replacement, so shared layers stay shared); ``make(root)`` if
+    ``root`` is one itself."""
+    done: dict[int, nn.Module] = {}
+    for fqn, m in list(root.named_modules(remove_duplicate=False)):
+        if not isinstance(m, kind):
             continue
-        if id(m) in done:
-            _replace(out, fqn, done[id(m)])
-            continue
-        bias = "bias" in m.parts
-        plain = m._plain(device=m.draws.device)
-        plain.weight.copy_(m.selected_weight())
-        if bias:
-            plain.bias.copy_(m.selected_bias())
-        plain.train(m.training)
+        if id(m) not in done:
+            done[id(m)] = make(m)
         if not fqn:
-            return plain
-        done[id(m)] = plain
-        _replace(out, fqn, plain)
-    return out
+            return done[id(m)]
+        _replace(root, fqn, done[id(m)])
+    return root

@@ -34,8 +34,10 @@ from .checkpoints import (CHECKPOINT_MAGIC, CheckpointError, check_stream_versio
                           unframe)
 from .convert import to_dense
 from .files import atomic_write
+from .attention import SlotMultiheadAttention
 from .layers import (PADDING_MODES, DenseSlotConv1d, DenseSlotConv2d, DenseSlotConv3d, DenseSlotEmbedding,
-                     DenseSlotLinear, SlotConv1d, SlotConv2d, SlotConv3d, SlotEmbedding, SlotLayer, SlotLinear)
+                     DenseSlotLinear, SlotConv1d, SlotConv2d, SlotConv3d, SlotEmbedding, SlotLayer, SlotLinear,
+                     _ConvTransposeNd)
 from .rng import STREAM_VERSION, key32
 
 __all__ = ["export", "load_exported", "size_report"]
@@ -44,7 +46,11 @@ EXPORT_MAGIC = b"SEEDEXPT"
 EXPORT_VERSION = 1
 
 _JSON_LEN = struct.Struct("<I")
-_KINDS = {"linear": nn.Linear, "conv1d": nn.Conv1d, "conv2d": nn.Conv2d, "conv3d": nn.Conv3d, "embedding": nn.Embedding}
+# "attention_in_proj": the slot layer ``in_proj`` of a SlotMultiheadAttention, whose weights become
+# the in_proj_weight and in_proj_bias of the nn.MultiheadAttention that holds it.
+_KINDS = {"linear": nn.Linear, "conv1d": nn.Conv1d, "conv2d": nn.Conv2d, "conv3d": nn.Conv3d, "embedding": nn.Embedding,
+          "conv_transpose1d": nn.ConvTranspose1d, "conv_transpose2d": nn.ConvTranspose2d,
+          "conv_transpose3d": nn.ConvTranspose3d, "attention_in_proj": nn.MultiheadAttention}
 _CONV_TYPES = (SlotConv1d, SlotConv2d, SlotConv3d, DenseSlotConv1d, DenseSlotConv2d, DenseSlotConv3d)
 _PACK_CHUNK = 1 << 20  # indices packed per step: a multiple of 8, so every step ends on a byte
 _DTYPES = {
@@ -93,9 +99,13 @@ def _unpack(buf: bytes, n: int, bits: int) -> torch.Tensor:
 # ---------------------------------------------------------------- encoding
 
 
-def _layer_config(m: SlotLayer) -> dict:
-    if isinstance(m, (SlotLinear, DenseSlotLinear)):
-        cfg: dict[str, Any] = {"kind": "linear"}
+def _layer_config(m: SlotLayer, in_attention: bool) -> dict:
+    """A slot layer's export entry, less its name and sections (``in_attention``: it is a
+    SlotMultiheadAttention's ``in_proj``)."""
+    if in_attention:
+        cfg: dict[str, Any] = {"kind": "attention_in_proj"}
+    elif isinstance(m, (SlotLinear, DenseSlotLinear)):
+        cfg = {"kind": "linear"}
     elif isinstance(m, (SlotEmbedding, DenseSlotEmbedding)):
         cfg = {"kind": "embedding"}
     elif isinstance(m, _CONV_TYPES):
@@ -104,6 +114,9 @@ def _layer_config(m: SlotLayer) -> dict:
                "dilation": list(m.dilation), "groups": m.groups}
         if m.padding_mode != "zeros":  # absent: zeros (files written before other modes were exported)
             cfg["padding_mode"] = m.padding_mode
+    elif isinstance(m, _ConvTransposeNd):
+        cfg = {"kind": f"conv_transpose{len(m.kernel_size)}d", "stride": list(m.stride), "padding": list(m.padding),
+               "output_padding": list(m.output_padding), "dilation": list(m.dilation), "groups": m.groups}
     else:
         raise ValueError(f"cannot export slot layer of type {type(m).__name__}")
     cfg.update(weight_shape=list(m.weight_shape), bias="bias" in m.parts, k=m.k, seed=m.seed,
@@ -138,7 +151,9 @@ def _encode(model: nn.Module, build_args: dict | None) -> list[bytes]:
         if not name:
             raise ValueError("export takes a model holding slot layers; wrap a lone layer in nn.Sequential")
         if id(m) not in encoded:
-            cfg = _layer_config(m)
+            parent, _, leaf = name.rpartition(".")
+            cfg = _layer_config(m, leaf == "in_proj" and isinstance(model.get_submodule(parent),
+                                                                     SlotMultiheadAttention))
             cfg["sections"] = {part: add(_pack(m.selected_index(part), cfg["bits"])) for part in m.parts}
             encoded[id(m)] = cfg
         cfg = {**encoded[id(m)], "name": name}
@@ -242,10 +257,16 @@ def _check_layer(cfg, source: str) -> None:
     if cfg.get("kind") not in _KINDS:
         raise bad("kind", ", ".join(map(repr, _KINDS)))
     conv = cfg["kind"].startswith("conv")
-    dims = int(cfg["kind"][4]) if conv else 0
+    transpose = cfg["kind"].startswith("conv_transpose")
+    dims = int(cfg["kind"][-2]) if conv else 0
+    groups = cfg.get("groups")
+    if conv and (isinstance(groups, bool) or not isinstance(groups, int) or not 1 <= groups < 2**31):
+        raise bad("groups", "an int >= 1")
     shape = cfg.get("weight_shape")
-    if not ints(shape, dims + 2, 1) or math.prod(shape) + shape[0] > 2**31 - 1:
+    if not ints(shape, dims + 2, 1) or math.prod(shape) + _bias_shape(cfg)[0] > 2**31 - 1:
         raise bad("weight_shape", f"{dims + 2} ints >= 1 with at most 2**31 - 1 connections")
+    if cfg["kind"] == "attention_in_proj" and (shape[0] != 3 * shape[1] or not name.endswith(".in_proj")):
+        raise bad("weight_shape", "(3E, E) of a layer named '<attention>.in_proj'")
     if not isinstance(cfg.get("bias"), bool) or (cfg["kind"] == "embedding" and cfg["bias"]):
         raise bad("bias", "false for an embedding" if cfg["kind"] == "embedding" else "true or false")
     for field in ("k", "bits", "seed", "candidate_seed"):
@@ -265,32 +286,55 @@ def _check_layer(cfg, source: str) -> None:
             if not ints(cfg.get(field), dims, 1):
                 raise bad(field, f"{dims} ints >= 1")
         padding = cfg.get("padding")
-        if padding not in ("valid", "same") and not ints(padding, dims, 0):
-            raise bad("padding", f"'valid', 'same' or {dims} ints >= 0")
-        if cfg.get("padding_mode", "zeros") not in PADDING_MODES:
-            raise bad("padding_mode", ", ".join(map(repr, PADDING_MODES)))
-        groups = cfg.get("groups")
-        if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
-            raise bad("groups", "an int >= 1")
+        if (transpose or padding not in ("valid", "same")) and not ints(padding, dims, 0):
+            raise bad("padding", f"{dims} ints >= 0" if transpose else f"'valid', 'same' or {dims} ints >= 0")
+        if cfg.get("padding_mode", "zeros") not in (("zeros",) if transpose else PADDING_MODES):
+            raise bad("padding_mode", ", ".join(map(repr, ("zeros",) if transpose else PADDING_MODES)))
+        if transpose and not (ints(cfg.get("output_padding"), dims, 0) and all(
+                o < max(s, d) for o, s, d in zip(cfg["output_padding"], cfg["stride"], cfg["dilation"]))):
+            raise bad("output_padding", f"{dims} ints >= 0, each below its stride or dilation")
     if not isinstance(cfg.get("sections"), dict):
         raise bad("sections", "an object")
 
 
+def _bias_shape(cfg: dict) -> list[int]:
+    """The shape of an exported layer's bias: one per output (a transposed convolution's weight is
+    (in, out / groups, ...))."""
+    shape = cfg["weight_shape"]
+    return [shape[1] * cfg["groups"]] if cfg["kind"].startswith("conv_transpose") else shape[:1]
+
+
+def _target(cfg: dict) -> tuple[str, dict[str, str]]:
+    """The qualified name of the plain module that holds an exported layer's weights, and the
+    state_dict key of each part: a SlotMultiheadAttention's ``in_proj`` fills its nn.MultiheadAttention."""
+    if cfg["kind"] == "attention_in_proj":
+        owner = cfg["name"].removesuffix(".in_proj")
+        return owner, {"weight": f"{owner}.in_proj_weight", "bias": f"{owner}.in_proj_bias"}
+    return cfg["name"], {part: f"{cfg['name']}.{part}" for part in ("weight", "bias")}
+
+
 def _fits(cfg: dict, target: nn.Module) -> str | None:
-    """Why the plain layer ``target`` cannot hold the exported layer ``cfg``, or None."""
+    """Why the plain module ``target`` cannot hold the exported layer ``cfg``, or None."""
     kind = _KINDS[cfg["kind"]]
     if not isinstance(target, kind) or type(target).forward is not kind.forward:  # subclasses as slotify_ takes them
         return f"expected {kind.__name__}, the model has {type(target).__name__}"
-    bias = getattr(target, "bias", None) is not None
-    if list(target.weight.shape) != cfg["weight_shape"] or bias != cfg["bias"]:
+    if kind is nn.MultiheadAttention:
+        if not target._qkv_same_embed_dim:
+            return "an input projection exported, the model's attention has separate q/k/v projection weights"
+        weight, bias = target.in_proj_weight, target.in_proj_bias is not None
+    else:
+        weight, bias = target.weight, getattr(target, "bias", None) is not None
+    if list(weight.shape) != cfg["weight_shape"] or bias != cfg["bias"]:
         return (f"weight {cfg['weight_shape']} bias={cfg['bias']} exported, the model has "
-                f"{list(target.weight.shape)} bias={bias}")
+                f"{list(weight.shape)} bias={bias}")
     if kind is nn.Embedding and target.max_norm is not None:
         return "an embedding exported, the model's renormalises (max_norm)"
-    if kind not in (nn.Linear, nn.Embedding):
+    if cfg["kind"].startswith("conv"):
         mine = {"stride": list(target.stride), "dilation": list(target.dilation), "groups": target.groups,
                 "padding": target.padding if isinstance(target.padding, str) else list(target.padding),
                 "padding_mode": target.padding_mode}
+        if cfg["kind"].startswith("conv_transpose"):
+            mine["output_padding"] = list(target.output_padding)
         theirs = {key: cfg.get(key, "zeros") for key in mine}
         if mine != theirs:
             return f"convolution {theirs} exported, the model has {mine}"
@@ -351,14 +395,15 @@ def _decode(header: dict, payload: memoryview, plain: nn.Module, source: str) ->
     for cfg in header["layers"]:
         _check_layer(cfg, source)
         name = cfg["name"]
+        owner, keys = _target(cfg)
         try:
-            target = plain.get_submodule(name)
+            target = plain.get_submodule(owner)
         except AttributeError:
-            raise CheckpointError(f"{source}: does not fit the model: it has no layer {name!r}") from None
+            raise CheckpointError(f"{source}: does not fit the model: it has no layer {owner!r}") from None
         reason = _fits(cfg, target)
         if reason:
             raise CheckpointError(f"{source}: does not fit the model: layer {name!r}: {reason}")
-        shapes = {"weight": cfg["weight_shape"], "bias": cfg["weight_shape"][:1]}
+        shapes = {"weight": cfg["weight_shape"], "bias": _bias_shape(cfg)}
         if set(cfg["sections"]) != ({"weight", "bias"} if cfg["bias"] else {"weight"}):
             raise CheckpointError(f"{source}: tampered: layer {name!r} has parts {sorted(cfg['sections'])}")
         for part, section in cfg["sections"].items():
@@ -369,7 +414,7 @@ def _decode(header: dict, payload: memoryview, plain: nn.Module, source: str) ->
             idx = _unpack(buf, n, cfg["bits"])
             if n and int(idx.max()) >= cfg["k"]:
                 raise CheckpointError(f"{source}: tampered: layer {name!r} {part} selects a candidate >= K")
-            state[f"{name}.{part}"] = _regenerate(cfg, part, idx).view(shapes[part])
+            state[keys[part]] = _regenerate(cfg, part, idx).view(shapes[part])
     for entry in header["tensors"]:
         buf = _section(payload, entry["section"], source)
         dtype = _DTYPES[entry["dtype"]]

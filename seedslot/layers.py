@@ -50,7 +50,9 @@ from .validate import check_int
 
 __all__ = ["SlotLinear", "SlotConv2d", "DenseSlotLinear", "DenseSlotConv2d", "SlotLayer", "SeededSlotLayer",
            "DenseSlotLayer", "SlotConv1d", "SlotConv3d", "DenseSlotConv1d", "DenseSlotConv3d",
-           "encode_slot_state", "decode_slot_state", "SlotEmbedding", "DenseSlotEmbedding"]
+           "encode_slot_state", "decode_slot_state", "SlotEmbedding", "DenseSlotEmbedding",
+           "SlotConvTranspose1d", "SlotConvTranspose2d", "SlotConvTranspose3d", "DenseSlotConvTranspose1d",
+           "DenseSlotConvTranspose2d", "DenseSlotConvTranspose3d"]
 
 
 @torch.library.custom_op("seedslot::next_draw_key", mutates_args=("draws",))
@@ -115,6 +117,7 @@ class SlotLayer(nn.Module):
         default_lambda: float,
         candidate_seed: int | None,
         device=None,
+        bias_size: int | None = None,
     ) -> None:
         super().__init__()
         # the layer's own settings: its seed, and the paper's lambda where the config leaves it open
@@ -125,7 +128,8 @@ class SlotLayer(nn.Module):
         self.weight_shape = tuple(weight_shape)
         self.parts: dict[str, tuple[tuple[int, ...], int]] = {"weight": (self.weight_shape, 0)}
         if bias:
-            self.parts["bias"] = ((weight_shape[0],), math.prod(weight_shape))
+            # one bias per output: weight_shape[0] but for a transposed convolution's (in, out/groups, ...)
+            self.parts["bias"] = ((weight_shape[0] if bias_size is None else bias_size,), math.prod(weight_shape))
         if sum(math.prod(s) for s, _ in self.parts.values()) >= 2**31:
             raise ValueError("a slot layer holds at most 2**31 - 1 connections")
         self._per_conn = 1 if self.sharing == "none" else 0
@@ -296,10 +300,14 @@ class SlotLayer(nn.Module):
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._op(x, *self._weights())
+
+    def _weights(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """This forward's weight and bias (None without one), selected with one draw."""
         draw = self._next_draw()
         weight = self._effective("weight", draw)
         bias = self._effective("bias", draw) if "bias" in self.parts else None
-        return self._op(x, weight, bias)
+        return weight, bias
 
     def extra_repr(self) -> str:
         return (
@@ -784,6 +792,101 @@ SlotConv1d = _conv_nd_class(1, SeededSlotLayer, dense=False)
 SlotConv3d = _conv_nd_class(3, SeededSlotLayer, dense=False)
 DenseSlotConv1d = _conv_nd_class(1, DenseSlotLayer, dense=True)
 DenseSlotConv3d = _conv_nd_class(3, DenseSlotLayer, dense=True)
+
+
+class _ConvTransposeNd:
+    """The shape of an N-d transposed convolution (N = ``_dims``): nn.ConvTransposeNd's weight
+    (in_channels, out_channels / groups, *kernel), one bias per output channel, lambda 1 as for
+    every convolution. Its Glorot bound takes fan_in = weight.size(1) * receptive field and fan_out
+    = weight.size(0) * receptive field, the rule of every slot layer (and torch's for this weight):
+    it is the bound of the convolution out -> in whose adjoint this layer is, and Glorot's bound of a
+    linear map is its adjoint's. Padding is zeros only, as nn.ConvTransposeNd's."""
+
+    _dims = 0
+    padding_mode = "zeros"
+
+    def _setup(self, base, in_channels, out_channels, kernel_size, stride, padding, output_padding, groups, bias,
+               dilation, padding_mode, config, kw):
+        n = self._dims
+        in_channels = check_int("in_channels", in_channels, 1)
+        out_channels = check_int("out_channels", out_channels, 1)
+        groups = check_int("groups", groups, 1)
+        if in_channels % groups or out_channels % groups:
+            raise ValueError(f"groups={groups} must divide in_channels={in_channels} and out_channels={out_channels}")
+        if padding_mode != "zeros":
+            raise ValueError(f"padding_mode must be 'zeros' for a transposed convolution (as nn.ConvTranspose{n}d); "
+                             f"got {padding_mode!r}")
+        kernel = _int_tuple("kernel_size", kernel_size, n, 1)
+        stride, dilation = _int_tuple("stride", stride, n, 1), _int_tuple("dilation", dilation, n, 1)
+        padding = _int_tuple("padding", padding, n, 0)
+        output_padding = _int_tuple("output_padding", output_padding, n, 0)
+        if any(o >= max(s, d) for o, s, d in zip(output_padding, stride, dilation)):
+            raise ValueError(f"output_padding={output_padding} must be smaller than stride={stride} or "
+                             f"dilation={dilation} in every dimension")
+        rf = math.prod(kernel)
+        shape = (in_channels, out_channels // groups, *kernel)
+        base.__init__(self, shape, shape[1] * rf, shape[0] * rf, bias, config, default_lambda=1.0,
+                      bias_size=out_channels, **kw)
+        self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, kernel
+        self.stride, self.padding, self.output_padding = stride, padding, output_padding
+        self.dilation, self.groups = dilation, groups
+
+    def forward(self, x: torch.Tensor, output_size: list[int] | None = None) -> torch.Tensor:
+        """As nn.ConvTransposeNd's: ``output_size`` picks among the output sizes a strided
+        transposed convolution can give (it sets output_padding for this call)."""
+        # torch's own resolution of output_size: it reads only self.output_padding
+        output_padding = nn.modules.conv._ConvTransposeNd._output_padding(
+            self, x, output_size, self.stride, self.padding, self.kernel_size, self._dims, self.dilation)
+        return self._op(x, *self._weights(), output_padding)
+
+    def _op(self, x, weight, bias, output_padding=None):
+        conv = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[self._dims - 1]
+        return conv(x, weight, bias, self.stride, self.padding,
+                    self.output_padding if output_padding is None else output_padding, self.groups, self.dilation)
+
+    def _plain(self, device=None) -> nn.Module:
+        cls = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)[self._dims - 1]
+        return cls(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
+                   self.output_padding, self.groups, "bias" in self.parts, self.dilation, device=device)
+
+    def _shape_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"padding={self.padding}, output_padding={self.output_padding}, dilation={self.dilation}, "
+                f"groups={self.groups}")
+
+
+def _conv_transpose_class(dims: int, base, dense: bool):
+    """SlotConvTranspose1d/2d/3d and their dense references: nn.ConvTransposeNd's arguments, slot
+    settings as ``config`` or as keywords (not both)."""
+    name = f"{'Dense' if dense else ''}SlotConvTranspose{dims}d"
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, output_padding=0,
+                 groups: int = 1, bias: bool = False, dilation=1, padding_mode: str = "zeros", *,
+                 config: SlotConfig | None = None, k: int = UNSET, seed: int = UNSET, sharing: str = UNSET,
+                 selection: str = UNSET, scores: str = UNSET, score_lambda: float | None = UNSET,
+                 candidate_seed: int | None = None, device=None) -> None:
+        settings = dict(k=k, seed=seed, sharing=sharing, selection=selection, score_lambda=score_lambda)
+        if not dense:
+            settings["scores"] = scores
+        elif scores is not UNSET:
+            raise ValueError(f"{name} keeps fp32 scores and candidates; scores does not apply (got {scores!r})")
+        config = SlotConfig.resolve(config, name, **settings)
+        self._setup(base, in_channels, out_channels, kernel_size, stride, padding, output_padding, groups, bias,
+                    dilation, padding_mode, config, dict(candidate_seed=candidate_seed, device=device))
+
+    what = "the paper's dense reference of" if dense else "seeded"
+    doc = (f"A {what} nn.ConvTranspose{dims}d: weights chosen among K candidates per connection (lambda 1); "
+           "``forward(input, output_size=None)`` as torch's.")
+    return type(name, (_ConvTransposeNd, base), {"_dims": dims, "__init__": __init__, "__doc__": doc,
+                                                  "__module__": __name__, "__qualname__": name})
+
+
+SlotConvTranspose1d = _conv_transpose_class(1, SeededSlotLayer, dense=False)
+SlotConvTranspose2d = _conv_transpose_class(2, SeededSlotLayer, dense=False)
+SlotConvTranspose3d = _conv_transpose_class(3, SeededSlotLayer, dense=False)
+DenseSlotConvTranspose1d = _conv_transpose_class(1, DenseSlotLayer, dense=True)
+DenseSlotConvTranspose2d = _conv_transpose_class(2, DenseSlotLayer, dense=True)
+DenseSlotConvTranspose3d = _conv_transpose_class(3, DenseSlotLayer, dense=True)
 
 
 
