@@ -23,13 +23,14 @@ import os
 import struct
 import sys
 import types
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 from torch import nn
 
-from .candidates import SHARING, Stream, CandidateKeys, glorot_sigma, grid_step, i32, selected_values
+from .candidates import (SHARING, Stream, CandidateKeys, candidate_values, glorot_sigma, grid_step, i32, selected_values,
+                         stream_keys)
 from .checkpoints import (CHECKPOINT_MAGIC, CheckpointError, check_stream_version, frame, load_state_into, read_bytes,
                           unframe)
 from .convert import to_dense
@@ -40,7 +41,7 @@ from .layers import (PADDING_MODES, DenseSlotConv1d, DenseSlotConv2d, DenseSlotC
                      _ConvTransposeNd)
 from .rng import STREAM_VERSION, key32
 
-__all__ = ["export", "load_exported", "size_report"]
+__all__ = ["export", "load_exported", "size_report", "exported_layers", "ExportedLayer"]
 
 EXPORT_MAGIC = b"SEEDEXPT"
 EXPORT_VERSION = 1
@@ -223,12 +224,16 @@ def _section(data: memoryview, section, source: str) -> memoryview:
     return data[start : start + length]
 
 
+def _part_offset(cfg: dict, part: str) -> int:
+    """The index of a part's first connection: the bias follows the weight."""
+    return 0 if part == "weight" else math.prod(cfg["weight_shape"])
+
+
 @torch.no_grad()
 def _regenerate(cfg: dict, part: str, idx: torch.Tensor) -> torch.Tensor:
     """The values of candidates ``idx`` of one part, as a seeded layer regenerates them
     (``selected_values`` with the keys ``SlotLayer.candidate_keys`` holds)."""
-    weight_count = math.prod(cfg["weight_shape"])
-    offset = 0 if part == "weight" else weight_count
+    offset = _part_offset(cfg, part)
     per_conn = 1 if cfg["sharing"] == "none" else 0
     # Keys of the candidates in use only (candidate j's key does not depend on K): a file's K
     # costs nothing, its connections bound the work.
@@ -365,6 +370,21 @@ def load_exported(path: str | os.PathLike, model: nn.Module | None = None, map_l
     """
     if model is not None and not isinstance(model, nn.Module):
         raise ValueError(f"model must be an nn.Module or None; got {type(model).__name__}")
+    header, payload, source = _read(path)
+    build_args = header["build_args"]
+    if model is None and build_args is None:
+        raise ValueError(f"{source} holds no build_args: pass model=, a module with the exported architecture")
+    plain = _skeleton(build_args, model, source, len(payload))
+    try:
+        plain = _decode(header, payload, plain, source)
+    except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as e:
+        raise CheckpointError(f"{source}: tampered: malformed export header ({type(e).__name__}: {e})") from e
+    return plain if map_location is None else plain.to(map_location)
+
+
+def _read(path: str | os.PathLike) -> tuple[dict, memoryview, str]:
+    """An export file's header, its payload and its name for messages (CheckpointError for a file
+    that is not an intact export of this stream version)."""
     source = os.fspath(path)
     data = read_bytes(path)
     if data.startswith(CHECKPOINT_MAGIC):
@@ -375,18 +395,61 @@ def load_exported(path: str | os.PathLike, model: nn.Module | None = None, map_l
         (head_len,) = _JSON_LEN.unpack_from(body)
         header = json.loads(bytes(body[_JSON_LEN.size : _JSON_LEN.size + head_len]))
         payload = body[_JSON_LEN.size + head_len :]
-        build_args = header["build_args"]
+        header["build_args"], header["layers"], header["tensors"]  # noqa: B018 - present, or malformed
     except (KeyError, TypeError, ValueError, RecursionError, struct.error) as e:
         raise CheckpointError(f"{source}: tampered: malformed export header ({type(e).__name__}: {e})") from e
     check_stream_version(header.get("stream_version", 1), source)  # files from before the field: version 1
-    if model is None and build_args is None:
-        raise ValueError(f"{source} holds no build_args: pass model=, a module with the exported architecture")
-    plain = _skeleton(build_args, model, source, len(payload))
-    try:
-        plain = _decode(header, payload, plain, source)
-    except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as e:
-        raise CheckpointError(f"{source}: tampered: malformed export header ({type(e).__name__}: {e})") from e
-    return plain if map_location is None else plain.to(map_location)
+    return header, payload, source
+
+
+def _indices(cfg: dict, payload: memoryview, source: str) -> dict[str, torch.Tensor]:
+    """The stored candidate index of every connection of a checked layer entry, per part, in the
+    part's shape (CheckpointError where the sections do not hold them)."""
+    name = cfg["name"]
+    shapes = {"weight": cfg["weight_shape"], "bias": _bias_shape(cfg)}
+    if set(cfg["sections"]) != ({"weight", "bias"} if cfg["bias"] else {"weight"}):
+        raise CheckpointError(f"{source}: tampered: layer {name!r} has parts {sorted(cfg['sections'])}")
+    out = {}
+    for part, section in cfg["sections"].items():
+        n = math.prod(shapes[part])
+        buf = _section(payload, section, source)
+        if len(buf) != (n * cfg["bits"] + 7) // 8:  # bits == index_bits(k): _check_layer
+            raise CheckpointError(f"{source}: tampered: layer {name!r} {part} has the wrong number of bytes")
+        idx = _unpack(buf, n, cfg["bits"])
+        if n and int(idx.max()) >= cfg["k"]:
+            raise CheckpointError(f"{source}: tampered: layer {name!r} {part} selects a candidate >= K")
+        out[part] = idx.view(shapes[part])
+    return out
+
+
+class ExportedLayer(NamedTuple):
+    """A slot layer as an export file holds it (:func:`exported_layers`)."""
+
+    name: str
+    settings: dict  # seed, candidate_seed, k, sharing
+    index: dict[str, torch.Tensor]  # part -> the stored selection, in the part's shape
+    candidates: dict[str, torch.Tensor]  # part -> all K candidates regenerated from the seeds, (*shape, K)
+    values: dict[str, torch.Tensor]  # part -> the selected weights load_exported makes, in the part's shape
+
+
+@torch.no_grad()
+def exported_layers(path: str | os.PathLike) -> list[ExportedLayer]:
+    """Every slot layer of an export file, checked as :func:`load_exported` checks it, with what
+    its seeds regenerate: what :mod:`seedslot.testing` compares with a model (no architecture needed)."""
+    header, payload, source = _read(path)
+    out = []
+    for cfg in header["layers"]:
+        _check_layer(cfg, source)
+        index = _indices(cfg, payload, source)
+        per_conn = 1 if cfg["sharing"] == "none" else 0
+        key_a, keys_b = stream_keys(cfg["candidate_seed"], Stream.CANDIDATES, cfg["k"])
+        keys = CandidateKeys(per_conn, i32(key_a), keys_b, grid_step(cfg["sigma"]))
+        candidates = {part: candidate_values(idx.numel(), _part_offset(cfg, part), keys).view(*idx.shape, cfg["k"])
+                      for part, idx in index.items()}
+        out.append(ExportedLayer(cfg["name"], {f: cfg[f] for f in ("seed", "candidate_seed", "k", "sharing")}, index,
+                                 candidates, {part: _regenerate(cfg, part, idx.reshape(-1)).view(idx.shape)
+                                              for part, idx in index.items()}))
+    return out
 
 
 def _decode(header: dict, payload: memoryview, plain: nn.Module, source: str) -> nn.Module:
@@ -403,18 +466,8 @@ def _decode(header: dict, payload: memoryview, plain: nn.Module, source: str) ->
         reason = _fits(cfg, target)
         if reason:
             raise CheckpointError(f"{source}: does not fit the model: layer {name!r}: {reason}")
-        shapes = {"weight": cfg["weight_shape"], "bias": _bias_shape(cfg)}
-        if set(cfg["sections"]) != ({"weight", "bias"} if cfg["bias"] else {"weight"}):
-            raise CheckpointError(f"{source}: tampered: layer {name!r} has parts {sorted(cfg['sections'])}")
-        for part, section in cfg["sections"].items():
-            n = math.prod(shapes[part])
-            buf = _section(payload, section, source)
-            if len(buf) != (n * cfg["bits"] + 7) // 8:  # bits == index_bits(k): _check_layer
-                raise CheckpointError(f"{source}: tampered: layer {name!r} {part} has the wrong number of bytes")
-            idx = _unpack(buf, n, cfg["bits"])
-            if n and int(idx.max()) >= cfg["k"]:
-                raise CheckpointError(f"{source}: tampered: layer {name!r} {part} selects a candidate >= K")
-            state[keys[part]] = _regenerate(cfg, part, idx).view(shapes[part])
+        for part, idx in _indices(cfg, payload, source).items():
+            state[keys[part]] = _regenerate(cfg, part, idx.reshape(-1)).view(idx.shape)
     for entry in header["tensors"]:
         buf = _section(payload, entry["section"], source)
         dtype = _DTYPES[entry["dtype"]]

@@ -24,9 +24,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import math
 import os
-import struct
 import subprocess
 import sys
 import tempfile
@@ -118,54 +116,22 @@ def fingerprint(model: nn.Module | str | os.PathLike) -> str:
     and process, after a ``state_dict`` round trip, and in every seedslot version that generates
     the same stream version; the score storage and float outputs do not enter it.
     """
-    snap = _export_snapshot(os.fspath(model), values=False) if isinstance(model, (str, os.PathLike)) else _snapshot(model)
+    snap = _export_snapshot(os.fspath(model)) if isinstance(model, (str, os.PathLike)) else _snapshot(model)
     if not snap:
         raise ValueError("fingerprint takes a model holding slot layers (or an export file of one); it holds none")
     text = json.dumps(_records(snap), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def _export_snapshot(path: str, model: nn.Module | None = None, values: bool = True) -> dict:
-    """The snapshot of an export file: its layers' candidates regenerated from the stored seeds by
-    fresh slot layers, the stored selections and (``values``) the weights :func:`load_exported`
-    makes of them (``model``: the architecture, for files without ``build_args``)."""
-    from .checkpoints import check_stream_version, read_bytes, unframe
-    from .export import EXPORT_MAGIC, EXPORT_VERSION, load_exported
-    from .layers import SlotConv2d, SlotLinear
+def _export_snapshot(path: str) -> dict:
+    """The snapshot of an export file: its layers' candidates regenerated from the stored seeds, the
+    stored selections and the weights :func:`~seedslot.export.load_exported` makes of them."""
+    from .export import exported_layers
 
-    _, body = unframe(read_bytes(path), EXPORT_MAGIC, EXPORT_VERSION, "seedslot export", path)
-    (n,) = struct.unpack_from("<I", body)
-    header = json.loads(bytes(body[4:4 + n]))
-    check_stream_version(header.get("stream_version", 1), path)
-    payload = body[4 + n:]
-    plain = None
-    snap = {}
-    for cfg in header["layers"]:
-        shape, kw = cfg["weight_shape"], dict(k=cfg["k"], seed=cfg["seed"], candidate_seed=cfg["candidate_seed"],
-                                              sharing=cfg["sharing"], scores="implicit", bias=cfg["bias"])
-        if cfg["kind"] == "linear":
-            layer = SlotLinear(shape[1], shape[0], **kw)
-        else:
-            layer = SlotConv2d(shape[1] * cfg["groups"], shape[0], (shape[2], shape[3]), groups=cfg["groups"], **kw)
-        parts = {}
-        for part, (start, length) in cfg["sections"].items():
-            count = math.prod(layer.parts[part][0])
-            index = _unpack(bytes(payload[start:start + length]), count, cfg["bits"]).view(layer.parts[part][0])
-            parts[part] = {"candidates": layer.candidates(part), "index": index}
-            if values:
-                plain = load_exported(path, model) if plain is None else plain
-                parts[part]["value"] = getattr(plain.get_submodule(cfg["name"]), part).detach()
-        snap[cfg["name"]] = {"meta": {"seed": cfg["seed"], "candidate_seed": cfg["candidate_seed"], "k": cfg["k"],
-                                      "sharing": cfg["sharing"]}, "parts": parts}
-    return snap
-
-
-def _unpack(buf: bytes, n: int, bits: int) -> torch.Tensor:
-    """``n`` indices of ``bits`` bits each, least significant bit first (the export's packing)."""
-    if bits == 0:
-        return torch.zeros(n, dtype=torch.int64)
-    flat = np.unpackbits(np.frombuffer(buf, dtype=np.uint8), count=n * bits, bitorder="little")
-    return torch.from_numpy(flat.reshape(n, bits).astype(np.int64) @ (np.int64(1) << np.arange(bits, dtype=np.int64)))
+    return {layer.name: {"meta": layer.settings,
+                         "parts": {part: {"candidates": layer.candidates[part], "index": layer.index[part],
+                                          "value": layer.values[part]} for part in layer.index}}
+            for layer in exported_layers(path)}
 
 
 # ---------------------------------------------------------------- assertions
@@ -352,7 +318,7 @@ def assert_regenerates(model: nn.Module, *, via: Iterable[str] = VIA, factory: C
             with tempfile.TemporaryDirectory() as tmp:
                 path = os.path.join(tmp, "model.slot")
                 export(wrapped, path)
-                got = _export_snapshot(path, wrapped)
+                got = _export_snapshot(path)
                 if wrapped is not model:
                     got = {"": got["0"]}
                 check(got, "from an export")

@@ -13,6 +13,7 @@ from torch import nn
 
 import seedslot as ss
 from seedslot.export import export
+from seedslot.models import build
 from seedslot.testing import (EDGE_SEEDS, assert_regenerates, assert_same_candidates, assert_same_selection,
                               connection_offsets, fingerprint, slot_configs, slot_layers)
 
@@ -78,7 +79,7 @@ def test_assert_regenerates_catches_candidates_that_do_not_follow_the_seeds():
 
 def test_assert_regenerates_in_a_fresh_process_and_from_build_args():
     assert_regenerates(ss.SlotLinear(4, 3, bias=True, k=3, seed=2**100), via=("process", "state_dict", "threads"))
-    lenet = ss.models.build("lenet", mode="seeded", k=4, seed=9, input_size=6, scores="implicit")
+    lenet = build("lenet", mode="seeded", k=4, seed=9, input_size=6, scores="implicit")
     assert_regenerates(lenet, via=("process", "state_dict"))
 
 
@@ -99,6 +100,28 @@ def test_fingerprint_follows_seeds_and_selections_not_storage_or_copies(tmp_path
     assert fingerprint(model) != print_
     with pytest.raises(ValueError, match="holds none"):
         fingerprint(nn.Linear(2, 2))
+
+
+class EveryKind(nn.Module):
+    """One module of every kind slotify_ converts, with a shared-candidates layer among them."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(7, 4)
+        self.conv1 = nn.Conv1d(4, 4, 3, padding=1)
+        self.conv3 = nn.Conv3d(1, 2, 2)
+        self.up = nn.ConvTranspose2d(2, 3, 3, stride=2, groups=1)
+        self.attn = nn.MultiheadAttention(4, 2)
+        self.head = nn.Linear(4, 2)
+
+
+@pytest.mark.parametrize("sharing", ["none", "global"])
+def test_an_export_of_every_layer_kind_has_its_models_fingerprint(tmp_path, sharing):
+    model = EveryKind()
+    ss.slotify_(model, ss.SlotConfig(k=5, seed=3, sharing=sharing), strict=True)
+    export(model, tmp_path / "m.slot")
+    assert fingerprint(tmp_path / "m.slot") == fingerprint(model)
+    assert_regenerates(model, via=("export",))
 
 
 def test_kit_imports_without_hypothesis_or_the_application():
