@@ -90,10 +90,11 @@ class ConversionReport:
 
     converted: list[ConvertedLayer] = field(default_factory=list)
     learned: list[LearnedWeight] = field(default_factory=list)
+    kept: list[ConvertedLayer] = field(default_factory=list)  # slot layers already there (slotify_ again)
 
     @property
     def seeded(self) -> int:
-        return sum(c.connections for c in self.converted)
+        return sum(c.connections for c in (*self.converted, *self.kept))
 
     @property
     def learned_numel(self) -> int:
@@ -105,16 +106,23 @@ class ConversionReport:
         return self.seeded / total if total else 0.0
 
     def __str__(self) -> str:
-        lines = [f"slotify_: {len(self.converted)} layers converted, {self.seeded} connections seeded; "
+        kept = f" ({len(self.kept)} slot layers kept)" if self.kept else ""
+        lines = [f"slotify_: {len(self.converted)} layers converted{kept}, {self.seeded} connections seeded; "
                  f"{len(self.learned)} parameters ({self.learned_numel} weights) left learned; "
                  f"{100 * self.seeded_share:.2f}% of the weights seeded"]
         for c in self.converted:
             lines.append(f"  converted  {c.name}: {c.source} -> {c.target}, {c.connections} connections, "
                          f"{c.bytes} bytes")
+        for c in self.kept:
+            lines.append(f"  kept       {c.name}: already a {c.target}, {c.connections} connections, {c.bytes} bytes")
         for w in self.learned:
             why = w.reason + (f" ({w.detail})" if w.detail else "")
             lines.append(f"  learned    {w.name}: {w.module}, {w.numel} weights, {w.bytes} bytes: {why}")
         return "\n".join(lines)
+
+
+def _connections(layer: SlotLayer) -> int:
+    return sum(math.prod(shape) for shape, _ in layer.parts.values())
 
 
 def _converted_params(m: nn.Module) -> tuple[str, ...]:
@@ -283,6 +291,10 @@ def slotify_(
         if isinstance(m, SlotMultiheadAttention):  # converted before: its in_proj and out_proj come next
             kv_biases(fqn, m)
             continue
+        if isinstance(m, SlotLayer):  # converted before: seeded already, nothing to do
+            out.kept.append(ConvertedLayer(fqn, type(m).__name__, type(m).__name__, _connections(m), _state_bytes(m)))
+            reported.update(id(p) for p in m._parameters.values() if p is not None)
+            continue
         why = _convertible(m)
         if why is not None:
             learned(fqn, m, "unsupported", why)
@@ -305,9 +317,9 @@ def slotify_(
         layer = _slot_layer(m, fqn, config, dense)
         replaced = [(pname, p) for pname, p in m._parameters.items() if p is not None and pname in names]
         reported.update(id(p) for _, p in replaced)
-        connections = sum(math.prod(shape) for shape, _ in layer.parts.values())
         out.converted.append(ConvertedLayer(f"{fqn}.in_proj" if isinstance(m, nn.MultiheadAttention) else fqn,
-                                            type(m).__name__, type(layer).__name__, connections, _state_bytes(layer),
+                                            type(m).__name__, type(layer).__name__, _connections(layer),
+                                            _state_bytes(layer),
                                             tuple(f"{fqn}.{pname}" for pname, _ in replaced)))
         if isinstance(m, nn.MultiheadAttention):  # the module keeps its place; out_proj converts on its own
             kv_biases(fqn, m)

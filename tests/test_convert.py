@@ -103,6 +103,13 @@ def test_slotify_api_semantics_are_explicit():
     with pytest.raises(ValueError, match="already a slot layer with k=2"):
         seedslot.slotify_(model, k=4)
     seedslot.slotify_(model, k=2)  # the same config: nothing to do
+    # a second pass (say after a first one with a filter_fn) keeps the slot layers and says so: their
+    # proxies are not weights left learned, and strict has nothing to refuse
+    model.append(nn.Linear(3, 2))
+    report = seedslot.slotify_(model, k=2, strict=True, report=True)
+    assert [(c.name, c.target) for c in report.kept] == [("0", "SlotLinear")]
+    assert [c.name for c in report.converted] == ["1"] and report.learned == []
+    assert report.seeded == (9 + 3) + (6 + 2) and report.seeded_share == 1.0 and "kept       0: already a SlotLinear" in str(report)
 
 
 def test_a_keyword_next_to_a_config_is_refused_even_at_its_default():
