@@ -36,9 +36,10 @@ from .checkpoints import (CHECKPOINT_MAGIC, CheckpointError, check_stream_versio
 from .convert import to_dense
 from .files import atomic_write
 from .attention import SlotMultiheadAttention
-from .layers import (PADDING_MODES, DenseSlotConv1d, DenseSlotConv2d, DenseSlotConv3d, DenseSlotEmbedding,
-                     DenseSlotLinear, SlotConv1d, SlotConv2d, SlotConv3d, SlotEmbedding, SlotLayer, SlotLinear,
-                     _ConvTransposeNd)
+from .layers import (PADDING_MODES, DenseSlotConv1d, DenseSlotConv2d, DenseSlotConv3d, DenseSlotConvTranspose1d,
+                     DenseSlotConvTranspose2d, DenseSlotConvTranspose3d, DenseSlotEmbedding, DenseSlotLinear, SlotConv1d,
+                     SlotConv2d, SlotConv3d, SlotConvTranspose1d, SlotConvTranspose2d, SlotConvTranspose3d,
+                     SlotEmbedding, SlotLayer, SlotLinear)
 from .rng import STREAM_VERSION, key32
 
 __all__ = ["export", "load_exported", "size_report", "exported_layers", "ExportedLayer"]
@@ -53,6 +54,8 @@ _KINDS = {"linear": nn.Linear, "conv1d": nn.Conv1d, "conv2d": nn.Conv2d, "conv3d
           "conv_transpose1d": nn.ConvTranspose1d, "conv_transpose2d": nn.ConvTranspose2d,
           "conv_transpose3d": nn.ConvTranspose3d, "attention_in_proj": nn.MultiheadAttention}
 _CONV_TYPES = (SlotConv1d, SlotConv2d, SlotConv3d, DenseSlotConv1d, DenseSlotConv2d, DenseSlotConv3d)
+_CONV_TRANSPOSE_TYPES = (SlotConvTranspose1d, SlotConvTranspose2d, SlotConvTranspose3d, DenseSlotConvTranspose1d,
+                         DenseSlotConvTranspose2d, DenseSlotConvTranspose3d)
 _PACK_CHUNK = 1 << 20  # indices packed per step: a multiple of 8, so every step ends on a byte
 _DTYPES = {
     str(d).removeprefix("torch."): d
@@ -115,7 +118,7 @@ def _layer_config(m: SlotLayer, in_attention: bool) -> dict:
                "dilation": list(m.dilation), "groups": m.groups}
         if m.padding_mode != "zeros":  # absent: zeros (files written before other modes were exported)
             cfg["padding_mode"] = m.padding_mode
-    elif isinstance(m, _ConvTransposeNd):
+    elif isinstance(m, _CONV_TRANSPOSE_TYPES):
         cfg = {"kind": f"conv_transpose{len(m.kernel_size)}d", "stride": list(m.stride), "padding": list(m.padding),
                "output_padding": list(m.output_padding), "dilation": list(m.dilation), "groups": m.groups}
     else:
