@@ -177,7 +177,6 @@ _requantize = _declare(
     _requantize_cpu, _requantize_cuda, lambda *_: None, mutates=("q",))
 
 
-
 def _int8_group_cpu(q, d, coef, inv, zero, requant_keys, round_keys, offsets, per_conn, key_a, keys_b, step, round_b):
     """The group update as the per-part ops, part after part (what the packed kernel equals)."""
     for i, (qi, di) in enumerate(zip(q, d.split([t.shape[0] for t in q]))):
@@ -221,6 +220,7 @@ _fp32_group = _declare(
     "(Tensor(a!)[] s, Tensor d, Tensor neg_lr, Tensor? decay, int[] offsets, int[] per_conn, Tensor[] key_a, "
     "Tensor[] keys_b, Tensor[] step) -> ()",
     _fp32_group_cpu, _fp32_group_cuda, lambda *_: None, mutates=("s",))
+
 
 _implicit_scores = _fused_op(
     "implicit_scores", f"({_IMPLICIT}) -> Tensor", T.implicit_chunk,
