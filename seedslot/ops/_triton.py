@@ -76,7 +76,8 @@ except ImportError:  # pragma: no cover - exercised where triton is absent
 
 __all__ = [
     "available", "candidate_chunk", "selected_chunk", "int8_update", "fp32_update_chunk", "requantize_chunk",
-    "requantize_rows_", "int8_update_group", "fp32_update_group", "implicit_chunk", "implicit_greedy", "packed_argmax", "greedy", "sample_chunk",
+    "requantize_rows_", "int8_update_group", "fp32_update_group", "implicit_chunk", "implicit_greedy", "packed_argmax",
+    "greedy", "sample_chunk",
 ]
 
 # Column tiles hold at most this many candidates, and a program about TILE values.
