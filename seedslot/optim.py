@@ -37,7 +37,7 @@ ops, int8 and fp32 scores on CUDA by packed Triton kernels over a table of the p
 per column tile width), their per-part numbers (the int8 grid decision, scales, rounding keys) as
 vectors. The optimizer's launches per step do not depend on the number of layers (on the CPU the
 int8 and fp32 kernels still run once per part, as the per-part update does). ``foreach=False``
-updates one parameter at a time (``layer.update_scores``); both give the same bits.
+updates one parameter at a time; both give the same bits.
 
 Building the first seeded layer registers a global optimizer step pre-hook: any other optimizer
 (torch.optim.SGD, Adam, ...) that holds a seeded layer's proxy parameter raises TypeError naming it
@@ -350,21 +350,10 @@ class SlotSGD(Optimizer):
 
     def _apply(self, p: torch.Tensor, owner, d: torch.Tensor, group: dict, ok: torch.Tensor | None) -> None:
         """Move ``p`` (an ordinary parameter) or its layer's part's scores (a proxy) along ``-d``."""
-        lr, wd = group["lr"], group["weight_decay"]
         if owner is None:
-            p.add_(d, alpha=-lr)
-            return
-        layer, part = owner
-        state = self.state[p]
-        step = state.get("step", 0)
-        if ok is not None and wd:
-            _decay(layer, part, ok, 1.0 - lr * wd)
-            wd = 0.0
-        count = self._count(p, step) if layer.storage.keyed_by_step else step
-        layer.update_scores(part, d, lr, wd, count)  # its score storage's update
-        state["step"] = step + 1
-        if count is not step:  # a skipped step (ok False) does not count, as check() rolls back step
-            count.add_(1 if ok is None else ok.to(torch.int64))
+            p.add_(d, alpha=-group["lr"])
+        else:
+            self._update_scores([(p, owner, d)], group, ok)
 
     def _count(self, p: torch.Tensor, step: int) -> torch.Tensor:
         """``state["step"]`` of ``p`` as a 0-dim int64 tensor on its device, made from the int once
@@ -422,7 +411,7 @@ class SlotSGD(Optimizer):
 
     def _deferrable(self, entries: list) -> bool:
         """Whether this step can be checked on the device: gradients of one dtype, fp32 or fp64 (see
-        :func:`_keep`), on one device, and storages whose weight decay :func:`_decay` knows."""
+        :func:`_keep`), on one device."""
         device, dtype = entries[0][3].device, entries[0][3].grad.dtype
         if dtype not in (torch.float32, torch.float64):
             return False
@@ -559,11 +548,6 @@ def _keep(ok: torch.Tensor, factor: float, dtype: torch.dtype = torch.float32) -
     fp64, multiplying by it gives the bits of multiplying by the Python number (which torch rounds to
     the tensor's dtype); not so in half precision, which deferred checks therefore leave out."""
     return torch.where(ok, torch.full((), factor, dtype=dtype, device=ok.device), 1.0)
-
-
-def _decay(layer, part: str, ok: torch.Tensor, shrink: float) -> None:
-    """Multiply the part's scores by ``shrink`` where ``ok`` (a 0-dim bool), else leave them."""
-    layer.storage.decay(layer, part, _keep(ok, shrink))
 
 
 def _reject_slot_proxies(optimizer: Optimizer, args, kwargs) -> None:
