@@ -3,6 +3,7 @@ averages the two half-batch gradients, K times less traffic than the dense refer
 dying rank is one line on the survivors, never a hang."""
 
 import json
+import fcntl
 import os
 import signal
 import socket
@@ -293,3 +294,21 @@ def test_nproc_with_a_rank_side_error_is_one_line_and_exit_2(tmp_path):
     lines = [line for line in r.stderr.splitlines() if line.strip()]
     assert r.returncode == 2, r.stderr[-3000:]
     assert len(lines) == 1 and "last.ckpt" in lines[0] and ": error: " in lines[0], r.stderr[-3000:]
+
+
+def test_nproc_into_an_out_another_run_holds_is_one_line_and_exit_2(tmp_path):
+    # rank 0 finds out locked: every rank stops with its line (none waits for it or reports it lost)
+    write_mnist(tmp_path / "d", n_train=64, n_test=10)
+    out = tmp_path / "o"
+    out.mkdir()
+    fd = os.open(out / ".lock", os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # another run
+        cmd = [sys.executable, "-m", "seedslot", "train", "--dataset", "mnist", "--data-dir", str(tmp_path / "d"),
+               "--no-progress", "--epochs", "1", "--out", str(out), "--nproc", "2"]
+        r = subprocess.run(cmd, env=dict(os.environ, **ENV), capture_output=True, text=True, timeout=240)
+    finally:
+        os.close(fd)
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert len(lines) == 1 and "is in use by another seedslot run" in lines[0], r.stderr[-3000:]

@@ -34,7 +34,7 @@ import socket
 import subprocess
 import sys
 import threading
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.distributed as dist
@@ -260,6 +260,14 @@ class Ranks:
         """Each of ``values`` summed over the ranks (:func:`sum_over_ranks`); in a world of one,
         the values as they are."""
         return list(values) if self.world == 1 else sum_over_ranks(values)
+
+    def from_main(self, value: Any) -> Any:
+        """Rank 0's ``value`` (a picklable object) on every rank; ``value`` itself in a world of one."""
+        if self.world == 1:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
 
     def check_in_sync(self, model: nn.Module) -> None:
         """DistributedError unless every rank holds the same model (:func:`check_in_sync`)."""

@@ -455,19 +455,27 @@ class _Outputs:
     ``out/summary.json`` and the ``json`` summary. Made before anything is loaded or trained:
     ValueError (on every rank) when ``out`` or ``json`` could not be written."""
 
-    def __init__(self, cfg: TrainConfig, main: bool) -> None:
+    def __init__(self, cfg: TrainConfig, ranks: Ranks) -> None:
         _check_outputs(cfg)
-        self.out = cfg.out if main else None
-        self.json = cfg.json if main else None
+        self.out = cfg.out if ranks.main else None
+        self.json = cfg.json if ranks.main else None
         self._lock = None
         held = [name for name in (CHECKPOINT, METRICS, SUMMARY)
                 if cfg.out is not None and os.path.lexists(os.path.join(cfg.out, name))]
         if held and cfg.resume is None and not cfg.overwrite:  # on every rank: they all stop
             raise ValueError(f"out: {cfg.out} already holds a run ({', '.join(held)}); continue it with "
                              f"--resume {cfg.out}, or pass --overwrite to replace it")
+        refused = None
         if self.out is not None:
             os.makedirs(self.out, exist_ok=True)
-            self._lock = _lock_dir(self.out)
+            try:
+                self._lock = _lock_dir(self.out)
+            except ValueError as e:
+                refused = str(e)
+        refused = ranks.from_main(refused)  # every rank stops with rank 0's line, none waits for it
+        if refused is not None:
+            raise ValueError(refused)
+        if self.out is not None:
             if held and cfg.resume is None:
                 for name in held:  # replaced whole, never mixed with the new run's lines
                     os.remove(os.path.join(self.out, name))
@@ -679,7 +687,11 @@ def run(config: TrainConfig, *, progress: bool = True) -> dict:
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
-    outputs = _Outputs(cfg, ranks.main)  # before anything is loaded, trained or written
+    try:
+        outputs = _Outputs(cfg, ranks)  # before anything is loaded, trained or written
+    except BaseException:
+        ranks.close()  # a refused out stops every rank, leaving the process group cleanly
+        raise
     try:
         data, fingerprint = _load_data(cfg, device, ckpt)
         state, net = _build(cfg, data, ckpt, device, ranks)
