@@ -889,7 +889,6 @@ DenseSlotConvTranspose2d = _conv_transpose_class(2, DenseSlotLayer, dense=True)
 DenseSlotConvTranspose3d = _conv_transpose_class(3, DenseSlotLayer, dense=True)
 
 
-
 class _Embedding:
     """The shape of an embedding table: a Linear from one-hot rows, K candidate rows per entry
     (Glorot bound of (num_embeddings, embedding_dim), lambda 0.1 as for linear layers). Without
