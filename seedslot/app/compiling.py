@@ -18,5 +18,13 @@ def compiled(model: nn.Module, optimizer: torch.optim.Optimizer, mode: str) -> t
         raise ValueError(f"compile must be one of {', '.join(map(repr, COMPILE))}; got {mode!r}")
     if mode == "off":
         return model, optimizer.step
-    mode = None if mode == "default" else mode
-    return torch.compile(model, mode=mode), torch.compile(optimizer.step, mode=mode)
+    if mode == "default":
+        return torch.compile(model), torch.compile(optimizer.step)
+    forward = torch.compile(model, mode=mode)
+
+    def graphed(*args, **kwargs):
+        # a new training step: the CUDA graphs may reuse the previous step's output memory
+        torch.compiler.cudagraph_mark_step_begin()
+        return forward(*args, **kwargs)
+
+    return graphed, torch.compile(optimizer.step, mode=mode)
