@@ -410,7 +410,8 @@ def test_separate_projections_dense_reference_and_float64():
 def test_compiled_separate_projections_train_as_eager():
     torch._dynamo.reset()
     eager = cross(add_bias_kv=True)
-    ss.slotify_(eager, k=4, seed=5)
+    ss.slotify_(eager, k=4, seed=5, strict=True)
+    assert isinstance(eager.attn, ss.SlotMultiheadAttention)
     model = copy.deepcopy(eager)
     compiled = torch.compile(model, backend="aot_eager")
     x, y = cross_inputs(), torch.tensor([0, 1, 2, 0])
