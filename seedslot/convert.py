@@ -57,7 +57,9 @@ class ConvertedLayer:
     target: str  # the slot layer's type
     connections: int
     bytes: int
-    replaces: tuple[str, ...] = ()  # the qualified names of the parameters it replaced (its first name's)
+    # The qualified names of the parameters it replaced (its first name's); a separate q/k/v
+    # projection names in_proj_bias, of which it replaced a third.
+    replaces: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -157,7 +159,7 @@ def _convertible(m: nn.Module) -> str | None:
     if (set(m._parameters) - set(_ATTENTION_ALL if attention else ("weight", "bias")) or m._buffers
             or set(m._modules) - ({"out_proj"} if attention else set())):
         return f"{type(m).__name__} holds more than {base.__name__}'s {owned}"
-    weight = getattr(m, f"{next(iter(projection_shapes(m)))}_weight") if attention else m.weight
+    weight = _weight(m)
     if isinstance(weight, nn.parameter.UninitializedParameter):
         return f"{type(m).__name__} is not initialised yet (run one forward first)"
     if not weight.dtype.is_floating_point:
@@ -173,18 +175,25 @@ def _state_bytes(m: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in m.state_dict().values() if isinstance(t, torch.Tensor))
 
 
+def _weight(m: nn.Module) -> torch.Tensor:
+    """The weight of a convertible module whose dtype and device its slot layers take (an
+    attention's first input projection weight)."""
+    if isinstance(m, nn.MultiheadAttention):
+        return getattr(m, f"{next(iter(projection_shapes(m)))}_weight")
+    return m.weight
+
+
 def _slot_layers(m: nn.Module, fqn: str, config: SlotConfig, dense: bool) -> dict[str, SlotLayer]:
     """The slot layers that replace ``m`` by qualified name, each seeded by its name, in ``m``'s
-    dtype and mode: ``m``'s own, or for nn.MultiheadAttention its input projection's (``fqn.in_proj``,
-    or ``fqn.q_proj``, ``fqn.k_proj`` and ``fqn.v_proj``; see :func:`~seedslot.attention.projection_shapes`)."""
+    dtype and mode: ``m``'s own, or for nn.MultiheadAttention its input projection's
+    (``fqn.in_proj``, or ``fqn.q_proj``, ``fqn.k_proj`` and ``fqn.v_proj``: see
+    :func:`~seedslot.attention.projection_shapes`)."""
+    weight = _weight(m)
     if isinstance(m, nn.MultiheadAttention):
-        shapes = {f"{fqn}.{name}": shape for name, shape in projection_shapes(m).items()}
-        weight = getattr(m, f"{next(iter(projection_shapes(m)))}_weight")
-        layers = {name: (DenseSlotLinear if dense else SlotLinear)(
-            n_in, n_out, m.in_proj_bias is not None, **_layer_kw(name, config, weight.device))
-            for name, (n_in, n_out) in shapes.items()}
+        layers = {f"{fqn}.{name}": (DenseSlotLinear if dense else SlotLinear)(
+            n_in, n_out, m.in_proj_bias is not None, **_layer_kw(f"{fqn}.{name}", config, weight.device))
+            for name, (n_in, n_out) in projection_shapes(m).items()}
     else:
-        weight = m.weight
         layers = {fqn: _new_slot_layer(m, dense, **_layer_kw(fqn, config, weight.device))}
     for layer in layers.values():
         if weight.dtype != torch.float32:  # the slot layer computes in the layer's dtype, as it did
