@@ -325,6 +325,8 @@ def test_separate_projections_become_three_slot_linears(kw):
     dense = ss.to_dense(model.eval())
     assert type(dense.attn) is nn.MultiheadAttention and set(dense.state_dict()) == plain_keys
     assert (dense.attn.kdim, dense.attn.vdim) == (6, 5) and (dense.attn.in_proj_bias is None) != bias
+    again = ss.slotify_(model, k=4, seed=1, report=True, strict=True)  # converted already: kept as it is
+    assert not again.converted and {c.name for c in again.kept} >= {"attn.q_proj", "attn.k_proj", "attn.v_proj"}
     x = cross_inputs()
     # Gradients on: torch's matmul folds a batched input differently when the weight needs no
     # gradient, so both sides compute with weights that require one.
@@ -396,6 +398,7 @@ def test_separate_projections_dense_reference_and_float64():
     assert all(isinstance(getattr(model.attn, name), ss.DenseSlotLinear) for name in PROJECTIONS)
     model(*cross_inputs()).sum().backward()
     assert all(getattr(model.attn, name).weight_scores.grad is not None for name in PROJECTIONS)
+    assert torch.equal(ss.to_dense(model.eval())(*cross_inputs()), model(*cross_inputs()))
     model = cross().double()
     ss.slotify_(model, k=4)
     x = cross_inputs(torch.float64)
