@@ -1,5 +1,5 @@
 """Whole-model conversion: ``slotify_`` turns Linear/ConvNd/ConvTransposeNd/Embedding and
-nn.MultiheadAttention's input projection into slot layers in place (in the spirit
+nn.MultiheadAttention's input projections into slot layers in place (in the spirit
 of torchao's ``quantize_``), ``to_dense`` turns a slot model back into an ordinary one holding the
 selected weights (for deployment and for the paper's fine-tuning experiment)."""
 
@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .config import UNSET, SlotConfig
-from .attention import SlotMultiheadAttention
+from .attention import SlotMultiheadAttention, projection_shapes
 from .layers import (DenseSlotConv1d, DenseSlotConv2d, DenseSlotConv3d, DenseSlotConvTranspose1d,
                      DenseSlotConvTranspose2d, DenseSlotConvTranspose3d, DenseSlotEmbedding, DenseSlotLinear,
                      SlotConv1d, SlotConv2d, SlotConv3d, SlotConvTranspose1d, SlotConvTranspose2d,
@@ -41,11 +41,11 @@ _CONVERTIBLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, *_TRANSPOSED, nn.Emb
 _CONV_TRANSPOSE = {1: (SlotConvTranspose1d, DenseSlotConvTranspose1d), 2: (SlotConvTranspose2d, DenseSlotConvTranspose2d),
                    3: (SlotConvTranspose3d, DenseSlotConvTranspose3d)}
 _CONV = {1: (SlotConv1d, DenseSlotConv1d), 2: (SlotConv2d, DenseSlotConv2d), 3: (SlotConv3d, DenseSlotConv3d)}
-# nn.MultiheadAttention's parameters: the input projection its conversion replaces; add_bias_kv's
-# biases, (1, 1, E) but vectors, which stay learned; and every one it may hold.
-_ATTENTION_PARAMS = ("in_proj_weight", "in_proj_bias")
+# nn.MultiheadAttention's parameters: add_bias_kv's biases, (1, 1, E) but vectors, which stay
+# learned; and every one it may hold (the others are its input projection, which converts).
 _ATTENTION_VECTORS = ("bias_k", "bias_v")
-_ATTENTION_ALL = (*_ATTENTION_PARAMS, *_ATTENTION_VECTORS, "q_proj_weight", "k_proj_weight", "v_proj_weight")
+_ATTENTION_ALL = ("in_proj_weight", "in_proj_bias", *_ATTENTION_VECTORS, "q_proj_weight", "k_proj_weight",
+                  "v_proj_weight")
 
 
 @dataclass(frozen=True)
@@ -57,7 +57,9 @@ class ConvertedLayer:
     target: str  # the slot layer's type
     connections: int
     bytes: int
-    replaces: tuple[str, ...] = ()  # the qualified names of the parameters it replaced (its first name's)
+    # The qualified names of the parameters it replaced (its first name's); a separate q/k/v
+    # projection names in_proj_bias, of which it replaced a third.
+    replaces: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -127,7 +129,20 @@ def _connections(layer: SlotLayer) -> int:
 
 def _converted_params(m: nn.Module) -> tuple[str, ...]:
     """The names of the parameters of ``m`` that its conversion replaces."""
-    return _ATTENTION_PARAMS if isinstance(m, nn.MultiheadAttention) else ("weight", "bias")
+    if isinstance(m, nn.MultiheadAttention):
+        return (*(f"{name}_weight" for name in projection_shapes(m)), "in_proj_bias")
+    return ("weight", "bias")
+
+
+def _replaces(m: nn.Module, fqn: str, layer_name: str) -> tuple[str, ...]:
+    """The qualified names of the parameters of ``m`` (at ``fqn``) that its slot layer named
+    ``layer_name`` replaces: an attention's projection replaces its weight and its third of
+    ``in_proj_bias``, which each of the three separate projections names."""
+    names = [n for n in _converted_params(m) if m._parameters.get(n) is not None]
+    if isinstance(m, nn.MultiheadAttention):
+        leaf = layer_name.rpartition(".")[2]
+        names = [n for n in names if n in (f"{leaf}_weight", "in_proj_bias")]
+    return tuple(f"{fqn}.{n}" for n in names)
 
 
 def _convertible(m: nn.Module) -> str | None:
@@ -144,10 +159,7 @@ def _convertible(m: nn.Module) -> str | None:
     if (set(m._parameters) - set(_ATTENTION_ALL if attention else ("weight", "bias")) or m._buffers
             or set(m._modules) - ({"out_proj"} if attention else set())):
         return f"{type(m).__name__} holds more than {base.__name__}'s {owned}"
-    if attention and not m._qkv_same_embed_dim:
-        return (f"kdim={m.kdim}, vdim={m.vdim} differ from embed_dim={m.embed_dim}: separate q/k/v projection "
-                "weights are not converted")
-    weight = m.in_proj_weight if attention else m.weight
+    weight = _weight(m)
     if isinstance(weight, nn.parameter.UninitializedParameter):
         return f"{type(m).__name__} is not initialised yet (run one forward first)"
     if not weight.dtype.is_floating_point:
@@ -163,24 +175,40 @@ def _state_bytes(m: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in m.state_dict().values() if isinstance(t, torch.Tensor))
 
 
-def _slot_layer(m: nn.Module, fqn: str, config: SlotConfig, dense: bool) -> SlotLayer:
-    """The slot layer that replaces ``m`` (for nn.MultiheadAttention: its input projection, named
-    ``fqn.in_proj``), seeded by its name, in ``m``'s dtype and mode."""
-    weight = m.in_proj_weight if isinstance(m, nn.MultiheadAttention) else m.weight
-    layer = _new_slot_layer(m, fqn, config, dense, weight.device)
-    if weight.dtype != torch.float32:  # the slot layer computes in the layer's dtype, as it did
-        layer.to(weight.dtype)
-    return layer.train(m.training)
+def _weight(m: nn.Module) -> torch.Tensor:
+    """The weight of a convertible module whose dtype and device its slot layers take (an
+    attention's first input projection weight)."""
+    if isinstance(m, nn.MultiheadAttention):
+        return getattr(m, f"{next(iter(projection_shapes(m)))}_weight")
+    return m.weight
 
 
-def _new_slot_layer(m: nn.Module, fqn: str, config: SlotConfig, dense: bool, device) -> SlotLayer:
+def _slot_layers(m: nn.Module, fqn: str, config: SlotConfig, dense: bool) -> dict[str, SlotLayer]:
+    """The slot layers that replace ``m`` by qualified name, each seeded by its name, in ``m``'s
+    dtype and mode: ``m``'s own, or for nn.MultiheadAttention its input projection's
+    (``fqn.in_proj``, or ``fqn.q_proj``, ``fqn.k_proj`` and ``fqn.v_proj``: see
+    :func:`~seedslot.attention.projection_shapes`)."""
+    weight = _weight(m)
     if isinstance(m, nn.MultiheadAttention):
-        fqn += ".in_proj"
-    kw = dict(config=config.replace(seed=layer_seed(config.seed, fqn)), device=device,
-              candidate_seed=config.seed if config.sharing == "global" else None)
-    if isinstance(m, nn.MultiheadAttention):
-        e = m.embed_dim
-        return (DenseSlotLinear if dense else SlotLinear)(e, 3 * e, m.in_proj_bias is not None, **kw)
+        layers = {f"{fqn}.{name}": (DenseSlotLinear if dense else SlotLinear)(
+            n_in, n_out, m.in_proj_bias is not None, **_layer_kw(f"{fqn}.{name}", config, weight.device))
+            for name, (n_in, n_out) in projection_shapes(m).items()}
+    else:
+        layers = {fqn: _new_slot_layer(m, dense, **_layer_kw(fqn, config, weight.device))}
+    for layer in layers.values():
+        if weight.dtype != torch.float32:  # the slot layer computes in the layer's dtype, as it did
+            layer.to(weight.dtype)
+        layer.train(m.training)
+    return layers
+
+
+def _layer_kw(fqn: str, config: SlotConfig, device) -> dict:
+    """The keywords of the slot layer at ``fqn``: its seed is its name's."""
+    return dict(config=config.replace(seed=layer_seed(config.seed, fqn)), device=device,
+                candidate_seed=config.seed if config.sharing == "global" else None)
+
+
+def _new_slot_layer(m: nn.Module, dense: bool, **kw) -> SlotLayer:
     if isinstance(m, nn.Embedding):
         layer = (DenseSlotEmbedding if dense else SlotEmbedding)(m.num_embeddings, m.embedding_dim, **kw)
         layer.scale_grad_by_freq = m.scale_grad_by_freq
@@ -217,9 +245,10 @@ def slotify_(
     """Replace every ``nn.Linear``, ``nn.Conv1d/2d/3d``, ``nn.ConvTranspose1d/2d/3d`` and
     ``nn.Embedding`` (without padding_idx or max_norm) of ``model``, and every subclass that keeps
     their forward (e.g. nn.MultiheadAttention's ``out_proj``), by a slot layer, in place. An
-    ``nn.MultiheadAttention`` with one ``in_proj_weight`` (kdim == vdim == embed_dim) becomes a
-    :class:`~seedslot.SlotMultiheadAttention` whose input projection is the slot linear layer
-    ``in_proj``; separate q/k/v projection weights stay learned (reported "unsupported").
+    ``nn.MultiheadAttention`` becomes a :class:`~seedslot.SlotMultiheadAttention` whose input
+    projection is the slot linear layer ``in_proj`` (one ``in_proj_weight``, kdim == vdim ==
+    embed_dim), or the three ``q_proj``, ``k_proj`` and ``v_proj`` (separate q/k/v projection
+    weights; each also replaces its third of ``in_proj_bias``).
 
     Returns ``model``, or with ``report=True`` a :class:`ConversionReport` (``verbose=True`` prints
     it): every converted layer with its connections and bytes, every parameter left learned with
@@ -303,7 +332,8 @@ def slotify_(
             learned(fqn, m, "filtered", "filter_fn")
             continue
         names = _converted_params(m)
-        tied = {pname: [o for o in owners[id(p)] if o.rpartition(".")[0] != fqn]
+        # Tied: held under another name too, in another module or (q_proj_weight is k_proj_weight) in this one.
+        tied = {pname: [o for o in owners[id(p)] if o != (f"{fqn}.{pname}" if fqn else pname)]
                 for pname, p in m._parameters.items() if p is not None and pname in names}
         tied = {pname: others for pname, others in tied.items() if others}
         if tied:
@@ -314,17 +344,18 @@ def slotify_(
             continue
         if not fqn:
             raise ValueError("slotify_ converts the layers inside a model; wrap a lone layer in nn.Sequential")
-        layer = _slot_layer(m, fqn, config, dense)
-        replaced = [(pname, p) for pname, p in m._parameters.items() if p is not None and pname in names]
-        reported.update(id(p) for _, p in replaced)
-        out.converted.append(ConvertedLayer(f"{fqn}.in_proj" if isinstance(m, nn.MultiheadAttention) else fqn,
-                                            type(m).__name__, type(layer).__name__, _connections(layer),
-                                            _state_bytes(layer),
-                                            tuple(f"{fqn}.{pname}" for pname, _ in replaced)))
+        layers = _slot_layers(m, fqn, config, dense)
+        reported.update(id(p) for pname, p in m._parameters.items() if p is not None and pname in names)
+        for name, layer in layers.items():
+            out.converted.append(ConvertedLayer(name, type(m).__name__, type(layer).__name__, _connections(layer),
+                                                _state_bytes(layer), _replaces(m, fqn, name)))
         if isinstance(m, nn.MultiheadAttention):  # the module keeps its place; out_proj converts on its own
             kv_biases(fqn, m)
-            layer = SlotMultiheadAttention(m, layer)
-        seen[id(m)] = new[fqn] = layer
+            replacement = SlotMultiheadAttention(m, **{name.rpartition(".")[2]: layer
+                                                       for name, layer in layers.items()})
+        else:
+            (replacement,) = layers.values()
+        seen[id(m)] = new[fqn] = replacement
     if strict:
         bad = [w for w in out.learned if w.strict_violation]
         if bad:
@@ -364,15 +395,16 @@ def to_dense(model: nn.Module) -> nn.Module:
     ``nn.ConvNd``, ...) holding its selected (eval-mode) weights, and every
     :class:`~seedslot.SlotMultiheadAttention` by an ``nn.MultiheadAttention``: the same outputs in
     eval mode, trainable by any optimizer, with the unconverted model's state_dict keys."""
-    out = _swap(copy.deepcopy(model), SlotMultiheadAttention, lambda m: m._plain(device=m.in_proj.draws.device))
+    out = _swap(copy.deepcopy(model), SlotMultiheadAttention, lambda m: m._plain())
     return _swap(out, SlotLayer, _plain_layer)
 
 
 def _plain_layer(m: SlotLayer) -> nn.Module:
-    plain = m._plain(device=m.draws.device)
-    plain.weight.copy_(m.selected_weight())
+    weight = m.weight  # the greedy selection in the layer's dtype (a float64 layer stays float64)
+    plain = m._plain(device=weight.device).to(weight.dtype)
+    plain.weight.copy_(weight)
     if "bias" in m.parts:
-        plain.bias.copy_(m.selected_bias())
+        plain.bias.copy_(m.bias)
     return plain.train(m.training)
 
 

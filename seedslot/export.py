@@ -48,11 +48,15 @@ EXPORT_MAGIC = b"SEEDEXPT"
 EXPORT_VERSION = 1
 
 _JSON_LEN = struct.Struct("<I")
-# "attention_in_proj": the slot layer ``in_proj`` of a SlotMultiheadAttention, whose weights become
-# the in_proj_weight and in_proj_bias of the nn.MultiheadAttention that holds it.
+# "attention_<name>": the slot layer ``<name>`` of a SlotMultiheadAttention, whose weight becomes the
+# ``<name>_weight`` of the nn.MultiheadAttention that holds it, and its bias in_proj_bias ("in_proj")
+# or the third of in_proj_bias at _BIAS_THIRD[name] (the separate "q_proj", "k_proj", "v_proj").
+_ATTENTION_KINDS = ("in_proj", "q_proj", "k_proj", "v_proj")
+_BIAS_THIRD = {"q_proj": 0, "k_proj": 1, "v_proj": 2}
 _KINDS = {"linear": nn.Linear, "conv1d": nn.Conv1d, "conv2d": nn.Conv2d, "conv3d": nn.Conv3d, "embedding": nn.Embedding,
           "conv_transpose1d": nn.ConvTranspose1d, "conv_transpose2d": nn.ConvTranspose2d,
-          "conv_transpose3d": nn.ConvTranspose3d, "attention_in_proj": nn.MultiheadAttention}
+          "conv_transpose3d": nn.ConvTranspose3d, **{f"attention_{name}": nn.MultiheadAttention
+                                                     for name in _ATTENTION_KINDS}}
 _CONV_TYPES = (SlotConv1d, SlotConv2d, SlotConv3d, DenseSlotConv1d, DenseSlotConv2d, DenseSlotConv3d)
 _CONV_TRANSPOSE_TYPES = (SlotConvTranspose1d, SlotConvTranspose2d, SlotConvTranspose3d, DenseSlotConvTranspose1d,
                          DenseSlotConvTranspose2d, DenseSlotConvTranspose3d)
@@ -103,11 +107,11 @@ def _unpack(buf: bytes, n: int, bits: int) -> torch.Tensor:
 # ---------------------------------------------------------------- encoding
 
 
-def _layer_config(m: SlotLayer, in_attention: bool) -> dict:
-    """A slot layer's export entry, less its name and sections (``in_attention``: it is a
-    SlotMultiheadAttention's ``in_proj``)."""
+def _layer_config(m: SlotLayer, in_attention: str | None) -> dict:
+    """A slot layer's export entry, less its name and sections (``in_attention``: the child name it
+    has in a SlotMultiheadAttention, such as "in_proj", or None)."""
     if in_attention:
-        cfg: dict[str, Any] = {"kind": "attention_in_proj"}
+        cfg: dict[str, Any] = {"kind": f"attention_{in_attention}"}
     elif isinstance(m, (SlotLinear, DenseSlotLinear)):
         cfg = {"kind": "linear"}
     elif isinstance(m, (SlotEmbedding, DenseSlotEmbedding)):
@@ -156,8 +160,8 @@ def _encode(model: nn.Module, build_args: dict | None) -> list[bytes]:
             raise ValueError("export takes a model holding slot layers; wrap a lone layer in nn.Sequential")
         if id(m) not in encoded:
             parent, _, leaf = name.rpartition(".")
-            cfg = _layer_config(m, leaf == "in_proj" and isinstance(model.get_submodule(parent),
-                                                                     SlotMultiheadAttention))
+            in_attention = leaf in _ATTENTION_KINDS and isinstance(model.get_submodule(parent), SlotMultiheadAttention)
+            cfg = _layer_config(m, leaf if in_attention else None)
             cfg["sections"] = {part: add(_pack(m.selected_index(part), cfg["bits"])) for part in m.parts}
             encoded[id(m)] = cfg
         cfg = {**encoded[id(m)], "name": name}
@@ -273,8 +277,11 @@ def _check_layer(cfg, source: str) -> None:
     shape = cfg.get("weight_shape")
     if not ints(shape, dims + 2, 1) or math.prod(shape) + _bias_shape(cfg)[0] > 2**31 - 1:
         raise bad("weight_shape", f"{dims + 2} ints >= 1 with at most 2**31 - 1 connections")
-    if cfg["kind"] == "attention_in_proj" and (shape[0] != 3 * shape[1] or not name.endswith(".in_proj")):
-        raise bad("weight_shape", "(3E, E) of a layer named '<attention>.in_proj'")
+    attention = cfg["kind"].removeprefix("attention_") if cfg["kind"].startswith("attention_") else None
+    if attention and not name.endswith(f".{attention}"):
+        raise bad("name", f"'<attention>.{attention}' for kind {cfg['kind']!r}")
+    if attention in ("in_proj", "q_proj") and shape[0] != (3 if attention == "in_proj" else 1) * shape[1]:
+        raise bad("weight_shape", "(3E, E)" if attention == "in_proj" else "(E, E)")
     if not isinstance(cfg.get("bias"), bool) or (cfg["kind"] == "embedding" and cfg["bias"]):
         raise bad("bias", "false for an embedding" if cfg["kind"] == "embedding" else "true or false")
     for field in ("k", "bits", "seed", "candidate_seed"):
@@ -314,10 +321,11 @@ def _bias_shape(cfg: dict) -> list[int]:
 
 def _target(cfg: dict) -> tuple[str, dict[str, str]]:
     """The qualified name of the plain module that holds an exported layer's weights, and the
-    state_dict key of each part: a SlotMultiheadAttention's ``in_proj`` fills its nn.MultiheadAttention."""
-    if cfg["kind"] == "attention_in_proj":
-        owner = cfg["name"].removesuffix(".in_proj")
-        return owner, {"weight": f"{owner}.in_proj_weight", "bias": f"{owner}.in_proj_bias"}
+    state_dict key of each part: a SlotMultiheadAttention's projection fills its nn.MultiheadAttention
+    (a separate projection's bias only its third of in_proj_bias: :data:`_BIAS_THIRD`)."""
+    if cfg["kind"].startswith("attention_"):
+        owner, _, leaf = cfg["name"].rpartition(".")
+        return owner, {"weight": f"{owner}.{leaf}_weight", "bias": f"{owner}.in_proj_bias"}
     return cfg["name"], {part: f"{cfg['name']}.{part}" for part in ("weight", "bias")}
 
 
@@ -327,9 +335,12 @@ def _fits(cfg: dict, target: nn.Module) -> str | None:
     if not isinstance(target, kind) or type(target).forward is not kind.forward:  # subclasses as slotify_ takes them
         return f"expected {kind.__name__}, the model has {type(target).__name__}"
     if kind is nn.MultiheadAttention:
-        if not target._qkv_same_embed_dim:
-            return "an input projection exported, the model's attention has separate q/k/v projection weights"
-        weight, bias = target.in_proj_weight, target.in_proj_bias is not None
+        leaf = cfg["kind"].removeprefix("attention_")
+        if target._qkv_same_embed_dim != (leaf == "in_proj"):
+            return ("a separate q/k/v projection exported, the model's attention has one in_proj_weight"
+                    if target._qkv_same_embed_dim else
+                    "an input projection exported, the model's attention has separate q/k/v projection weights")
+        weight, bias = getattr(target, f"{leaf}_weight"), target.in_proj_bias is not None
     else:
         weight, bias = target.weight, getattr(target, "bias", None) is not None
     if list(weight.shape) != cfg["weight_shape"] or bias != cfg["bias"]:
@@ -458,6 +469,7 @@ def exported_layers(path: str | os.PathLike) -> list[ExportedLayer]:
 def _decode(header: dict, payload: memoryview, plain: nn.Module, source: str) -> nn.Module:
     """Fill ``plain`` with the regenerated selected weights and the stored tensors."""
     state: dict[str, torch.Tensor] = {}
+    thirds: dict[str, dict[int, torch.Tensor]] = {}  # in_proj_bias key -> the separate projections' biases
     for cfg in header["layers"]:
         _check_layer(cfg, source)
         name = cfg["name"]
@@ -470,7 +482,17 @@ def _decode(header: dict, payload: memoryview, plain: nn.Module, source: str) ->
         if reason:
             raise CheckpointError(f"{source}: does not fit the model: layer {name!r}: {reason}")
         for part, idx in _indices(cfg, payload, source).items():
-            state[keys[part]] = _regenerate(cfg, part, idx.reshape(-1)).view(idx.shape)
+            value = _regenerate(cfg, part, idx.reshape(-1)).view(idx.shape)
+            third = _BIAS_THIRD.get(cfg["kind"].removeprefix("attention_")) if part == "bias" else None
+            if third is None:
+                state[keys[part]] = value
+            else:
+                thirds.setdefault(keys[part], {})[third] = value
+    for key, parts in thirds.items():
+        if sorted(parts) != [0, 1, 2]:
+            raise CheckpointError(f"{source}: tampered: {key} is filled by the biases of only "
+                                  f"{', '.join(name for name, i in _BIAS_THIRD.items() if i in parts)}")
+        state[key] = torch.cat([parts[i] for i in range(3)])
     for entry in header["tensors"]:
         buf = _section(payload, entry["section"], source)
         dtype = _DTYPES[entry["dtype"]]

@@ -2,7 +2,6 @@
 
 import argparse
 import copy
-import json
 import math
 import os
 import time
@@ -16,9 +15,8 @@ from torch import nn
 import seedslot
 import seedslot.models
 from seedslot.candidates import SHARING
-from seedslot.checkpoints import CheckpointError, frame, save_checkpoint
+from seedslot.checkpoints import CheckpointError, save_checkpoint
 from seedslot.export import (
-    EXPORT_MAGIC,
     EXPORT_VERSION,
     _pack,
     _unpack,
@@ -29,6 +27,8 @@ from seedslot.export import (
 )
 from seedslot.app.export_cmd import run_cli
 from seedslot.testing import assert_regenerates, fingerprint
+
+from export_files import reframe
 
 FAST = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
@@ -176,15 +176,6 @@ def test_any_byte_flip_or_truncation_is_detected(tmp_path, data):
         load_exported(path, model=arch)
 
 
-def _reframe(good: bytes, edit) -> bytes:
-    """The export with its JSON header edited and the hash recomputed: a deliberate tamper."""
-    body = good[56:]
-    n = int.from_bytes(body[:4], "little")
-    header = edit(json.loads(body[4 : 4 + n]))
-    head = json.dumps(header).encode() if not isinstance(header, bytes) else header
-    return b"".join(frame(EXPORT_MAGIC, EXPORT_VERSION, [len(head).to_bytes(4, "little") + head, body[4 + n :]]))
-
-
 def test_error_messages_say_which_case(tmp_path):
     arch, model, good = _small_export(tmp_path)
     path = tmp_path / "x.slot"
@@ -207,7 +198,7 @@ def test_error_messages_say_which_case(tmp_path):
         return h
 
     for edit in (lambda h: b"{not json", out_of_range, lambda h: {"layers": []}):
-        path.write_bytes(_reframe(good, edit))
+        path.write_bytes(reframe(good, edit))
         with pytest.raises(CheckpointError, match="tampered"):
             load_exported(path, model=arch)
 
@@ -299,7 +290,7 @@ JSON_HOSTILE = st.one_of(st.none(), st.booleans(), st.integers(-(2**70), 2**70),
 def test_fuzzed_fields_with_a_recomputed_hash_load_or_raise_checkpoint_error(tmp_path, field, value):
     good = _lenet_export(tmp_path)
     path = tmp_path / "x.slot"
-    path.write_bytes(_reframe(good, lambda h: _set(h, field, value)))
+    path.write_bytes(reframe(good, lambda h: _set(h, field, value)))
     t0 = time.monotonic()
     try:
         load_exported(path)
@@ -319,7 +310,7 @@ def test_fuzzed_fields_with_a_recomputed_hash_load_or_raise_checkpoint_error(tmp
 ])
 def test_tampered_export_fields_are_named(tmp_path, field, value, words):
     path = tmp_path / "x.slot"
-    path.write_bytes(_reframe(_lenet_export(tmp_path), lambda h: _set(h, field, value)))
+    path.write_bytes(reframe(_lenet_export(tmp_path), lambda h: _set(h, field, value)))
     t0 = time.monotonic()
     with pytest.raises(CheckpointError, match=words):
         load_exported(path)
@@ -339,7 +330,7 @@ def test_a_deeply_nested_header_is_a_checkpoint_error(tmp_path):
     """Issue 24, item 14: not a RecursionError."""
     good = _lenet_export(tmp_path)
     path = tmp_path / "deep.slot"
-    path.write_bytes(_reframe(good, lambda h: b"[" * 100000 + b"]" * 100000))
+    path.write_bytes(reframe(good, lambda h: b"[" * 100000 + b"]" * 100000))
     with pytest.raises(CheckpointError, match="malformed export header"):
         load_exported(path)
 

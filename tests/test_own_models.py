@@ -3,6 +3,7 @@ a transformer encoder, a GPT with tied embeddings, a Conv1d net, a DCGAN-style d
 convolutions, an nn.MultiheadAttention model): slotify_ converts what it can and says so, strict
 refuses, the converted models train, compile, export and reload, and ties hold."""
 
+import collections
 import copy
 import io
 import os
@@ -140,7 +141,8 @@ class Decoder(nn.Module):
 
 class Attention(nn.Module):
     """nn.MultiheadAttention used directly: a self-attention with add_bias_kv and add_zero_attn
-    (sequence first), a cross-attention without biases (batch first)."""
+    (sequence first), a cross-attention without biases (batch first), and one to keys and values
+    of other widths (kdim, vdim: separate q/k/v projection weights; sequence first)."""
 
     def __init__(self, vocab=13, d=16, num_classes=3):
         super().__init__()
@@ -148,13 +150,16 @@ class Attention(nn.Module):
         self.self_attn = nn.MultiheadAttention(d, 4, add_bias_kv=True, add_zero_attn=True)
         self.cross = nn.MultiheadAttention(d, 2, bias=False, batch_first=True)
         self.query = nn.Embedding(1, d)
+        self.keys, self.values = nn.Embedding(vocab, 6), nn.Embedding(vocab, 5)
+        self.memory = nn.MultiheadAttention(d, 2, kdim=6, vdim=5)
         self.head = nn.Linear(d, num_classes)
 
     def forward(self, idx):
         x = self.embed(idx)
         h = self.self_attn(x.transpose(0, 1), x.transpose(0, 1), x.transpose(0, 1), need_weights=False)[0]
         q = self.query(torch.zeros(idx.shape[0], 1, dtype=torch.long))
-        return self.head(self.cross(q, h.transpose(0, 1), x)[0][:, 0])
+        c = self.cross(q, h.transpose(0, 1), x)[0].transpose(0, 1)  # (1, N, d)
+        return self.head((c + self.memory(c, self.keys(idx.t()), self.values(idx.t()))[0])[0])
 
 
 def inputs(name, n=4, seed=0):
@@ -204,14 +209,23 @@ def test_report_lists_every_module_with_weights(name):
     report = ss.slotify_(model, k=4, seed=1, report=True)
     assert isinstance(report, ss.ConversionReport)
     listed = {w.name for w in report.learned}
+    replaced = collections.defaultdict(set)  # module -> the names of its parameters that slot layers replaced
+    connections = collections.Counter()  # module -> the connections of those slot layers
     for c in report.converted:
         assert c.replaces and set(c.replaces) <= set(expected) and listed.isdisjoint(c.replaces)
-        listed |= set(c.replaces)
+        (owner,) = {r.rpartition(".")[0] for r in c.replaces}
+        # Only the three separate q/k/v projections of an attention share a parameter: its in_proj_bias.
+        assert replaced[owner].isdisjoint(c.replaces) or replaced[owner] & set(c.replaces) == {
+            f"{owner}.in_proj_bias"}
+        replaced[owner] |= set(c.replaces)
+        connections[owner] += c.connections
         assert isinstance(model.get_submodule(c.name), SlotLayer)
         layer = model.get_submodule(c.name)
         assert c.connections == sum(t.numel() for t in (layer.selected_weight(), layer.selected_bias()) if t is not None)
-        assert c.connections == sum(make(name).get_parameter(r).numel() for r in c.replaces)
         assert 0 < c.bytes == sum(t.numel() * t.element_size() for t in layer.state_dict().values())
+    for owner, names in replaced.items():
+        assert connections[owner] == sum(make(name).get_parameter(r).numel() for r in names)
+        listed |= names
     assert listed == set(expected)
     assert len(report.learned) == len({w.name for w in report.learned})  # no name twice
     assert not [w.name for w in report.learned if w.reason == "unsupported" and w.name in of_convertible]

@@ -16,7 +16,11 @@ from torch import nn
 import seedslot as ss
 from seedslot.candidates import glorot_sigma
 from seedslot.checkpoints import CheckpointError
-from seedslot.testing import assert_same_candidates, assert_same_selection
+from seedslot.convert import layer_seed
+from seedslot.export import exported_layers
+from seedslot.testing import assert_same_candidates, assert_same_selection, fingerprint
+
+from export_files import reframe
 
 TRANSPOSE = {1: ss.SlotConvTranspose1d, 2: ss.SlotConvTranspose2d, 3: ss.SlotConvTranspose3d}
 DENSE_TRANSPOSE = {1: ss.DenseSlotConvTranspose1d, 2: ss.DenseSlotConvTranspose2d, 3: ss.DenseSlotConvTranspose3d}
@@ -199,18 +203,6 @@ def test_attention_fast_path_computes_with_the_selection(monkeypatch):
     torch.testing.assert_close(fast, slow.detach(), rtol=1e-4, atol=1e-5)
 
 
-def test_separate_query_key_value_weights_are_reported_unsupported():
-    model = attention(kdim=6, vdim=5, add_bias_kv=True)
-    report = ss.slotify_(model, k=4, report=True)
-    assert type(model[0]) is nn.MultiheadAttention and isinstance(model[0].out_proj, ss.SlotLinear)
-    unsupported = {w.name: w.detail for w in report.learned if w.reason == "unsupported"}
-    assert set(unsupported) == {"0.q_proj_weight", "0.k_proj_weight", "0.v_proj_weight"}
-    assert {w.name for w in report.learned if w.reason == "vector"} == {"0.in_proj_bias", "0.bias_k", "0.bias_v"}
-    assert "kdim=6, vdim=5" in unsupported["0.q_proj_weight"]
-    with pytest.raises(ValueError, match=r"strict=True\): 0\.q_proj_weight \(MultiheadAttention\)"):
-        ss.slotify_(attention(kdim=6, vdim=5), strict=True)
-
-
 def test_attention_ties_filters_sharing_and_bias_kv():
     def tied():
         a, b = nn.MultiheadAttention(8, 2), nn.MultiheadAttention(8, 2, add_bias_kv=True)
@@ -252,6 +244,259 @@ def test_dense_attention_and_other_dtypes():
     assert model[0].in_proj_weight.dtype == torch.float64 and run(model, torch.randn(2, 3, 8).double()).dtype == torch.float64
     copied = copy.deepcopy(model)
     assert torch.equal(copied[0].in_proj_weight, model[0].in_proj_weight)
+
+
+# ---------------------------------------------------------------- separate q/k/v projections
+
+
+class Cross(nn.Module):
+    """Cross-attention from E = 8 queries to keys of dimension 6 and values of dimension 5: separate
+    q_proj_weight (8, 8), k_proj_weight (8, 6) and v_proj_weight (8, 5)."""
+
+    def __init__(self, **kw):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(8, 2, kdim=6, vdim=5, batch_first=True, **kw)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, q, k, v):
+        return self.head(self.attn(q, k, v)[0].mean(1))
+
+
+SEPARATE = [dict(), dict(bias=False), dict(add_bias_kv=True)]
+PROJECTIONS = {"q_proj": 8, "k_proj": 6, "v_proj": 5}  # name -> in_features
+
+
+def cross(**kw):
+    torch.manual_seed(0)
+    return Cross(**kw)
+
+
+def cross_inputs(dtype=torch.float32):
+    g = torch.Generator().manual_seed(1)
+    return tuple(torch.randn(4, n, d, generator=g, dtype=dtype) for n, d in ((3, 8), (5, 6), (5, 5)))
+
+
+def selected_attention(mha):
+    """An ordinary nn.MultiheadAttention holding ``mha``'s selected projections, built by hand."""
+    bias = mha.in_proj_bias is not None
+    plain = nn.MultiheadAttention(8, 2, kdim=6, vdim=5, batch_first=True, bias=bias,
+                                  add_bias_kv=mha.bias_k is not None, dtype=mha.q_proj_weight.dtype)
+    with torch.no_grad():
+        for name in PROJECTIONS:
+            getattr(plain, f"{name}_weight").copy_(getattr(mha, name).selected_weight())
+        if bias:
+            plain.in_proj_bias.copy_(torch.cat([getattr(mha, name).selected_bias() for name in PROJECTIONS]))
+            plain.out_proj.bias.copy_(mha.out_proj.selected_bias())
+        plain.out_proj.weight.copy_(mha.out_proj.selected_weight())
+        if mha.bias_k is not None:
+            plain.bias_k.copy_(mha.bias_k), plain.bias_v.copy_(mha.bias_v)
+    return plain
+
+
+@pytest.mark.parametrize("kw", SEPARATE)
+def test_separate_projections_become_three_slot_linears(kw):
+    model = cross(**kw)
+    plain_keys = set(model.state_dict())
+    report = ss.slotify_(model, k=4, seed=1, report=True, strict=True)
+    mha = model.attn
+    assert isinstance(mha, ss.SlotMultiheadAttention) and isinstance(mha.out_proj, ss.SlotLinear)
+    bias = kw.get("bias", True)
+    third = ("attn.in_proj_bias",) if bias else ()
+    assert [(c.name, c.source, c.replaces, c.connections) for c in report.converted[:3]] == [
+        (f"attn.{name}", "MultiheadAttention", (f"attn.{name}_weight", *third), 8 * n + 8 * bias)
+        for name, n in PROJECTIONS.items()]
+    assert {w.reason for w in report.learned} <= {"vector"} and not [w for w in report.learned if "proj" in w.name]
+    assert mha.in_proj_weight is None and not mha._qkv_same_embed_dim
+    for name, n in PROJECTIONS.items():
+        layer = getattr(mha, name)
+        assert isinstance(layer, ss.SlotLinear) and layer.weight_shape == (8, n)
+        assert layer.seed == layer_seed(1, f"attn.{name}") and layer.sigma == glorot_sigma(n, 8)
+        assert torch.equal(getattr(mha, f"{name}_weight").detach(), layer.selected_weight())
+        with pytest.raises(AttributeError):
+            setattr(mha, f"{name}_weight", torch.zeros(8, n))
+    if bias:
+        assert torch.equal(mha.in_proj_bias.detach(),
+                           torch.cat([getattr(mha, name).selected_bias() for name in PROJECTIONS]))
+    else:
+        assert mha.in_proj_bias is None
+    keys = set(model.state_dict())
+    assert {"attn.q_proj.weight_scores", "attn.v_proj._extra_state"} <= keys and not keys & {
+        "attn.q_proj_weight", "attn.in_proj_bias"}
+    dense = ss.to_dense(model.eval())
+    assert type(dense.attn) is nn.MultiheadAttention and set(dense.state_dict()) == plain_keys
+    assert (dense.attn.kdim, dense.attn.vdim) == (6, 5) and (dense.attn.in_proj_bias is None) != bias
+    again = ss.slotify_(model, k=4, seed=1, report=True, strict=True)  # converted already: kept as it is
+    assert not again.converted and {c.name for c in again.kept} >= {"attn.q_proj", "attn.k_proj", "attn.v_proj"}
+    x = cross_inputs()
+    # Gradients on: torch's matmul folds a batched input differently when the weight needs no
+    # gradient, so both sides compute with weights that require one.
+    assert torch.equal(dense(*x), model(*x))
+
+
+@pytest.mark.parametrize("kw", SEPARATE)
+def test_separate_projections_train_with_the_gradient_of_a_plain_attention(kw):
+    """The proxies' gradients are those an ordinary nn.MultiheadAttention computing with the
+    selected weights gives its q/k/v_proj_weight and the thirds of its in_proj_bias; a few SlotSGD
+    steps lower the loss on a fixed batch."""
+    model = cross(**kw)
+    ss.slotify_(model, k=8, seed=2)
+    x = cross_inputs()
+    mha = model.attn
+    plain = selected_attention(mha)
+    model.attn(*x)[0].square().sum().backward()
+    plain(*x)[0].square().sum().backward()
+    for i, name in enumerate(PROJECTIONS):
+        layer = getattr(mha, name)
+        torch.testing.assert_close(layer.slot_weight.grad, getattr(plain, f"{name}_weight").grad, rtol=1e-5, atol=1e-6)
+        if kw.get("bias", True):
+            torch.testing.assert_close(layer.slot_bias.grad, plain.in_proj_bias.grad[8 * i : 8 * i + 8],
+                                       rtol=1e-5, atol=1e-6)
+    model.zero_grad()
+    y = torch.tensor([0, 1, 2, 0])
+    opt = ss.SlotSGD(ss.slot_parameters(model), lr=0.1, momentum=0.9)
+    before = {name: getattr(mha, name).score_values().clone() for name in PROJECTIONS}
+    losses = []
+    for _ in range(8):
+        opt.zero_grad()
+        loss = F.cross_entropy(model(*x), y)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    assert all(not torch.equal(before[name], getattr(mha, name).score_values()) for name in PROJECTIONS)
+
+
+def test_a_tied_separate_projection_stays_plain_and_is_reported_tied():
+    def tied_across():
+        a, b = nn.MultiheadAttention(8, 2, kdim=6, vdim=5), nn.MultiheadAttention(8, 2, kdim=6, vdim=5)
+        b.k_proj_weight = a.k_proj_weight
+        return nn.ModuleDict(dict(a=a, b=b))
+
+    model = tied_across()
+    report = ss.slotify_(model, k=4, report=True)
+    assert type(model["a"]) is type(model["b"]) is nn.MultiheadAttention
+    assert model["a"].k_proj_weight is model["b"].k_proj_weight
+    tied = {w.name for w in report.learned if w.reason == "tied"}
+    assert {"a.k_proj_weight", "b.k_proj_weight", "a.q_proj_weight", "b.v_proj_weight"} <= tied
+    assert not [c for c in report.converted if "_proj" in c.name and "out_proj" not in c.name]
+    with pytest.raises(ValueError, match=r"would stay learned: tied"):
+        ss.slotify_(tied_across(), strict=True)
+
+    within = nn.MultiheadAttention(8, 2, kdim=8, vdim=5)  # q and k both (8, 8): one Parameter for both
+    within.k_proj_weight = within.q_proj_weight
+    model = nn.Sequential(within)
+    report = ss.slotify_(model, k=4, report=True)
+    assert type(model[0]) is nn.MultiheadAttention and model[0].k_proj_weight is model[0].q_proj_weight
+    assert {w.name: w.reason for w in report.learned if w.name.endswith("proj_weight")} == {
+        "0.q_proj_weight": "tied", "0.k_proj_weight": "tied", "0.v_proj_weight": "tied"}
+    assert "0.q_proj_weight is also 0.k_proj_weight" in str(report)
+
+
+def test_separate_projections_dense_reference_and_float64():
+    model = cross(add_bias_kv=True)
+    ss.slotify_(model, k=4, dense=True)
+    assert all(isinstance(getattr(model.attn, name), ss.DenseSlotLinear) for name in PROJECTIONS)
+    model(*cross_inputs()).sum().backward()
+    assert all(getattr(model.attn, name).weight_scores.grad is not None for name in PROJECTIONS)
+    assert torch.equal(ss.to_dense(model.eval())(*cross_inputs()), model(*cross_inputs()))
+    model = cross().double()
+    ss.slotify_(model, k=4)
+    x = cross_inputs(torch.float64)
+    assert model.attn.k_proj_weight.dtype == model.attn.in_proj_bias.dtype == torch.float64
+    assert model(*x).dtype == torch.float64
+    dense = ss.to_dense(model.eval())
+    assert dense.attn.v_proj_weight.dtype == dense.head.weight.dtype == torch.float64
+    assert torch.equal(dense(*x), model(*x))
+    assert torch.equal(copy.deepcopy(model).attn.v_proj_weight, model.attn.v_proj_weight)
+
+
+def test_compiled_separate_projections_train_as_eager():
+    torch._dynamo.reset()
+    eager = cross(add_bias_kv=True)
+    ss.slotify_(eager, k=4, seed=5, strict=True)
+    assert isinstance(eager.attn, ss.SlotMultiheadAttention)
+    model = copy.deepcopy(eager)
+    compiled = torch.compile(model, backend="aot_eager")
+    x, y = cross_inputs(), torch.tensor([0, 1, 2, 0])
+    losses = {}
+    for key, m, fn in (("eager", eager, eager), ("compiled", model, compiled)):
+        opt = ss.SlotSGD(m.parameters(), lr=0.5, momentum=0.9)
+        losses[key] = []
+        for _ in range(3):
+            opt.zero_grad()
+            loss = F.cross_entropy(fn(*x), y)
+            loss.backward()
+            opt.step()
+            losses[key].append(loss.detach())
+    torch._dynamo.reset()
+    assert all(torch.equal(a, b) for a, b in zip(losses["eager"], losses["compiled"]))
+    assert all(torch.equal(a, b) for a, b in zip(eager.state_dict().values(), model.state_dict().values()))
+
+
+@pytest.mark.parametrize("kw", SEPARATE)
+def test_separate_projections_state_dict_and_export(tmp_path, kw):
+    model = cross(**kw)
+    ss.slotify_(model, k=8, seed=6, scores="implicit")
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    buf.seek(0)
+    other = cross(**kw)
+    ss.slotify_(other, k=8, seed=7, scores="implicit")
+    other.load_state_dict(torch.load(buf, weights_only=True))
+    x = cross_inputs()
+    model.eval(), other.eval()
+    assert torch.equal(other(*x), model(*x))  # gradients on: see test_separate_projections_become_three_slot_linears
+    path = os.path.join(tmp_path, "cross.slot")
+    ss.export(model, path)
+    assert fingerprint(path) == fingerprint(model)
+    assert [layer.name for layer in exported_layers(path)] == ["attn.q_proj", "attn.k_proj", "attn.v_proj",
+                                                                "attn.out_proj", "head"]
+    plain = ss.load_exported(path, model=cross(**kw))
+    assert type(plain.attn) is nn.MultiheadAttention and not isinstance(plain.attn, ss.SlotMultiheadAttention)
+    assert torch.equal(plain(*x), model(*x))
+    if kw.get("bias", True):
+        assert torch.equal(plain.attn.in_proj_bias, model.attn.in_proj_bias.detach())
+    for name in PROJECTIONS:
+        assert torch.equal(getattr(plain.attn, f"{name}_weight"), getattr(model.attn, name).selected_weight())
+
+
+def test_load_exported_refuses_a_skeleton_or_header_that_does_not_fit_separate_projections(tmp_path):
+    model = cross()
+    ss.slotify_(model, k=4, seed=8)
+    path = os.path.join(tmp_path, "cross.slot")
+    ss.export(model, path)
+    with open(path, "rb") as f:
+        good = f.read()
+    headers = []
+    reframe(good, lambda h: headers.append(h) or h)
+    assert [cfg["kind"] for cfg in headers[0]["layers"]][:3] == [
+        "attention_q_proj", "attention_k_proj", "attention_v_proj"]
+    wrong = {"one in_proj_weight": nn.MultiheadAttention(8, 2, batch_first=True),
+             r"weight \[8, 6\] bias=True exported, the model has \[8, 7\]":
+                 nn.MultiheadAttention(8, 2, kdim=7, vdim=5, batch_first=True),
+             r"q_proj.: weight \[8, 8\] bias=True exported, the model has \[8, 8\] bias=False":
+                 nn.MultiheadAttention(8, 2, kdim=6, vdim=5, bias=False, batch_first=True)}
+    for words, attn in wrong.items():
+        skeleton = cross()
+        skeleton.attn = attn
+        with pytest.raises(CheckpointError, match=words):
+            ss.load_exported(path, model=skeleton)
+
+    def edit(change):
+        return lambda h: change(h["layers"]) or h
+
+    edits = {
+        "name must be '<attention>.k_proj'": edit(lambda layers: layers[1].update(name="attn.q_proj")),
+        r"weight_shape must be \(E, E\)": edit(lambda layers: layers[1].update(kind="attention_q_proj",
+                                                                                 name="attn.q_proj")),
+        "in_proj_bias is filled by the biases of only q_proj, k_proj": edit(lambda layers: layers.__delitem__(2)),
+    }
+    bad = os.path.join(tmp_path, "bad.slot")
+    for words, change in edits.items():
+        with open(bad, "wb") as f:
+            f.write(reframe(good, change))
+        with pytest.raises(CheckpointError, match=words):
+            ss.load_exported(bad, model=cross())
 
 
 # ---------------------------------------------------------------- compile, state_dict and export
