@@ -763,6 +763,17 @@ class DenseSlotConv2d(_Conv, DenseSlotLayer):
                     config, dict(candidate_seed=candidate_seed, device=device))
 
 
+def _resolved(name: str, dense: bool, config, k, seed, sharing, selection, scores, score_lambda) -> SlotConfig:
+    """The settings of a generated layer class ``name``: ``config`` or the keywords (not both); a
+    dense reference keeps fp32 scores, so ``scores`` is refused there."""
+    settings = dict(k=k, seed=seed, sharing=sharing, selection=selection, score_lambda=score_lambda)
+    if not dense:
+        settings["scores"] = scores
+    elif scores is not UNSET:
+        raise ValueError(f"{name} keeps fp32 scores and candidates; scores does not apply (got {scores!r})")
+    return SlotConfig.resolve(config, name, **settings)
+
+
 def _conv_nd_class(dims: int, base, dense: bool):
     """SlotConv1d / SlotConv3d and their dense references: nn.ConvNd's arguments, slot settings as
     ``config`` or as keywords (not both)."""
@@ -773,12 +784,7 @@ def _conv_nd_class(dims: int, base, dense: bool):
                  config: SlotConfig | None = None, k: int = UNSET, seed: int = UNSET, sharing: str = UNSET,
                  selection: str = UNSET, scores: str = UNSET, score_lambda: float | None = UNSET,
                  candidate_seed: int | None = None, device=None) -> None:
-        settings = dict(k=k, seed=seed, sharing=sharing, selection=selection, score_lambda=score_lambda)
-        if not dense:
-            settings["scores"] = scores
-        elif scores is not UNSET:
-            raise ValueError(f"{name} keeps fp32 scores and candidates; scores does not apply (got {scores!r})")
-        config = SlotConfig.resolve(config, name, **settings)
+        config = _resolved(name, dense, config, k, seed, sharing, selection, scores, score_lambda)
         self._setup(base, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
                     padding_mode, config, dict(candidate_seed=candidate_seed, device=device))
 
@@ -865,12 +871,7 @@ def _conv_transpose_class(dims: int, base, dense: bool):
                  config: SlotConfig | None = None, k: int = UNSET, seed: int = UNSET, sharing: str = UNSET,
                  selection: str = UNSET, scores: str = UNSET, score_lambda: float | None = UNSET,
                  candidate_seed: int | None = None, device=None) -> None:
-        settings = dict(k=k, seed=seed, sharing=sharing, selection=selection, score_lambda=score_lambda)
-        if not dense:
-            settings["scores"] = scores
-        elif scores is not UNSET:
-            raise ValueError(f"{name} keeps fp32 scores and candidates; scores does not apply (got {scores!r})")
-        config = SlotConfig.resolve(config, name, **settings)
+        config = _resolved(name, dense, config, k, seed, sharing, selection, scores, score_lambda)
         self._setup(base, in_channels, out_channels, kernel_size, stride, padding, output_padding, groups, bias,
                     dilation, padding_mode, config, dict(candidate_seed=candidate_seed, device=device))
 

@@ -159,6 +159,13 @@ if triton is not None:
     # ------------------------------------------------------------ candidates
 
     @triton.jit
+    def _candidate_tile(cols, K, rmask, hc, keys_b_p, step):
+        """The candidates of one tile (rows of per-connection hashes ``hc``, columns ``cols``) and its mask."""
+        cmask = cols < K
+        kb = tl.load(keys_b_p + cols, mask=cmask, other=0).to(tl.uint32, bitcast=True)
+        return _signed24(_mix32(hc[:, None] ^ kb[None, :])) * step, rmask[:, None] & cmask[None, :]
+
+    @triton.jit
     def _candidates_kernel(out, start_p, n, K, per_conn, key_a_p, keys_b_p, step_p,
                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -168,10 +175,8 @@ if triton is not None:
         base = rows.to(tl.int64) * K
         for k0 in range(0, K, BLOCK_K):
             cols = k0 + tl.arange(0, BLOCK_K)
-            cmask = cols < K
-            kb = tl.load(keys_b_p + cols, mask=cmask, other=0).to(tl.uint32, bitcast=True)
-            w = _signed24(_mix32(hc[:, None] ^ kb[None, :])) * step
-            tl.store(out + base[:, None] + cols[None, :], w, mask=rmask[:, None] & cmask[None, :])
+            w, mask = _candidate_tile(cols, K, rmask, hc, keys_b_p, step)
+            tl.store(out + base[:, None] + cols[None, :], w, mask=mask)
 
     @triton.jit
     def _selected_kernel(out, idx_p, start_p, n, per_conn, key_a_p, keys_b_p, step_p, BLOCK: tl.constexpr):
@@ -239,10 +244,7 @@ if triton is not None:
         base = rows.to(tl.int64) * K
         for k0 in range(0, K, BLOCK_K):
             cols = k0 + tl.arange(0, BLOCK_K)
-            cmask = cols < K
-            mask = rmask[:, None] & cmask[None, :]
-            kb = tl.load(keys_b_p + cols, mask=cmask, other=0).to(tl.uint32, bitcast=True)
-            w = _signed24(_mix32(hc[:, None] ^ kb[None, :])) * step
+            w, mask = _candidate_tile(cols, K, rmask, hc, keys_b_p, step)
             s = tl.load(s_p + rows.to(tl.int64)[:, None] * s_s0 + cols.to(tl.int64)[None, :] * s_s1, mask=mask)
             tl.store(out + base[:, None] + cols[None, :], s + dl[:, None] * w, mask=mask)
 
@@ -373,10 +375,7 @@ if triton is not None:
         base = rows.to(tl.int64) * K
         for k0 in range(0, K, BLOCK_K):
             cols = k0 + tl.arange(0, BLOCK_K)
-            cmask = cols < K
-            mask = rmask[:, None] & cmask[None, :]
-            kb = tl.load(keys_b_p + cols, mask=cmask, other=0).to(tl.uint32, bitcast=True)
-            w = _signed24(_mix32(hc[:, None] ^ kb[None, :])) * step
+            w, mask = _candidate_tile(cols, K, rmask, hc, keys_b_p, step)
             at = s_p + base[:, None] + cols[None, :]
             s = tl.load(at, mask=mask)
             if DECAY:
