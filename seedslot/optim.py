@@ -53,6 +53,7 @@ import torch
 from torch.optim import Optimizer
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
+from .ops import constants
 from .updates import max_abs_all
 from .proxies import slot_owner
 from .validate import check_float
@@ -117,7 +118,6 @@ class SlotSGD(Optimizer):
             _check_group(group, f" in param group {gi}", lr_min_open=True)
         self.check_mode, self.foreach = check, foreach
         # self._pending, the device-side record of deferred checks since the last read: made by add_param_group
-        self._caches: dict = {}  # host-built index tensors, made once per set of stepped parameters
         self._counts: dict = {}  # proxy -> its step count on the device (see _count)
 
     def add_param_group(self, param_group: dict) -> None:
@@ -134,7 +134,6 @@ class SlotSGD(Optimizer):
         self.__dict__.setdefault("check_mode", "deferred")
         self.__dict__.setdefault("foreach", True)
         self.__dict__.setdefault("_pending", _Pending.of(self.param_groups))
-        self.__dict__.setdefault("_caches", {})
         self.__dict__.setdefault("_counts", {})
 
     def check(self) -> None:
@@ -456,8 +455,7 @@ class SlotSGD(Optimizer):
         flat = [t for _, ts, _ in moved for t in ts]
         if flat:  # each entry's largest, through an (entries, most tensors) table: launches per step, not per part
             width = max(len(ts) for _, ts, _ in moved)
-            at = self._cached(("moved", tuple(i * width + j for i, ts, _ in moved for j in range(len(ts)))),
-                              device, torch.int64)
+            at = constants(tuple(i * width + j for i, ts, _ in moved for j in range(len(ts))), torch.int64, device)
             maxes = torch.stack(torch._foreach_norm(flat, math.inf)).to(zero.dtype)
             s_max = zero.new_zeros(len(entries) * width).index_copy_(0, at, maxes).view(-1, width).amax(1)
             for i, _, lv in moved:
@@ -476,10 +474,10 @@ class SlotSGD(Optimizer):
             g = gm + wd * pm if wd else gm
             buf = mom * bm + g if mom else torch.zeros_like(g)  # bm is 0 where there is no buffer yet
             d = (g + mom * buf if group["nesterov"] else buf) if mom else g
-            sigma = self._cached(("sigma", tuple(max(1.0, e[4][0].sigma if e[4] is not None else 1.0)
-                                                 for e in entries[start:end])), device, torch.float64)
+            sigma = constants(tuple(max(1.0, e[4][0].sigma if e[4] is not None else 1.0) for e in entries[start:end]),
+                              torch.float64, device)
             update = lr * d * sigma
-            lv = self._cached(("levels", tuple(levels[start:end])), device, torch.float64)
+            lv = constants(tuple(levels[start:end]), torch.float64, device)
             # |state| after the step, at most: an int8 grid may coarsen its scale by up to twice the update
             after = torch.where(lv > 1, lv * (sm + 2.0 * update), sm + update)
             bad = ~torch.isfinite(gm) | ~((buf < _FP32_MAX) & (d < _FP32_MAX) & (update < _FP32_MAX)
@@ -489,7 +487,7 @@ class SlotSGD(Optimizer):
         step_rows = torch.cat(cols) if len(cols) > 1 else cols[0]
         step_bad = step_rows[:, 3].any()
         first = step_bad & ~pending.bad  # this is the first bad step since the last read
-        idx = self._cached(("rows", tuple(rows)), device, torch.int64)
+        idx = constants(tuple(rows), torch.int64, device)
         if len(rows) == len(params):
             full = step_rows
         else:
@@ -507,16 +505,6 @@ class SlotSGD(Optimizer):
             i = next(i for i, q in enumerate(pending.params) if q is p)
             pending.created_bad[i] = ~ok
             pending.created.add(i)
-
-    def _cached(self, key: tuple, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        """A device tensor of the numbers in ``key[1]``, copied from the host once per distinct key."""
-        full = (key, device, dtype)
-        t = self._caches.get(full)
-        if t is None:
-            if len(self._caches) > 64:
-                self._caches.clear()
-            t = self._caches[full] = torch.tensor(key[1], dtype=dtype, device=device)
-        return t
 
 
 class _Pending:

@@ -147,21 +147,6 @@ def _finite(t: torch.Tensor) -> torch.Tensor:
     return torch.isfinite(t)
 
 
-_CONSTANTS: dict = {}
-
-
-def _constants(values: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A device vector of per-part constants (sigmas, key prefixes) for a group update, copied from
-    the host once per distinct tuple: a steady-state step copies nothing to the device."""
-    key = (values, dtype, device)
-    t = _CONSTANTS.get(key)
-    if t is None:
-        if len(_CONSTANTS) >= 256:
-            _CONSTANTS.clear()
-        t = _CONSTANTS[key] = torch.tensor(values, dtype=dtype, device=device)
-    return t
-
-
 def _concatenated(directions: list[torch.Tensor]) -> torch.Tensor:
     """The parts' directions as one fp32 vector, in order (what the packed kernels read)."""
     return torch.cat([d.reshape(-1) for d in directions]).to(torch.float32)
@@ -298,15 +283,15 @@ class Int8Scores(_Stored):
         if decay is not None:  # decay()'s, the levels zeroed by the packed op
             scales.mul_(decay)
             zero = (decay != 1.0) & (scales < torch.finfo(torch.float32).tiny)
-            fresh = _constants(tuple(layer.score_lambda * layer.sigma / 127.0 for layer in layers), torch.float32, dev)
+            fresh = ops.constants(tuple(layer.score_lambda * layer.sigma / 127.0 for layer in layers), torch.float32, dev)
             scales = torch.where(zero, fresh, scales)
         d = _concatenated(directions)
         d_max = torch.stack(torch._foreach_norm(list(d.split([s.shape[0] for s in scores])), math.inf))
-        factor = coarsen_factor(lr, d_max, _constants(tuple(layer.sigma for layer in layers), torch.float64, dev),
+        factor = coarsen_factor(lr, d_max, ops.constants(tuple(layer.sigma for layer in layers), torch.float64, dev),
                                 scales)
         counts = torch.stack([s if isinstance(s, torch.Tensor) else torch.full((), s, dtype=torch.int64, device=dev)
                               for s in steps])
-        requant, rounding = (key32_fold(_constants(tuple(key_prefix(layer.seed, stream, 2) for layer in layers),
+        requant, rounding = (key32_fold(ops.constants(tuple(key_prefix(layer.seed, stream, 2) for layer in layers),
                                                    torch.int64, dev), counts)
                              for stream in (Stream.REQUANT, Stream.ROUND))
         inv = (1.0 / factor).to(torch.float32)

@@ -16,6 +16,7 @@ from torch import nn
 import seedslot as ss
 from seedslot.checkpoints import CheckpointError
 from seedslot.layers import SlotLayer
+from train_steps import assert_compiled_trains_as_eager
 
 
 # ---------------------------------------------------------------- the models
@@ -412,26 +413,10 @@ def test_compiled_converted_model_trains_as_eager():
         def forward(self, x):
             return F.linear(torch.relu(self.a(x)), self.b.weight, self.b.bias)
 
-    torch._dynamo.reset()
     torch.manual_seed(0)
     eager = Tiny()
     ss.slotify_(eager, k=4, seed=5)
-    model = copy.deepcopy(eager)
-    run = torch.compile(model)
-    x, y = torch.randn(4, 6), torch.tensor([0, 1, 2, 0])
-    losses = {}
-    for key, m, fn in (("eager", eager, eager), ("compiled", model, run)):
-        opt = ss.SlotSGD(m.parameters(), lr=0.5, momentum=0.9)
-        losses[key] = []
-        for _ in range(3):
-            opt.zero_grad()
-            loss = F.cross_entropy(fn(x), y)
-            loss.backward()
-            opt.step()
-            losses[key].append(loss.detach())
-    torch._dynamo.reset()
-    assert all(torch.equal(a, b) for a, b in zip(losses["eager"], losses["compiled"]))
-    assert all(torch.equal(a, b) for a, b in zip(eager.state_dict().values(), model.state_dict().values()))
+    assert_compiled_trains_as_eager(eager, (torch.randn(4, 6),), torch.tensor([0, 1, 2, 0]), F.cross_entropy)
 
 
 @pytest.mark.parametrize("name", list(MODELS))

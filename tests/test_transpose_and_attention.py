@@ -21,6 +21,7 @@ from seedslot.export import exported_layers
 from seedslot.testing import assert_same_candidates, assert_same_selection, fingerprint
 
 from export_files import reframe
+from train_steps import assert_compiled_trains_as_eager
 
 TRANSPOSE = {1: ss.SlotConvTranspose1d, 2: ss.SlotConvTranspose2d, 3: ss.SlotConvTranspose3d}
 DENSE_TRANSPOSE = {1: ss.DenseSlotConvTranspose1d, 2: ss.DenseSlotConvTranspose2d, 3: ss.DenseSlotConvTranspose3d}
@@ -411,26 +412,10 @@ def test_separate_projections_dense_reference_and_float64():
 
 
 def test_compiled_separate_projections_train_as_eager():
-    torch._dynamo.reset()
     eager = cross(add_bias_kv=True)
     ss.slotify_(eager, k=4, seed=5, strict=True)
     assert isinstance(eager.attn, ss.SlotMultiheadAttention)
-    model = copy.deepcopy(eager)
-    compiled = torch.compile(model, backend="aot_eager")
-    x, y = cross_inputs(), torch.tensor([0, 1, 2, 0])
-    losses = {}
-    for key, m, fn in (("eager", eager, eager), ("compiled", model, compiled)):
-        opt = ss.SlotSGD(m.parameters(), lr=0.5, momentum=0.9)
-        losses[key] = []
-        for _ in range(3):
-            opt.zero_grad()
-            loss = F.cross_entropy(fn(*x), y)
-            loss.backward()
-            opt.step()
-            losses[key].append(loss.detach())
-    torch._dynamo.reset()
-    assert all(torch.equal(a, b) for a, b in zip(losses["eager"], losses["compiled"]))
-    assert all(torch.equal(a, b) for a, b in zip(eager.state_dict().values(), model.state_dict().values()))
+    assert_compiled_trains_as_eager(eager, cross_inputs(), torch.tensor([0, 1, 2, 0]), F.cross_entropy, "aot_eager")
 
 
 @pytest.mark.parametrize("kw", SEPARATE)
@@ -515,26 +500,10 @@ class Tiny(nn.Module):
 
 
 def test_compiled_attention_and_conv_transpose_train_as_eager():
-    torch._dynamo.reset()
     torch.manual_seed(0)
     eager = Tiny()
     ss.slotify_(eager, k=4, seed=5)
-    model = copy.deepcopy(eager)
-    compiled = torch.compile(model, backend="aot_eager")
-    x, y = torch.randn(4, 3, 8), torch.randn(4, 12)
-    losses = {}
-    for key, m, fn in (("eager", eager, eager), ("compiled", model, compiled)):
-        opt = ss.SlotSGD(m.parameters(), lr=0.5, momentum=0.9)
-        losses[key] = []
-        for _ in range(3):
-            opt.zero_grad()
-            loss = F.mse_loss(fn(x), y)
-            loss.backward()
-            opt.step()
-            losses[key].append(loss.detach())
-    torch._dynamo.reset()
-    assert all(torch.equal(a, b) for a, b in zip(losses["eager"], losses["compiled"]))
-    assert all(torch.equal(a, b) for a, b in zip(eager.state_dict().values(), model.state_dict().values()))
+    assert_compiled_trains_as_eager(eager, (torch.randn(4, 3, 8),), torch.randn(4, 12), F.mse_loss, "aot_eager")
 
 
 def test_state_dict_round_trip_and_export(tmp_path):

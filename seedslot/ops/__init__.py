@@ -41,9 +41,9 @@ from torch.library import custom_op
 from . import _backends
 from . import _torch as T
 from ._backends import compile_enabled, runs_triton
-from ._chunks import chunked, chunked_new, i32, row_chunks
+from ._chunks import chunked, chunked_new, constants, i32, row_chunks
 
-__all__ = ["backends", "CandidateKeys", "InitialScoreKeys", "i32", "candidate_values", "selected_values", "initial_scores",
+__all__ = ["backends", "CandidateKeys", "InitialScoreKeys", "i32", "constants", "candidate_values", "selected_values", "initial_scores",
            "greedy", "greedy_values", "sample", "int8_update_", "fp32_update_", "requantize_", "packs_parts",
            "int8_update_group_", "fp32_update_group_", "implicit_scores",
            "implicit_greedy", "implicit_sample", "incremental_applies", "incremental_greedy", "INCREMENTAL_REBUILD_SHARE"]
@@ -177,6 +177,19 @@ _requantize = _declare(
     _requantize_cpu, _requantize_cuda, lambda *_: None, mutates=("q",))
 
 
+def _packed_or(name: str, cpu):
+    """The CUDA kernel of a group op: the packed Triton function ``name`` (one launch per column
+    tile width, whatever the number of parts) while Triton is on, else ``cpu``, part after part."""
+
+    def cuda(*args):
+        if _backends.triton_on():
+            from . import _triton
+            return getattr(_triton, name)(*args)
+        return cpu(*args)
+
+    return cuda
+
+
 def _int8_group_cpu(q, d, coef, inv, zero, requant_keys, round_keys, offsets, per_conn, key_a, keys_b, step, round_b):
     """The group update as the per-part ops, part after part (what the packed kernel equals)."""
     for i, (qi, di) in enumerate(zip(q, d.split([t.shape[0] for t in q]))):
@@ -187,18 +200,11 @@ def _int8_group_cpu(q, d, coef, inv, zero, requant_keys, round_keys, offsets, pe
                      round_keys[i], round_b[i])
 
 
-def _int8_group_cuda(*args):
-    if _backends.triton_on():  # one launch per column tile width, whatever the number of parts
-        from ._triton import int8_update_group
-        return int8_update_group(*args)
-    return _int8_group_cpu(*args)
-
-
 _int8_group = _declare(
     "int8_update_group",
     "(Tensor(a!)[] q, Tensor d, Tensor coef, Tensor inv, Tensor? zero, Tensor requant_keys, Tensor round_keys, "
     "int[] offsets, int[] per_conn, Tensor[] key_a, Tensor[] keys_b, Tensor[] step, Tensor[] round_b) -> ()",
-    _int8_group_cpu, _int8_group_cuda, lambda *_: None, mutates=("q",))
+    _int8_group_cpu, _packed_or("int8_update_group", _int8_group_cpu), lambda *_: None, mutates=("q",))
 
 
 def _fp32_group_cpu(s, d, neg_lr, decay, offsets, per_conn, key_a, keys_b, step):
@@ -208,18 +214,11 @@ def _fp32_group_cpu(s, d, neg_lr, decay, offsets, per_conn, key_a, keys_b, step)
         fp32_update_(si, di, neg_lr, offsets[i], CandidateKeys(per_conn[i], key_a[i], keys_b[i], step[i]))
 
 
-def _fp32_group_cuda(*args):
-    if _backends.triton_on():
-        from ._triton import fp32_update_group
-        return fp32_update_group(*args)
-    return _fp32_group_cpu(*args)
-
-
 _fp32_group = _declare(
     "fp32_update_group",
     "(Tensor(a!)[] s, Tensor d, Tensor neg_lr, Tensor? decay, int[] offsets, int[] per_conn, Tensor[] key_a, "
     "Tensor[] keys_b, Tensor[] step) -> ()",
-    _fp32_group_cpu, _fp32_group_cuda, lambda *_: None, mutates=("s",))
+    _fp32_group_cpu, _packed_or("fp32_update_group", _fp32_group_cpu), lambda *_: None, mutates=("s",))
 
 
 _implicit_scores = _fused_op(

@@ -23,6 +23,22 @@ def i32(value: int, device=None) -> torch.Tensor:
     return torch.full((), value, dtype=torch.int32, device=device)
 
 
+_CONSTANTS: dict = {}
+
+
+def constants(values: tuple, dtype: torch.dtype, device) -> torch.Tensor:
+    """A device vector of ``values`` (per-part sigmas, key prefixes, index lists), copied from the
+    host once per distinct tuple and shared: a steady-state step copies nothing to the device.
+    Callers only read it."""
+    key = (values, dtype, torch.device(device))
+    t = _CONSTANTS.get(key)
+    if t is None:
+        if len(_CONSTANTS) >= 256:
+            _CONSTANTS.clear()
+        t = _CONSTANTS[key] = torch.tensor(values, dtype=dtype, device=device)
+    return t
+
+
 def row_chunks(rows: int, k: int, fused: bool, whole: bool = False) -> Iterator[tuple[int, int]]:
     """``(start, stop)`` row ranges of at most CHUNK_VALUES (``fused``: FUSED_CHUNK_VALUES) values
     each; one range for all rows with ``whole`` (kernels that make no (rows, K) temporary)."""
