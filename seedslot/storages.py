@@ -114,8 +114,14 @@ class ScoreStorage:
     def update(self, layer: nn.Module, part: str, direction: torch.Tensor, lr: float, weight_decay: float,
                step: int) -> None:
         """``s_k -= lr * direction * W_k`` for every connection of a part, after shrinking every score
-        by ``(1 - lr * weight_decay)``; ``step`` (an int, or a 0-dim int64 tensor on the device)
-        keys stochastic rounding."""
+        by ``(1 - lr * weight_decay)`` (:meth:`decay`); ``step`` (an int, or a 0-dim int64 tensor on
+        the device) keys stochastic rounding."""
+        if weight_decay:
+            self.decay(layer, part, torch.full((), 1.0 - lr * weight_decay, device=direction.device))
+        self._move(layer, part, direction, lr, step)
+
+    def _move(self, layer: nn.Module, part: str, direction: torch.Tensor, lr: float, step) -> None:
+        """:meth:`update` without the decay."""
         raise NotImplementedError
 
     def decay(self, layer: nn.Module, part: str, factor: torch.Tensor) -> None:
@@ -132,7 +138,7 @@ class ScoreStorage:
         for (layer, part), direction, step in zip(parts, directions, steps):
             if decay is not None:
                 self.decay(layer, part, decay)
-            self.update(layer, part, direction, lr, 0.0, step)
+            self._move(layer, part, direction, lr, step)
 
     def moved(self, layer: nn.Module, part: str) -> tuple[list[torch.Tensor], float]:
         """The float tensors an update moves, and how many of their units one real score unit can
@@ -215,11 +221,9 @@ class Fp32Scores(_Stored):
     def decay(self, layer, part, factor):
         self.tensors(layer, part).scores.mul_(factor)
 
-    def update(self, layer, part, direction, lr, weight_decay, step):
+    def _move(self, layer, part, direction, lr, step):
         scores, _ = self.stored(layer, part)
         d = direction.reshape(-1).to(torch.float32)
-        if weight_decay:
-            scores.mul_(1.0 - lr * weight_decay)
         neg_lr = torch.full((), -lr, dtype=torch.float32, device=d.device)
         ops.fp32_update_(scores, d, neg_lr, _offset(layer, part), layer.candidate_keys)
 
@@ -252,12 +256,10 @@ class Int8Scores(_Stored):
         scores.masked_fill_(small, 0)
         scale.copy_(torch.where(small, layer.score_lambda * layer.sigma / 127.0, scale))
 
-    def update(self, layer, part, direction, lr, weight_decay, step):
+    def _move(self, layer, part, direction, lr, step):
         scores, scale = self.stored(layer, part)
         d = direction.reshape(-1).to(torch.float32)
         offset, dev = _offset(layer, part), d.device
-        if weight_decay:  # through the scale: costs nothing
-            self.decay(layer, part, torch.full((), 1.0 - lr * weight_decay, device=dev))
         # the grid decision, on the device: requantize_ leaves the levels at factor 1
         factor = coarsen_factor(lr, max_abs(d) if d.numel() else d.new_zeros(()), layer.sigma, scale)
         count = step if isinstance(step, torch.Tensor) else torch.full((), step, dtype=torch.int64, device=dev)
@@ -369,16 +371,9 @@ class ImplicitScores(ScoreStorage):
     def moved(self, layer, part):
         return list(self.tensors(layer, part)[:2]), 1.0
 
-    def update(self, layer, part, direction, lr, weight_decay, step):
-        # s = c*s0 - A*W: shrinking scales c and A, the step adds to A
-        t = self.tensors(layer, part)
-        drift, factor = t.drift.view(-1), t.scale
-        d = direction.reshape(-1).to(torch.float32)
-        if weight_decay:
-            shrink = 1.0 - lr * weight_decay
-            drift.mul_(shrink)
-            factor.mul_(shrink)
-        drift.add_(d, alpha=lr)
+    def _move(self, layer, part, direction, lr, step):
+        # s = c*s0 - A*W: the step adds to A (a decay scales c and A)
+        self.tensors(layer, part).drift.view(-1).add_(direction.reshape(-1).to(torch.float32), alpha=lr)
 
     def update_group(self, parts, directions, lr, decay, steps):
         # update()'s operations as multi-tensor ops, on every device: a few launches for all parts
